@@ -1,0 +1,90 @@
+"""Content-keyed on-disk caches: atomic writes, resumable, never stale.
+
+Every cache entry lives under ``cache_dir()/<stage>/<key>/...`` where ``key`` is a hash
+of everything the entry depends on (dataset path, settings, weights hash, ...). A
+changed setting gives a new key, so stale entries are never reused; files are written
+to a temporary name and renamed, so a killed run leaves either a whole entry or none.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def cache_dir() -> Path:
+    """Root of the user cache: ``$RCNN_CACHE_DIR``, else ``$XDG_CACHE_HOME/rcnn``, else ``~/.cache/rcnn``."""
+    env = os.environ.get("RCNN_CACHE_DIR")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "rcnn"
+
+
+def settings_hash(*parts: Any, length: int = 16) -> str:
+    """Stable hex digest of JSON-serialisable ``parts`` (dict keys sorted)."""
+    blob = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:length]
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """sha256 hex digest of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp_path)`` then rename ``tmp_path`` onto ``path`` (atomic on POSIX)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_npz(path: str | Path, **arrays: np.ndarray) -> Path:
+    """Atomically write ``arrays`` as an uncompressed ``.npz``."""
+
+    def w(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    return atomic_write(path, w)
+
+
+def load_npz(path: str | Path) -> dict[str, np.ndarray] | None:
+    """Read an ``.npz`` written by :func:`save_npz`; ``None`` if absent or unreadable."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError):
+        return None
+
+
+def save_json(path: str | Path, obj: Any) -> Path:
+    """Atomically write ``obj`` as indented JSON."""
+    return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n"))
+
+
+def dir_size_mb(path: str | Path) -> float:
+    """Bytes on disk under ``path`` in MB (1e6)."""
+    p = Path(path)
+    if not p.exists():
+        return 0.0
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) / 1e6

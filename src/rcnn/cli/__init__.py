@@ -1,0 +1,16 @@
+"""Command-line interface: a thin layer over the library (``rcnn --help``).
+
+Each stage registers its commands on the shared ``app`` in its own module.
+"""
+
+from __future__ import annotations
+
+from rcnn.cli import dataset as _dataset  # noqa: F401  (registers commands)
+from rcnn.cli.app import app
+
+
+def main() -> None:
+    app()
+
+
+__all__ = ["app", "main"]

@@ -1,0 +1,22 @@
+"""The shared Typer app and console; command modules register on ``app``."""
+
+from __future__ import annotations
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    name="rcnn",
+    help="R-CNN: region proposals → CNN features → per-class SVMs → NMS → VOC AP.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    """Print one red error line to stderr and return an ``Exit`` to raise."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)

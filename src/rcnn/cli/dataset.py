@@ -1,0 +1,99 @@
+"""``rcnn info`` and ``rcnn evaluate-dets``."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import typer
+from rich.table import Table
+
+from rcnn.cache import save_json
+from rcnn.cli.app import app, console, fail
+from rcnn.data import AnnotationError, load_dataset
+from rcnn.evaluate import METRICS, evaluate_detections, read_detections
+
+DatasetArg = Annotated[Path, typer.Argument(help="Dataset root (VOC or PASCAL v1.00 layout) or COCO .json")]
+SplitOpt = Annotated[str | None, typer.Option("--split", "-s", help="Split name (ImageSets/Main/<split>.txt); default: all images")]
+
+
+def open_dataset(path: Path, split: str | None):
+    """Load a dataset or exit with one clear error line."""
+    try:
+        return load_dataset(path, split)
+    except (FileNotFoundError, ValueError, AnnotationError) as e:
+        raise fail(str(e), 2) from None
+
+
+@app.command()
+def info(dataset: DatasetArg, split: SplitOpt = None) -> None:
+    """Summarise a dataset: images, objects per class, difficult, degenerate boxes, sizes."""
+    ds = open_dataset(dataset, split)
+    counts = Counter(int(c) for r in ds.records for c in r.labels)
+    diff = Counter(int(c) for r in ds.records for c, d in zip(r.labels, r.difficult, strict=True) if d)
+    masks = sum(len(r.boxes) for r in ds.records if r.mask_path is not None)
+    t = Table(title=f"{dataset} ({ds.format}, split {split or 'all'})")
+    t.add_column("class")
+    t.add_column("objects", justify="right")
+    t.add_column("difficult", justify="right")
+    for i, c in enumerate(ds.classes):
+        t.add_row(c, str(counts.get(i, 0)), str(diff.get(i, 0)))
+    t.add_row("[bold]total", f"[bold]{ds.num_objects}", f"[bold]{sum(diff.values())}")
+    console.print(t)
+    console.print(f"images: {len(ds)}")
+    console.print(
+        f"objects in annotation files: {ds.annotated_objects}; usable: {ds.num_objects} "
+        f"({ds.num_objects - sum(diff.values())} not difficult)"
+    )
+    if masks:
+        nd = sum(int((~r.difficult).sum()) for r in ds.records if r.mask_path is not None)
+        console.print(f"objects with instance masks: {masks} ({nd} not difficult)")
+    if ds.records:
+        w = np.array([r.width for r in ds.records])
+        h = np.array([r.height for r in ds.records])
+        console.print(f"image size: width {w.min()}–{w.max()}, height {h.min()}–{h.max()}")
+    by_action = Counter(i.action for i in ds.issues)
+    for action, n in sorted(by_action.items()):
+        console.print(f"[yellow]{n} {action}[/]:")
+        for issue in [i for i in ds.issues if i.action == action][:20]:
+            console.print(f"  {issue}", highlight=False, soft_wrap=True)
+        if n > 20:
+            console.print(f"  … and {n - 20} more")
+
+
+@app.command("evaluate-dets")
+def evaluate_dets(
+    detections: Annotated[Path, typer.Argument(help="COCO results .json, or a comp4_det_*.txt file or folder")],
+    data: Annotated[Path, typer.Option("--data", "-d", help="Dataset with the ground truth")],
+    split: SplitOpt = None,
+    metric: Annotated[str, typer.Option(help=f"One of {METRICS}")] = "voc07",
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the results JSON here")] = None,
+) -> None:
+    """Score detections against a dataset exactly as the PASCAL VOC devkit would."""
+    if metric not in METRICS:
+        raise fail(f"--metric must be one of {METRICS}, not {metric!r}", 2)
+    ds = open_dataset(data, split)
+    try:
+        dets = read_detections(detections, ds)
+    except (FileNotFoundError, ValueError) as e:
+        raise fail(str(e), 2) from None
+    result = evaluate_detections(ds, dets, metric)
+    print_ap_table(result, title=f"{detections} on {data} ({split or 'all'}, {metric})")
+    if output:
+        save_json(output, result.as_dict())
+        console.print(f"wrote {output}")
+
+
+def print_ap_table(result, title: str = "") -> None:
+    """Per-class AP table with mAP as the last row."""
+    t = Table(title=title)
+    t.add_column("class")
+    t.add_column("AP", justify="right")
+    t.add_column("positives", justify="right")
+    t.add_column("detections", justify="right")
+    for c in result.classes:
+        t.add_row(c.name, "undefined" if np.isnan(c.ap) else f"{c.ap:.4f}", str(c.npos), str(c.num_dets))
+    t.add_row("[bold]mAP", f"[bold]{result.mean_ap:.4f}", "", "")
+    console.print(t)
