@@ -30,7 +30,7 @@ from pathlib import Path
 import defusedxml.ElementTree as DET
 import numpy as np
 from defusedxml import DefusedXmlException
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from rcnn.boxes import voc_to_xyxy, xywh_to_xyxy, xyxy_to_voc
 
