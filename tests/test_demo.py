@@ -1,0 +1,234 @@
+"""Tests for rcnn.demo: vocabulary, group scoring, suppression, outputs, and the real demo run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from rcnn.backbones import imagenet_categories
+from rcnn.demo import (
+    DemoConfig,
+    DetectionResult,
+    ImageReport,
+    ImageSource,
+    Vocabulary,
+    VocabularyError,
+    check_writable,
+    coco_document,
+    folder_images,
+    group_detections,
+    load_vocabulary,
+    softmax,
+    write_html,
+)
+
+CATS = imagenet_categories()
+
+
+def _probs(n: int, assign: dict[int, dict[int, float]]) -> np.ndarray:
+    """(n,1000) rows; row i puts assign[i][c] on class c and spreads the rest uniformly."""
+    p = np.zeros((n, 1000), np.float32)
+    for i in range(n):
+        a = assign.get(i, {})
+        rest = 1.0 - sum(a.values())
+        others = [c for c in range(1000) if c not in a]
+        p[i, others] = rest / len(others)
+        for c, v in a.items():
+            p[i, c] = v
+    return p
+
+
+# ----------------------------------------------------------------------------- vocabulary
+
+
+def test_builtin_vocabulary_is_built_from_imagenet_names():
+    v = load_vocabulary()
+    doc = json.loads((__import__("rcnn.demo").demo.VOCABULARY_PATH).read_text())
+    # every group's ids and readable names agree with the 1000 ImageNet names
+    for g in doc["groups"]:
+        assert [CATS[i] for i in g["imagenet_ids"]] == g["imagenet_names"]
+    assert v.members[v.names.index("cat")] == (281, 282, 283, 284, 285)
+    assert [CATS[i] for i in v.members[v.names.index("cat")]] == [
+        "tabby", "tiger cat", "Persian cat", "Siamese cat", "Egyptian cat",
+    ]  # fmt: skip
+    for name in ("dog", "bird", "cup", "car", "rocket", "boat", "bottle", "chair"):
+        assert name in v.names
+    assert "space shuttle" in [CATS[i] for i in v.members[v.names.index("rocket")]]
+    assert {"coffee mug", "cup"} <= {CATS[i] for i in v.members[v.names.index("cup")]}
+    assert len(v.members[v.names.index("dog")]) == 118  # ImageNet's dog breeds 151..268
+    # groups are disjoint, so summed group probabilities never exceed 1
+    allids = [i for m in v.members for i in m]
+    assert len(allids) == len(set(allids))
+    assert v.matrix().sum(1).max() == 1.0
+
+
+def test_user_vocabulary_forms(tmp_path):
+    p = tmp_path / "v.json"
+    p.write_text(json.dumps({"kitty": ["Tabby", "tiger cat"], "mug": [504, "cup"]}))
+    v = load_vocabulary(p)
+    assert v.names == ("kitty", "mug") and v.members == ((281, 282), (504, 968))
+    p.write_text(json.dumps({"groups": [{"name": "x", "classes": [1, 1, 2]}]}))
+    assert load_vocabulary(p).members == ((1, 2),)
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        ("{not json", "not valid JSON"),
+        ("[]", "non-empty"),
+        (json.dumps({"cat": ["tabbby"]}), "did you mean 'tabby'"),
+        (json.dumps({"cat": [1000]}), "outside 0..999"),
+        (json.dumps({"cat": []}), "non-empty list"),
+        (
+            json.dumps({"groups": [{"name": "a", "classes": [1]}, {"name": "a", "classes": [2]}]}),
+            "appears twice",
+        ),
+        (json.dumps({"groups": [{"classes": [1]}]}), "name"),
+        (json.dumps({"cat": [1.5]}), "neither"),
+    ],
+)
+def test_bad_vocabulary_one_line_error(tmp_path, content, needle):
+    p = tmp_path / "bad.json"
+    p.write_text(content)
+    with pytest.raises(VocabularyError) as e:
+        load_vocabulary(p)
+    msg = str(e.value)
+    assert needle in msg and str(p) in msg and "\n" not in msg
+
+
+def test_missing_vocabulary_file(tmp_path):
+    with pytest.raises(VocabularyError, match="file not found"):
+        load_vocabulary(tmp_path / "nope.json")
+
+
+# ----------------------------------------------------------------------------- grouping + suppression
+
+VOC = Vocabulary(("cat", "dog", "cup"), ((281, 282, 283, 284, 285), tuple(range(151, 269)), (504, 968)))
+
+
+def test_sum_beats_max_probability():
+    # each cat class only 0.2 (max-prob thresholding at 0.5 would find nothing) but the group sums to 0.8
+    p = _probs(1, {0: {281: 0.2, 282: 0.2, 283: 0.2, 284: 0.1, 285: 0.1}})
+    s = VOC.group_scores(p)
+    assert s[0, 0] == pytest.approx(0.8, abs=1e-5)
+    _b, sc, lab = group_detections(np.array([[0, 0, 50, 50]]), p, VOC, DemoConfig(threshold=0.5))
+    assert lab.tolist() == [0] and sc[0] == pytest.approx(0.8, abs=1e-5)
+    # one very confident class outside every group is background
+    p2 = _probs(1, {0: {930: 0.96}})  # "French loaf"
+    assert len(group_detections(np.array([[0, 0, 50, 50]]), p2, VOC)[0]) == 0
+
+
+def test_threshold_background():
+    p = _probs(2, {0: {504: 0.3, 968: 0.15}, 1: {504: 0.3, 968: 0.25}})
+    b, _s, lab = group_detections(
+        np.array([[0, 0, 10, 10], [50, 50, 90, 90]]), p, VOC, DemoConfig(threshold=0.5)
+    )
+    assert lab.tolist() == [2] and b.tolist() == [[50, 50, 90, 90]]
+
+
+def test_per_class_nms_at_0_3():
+    boxes = np.array([[0, 0, 100, 100], [10, 0, 110, 100], [0, 0, 100, 40]], np.float32)
+    # box1 IoU with box0 = 90/110 = 0.82 (suppressed); box2 IoU = 0.4 > 0.3 (suppressed)
+    p = _probs(3, {0: {281: 0.9}, 1: {281: 0.8}, 2: {281: 0.7}})
+    b, _s, _lab = group_detections(boxes, p, VOC)
+    assert b.tolist() == [[0, 0, 100, 100]]
+    # IoU 0.25 < 0.3: both kept
+    boxes2 = np.array([[0, 0, 100, 100], [0, 0, 100, 25]], np.float32)
+    assert len(group_detections(boxes2, p[:2], VOC)[0]) == 2
+
+
+def test_cross_class_one_label_per_object_and_order():
+    boxes = np.array([[0, 0, 100, 100], [5, 5, 100, 100], [200, 200, 260, 260]], np.float32)
+    p = _probs(3, {0: {281: 0.7}, 1: {200: 0.9}, 2: {504: 0.6}})
+    b, s, lab = group_detections(boxes, p, VOC)
+    # the dog box (0.9) wins the object; the cat box on the same object is dropped
+    assert lab.tolist() == [1, 2]
+    assert np.all(np.diff(s) <= 0)
+    assert b.tolist() == [[5, 5, 100, 100], [200, 200, 260, 260]]
+
+
+def test_max_detections_and_empty():
+    boxes = np.array([[i * 20, 0, i * 20 + 10, 10] for i in range(30)], np.float32)
+    p = _probs(30, {i: {281: 0.6 + i / 100} for i in range(30)})
+    b, s, lab = group_detections(boxes, p, VOC, DemoConfig(max_detections=5))
+    assert len(b) == 5 and s[0] == pytest.approx(0.89, abs=1e-3)
+    b, s, lab = group_detections(np.zeros((0, 4)), np.zeros((0, 1000)), VOC)
+    assert b.shape == (0, 4) and s.shape == (0,) and lab.shape == (0,)
+
+
+def test_softmax():
+    z = np.array([[1000.0, 1000.0, -1000.0], [0.0, 0.0, 0.0]])
+    p = softmax(z)
+    assert np.allclose(p.sum(1), 1) and np.allclose(p[0], [0.5, 0.5, 0]) and np.isfinite(p).all()
+
+
+def test_config_validation():
+    with pytest.raises(ValueError):
+        DemoConfig(mode="bogus")
+    with pytest.raises(ValueError):
+        DemoConfig(threshold=0)
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def _report(name: str, boxes, scores, labels) -> ImageReport:
+    res = DetectionResult(
+        np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(scores, np.float32), np.asarray(labels, np.int64),
+        list(VOC.names), 1234, {"total": 1.5},
+    )  # fmt: skip
+    return ImageReport(name, f"test:{name}", f"{name}.png", 200, 100, res)
+
+
+def test_coco_document_parses_with_pycocotools(tmp_path):
+    from pycocotools.coco import COCO
+
+    reps = [_report("a", [[10, 20, 50, 60], [0, 0, 200, 100]], [0.9, 0.6], [0, 2]), _report("b", [], [], [])]
+    doc = coco_document(reps, VOC, DemoConfig())
+    p = tmp_path / "d.json"
+    p.write_text(json.dumps(doc))
+    coco = COCO(str(p))
+    assert len(coco.getImgIds()) == 2 and len(coco.getAnnIds()) == 2
+    a = coco.loadAnns(coco.getAnnIds(imgIds=[1]))[0]
+    assert a["bbox"] == [10.0, 20.0, 40.0, 40.0] and a["category_id"] == 1 and a["score"] == 0.9
+    assert coco.loadCats([3])[0]["name"] == "cup"
+    assert doc["info"]["config"]["nms_iou"] == 0.3
+
+
+def test_html_escapes_and_lists(tmp_path):
+    r = _report("<evil>", [[1, 1, 5, 5]], [0.77], [1])
+    write_html(tmp_path / "index.html", [r], ["bad.jpg: not an image file PIL can read"])
+    text = (tmp_path / "index.html").read_text()
+    assert "<evil>" not in text and "&lt;evil&gt;" in text
+    assert "dog <b>0.77</b>" in text and "Skipped files" in text and "rcnn train" in text
+
+
+def test_check_writable(tmp_path):
+    assert check_writable(tmp_path / "a" / "b").is_dir()
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(OSError, match="not a directory"):
+        check_writable(f)
+    # a path below a regular file cannot be created, even as root
+    with pytest.raises(OSError, match="cannot write"):
+        check_writable(f / "out")
+
+
+def test_folder_images_lists_all_files(tmp_path):
+    (tmp_path / "b.txt").write_text("hello")
+    (tmp_path / "a.png").write_bytes(b"\x89PNG broken")
+    (tmp_path / ".hidden").write_text("x")
+    (tmp_path / "sub").mkdir()
+    src = folder_images(tmp_path)
+    assert [s.name for s in src] == ["a", "b"]
+    from rcnn.data import ImageReadError
+
+    with pytest.raises(ImageReadError):
+        src[0].load()
+
+
+def test_image_source_dataclass():
+    s = ImageSource("x", "here", lambda: np.zeros((4, 4, 3), np.uint8))
+    assert s.load().shape == (4, 4, 3)
