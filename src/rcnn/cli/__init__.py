@@ -6,6 +6,7 @@ Each stage registers its commands on the shared ``app`` in its own module.
 from __future__ import annotations
 
 from rcnn.cli import dataset as _dataset  # noqa: F401  (registers commands)
+from rcnn.cli import proposals as _proposals  # noqa: F401
 from rcnn.cli.app import app
 
 
