@@ -1,0 +1,159 @@
+"""Region warping geometry (to the pixel), both extraction modes, and the feature cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from skimage import data
+
+from rcnn.backbones import get_backbone
+from rcnn.features import FeatureConfig, extract_features, features_for_dataset, get_features, warp_regions
+
+FILL = (7, 8, 9)
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("RCNN_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def coded_image(h: int = 60, w: int = 80) -> np.ndarray:
+    """Every pixel distinct: R = x, G = y, B = x + y (so misplaced pixels are caught)."""
+    y, x = np.mgrid[0:h, 0:w]
+    return np.stack([x, y, x + y], -1).astype(np.uint8)
+
+
+def test_tight_warp_is_the_box_itself():
+    img = coded_image()
+    out = warp_regions(img, np.array([[10, 5, 26, 21]]), 16)
+    assert out.shape == (1, 16, 16, 3) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out[0], img[5:21, 10:26])
+
+
+def test_warp_takes_only_box_pixels_any_aspect():
+    img = np.zeros((60, 80, 3), np.uint8)
+    img[10:20, 10:50] = 255  # a 40×10 box, warped anisotropically to 16×16
+    out = warp_regions(img, np.array([[10, 10, 50, 20], [0, 0, 80, 60]], np.float32), 16)
+    assert (out[0] == 255).all()  # no bleed from outside the tight box
+    assert out[1].min() == 0 and out[1].max() == 255  # whole image: both present
+
+
+def test_context_padding_p_pixels_in_warped_frame():
+    img = coded_image()
+    # box 16×16, size 20, p = 2: the window grows by 2 px each side (scale 1: identity resize)
+    out = warp_regions(img, np.array([[20, 20, 36, 36]]), 20, context_pad=2)
+    np.testing.assert_array_equal(out[0], img[18:38, 18:38])
+
+
+def test_context_outside_image_is_mean_fill():
+    img = coded_image()
+    out = warp_regions(img, np.array([[0, 0, 16, 16]]), 20, context_pad=2, fill=FILL)[0]
+    assert (out[:2] == FILL).all() and (out[:, :2] == FILL).all()
+    np.testing.assert_array_equal(out[2:, 2:], img[0:18, 0:18])
+
+
+def test_tightest_square_with_and_without_context():
+    img = coded_image()
+    box = np.array([[20, 20, 28, 36]])  # 8 wide, 16 tall -> 16×16 square centred at x = 24
+    sq = warp_regions(img, box, 16, method="square")[0]
+    np.testing.assert_array_equal(sq, img[20:36, 16:32])
+    nc = warp_regions(img, box, 16, method="square_nocontext", fill=FILL)[0]
+    np.testing.assert_array_equal(nc[:, 4:12], img[20:36, 20:28])
+    assert (nc[:, :4] == FILL).all() and (nc[:, 12:] == FILL).all()
+
+
+def test_square_with_padding_at_border():
+    img = coded_image()
+    # 16×16 box at the right edge, size 20, p = 2: window x 62..82 clipped to 62..80
+    out = warp_regions(img, np.array([[64, 30, 80, 46]]), 20, context_pad=2, method="square", fill=FILL)[0]
+    np.testing.assert_array_equal(out[:, :18], img[28:48, 62:80])
+    assert (out[:, 18:] == FILL).all()
+
+
+def test_bad_inputs_rejected():
+    with pytest.raises(ValueError, match="uint8"):
+        warp_regions(np.zeros((5, 5)), np.zeros((1, 4)), 8)
+    with pytest.raises(ValueError, match="NaN"):
+        warp_regions(coded_image(), np.array([[0, 0, np.nan, 4]]), 8)
+    with pytest.raises(ValueError, match="method"):
+        warp_regions(coded_image(), np.array([[0, 0, 4, 4]]), 8, method="crop")
+
+
+def test_degenerate_box_still_one_pixel():
+    out = warp_regions(coded_image(), np.array([[5, 5, 5, 5], [79.6, 59.6, 80, 60]]), 8)
+    assert (out[0] == coded_image()[5, 5]).all() and (out[1] == coded_image()[59, 79]).all()
+
+
+@pytest.fixture(scope="module")
+def squeeze():
+    return get_backbone("squeezenet1_1")
+
+
+def test_warp_and_shared_same_shapes_and_logits_classify(squeeze):
+    img = data.chelsea()
+    h, w = img.shape[:2]
+    boxes = np.array([[0, 0, w, h], [50, 30, 250, 200], [100, 100, 140, 130]], np.float32)
+    cats = {"tabby", "tiger cat", "Egyptian cat"}
+    for mode in ("warp", "shared"):
+        out = extract_features(img, boxes, squeeze, ["fc7", "logits", "pool5"], mode)
+        assert out["fc7"].shape == (3, 512) and out["logits"].shape == (3, 1000)
+        assert out["pool5"].shape == (3, 512 * 36)
+        top = {squeeze.categories[i] for i in np.argsort(-out["logits"][0])[:5]}
+        assert cats & top, (mode, top)
+        single = extract_features(img, boxes, squeeze, "fc7", mode)
+        np.testing.assert_allclose(single, out["fc7"], rtol=1e-4, atol=1e-4)
+    # batching does not change warp features
+    b1 = extract_features(img, boxes, squeeze, "fc6", "warp", batch_size=1)
+    b3 = extract_features(img, boxes, squeeze, "fc6", "warp", batch_size=3)
+    np.testing.assert_allclose(b1, b3, rtol=1e-4, atol=1e-4)
+    # grid option changes pool5's size; empty input gives an empty (0, D) array
+    assert extract_features(img, boxes, squeeze, "pool5", "shared", grid=3).shape == (3, 512 * 9)
+    assert extract_features(img, boxes[:0], squeeze, "fc7", "shared").shape == (0, 512)
+
+
+def test_shared_multiscale_keeps_box_order(squeeze):
+    img = data.coffee()[::2, ::2].copy()  # 300×200
+    boxes = np.array([[0, 0, 300, 200], [10, 10, 40, 40], [100, 50, 250, 190], [5, 5, 25, 30]], np.float32)
+    multi = extract_features(img, boxes, squeeze, "fc7", "shared", scales=(1.0, 2.0))
+    small = extract_features(img, boxes[[1, 3]], squeeze, "fc7", "shared", scales=(2.0,))
+    big = extract_features(img, boxes[[0, 2]], squeeze, "fc7", "shared", scales=(1.0,))
+    np.testing.assert_allclose(multi[[1, 3]], small, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(multi[[0, 2]], big, rtol=1e-4, atol=1e-4)
+
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def test_feature_cache_roundtrip_and_keys(monkeypatch):
+    voc = DATA / "VOC2007-test-sample"
+    if not voc.is_dir():
+        pytest.skip(f"{voc} absent")
+    from rcnn import proposals
+    from rcnn.data import load_dataset
+
+    ds = load_dataset(voc, "test")
+    ds.records = ds.records[:2]
+    # made-up proposals keep this test fast and independent of selective search
+    fake = {r.image_id: np.array([[0, 0, 50, 40], [10, 20, 100, 90], [5, 5, r.width, r.height]], np.float32)
+            for r in ds.records}
+    monkeypatch.setattr(proposals, "get_proposals", lambda rec, cfg, root: fake[rec.image_id])
+    fc = FeatureConfig(mode="shared", with_gt=True)
+    summ = features_for_dataset(ds, None, fc, progress=False)
+    assert summ.computed == 2 and summ.cached == 0 and summ.cache_mb > 0
+    rec = ds.records[0]
+    boxes, feats = get_features(rec, None, fc, voc)
+    assert feats.dtype == np.float16 and feats.shape == (len(rec.boxes) + 3, 512)
+    np.testing.assert_array_equal(boxes[: len(rec.boxes)], rec.boxes)
+    img_feats = extract_features(__import__("rcnn.data").data.load_image(rec.path), boxes, "squeezenet1_1", "fc7",
+                                 "shared")
+    np.testing.assert_allclose(feats.astype(np.float32), img_feats, rtol=1e-2, atol=1e-2)
+    again = features_for_dataset(ds, None, fc, progress=False)
+    assert again.cached == 2 and again.computed == 0
+    # every setting is in the key
+    keys = {FeatureConfig().key(), fc.key(), FeatureConfig(mode="shared").key(), FeatureConfig(layer="fc6").key(),
+            FeatureConfig(context_pad=16).key(), FeatureConfig(mode="shared", scales=(1.0,)).key(),
+            FeatureConfig(backbone="efficientnet_lite0").key()}
+    assert len(keys) == 7
+    assert FeatureConfig(batch_size=7).key() == FeatureConfig().key()
