@@ -1,0 +1,412 @@
+"""Per-class linear SVMs trained with hard-negative mining (paper §2.3, released ``rcnn_train.m``).
+
+Training data for class ``c`` (paper §2.3):
+
+* positives: the ground-truth boxes of ``c`` that are not ``difficult``, described by features
+  computed exactly like the proposals' features;
+* negatives: regions (proposals, and ground-truth boxes of *other* classes, as in the released
+  code's feature cache) whose IoU with every instance of ``c`` (difficult ones included) is
+  ``< 0.3``; regions in the grey zone ``[0.3, 1)`` are ignored.
+
+Features are multiplied by one scalar so that their mean L2 norm is 20 (``rcnn_feature_stats`` /
+``rcnn_scale_features``), estimated on a fixed-seed sample of proposals.
+
+The solver is liblinear (scikit-learn's ``LinearSVC``, ``-s 3``: L2-regularised L1-loss/hinge,
+dual coordinate descent) with the released settings ``-c 1e-3 -w1 2 -B 10``: the bias is an extra
+feature of value 10 whose weight is regularised like the others, so the objective is::
+
+    0.5*|w|^2 + 0.5*(b/10)^2 + C * (2 * sum_pos max(0, 1 - s) + sum_neg max(0, 1 + s)),  s = x.w + b
+
+Hard-negative mining follows ``rcnn_train.m``: one pass over the images (paper §2.3: mAP stops
+increasing after one pass); the first image contributes all its negatives and every class is
+trained on them; afterwards only negatives scoring ``> -1.0001`` are added, a class is retrained
+once more than ``retrain_limit`` new negatives were added and at the very end, and after each
+retraining cached negatives scoring ``< -1.2`` are evicted. All classes are mined from the same
+single read of each image's cached features (one ``(N,D) @ (D,C)`` product per image). The
+negative cache of each class is bounded (``max_cache_mb``; the hardest negatives are kept when it
+overflows) so training runs out of core on any number of images.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from rcnn.boxes import box_iou
+from rcnn.data import ImageRecord
+
+log = logging.getLogger(__name__)
+
+#: Target mean L2 norm of scaled features (released ``rcnn_train.m``: ``target_norm = 20``).
+TARGET_NORM = 20.0
+
+
+@dataclass(frozen=True)
+class SVMConfig:
+    """Training settings; every default is the paper's / released code's."""
+
+    C: float = 1e-3  # rcnn_train.m svm_C
+    bias_mult: float = 10.0  # rcnn_train.m bias_mult (liblinear -B 10)
+    pos_weight: float = 2.0  # rcnn_train.m pos_loss_weight (liblinear -w1 2)
+    neg_iou: float = 0.3  # paper §2.3: negatives have IoU < 0.3 with every instance (grid-searched)
+    hard_thresh: float = -1.0001  # rcnn_train.m init_cache: hard_thresh
+    evict_thresh: float = -1.2  # rcnn_train.m init_cache: evict_thresh
+    retrain_limit: int = 2000  # rcnn_train.m init_cache: retrain_limit
+    passes: int = 1  # paper §2.3: "mAP stops increasing after only a single pass"
+    max_new_neg_per_image: int | None = None  # released code: no cap (hardest kept when set)
+    max_cache_mb: float = 512.0  # bound on each class's in-memory negative cache (float32 bytes)
+    tol: float = 1e-3  # liblinear stopping tolerance on the dual
+    max_iter: int = 5000
+    stats_images: int = 200  # rcnn_feature_stats: 200 images x 200 boxes, fixed seed
+    stats_boxes: int = 200
+    seed: int = 0
+    target_norm: float = TARGET_NORM
+
+    def key(self) -> dict:
+        return asdict(self)
+
+
+class FeatureSource(Protocol):
+    """Where training/detection gets region features from (CNN cache, HOG, synthetic)."""
+
+    def regions(self, record: ImageRecord) -> tuple[np.ndarray, np.ndarray]:
+        """Proposal boxes ``(N,4)`` float32 xyxy and their features ``(N,D)`` (any float dtype)."""
+        ...
+
+    def gt_features(self, record: ImageRecord) -> np.ndarray:
+        """Features ``(G,D)`` of ``record.boxes``, computed like the proposals' features."""
+        ...
+
+
+# --------------------------------------------------------------------------- solver
+
+
+@dataclass
+class Objective:
+    """SVM primal objective split as ``rcnn_train.m`` logs it."""
+
+    pos: float
+    neg: float
+    reg: float
+
+    @property
+    def total(self) -> float:
+        return self.pos + self.neg + self.reg
+
+
+def svm_objective(
+    w: np.ndarray, b: float, X_pos: np.ndarray, X_neg: np.ndarray, C: float = 1e-3, bias_mult: float = 10.0,
+    pos_weight: float = 2.0,
+) -> Objective:
+    """Primal objective of ``(w (D,), b)`` on positives ``(P,D)`` and negatives ``(M,D)``."""
+    w64 = np.asarray(w, np.float64)
+    zp = np.asarray(X_pos, np.float64) @ w64 + b if len(X_pos) else np.zeros(0)
+    zn = np.asarray(X_neg, np.float64) @ w64 + b if len(X_neg) else np.zeros(0)
+    return Objective(
+        pos=float(C * pos_weight * np.maximum(0, 1 - zp).sum()),
+        neg=float(C * np.maximum(0, 1 + zn).sum()),
+        reg=float(0.5 * w64 @ w64 + 0.5 * (b / bias_mult) ** 2),
+    )
+
+
+def train_svm(
+    X_pos: np.ndarray, X_neg: np.ndarray, C: float = 1e-3, bias_mult: float = 10.0, pos_weight: float = 2.0,
+    tol: float = 1e-3, max_iter: int = 5000,
+) -> tuple[np.ndarray, float]:
+    """liblinear ``-s 3 -c C -w1 pos_weight -B bias_mult`` on ``(P,D)`` positives and ``(M,D)`` negatives.
+
+    Returns ``w`` ``(D,)`` float32 and the bias ``b`` (already multiplied by ``bias_mult``, as
+    ``rcnn_train.m`` does with ``llm.w(end) * bias_mult``).
+    """
+    from sklearn.svm import LinearSVC
+
+    X = np.concatenate([X_pos, X_neg]).astype(np.float64, copy=False)
+    y = np.concatenate([np.ones(len(X_pos)), -np.ones(len(X_neg))])
+    # fit_intercept + intercept_scaling = liblinear's -B: a constant feature whose weight is
+    # regularised like the rest (sklearn docs), i.e. exactly the released bias_mult trick.
+    clf = LinearSVC(
+        C=C, loss="hinge", dual=True, class_weight={1: pos_weight, -1: 1.0}, fit_intercept=True,
+        intercept_scaling=bias_mult, tol=tol, max_iter=max_iter, random_state=0,
+    )
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        clf.fit(X, y)
+    if any(issubclass(c.category, ConvergenceWarning) for c in caught):
+        log.warning("liblinear did not converge in %d iterations (tol %g)", max_iter, tol)
+    return clf.coef_[0].astype(np.float32), float(clf.intercept_[0])
+
+
+def solve_dual_reference(
+    X_pos: np.ndarray, X_neg: np.ndarray, C: float = 1e-3, bias_mult: float = 10.0, pos_weight: float = 2.0,
+    maxiter: int = 20000,
+) -> tuple[np.ndarray, float]:
+    """An independent solver for the same SVM, used to verify liblinear (tests, benchmark).
+
+    Solves the dual box-constrained QP ``min 0.5 a'Qa - sum(a), 0 <= a_i <= C_i`` with
+    ``Q_ij = y_i y_j [x_i, B].[x_j, B]`` by L-BFGS-B (scipy), then ``[w, b/B] = sum a_i y_i [x_i, B]``.
+    """
+    from scipy.optimize import minimize
+
+    X = np.concatenate([X_pos, X_neg]).astype(np.float64)
+    Xa = np.concatenate([X, np.full((len(X), 1), bias_mult)], axis=1)
+    y = np.concatenate([np.ones(len(X_pos)), -np.ones(len(X_neg))])
+    Ci = np.where(y > 0, C * pos_weight, C)
+    Z = Xa * y[:, None]
+
+    def f(a: np.ndarray) -> tuple[float, np.ndarray]:
+        v = Z.T @ a
+        return 0.5 * v @ v - a.sum(), Z @ v - 1.0
+
+    res = minimize(f, np.zeros(len(y)), jac=True, method="L-BFGS-B", bounds=list(zip(np.zeros(len(y)), Ci, strict=True)),
+                   options={"maxiter": maxiter, "ftol": 1e-14, "gtol": 1e-10})
+    wa = Z.T @ res.x
+    return wa[:-1].astype(np.float32), float(wa[-1] * bias_mult)
+
+
+# ------------------------------------------------------------------ feature scaling
+
+
+def feature_stats(
+    records: Sequence[ImageRecord], source: FeatureSource, n_images: int = 200, boxes_per_image: int = 200, seed: int = 0
+) -> float:
+    """Mean L2 norm of proposal features on a fixed-seed sample (released ``rcnn_feature_stats``:
+    up to 200 random images x 200 random boxes each)."""
+    rng = np.random.default_rng(seed)
+    idx = rng.permutation(len(records))[: min(n_images, len(records))]
+    norms = []
+    for i in sorted(idx):
+        _, feats = source.regions(records[i])
+        if len(feats) == 0:
+            continue
+        sel = rng.permutation(len(feats))[: min(boxes_per_image, len(feats))]
+        norms.append(np.linalg.norm(np.asarray(feats[np.sort(sel)], np.float32), axis=1))
+    if not norms:
+        raise ValueError("no proposal features to estimate the feature scale from (all images have no proposals)")
+    mean_norm = float(np.concatenate(norms).mean())
+    if not math.isfinite(mean_norm) or mean_norm <= 0:
+        raise ValueError(f"feature norms are degenerate (mean {mean_norm}); the features are all zero or not finite")
+    return mean_norm
+
+
+# -------------------------------------------------------------------- hard negatives
+
+
+def negative_overlaps(boxes: np.ndarray, record: ImageRecord, num_classes: int) -> np.ndarray:
+    """``(N, C)`` max IoU of each region with any instance (difficult included) of each class."""
+    ov = np.zeros((len(boxes), num_classes), np.float32)
+    if len(boxes) and len(record.boxes):
+        iou = box_iou(np.asarray(boxes, np.float32), record.boxes.astype(np.float32))
+        for c in range(num_classes):
+            m = record.labels == c
+            if m.any():
+                ov[:, c] = iou[:, m].max(axis=1)
+    return ov
+
+
+@dataclass
+class _ClassCache:
+    X_pos: np.ndarray
+    X_neg: np.ndarray  # (M, D) float32
+    keys: np.ndarray  # (M, 2) int64 (image index, row)
+    pending_X: list = field(default_factory=list)
+    pending_keys: list = field(default_factory=list)
+    num_added: int = 0
+    key_set: set = field(default_factory=set)
+    history: list = field(default_factory=list)
+    evicted_for_bound: int = 0
+
+    def flush(self) -> None:
+        if self.pending_X:
+            self.X_neg = np.concatenate([self.X_neg, *self.pending_X])
+            self.keys = np.concatenate([self.keys, *self.pending_keys])
+            self.pending_X, self.pending_keys = [], []
+
+    @property
+    def size(self) -> int:
+        return len(self.X_neg) + sum(len(x) for x in self.pending_X)
+
+
+@dataclass
+class TrainResult:
+    """Weights ``W`` ``(D,C)`` float32 and biases ``b`` ``(C,)`` for *scaled* features
+    (``feats * feature_scale``); ``trained[c]`` is False for classes without positives."""
+
+    W: np.ndarray
+    b: np.ndarray
+    feature_scale: float
+    mean_norm: float
+    trained: np.ndarray
+    num_pos: list[int]
+    history: list[list[dict]]  # per class: one dict per retraining (objective terms, cache size, ...)
+    images: int
+    seconds: float
+    warnings: list[str]
+
+
+@dataclass
+class Progress:
+    """What the training loop reports after each image (for a progress bar)."""
+
+    stage: str  # "stats", "positives", "mining"
+    done: int
+    total: int
+    cache_sizes: list[int] = field(default_factory=list)
+    objective: list[float] = field(default_factory=list)
+
+
+def train_detector(
+    records: Sequence[ImageRecord], classes: Sequence[str], source: FeatureSource, config: SVMConfig = SVMConfig(),
+    progress: Callable[[Progress], None] | None = None,
+) -> TrainResult:
+    """Train one linear SVM per class with hard-negative mining (paper §2.3); see module docs."""
+    t0 = time.perf_counter()
+    C = len(classes)
+    records = list(records)
+    if not records:
+        raise ValueError("no training images")
+    warn: list[str] = []
+    report = progress or (lambda p: None)
+
+    # 1. feature scale (rcnn_feature_stats on a fixed-seed sample)
+    report(Progress("stats", 0, 1))
+    mean_norm = feature_stats(records, source, config.stats_images, config.stats_boxes, config.seed)
+    scale = config.target_norm / mean_norm
+
+    # 2. positives: non-difficult ground truth, features like the proposals' (released code:
+    #    get_positive_pool5_features before mining)
+    pos: list[list[np.ndarray]] = [[] for _ in range(C)]
+    D = None
+    for i, r in enumerate(records):
+        keep = ~r.difficult.astype(bool)
+        if keep.any():
+            f = np.asarray(source.gt_features(r), np.float32) * scale
+            D = f.shape[1]
+            for c in range(C):
+                m = keep & (r.labels == c)
+                if m.any():
+                    pos[c].append(f[m])
+        report(Progress("positives", i + 1, len(records)))
+    if D is None:
+        _, f = source.regions(records[0])
+        D = f.shape[1]
+    X_pos = [np.concatenate(p) if p else np.zeros((0, D), np.float32) for p in pos]
+    trained = np.array([len(x) > 0 for x in X_pos])
+    for c in np.nonzero(~trained)[0]:
+        msg = f"class {classes[c]!r} has no (non-difficult) positives in the training images: skipped, it will never be detected"
+        log.warning(msg)
+        warn.append(msg)
+
+    caches = [_ClassCache(X_pos[c], np.zeros((0, D), np.float32), np.zeros((0, 2), np.int64)) for c in range(C)]
+    max_neg = max(1, int(config.max_cache_mb * 1e6 / (4 * D)))
+    W = np.zeros((D, C), np.float32)
+    b = np.zeros(C, np.float32)
+
+    def retrain(c: int, image_index: int) -> None:
+        cache = caches[c]
+        cache.flush()
+        if len(cache.X_neg) == 0 or len(cache.X_pos) == 0:
+            return
+        ts = time.perf_counter()
+        w, bias = train_svm(cache.X_pos, cache.X_neg, config.C, config.bias_mult, config.pos_weight, config.tol, config.max_iter)
+        W[:, c], b[c] = w, bias
+        cache.num_added = 0
+        zp = cache.X_pos @ w + bias
+        zn = cache.X_neg @ w + bias
+        obj = svm_objective(w, bias, cache.X_pos, cache.X_neg, config.C, config.bias_mult, config.pos_weight)
+        entry = {
+            "image": image_index + 1, "objective": obj.total, "pos_loss": obj.pos, "neg_loss": obj.neg, "reg_loss": obj.reg,
+            "num_pos": len(cache.X_pos), "num_neg": len(cache.X_neg),
+            "pos_sv": int((zp < 1 + 1e-6).sum()), "neg_sv": int((zn > -1 - 1e-6).sum()), "seconds": time.perf_counter() - ts,
+        }
+        # evict easy negatives (rcnn_train.m: z_neg < evict_thresh)
+        keep = zn >= config.evict_thresh
+        if keep.sum() > max_neg:  # bounded cache: keep the hardest (out-of-core guarantee)
+            order = np.argsort(-zn, kind="stable")[:max_neg]
+            keep = np.zeros_like(keep)
+            keep[order] = True
+            cache.evicted_for_bound += int((zn >= config.evict_thresh).sum() - max_neg)
+        for k in map(tuple, cache.keys[~keep]):
+            cache.key_set.discard(k)
+        cache.X_neg, cache.keys = cache.X_neg[keep], cache.keys[keep]
+        entry["num_neg_after_evict"] = len(cache.X_neg)
+        cache.history.append(entry)
+        log.info("%s retrain %d: obj %.4f = %.4f (pos) + %.4f (neg) + %.4f (reg); cache %d -> %d negatives",
+                 classes[c], len(cache.history), obj.total, obj.pos, obj.neg, obj.reg, entry["num_neg"], len(cache.X_neg))
+
+    # 3. hard-negative mining, all classes from one read of each image's features
+    first_time = True
+    n = len(records)
+    for epoch in range(config.passes):
+        for i, r in enumerate(records):
+            boxes, feats = source.regions(r)
+            boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+            feats = np.asarray(feats, np.float32)
+            if len(r.boxes):  # ground-truth boxes are candidate negatives for the other classes
+                gtf = np.asarray(source.gt_features(r), np.float32)
+                boxes = np.concatenate([r.boxes.astype(np.float32), boxes])
+                feats = np.concatenate([gtf, feats]) if len(feats) else gtf
+            feats = feats * scale
+            last = epoch == config.passes - 1 and i == n - 1
+            if len(boxes):
+                ov = negative_overlaps(boxes, r, C)
+                z = feats @ W + b if not first_time else None  # one matrix product for all classes (§2.2)
+                for c in np.nonzero(trained)[0]:
+                    cand = ov[:, c] < config.neg_iou
+                    if z is not None:
+                        cand &= z[:, c] > config.hard_thresh
+                    idx = np.nonzero(cand)[0]
+                    if config.passes > 1 and len(idx):
+                        idx = np.array([j for j in idx if (i, int(j)) not in caches[c].key_set], np.int64)
+                    if config.max_new_neg_per_image is not None and len(idx) > config.max_new_neg_per_image:
+                        if z is not None:
+                            idx = idx[np.argsort(-z[idx, c], kind="stable")[: config.max_new_neg_per_image]]
+                        else:
+                            rng = np.random.default_rng((config.seed, i, int(c)))
+                            idx = np.sort(rng.permutation(idx)[: config.max_new_neg_per_image])
+                    if len(idx):
+                        cache = caches[c]
+                        cache.pending_X.append(feats[idx])
+                        k = np.stack([np.full(len(idx), i, np.int64), idx.astype(np.int64)], axis=1)
+                        cache.pending_keys.append(k)
+                        if config.passes > 1:
+                            cache.key_set.update(map(tuple, k))
+                        cache.num_added += len(idx)
+            for c in np.nonzero(trained)[0]:
+                cache = caches[c]
+                if first_time or cache.num_added > config.retrain_limit or last:
+                    retrain(int(c), i)
+                elif cache.size > max_neg + config.retrain_limit:
+                    retrain(int(c), i)  # the bound forces an early retrain/evict
+            if len(boxes):
+                first_time = False
+            report(Progress("mining", epoch * n + i + 1, config.passes * n, [cc.size for cc in caches],
+                            [cc.history[-1]["objective"] if cc.history else float("nan") for cc in caches]))
+    for c in np.nonzero(trained)[0]:
+        if caches[c].evicted_for_bound:
+            msg = (f"class {classes[c]!r}: negative cache bound ({max_neg} regions, {config.max_cache_mb} MB) dropped "
+                   f"{caches[c].evicted_for_bound} hard-ish negatives")
+            log.warning(msg)
+            warn.append(msg)
+        if not caches[c].history:
+            msg = f"class {classes[c]!r}: no negatives found, SVM not trained"
+            warn.append(msg)
+            trained[c] = False
+    return TrainResult(W, b, scale, mean_norm, trained, [len(x) for x in X_pos], [cc.history for cc in caches], n,
+                       time.perf_counter() - t0, warn)
+
+
+def score_regions(feats: np.ndarray, W: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Scores ``(N,C)`` of all regions for all classes as one matrix product (paper §2.2):
+    ``feats (N,D) @ W (D,C) + b (C,)``, in float32."""
+    f = np.asarray(feats, np.float32).reshape(len(feats), -1)
+    return f @ np.asarray(W, np.float32) + np.asarray(b, np.float32)
