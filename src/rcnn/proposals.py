@@ -27,6 +27,7 @@ Boxes are ``(N, 4)`` float32 pixel-edge ``xyxy`` in the original image (see
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing as mp
 import os
 import re
@@ -45,7 +46,7 @@ from rcnn.data import Dataset, ImageReadError, ImageRecord, load_image
 MODES = ("rcnn-fast", "fast", "quality")
 
 #: Bump when the algorithm changes in a way that changes boxes (invalidates caches).
-ALGO_VERSION = 1
+ALGO_VERSION = 2
 
 #: Felzenszwalb k values of the original fast mode (paper §2.1 "fast mode"; selective_search_boxes.m).
 RCNN_KS = (50, 100)
@@ -70,6 +71,8 @@ class ProposalConfig:
     original drops < 20 px at 500 px width); ``None`` = 20 for ``rcnn-fast``, 0 otherwise.
     ``min_height``: same for the height (default 0: the original filters width only).
     ``max_boxes``: keep only the first (best-ranked) boxes; ``None`` keeps all.
+    ``seed``: seeds the random factor of the ranking (``level × rand()``, as in the
+    original), so the order, and therefore ``max_boxes``, is reproducible.
     """
 
     mode: str = "rcnn-fast"  # paper §2.2: selective search's "fast mode"
@@ -81,6 +84,7 @@ class ProposalConfig:
     min_size: float | None = None
     min_height: float = 0.0
     max_boxes: int | None = None
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -210,7 +214,9 @@ def selective_search(image: np.ndarray, config: ProposalConfig | None = None, **
         if (sw, sh) == (w, h)
         else cv2.resize(img, (sw, sh), interpolation=cv2.INTER_AREA if sw < w else cv2.INTER_LINEAR)
     )
-    rects = _build(seg, config).process()  # (N,4) int32 x, y, w, h; w counts pixels
+    ss = _build(seg, config)
+    _seed_libc_rand(config.seed)
+    rects = ss.process()  # (N,4) int32 x, y, w, h; w counts pixels
     rects = np.asarray(rects, dtype=np.float32).reshape(-1, 4)
     keep = (rects[:, 2] >= config.effective_min_size) & (rects[:, 3] >= config.min_height)
     rects = rects[keep]
@@ -229,6 +235,25 @@ def selective_search(image: np.ndarray, config: ProposalConfig | None = None, **
     if len(boxes) == 0:
         boxes = np.array([[0, 0, w, h]], dtype=np.float32)
     return np.ascontiguousarray(boxes, dtype=np.float32)
+
+
+def _seed_libc_rand(seed: int) -> None:
+    """Seed C ``rand()``, which OpenCV's selective search uses to randomise its ranking
+    (``rank = level * rand()``); without this the box order changes from call to call.
+    Process-global: callers running selective search in threads get a valid but
+    not reproducible order."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL(None)
+            _LIBC.srand.argtypes = [ctypes.c_uint]
+        except (OSError, AttributeError, TypeError):  # no C library handle (e.g. Windows): order stays random
+            _LIBC = False
+    if _LIBC:
+        _LIBC.srand(int(seed) & 0xFFFFFFFF)
+
+
+_LIBC = None
 
 
 def _first_unique(boxes: np.ndarray) -> np.ndarray:
