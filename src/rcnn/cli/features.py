@@ -1,0 +1,85 @@
+"""``rcnn features``: fill the per-image CNN feature cache; ``rcnn backbones``: list the networks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from rcnn.backbones import WeightsError, available_backbones
+from rcnn.cli.app import app, console, fail
+from rcnn.cli.dataset import DatasetArg, SplitOpt, open_dataset
+from rcnn.cli.proposals import KsOpt, MaxBoxesOpt, WorkersOpt, make_config
+from rcnn.features import METHODS, MODES, SHARED_GRID, SHARED_SCALES, FeatureConfig, features_for_dataset
+from rcnn.proposals import MODES as PROPOSAL_MODES
+from rcnn.proposals import propose_dataset
+
+
+@app.command()
+def features(
+    dataset: DatasetArg,
+    split: SplitOpt = None,
+    backbone: Annotated[str, typer.Option("--backbone", "-b", help="squeezenet1_1, efficientnet_lite0, alexnet, "
+                                          "or any torchvision classifier (needs --weights)")] = "squeezenet1_1",
+    weights: Annotated[Path | None, typer.Option("--weights", "-w", help="State dict (.safetensors or "
+                                                 "torch.save) for the backbone")] = None,
+    layer: Annotated[str, typer.Option("--layer", "-l", help="pool5 | fc6 | fc7 | logits")] = "fc7",
+    mode: Annotated[str, typer.Option("--mode", "-m", help=f"{MODES}: warp = faithful (§2.1), "
+                                      "shared = one trunk pass per image + RoI pooling")] = "warp",
+    context_pad: Annotated[int, typer.Option("--context-pad", help="warp: context pixels in the warped "
+                                             "frame (released code: 16)")] = 0,
+    method: Annotated[str, typer.Option("--method", help=f"warp: one of {METHODS}")] = "warp",
+    scales: Annotated[str, typer.Option("--scales", help="shared: image scale(s), comma-separated")] = ",".join(
+        str(s) for s in SHARED_SCALES),
+    grid: Annotated[int, typer.Option("--grid", help="shared: RoI grid (cells per side); pool5 grid")] = SHARED_GRID,
+    with_gt: Annotated[bool, typer.Option("--with-gt/--no-gt", help="Also describe the ground-truth boxes "
+                                          "(stored first)")] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Regions per forward pass")] = 128,
+    proposals: Annotated[str, typer.Option("--proposals", help=f"Proposal mode, one of {PROPOSAL_MODES}")]
+    = "rcnn-fast",
+    ks: KsOpt = None,
+    max_boxes: MaxBoxesOpt = None,
+    workers: WorkersOpt = None,
+) -> None:
+    """Compute float16 CNN features of every proposal of every image into the cache (resumable)."""
+    ds = open_dataset(dataset, split)
+    pc = make_config(proposals, ks, max_boxes, None, None, False)
+    try:
+        sc = tuple(float(s) for s in scales.split(","))
+        fc = FeatureConfig(backbone=backbone, weights=str(weights) if weights else None, layer=layer, mode=mode,
+                           context_pad=context_pad, method=method, scales=sc, grid=grid, with_gt=with_gt,
+                           batch_size=batch_size)
+        bb = fc.backbone_obj()
+    except ValueError as e:
+        raise fail(f"bad option: {e}", 2) from None
+    except WeightsError as e:
+        raise fail(str(e), 2) from None
+    if layer not in bb.taps:
+        raise fail(f"--layer must be one of {list(bb.taps)}, not {layer!r}", 2)
+    console.print(f"{len(ds)} images; proposals {pc.describe()}; features {fc.describe()} "
+                  f"({bb.dim(layer, grid)}-d float16)", highlight=False)
+    ps = propose_dataset(ds, pc, workers=workers, progress=True)  # parallel; features then read the cache
+    s = features_for_dataset(ds, pc, fc, progress=True)
+    console.print(f"computed {s.computed}, reused {s.cached} from the cache, failed {len(s.failed)}; "
+                  f"{s.regions} regions in {s.seconds:.1f} s ({s.regions_per_s:.1f} regions/s)", highlight=False)
+    console.print(f"cache: {s.cache_dir} ({s.cache_mb:.1f} MB on disk)", highlight=False)
+    failed = list(dict.fromkeys(s.failed + [m for _, m in ps.failed]))
+    if failed:
+        for msg in failed[:20]:
+            console.print(f"  [red]{msg}", highlight=False, soft_wrap=True)
+        raise fail(f"{len(failed)} image(s) failed; the rest are cached", 1)
+
+
+@app.command()
+def backbones() -> None:
+    """List the backbones and their feature taps."""
+    from rcnn.backbones import BUILTIN, get_backbone
+
+    for name in available_backbones():
+        if name in BUILTIN:
+            bb = get_backbone(name)
+            taps = ", ".join(f"{k} {v}" for k, v in bb.taps.items())
+            console.print(f"{name}: {bb.input_size}px {bb.color}, taps {taps}", highlight=False)
+        else:
+            console.print(f"{name}: needs --weights PATH", highlight=False)
