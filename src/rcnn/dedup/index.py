@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
+import cv2
 import numpy as np
-import torch
 
 from rcnn.cache import cache_dir, load_npz, save_npz, settings_hash
 from rcnn.data import IMAGE_SUFFIXES, list_images, load_dataset
@@ -96,8 +96,8 @@ def _chunk_key(paths: Sequence[Path], config: GistConfig) -> str:
 
 def _worker_init() -> None:
     # one BLAS/FFT thread per worker process: the parallelism is across processes
-    torch.set_num_threads(1)
     os.environ["OMP_NUM_THREADS"] = "1"
+    cv2.setNumThreads(1)
 
 
 def _compute_chunk(paths: list[str], config: GistConfig) -> tuple[np.ndarray, list[str | None]]:
@@ -110,7 +110,7 @@ def compute_descriptors(
     workers: int | None = None,
     progress: bool = True,
     cache: bool = True,
-    chunk_size: int = 512,
+    chunk_size: int = 128,
     description: str = "GIST",
 ) -> tuple[np.ndarray, list[str | None]]:
     """GIST descriptors of image files, in parallel, cached per chunk.
@@ -123,6 +123,9 @@ def compute_descriptors(
     n = len(paths)
     out = np.full((n, config.dim), np.nan, np.float32)
     errors: list[str | None] = [None] * n
+    workers = (os.cpu_count() or 1) if workers is None else workers
+    # several chunks per worker balance the load; chunk boundaries depend only on n and
+    # chunk_size (not on workers) so that the cache is reused whatever the worker count
     chunks = [list(range(i, min(i + chunk_size, n))) for i in range(0, n, chunk_size)]
     root = cache_dir() / "dedup" / config.key()
     todo: list[tuple[list[int], Path | None]] = []
@@ -143,7 +146,6 @@ def compute_descriptors(
         if f is not None:  # atomic: a killed run leaves whole chunks only, reused on resume
             save_npz(f, desc=desc, errors=np.array([e or "" for e in errs], dtype=str))
 
-    workers = (os.cpu_count() or 1) if workers is None else workers
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -171,9 +173,15 @@ def compute_descriptors(
                 store(rows, f, desc, errs)
                 bar.advance(task, len(rows))
         else:
-            ctx = get_context("spawn")  # fork after torch/BLAS threads started can deadlock
+            # forkserver: forking this (possibly multi-threaded) process could deadlock; the
+            # server imports the GIST code (and torch, via rcnn.data) once, workers fork from it
+            ctx = get_context("forkserver")
+            ctx.set_forkserver_preload(["rcnn.dedup.gist"])
             with ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx, initializer=_worker_init) as ex:
-                futs = {ex.submit(_compute_chunk, [str(paths[i]) for i in rows], config): (rows, f) for rows, f in todo}
+                futs = {
+                    ex.submit(_compute_chunk, [str(paths[i]) for i in rows], config): (rows, f)
+                    for rows, f in todo
+                }
                 for fut in as_completed(futs):
                     rows, f = futs[fut]
                     desc, errs = fut.result()
@@ -196,9 +204,13 @@ def _faiss():
     return faiss
 
 
-@torch.no_grad()
-def _exact_knn(q: np.ndarray, r: np.ndarray, k: int, q_block: int, r_block: int) -> tuple[np.ndarray, np.ndarray]:
+def _exact_knn(
+    q: np.ndarray, r: np.ndarray, k: int, q_block: int, r_block: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Exact k-NN by blocks of ``q_block`` queries × ``r_block`` references (float32 matmuls)."""
+    import torch  # imported here so that descriptor worker processes start without torch
+
+    torch.set_grad_enabled(False)
     nq, nr = len(q), len(r)
     dist = np.empty((nq, k), np.float32)
     idx = np.empty((nq, k), np.int64)

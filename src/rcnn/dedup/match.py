@@ -69,7 +69,11 @@ class DedupResult:
             "query_images": self.n_query,
             "reference_images": self.n_reference,
             "threshold": self.threshold,
-            "gist": {"image_size": self.config.image_size, "dim": self.config.dim, "color": self.config.color},
+            "gist": {
+                "image_size": self.config.image_size,
+                "dim": self.config.dim,
+                "color": self.config.color,
+            },
             "pairs": len(self.pairs),
             "source_id_pairs": self.id_matches,
             "gist_pairs": self.gist_matches,
@@ -141,7 +145,11 @@ def find_duplicates(
         found[(a, b)].add("source-id")
         if (a, b) not in dist:
             qa, rb = q_desc[a], r_desc[b]
-            dist[(a, b)] = float(np.linalg.norm(qa - rb)) if np.isfinite(qa).all() and np.isfinite(rb).all() else float("nan")
+            dist[(a, b)] = (
+                float(np.linalg.norm(qa - rb))
+                if np.isfinite(qa).all() and np.isfinite(rb).all()
+                else float("nan")
+            )
     pairs = []
     for (a, b), how in sorted(found.items(), key=lambda kv: (kv[0][0], dist[kv[0]])):
         method_name = "+".join(m for m in ("source-id", "gist") if m in how)

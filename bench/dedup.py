@@ -1,0 +1,278 @@
+"""Near-duplicate benchmark for ``rcnn.dedup`` (paper App. C) -> ``bench/results/dedup.json``.
+
+Originals: every photo in ``../shared/data`` (BCCD, VOC 2007 test sample, Penn-Fudan
+PNGImages, examples; not the Penn-Fudan label masks) plus scikit-image's bundled sample
+photos. Files with identical bytes (``examples/000084.jpg`` = VOC ``000084.jpg``) form one
+identity. Identities are split at random in two halves: the *indexed* half's originals
+are the reference collection; the other half is held out. Queries are near-duplicates of
+every original (JPEG quality 30–90; resize 0.5–2×; crop ≤ 10 % of each side; a slight
+colour shift; all four at once) plus the held-out originals themselves. A query of an
+indexed identity must match its own original (recall); everything else must match
+nothing (precision = correct matches / all matches reported at the threshold).
+
+Two independent draws (different identity split and transform parameters): ``calib``
+picks the threshold (largest with precision ≥ 0.99), ``test`` reports precision/recall at
+the library's ``DEFAULT_THRESHOLD``. Then descriptors/s on the original files (2 worker
+processes, cache off) and search time for 5000 queries × 1M synthetic 512-d references.
+
+    python bench/dedup.py                 # everything (the 1M search takes a few minutes)
+    python bench/dedup.py --refs 100000   # lighter search part while developing
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from rcnn.cache import save_json
+from rcnn.data import IMAGE_SUFFIXES, load_image
+from rcnn.dedup import DEFAULT_THRESHOLD, GistConfig, compute_descriptors, nearest_neighbors
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+OUT = ROOT / "bench" / "results" / "dedup.json"
+SKIMAGE_PHOTOS = (
+    "astronaut.png", "camera.png", "coffee.png", "chelsea.png", "rocket.jpg", "hubble_deep_field.jpg",
+    "retina.jpg", "motorcycle_left.png", "brick.png", "grass.png", "gravel.png", "coins.png", "moon.png",
+    "page.png", "text.png", "clock_motion.png", "ihc.png", "cell.png", "microaneurysms.png", "horse.png",
+)  # fmt: skip
+TRANSFORMS = ("jpeg", "resize", "crop", "colour", "all")
+
+
+def originals() -> list[Path]:
+    files = [
+        f
+        for f in sorted(DATA.rglob("*"))
+        if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and "PedMasks" not in f.parts
+    ]
+    try:
+        import skimage.data
+
+        sk = Path(skimage.data.data_dir)
+        files += [sk / n for n in SKIMAGE_PHOTOS if (sk / n).is_file()]
+    except ImportError:
+        pass
+    return files
+
+
+def transform(img: np.ndarray, kind: str, rng: np.random.Generator) -> tuple[bytes, dict]:
+    """A near-duplicate of ``img`` (RGB uint8) as encoded JPEG bytes, with its parameters."""
+    p: dict = {"kind": kind}
+    if kind in ("resize", "all"):
+        s = float(np.exp(rng.uniform(np.log(0.5), np.log(2.0))))
+        h, w = img.shape[:2]
+        size = (max(8, round(w * s)), max(8, round(h * s)))
+        img = cv2.resize(img, size, interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_CUBIC)
+        p["scale"] = round(s, 3)
+    if kind in ("crop", "all"):
+        h, w = img.shape[:2]
+        cx, cy = rng.uniform(0, 0.10, 2)  # fraction removed from width / height (≤ 10 %)
+        lx, ly = rng.uniform(0, 1, 2)  # split between the two sides
+        x0, y0 = round(w * cx * lx), round(h * cy * ly)
+        x1, y1 = w - round(w * cx * (1 - lx)), h - round(h * cy * (1 - ly))
+        img = img[y0:y1, x0:x1]
+        p["crop"] = [round(float(cx), 3), round(float(cy), 3)]
+    if kind in ("colour", "all"):
+        gain = rng.uniform(0.92, 1.08, 3)  # per-channel gain (white balance)
+        offset = rng.uniform(-8, 8)  # brightness
+        gamma = rng.uniform(0.9, 1.1)
+        x = (img.astype(np.float32) / 255.0) ** gamma * 255.0 * gain + offset
+        img = np.clip(np.rint(x), 0, 255).astype(np.uint8)
+        p["colour"] = {
+            "gain": np.round(gain, 3).tolist(),
+            "offset": round(float(offset), 1),
+            "gamma": round(float(gamma), 3),
+        }
+    q = int(rng.integers(30, 91)) if kind in ("jpeg", "all") else 95
+    p["jpeg_quality"] = q
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(img)).save(buf, "JPEG", quality=q)
+    return buf.getvalue(), p
+
+
+def make_draw(files: list[Path], ident: np.ndarray, seed: int, tmp: Path) -> dict:
+    """One benchmark draw: reference rows, query files, their identities and kinds."""
+    rng = np.random.default_rng(seed)
+    ids = np.unique(ident)
+    indexed = set(rng.permutation(ids)[: len(ids) // 2].tolist())
+    ref = [i for i in range(len(files)) if ident[i] in indexed]
+    q_paths, q_ident, q_kind = [], [], []
+    d = tmp / f"draw{seed}"
+    d.mkdir()
+    for i, f in enumerate(files):
+        img = load_image(f)
+        for kind in TRANSFORMS:
+            data, _ = transform(img, kind, rng)
+            out = d / f"{i:05d}_{kind}.jpg"
+            out.write_bytes(data)
+            q_paths.append(out)
+            q_ident.append(ident[i])
+            q_kind.append(kind)
+        if ident[i] not in indexed:  # the held-out original itself is a distractor query
+            q_paths.append(f)
+            q_ident.append(ident[i])
+            q_kind.append("original")
+    return {"ref": ref, "q_paths": q_paths, "q_ident": np.array(q_ident), "q_kind": np.array(q_kind),
+            "indexed": indexed}  # fmt: skip
+
+
+def score(
+    dist: np.ndarray, hit_ident: np.ndarray, q_ident: np.ndarray, positive: np.ndarray, t: float
+) -> dict:
+    """Precision / recall of "nearest reference within t"."""
+    reported = dist <= t
+    correct = reported & (hit_ident == q_ident)
+    tp, n_rep, n_pos = int(correct.sum()), int(reported.sum()), int(positive.sum())
+    return {
+        "threshold": round(float(t), 4),
+        "precision": tp / n_rep if n_rep else 1.0,
+        "recall": int((correct & positive).sum()) / n_pos if n_pos else 0.0,
+        "reported": n_rep,
+        "true_positives": tp,
+        "false_positives": n_rep - tp,
+        "positives": n_pos,
+    }
+
+
+def evaluate_draw(files, ident, desc_orig, seed, tmp, config) -> dict:
+    draw = make_draw(files, ident, seed, tmp)
+    q_desc, errs = compute_descriptors(draw["q_paths"], config, workers=2, progress=False, cache=False)
+    assert not any(errs), [e for e in errs if e][:3]
+    ref = np.array(draw["ref"])
+    dist, idx = nearest_neighbors(q_desc, desc_orig[ref], k=1)
+    dist, idx = dist[:, 0], idx[:, 0]
+    hit_ident = ident[ref][idx]
+    positive = np.array([i in draw["indexed"] for i in draw["q_ident"]])
+    return {"dist": dist, "hit_ident": hit_ident, "q_ident": draw["q_ident"], "positive": positive,
+            "kind": draw["q_kind"], "n_ref": len(ref), "n_query": len(dist)}  # fmt: skip
+
+
+def calibrate(ev: dict, min_precision: float = 0.99) -> tuple[float, list[dict]]:
+    """Largest threshold keeping precision ≥ min_precision, and the sweep."""
+    ts = np.round(np.arange(0.05, 0.80, 0.01), 3)
+    sweep = [score(ev["dist"], ev["hit_ident"], ev["q_ident"], ev["positive"], t) for t in ts]
+    ok = [s["threshold"] for s in sweep if s["precision"] >= min_precision]
+    return (max(ok) if ok else float(ts[0])), sweep
+
+
+def search_timing(n_refs: int, n_q: int, dim: int) -> dict:
+    rng = np.random.default_rng(0)
+    refs = rng.random((n_refs, dim), dtype=np.float32)
+    q = refs[rng.choice(n_refs, n_q, replace=False)] + rng.normal(0, 0.01, (n_q, dim)).astype(np.float32)
+    gt = None
+    res: dict = {"references": n_refs, "queries": n_q, "dim": dim}
+    for method in ("exact", "faiss-flat", "faiss-ivf"):
+        try:
+            t = time.perf_counter()
+            _, i = nearest_neighbors(q, refs, k=1, method=method)
+            sec = time.perf_counter() - t
+        except ImportError as e:
+            res[method] = {"error": str(e)}
+            continue
+        if gt is None:
+            gt = i[:, 0]
+        res[method] = {"seconds": round(sec, 2), "agreement_with_exact": float((i[:, 0] == gt).mean())}
+        print(
+            f"search {method}: {n_q} × {n_refs}: {sec:.1f} s (agreement {res[method]['agreement_with_exact']:.4f})"
+        )
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--refs", type=int, default=1_000_000, help="synthetic references for the search timing")
+    ap.add_argument("--queries", type=int, default=5000)
+    ap.add_argument("--no-search", action="store_true")
+    args = ap.parse_args()
+    if not DATA.is_dir():
+        raise SystemExit(f"{DATA}: shared data absent; nothing to benchmark")
+    config = GistConfig()
+    files = originals()
+    digests = [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
+    uniq = {d: k for k, d in enumerate(dict.fromkeys(digests))}
+    ident = np.array([uniq[d] for d in digests])
+    print(f"{len(files)} original files, {len(uniq)} distinct images")
+
+    t = time.perf_counter()
+    desc_orig, errs = compute_descriptors(files, config, workers=2, progress=True, cache=False)
+    rate = len(files) / (time.perf_counter() - t)
+    assert not any(errs), [e for e in errs if e][:3]
+    print(f"descriptors/s (2 workers, files incl. decoding): {rate:.0f}")
+
+    # the known real duplicate must be each other's nearest neighbour at distance ~0
+    known = {}
+    ex = DATA / "examples" / "000084.jpg"
+    voc = DATA / "VOC2007-test-sample" / "JPEGImages" / "000084.jpg"
+    if ex in files and voc in files:
+        known["examples/000084.jpg vs VOC 000084"] = float(
+            np.linalg.norm(desc_orig[files.index(ex)] - desc_orig[files.index(voc)])
+        )
+
+    with tempfile.TemporaryDirectory(prefix="rcnn-dedup-bench-") as tmp:
+        cal = evaluate_draw(files, ident, desc_orig, 1, Path(tmp), config)
+        best, sweep = calibrate(cal)
+        print(f"calibration draw: {cal['n_query']} queries vs {cal['n_ref']} references; "
+              f"largest threshold with precision ≥ 0.99: {best}")  # fmt: skip
+        test = evaluate_draw(files, ident, desc_orig, 2, Path(tmp), config)
+    at_default = score(test["dist"], test["hit_ident"], test["q_ident"], test["positive"], DEFAULT_THRESHOLD)
+    per_kind = {}
+    for kind in (*TRANSFORMS, "original"):
+        m = test["kind"] == kind
+        if kind == "original":
+            per_kind[kind] = {
+                "queries": int(m.sum()),
+                "false_matches": int((test["dist"][m] <= DEFAULT_THRESHOLD).sum()),
+            }
+            continue
+        s = score(
+            test["dist"][m], test["hit_ident"][m], test["q_ident"][m], test["positive"][m], DEFAULT_THRESHOLD
+        )
+        per_kind[kind] = {
+            "recall": round(s["recall"], 4),
+            "precision": round(s["precision"], 4),
+            "positives": s["positives"],
+        }
+    pos = test["positive"]
+    correct_d = test["dist"][pos & (test["hit_ident"] == test["q_ident"])]
+    neg_d = test["dist"][~pos]
+    print(f"test draw at DEFAULT_THRESHOLD={DEFAULT_THRESHOLD}: precision {at_default['precision']:.4f} "
+          f"recall {at_default['recall']:.4f}  {per_kind}")  # fmt: skip
+
+    result = {
+        "config": {"image_size": config.image_size, "orientations": list(config.orientations), "grid": config.grid,
+                   "dim": config.dim, "color": config.color, "boundary": config.pad},
+        "data": {"original_files": len(files), "distinct_images": len(uniq), "transforms": list(TRANSFORMS),
+                 "calibration": {"queries": cal["n_query"], "references": cal["n_ref"]},
+                 "test": {"queries": test["n_query"], "references": test["n_ref"]}},
+        "default_threshold": DEFAULT_THRESHOLD,
+        "calibrated_threshold_precision_0.99": best,
+        "test_at_default": at_default,
+        "test_per_transform": per_kind,
+        "distances": {
+            "true_match_p50_p95_p99_max": np.percentile(correct_d, [50, 95, 99, 100]).round(4).tolist(),
+            "nearest_non_duplicate_min_p1_p5": np.percentile(neg_d, [0, 1, 5]).round(4).tolist(),
+        },
+        "known_duplicate_distance": known,
+        "calibration_sweep": [s for s in sweep if round(s["threshold"] * 100) % 5 == 0],
+        "descriptors_per_s_2_workers": round(rate, 1),
+        "machine": {"cpus": 2, "python": platform.python_version()},
+    }  # fmt: skip
+    if not args.no_search:
+        result["search"] = search_timing(args.refs, args.queries, config.dim)
+    save_json(OUT, result)
+    print(json.dumps({k: result[k] for k in ("test_at_default", "descriptors_per_s_2_workers")}, indent=1))
+    print(f"wrote {OUT}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""``rcnn dedup QUERY REFERENCE``: near-duplicate check between two image collections (paper App. C)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from rcnn.cli.app import app, console, fail
+
+
+@app.command()
+def dedup(
+    query: Annotated[
+        Path,
+        typer.Argument(help="Query collection: dataset root (VOC, PASCAL v1.00, COCO .json) or image folder"),
+    ],
+    reference: Annotated[Path, typer.Argument(help="Reference collection: dataset root or image folder")],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Report folder (pairs.csv, pairs.json, index.html)")
+    ] = Path("dedup-report"),
+    threshold: Annotated[
+        float | None,
+        typer.Option(
+            "--threshold", "-t", help="GIST distance threshold (default: rcnn.dedup.DEFAULT_THRESHOLD)"
+        ),
+    ] = None,
+    k: Annotated[
+        int, typer.Option("--k", help="Report up to k references per query (all within the threshold)")
+    ] = 1,
+    search: Annotated[
+        str, typer.Option(help="exact (blocked matrix products) | faiss-flat | faiss-ivf (approximate)")
+    ] = "exact",
+    size: Annotated[int, typer.Option(help="Warp size for GIST (paper: 32; LMgist's usual: 128)")] = 32,
+    color: Annotated[
+        bool, typer.Option("--color/--gray", help="Colour GIST (3× dims) instead of grey")
+    ] = False,
+    query_split: Annotated[
+        str | None, typer.Option(help="Split of a query dataset (default: all images)")
+    ] = None,
+    reference_split: Annotated[
+        str | None, typer.Option(help="Split of a reference dataset (default: all images)")
+    ] = None,
+    recursive: Annotated[bool, typer.Option(help="List image folders recursively")] = False,
+    ids: Annotated[
+        bool, typer.Option("--ids/--no-ids", help="Also match source IDs (VOC flickrid, COCO flickr_url)")
+    ] = True,
+    workers: Annotated[
+        int | None, typer.Option(help="Descriptor worker processes (default: CPU count)")
+    ] = None,
+    cache: Annotated[
+        bool, typer.Option("--cache/--no-cache", help="Reuse / store descriptors under $RCNN_CACHE_DIR")
+    ] = True,
+) -> None:
+    """Find query images that are (near-)duplicates of reference images: exact source-ID
+    matches and Euclidean nearest neighbours of 32×32 GIST descriptors (paper App. C)."""
+    from rcnn.data import AnnotationError
+    from rcnn.dedup import DEFAULT_THRESHOLD, SEARCH_METHODS, GistConfig, collect_images, find_duplicates
+    from rcnn.dedup.report import write_report
+
+    if search not in SEARCH_METHODS:
+        raise fail(f"--search must be one of {SEARCH_METHODS}, not {search!r}", 2)
+    if k < 1:
+        raise fail(f"--k must be ≥ 1, not {k}", 2)
+    t = DEFAULT_THRESHOLD if threshold is None else threshold
+    if t < 0:
+        raise fail(f"--threshold must be ≥ 0, not {t}", 2)
+    if size != 32 and threshold is None:
+        console.print(
+            f"[yellow]note:[/] the default threshold {t} was chosen for 32×32 grey GIST; pass --threshold for --size {size}"
+        )
+    try:
+        config = GistConfig(image_size=size, color=color)
+        q_items = collect_images(query, query_split, recursive)
+        r_items = collect_images(reference, reference_split, recursive)
+    except (FileNotFoundError, ValueError, AnnotationError) as e:
+        raise fail(str(e), 2) from None
+    if search != "exact":
+        try:
+            import faiss  # noqa: F401
+        except ImportError:
+            raise fail(
+                "faiss is not installed: pip install 'rcnn[faiss]' (or faiss-cpu), or use --search exact", 2
+            ) from None
+    console.print(
+        f"query: {len(q_items)} images from {query}; reference: {len(r_items)} images from {reference}"
+    )
+    res = find_duplicates(
+        q_items, r_items, t, config, k=k, method=search, use_ids=ids, workers=workers, cache=cache
+    )
+    paths = write_report(res, output)
+    for e in res.unreadable[:20]:
+        console.print(f"[yellow]skipped:[/] {e}", highlight=False, soft_wrap=True)
+    if len(res.unreadable) > 20:
+        console.print(f"[yellow]… and {len(res.unreadable) - 20} more unreadable files")
+    s = res.summary()
+    if ids:
+        console.print(
+            f"source-ID matches: {s['source_id_pairs']} pairs "
+            f"({s['query_images_with_source_id']} of {s['query_images']} query images carry a source ID)"
+        )
+    console.print(f"GIST matches (distance ≤ {t}): {s['gist_pairs']} pairs")
+    console.print(
+        f"[bold]{s['query_images_found']} of {s['query_images']} query images found in the reference "
+        f"({100 * s['fraction_of_query_found']:.2f}%)[/]; {s['pairs']} pairs"
+    )
+    console.print(f"wrote {paths['csv']}, {paths['json']}, {paths['html']}")
