@@ -1,0 +1,340 @@
+"""Top activations of pool5 units (paper §3.1, Figures 3 and 6).
+
+A *unit* is one cell of the pool5-like feature map: ``(channel, y, x)`` of the ``C × G × G``
+grid, flattened channel-major as :mod:`rcnn.backbones` does (``index = (c·G + y)·G + x``).
+Each unit is treated as an object detector: its activation is read for every proposal of
+a held-out split (streamed image by image from the feature cache, or computed and
+discarded), non-maximum suppression is applied *within each image* (paper §3.1), and the
+top regions are drawn as a grid with the unit's receptive field and activation value.
+
+The receptive field of a cell is computed from the network's own layers by autograd: a
+copy of the trunk with every activation replaced by the identity, max-pooling by average
+pooling, batch-norm and squeeze-excitation gates removed and all weights made positive
+is a linear map whose input gradient is non-zero exactly on the cell's (boundary-clipped)
+support.
+"""
+
+from __future__ import annotations
+
+import copy
+import heapq
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rcnn.boxes import nms
+from rcnn.data import ImageRecord, load_image
+
+UNIT_NMS_IOU = 0.3  # paper §3.1: NMS within each image (the detector's §2.2 threshold)
+TOP_K = 16  # paper Figure 3: top 16 activations per unit
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One pool5 cell: ``channel`` at grid position ``(y, x)`` of a ``grid × grid`` map."""
+
+    channel: int
+    y: int
+    x: int
+    grid: int = 6
+    note: str = ""  # why it was chosen, e.g. "RBC +" (largest positive SVM weight)
+
+    @property
+    def index(self) -> int:
+        return (self.channel * self.grid + self.y) * self.grid + self.x
+
+    @classmethod
+    def from_index(cls, index: int, grid: int = 6, note: str = "") -> Unit:
+        c, r = divmod(int(index), grid * grid)
+        return cls(c, r // grid, r % grid, grid, note)
+
+    def label(self) -> str:
+        # the paper labels units by their (y, x, channel) position
+        return f"({self.y}, {self.x}, {self.channel})" + (f" {self.note}" if self.note else "")
+
+
+def parse_units(spec: str, grid: int = 6) -> list[Unit]:
+    """``"y,x,c; y,x,c"`` (paper order) or flat indices ``"123 4567"`` → units."""
+    out = []
+    for part in [p for p in spec.replace(";", " ").split() if p]:
+        nums = [int(v) for v in part.split(",") if v.strip() != ""]
+        if len(nums) == 3:
+            y, x, c = nums
+            if not (0 <= y < grid and 0 <= x < grid and c >= 0):
+                raise ValueError(f"unit {part!r}: y and x must be in 0..{grid - 1}, channel >= 0")
+            out.append(Unit(c, y, x, grid))
+        elif len(nums) == 1:
+            out.append(Unit.from_index(nums[0], grid))
+        else:
+            raise ValueError(f"unit {part!r}: give 'y,x,channel' or a flat index")
+    if not out:
+        raise ValueError("no units given")
+    return out
+
+
+# ------------------------------------------------------------------ receptive field
+
+
+def _linearize(module: nn.Module) -> nn.Module:
+    """In place: activations → identity, max-pool → avg-pool, BN / SE → identity, weights ≥ 0, biases 0."""
+    for name, child in list(module.named_children()):
+        cname = type(child).__name__
+        if isinstance(child, nn.MaxPool2d):
+            setattr(module, name, nn.AvgPool2d(child.kernel_size, child.stride, child.padding, ceil_mode=child.ceil_mode))
+        elif isinstance(child, nn.BatchNorm2d | nn.Dropout | nn.ReLU | nn.ReLU6 | nn.SiLU | nn.GELU | nn.Hardswish
+                        | nn.Hardsigmoid | nn.Sigmoid | nn.LeakyReLU) or "SqueezeExcite" in cname or cname in ("SEModule",
+                                                                                                           "SqueezeExcitation"):
+            setattr(module, name, nn.Identity())
+        elif isinstance(child, nn.Conv2d | nn.Linear):
+            with torch.no_grad():
+                child.weight.abs_()
+                if child.weight.abs().sum() == 0:
+                    child.weight.fill_(1.0)
+                child.weight.add_(1e-3)  # no exact zeros inside the kernel: the support is the full kernel
+                if child.bias is not None:
+                    child.bias.zero_()
+        elif "BatchNormAct" in cname:  # timm fuses BN + activation in one module
+            setattr(module, name, nn.Identity())
+        else:
+            _linearize(child)
+    return module
+
+
+def _rf_trunk(backbone) -> nn.Module:
+    mods = getattr(backbone, "modules", None)
+    if backbone.name == "alexnet" or backbone.name.startswith("vgg"):
+        net = copy.deepcopy(mods.features)  # includes the max-pool that to_grid applies
+    else:
+        net = copy.deepcopy(backbone.trunk)
+    return _linearize(net).eval()
+
+
+def _compute_rf(backbone, grid: int) -> np.ndarray:
+    net = _rf_trunk(backbone).float()
+    s = backbone.input_size
+    x = torch.zeros(1, 3, s, s, requires_grad=True)
+    g = F.adaptive_avg_pool2d(net(x), grid)  # the same bins as pool5's adaptive max-pool
+
+    def support(y: int, xx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        (grad,) = torch.autograd.grad(g[0, :, y, xx].sum(), x, retain_graph=True)
+        sup = grad[0].abs().sum(0) > 0  # positive weights: no cancellation, support is exact
+        return torch.nonzero(sup.any(0)).flatten(), torch.nonzero(sup.any(1)).flatten()
+
+    # every layer widens the support per axis, so a cell's support is the product of its
+    # column extent (same for every row) and its row extent: 2G passes instead of G²
+    mid = grid // 2
+    cols = [support(mid, i)[0] for i in range(grid)]
+    rows = [support(i, mid)[1] for i in range(grid)]
+    out = np.zeros((grid, grid, 4), np.float32)
+    for y in range(grid):
+        for xx in range(grid):
+            out[y, xx] = (int(cols[xx].min()), int(rows[y].min()), int(cols[xx].max()) + 1, int(rows[y].max()) + 1)
+    return out
+
+
+_RF_CACHE: dict[tuple, np.ndarray] = {}
+
+
+def receptive_fields(backbone, grid: int | None = None) -> np.ndarray:
+    """``(G, G, 4)`` float32 xyxy pixel-edge box of each pool5 cell's receptive field in the
+    ``input_size``² network input (clipped at the borders, as the paper notes)."""
+    grid = grid or backbone.pool5_grid
+    key = (backbone.name, backbone.weights_hash, backbone.input_size, grid)
+    if key not in _RF_CACHE:
+        with torch.enable_grad():
+            _RF_CACHE[key] = _compute_rf(backbone, grid)
+    return _RF_CACHE[key].copy()
+
+
+def rf_in_crop(rf: np.ndarray, input_size: int, crop_size: int) -> np.ndarray:
+    """Scale a receptive-field box from the network input to a displayed crop."""
+    return np.asarray(rf, np.float32) * (crop_size / input_size)
+
+
+# ------------------------------------------------------------------ unit selection
+
+
+def auto_units(model, backbone, grid: int | None = None) -> list[Unit]:
+    """Paper Figure 3 rows 1–2: for each trained class, the unit with the largest positive
+    and the one with the largest negative SVM weight. Needs a pool5 model; for a model on
+    a conv net's channel-pooled layer (fc6/fc7 of SqueezeNet/EfficientNet: one value per
+    pool5 channel) the channel is chosen by its weight and shown at the central cell."""
+    grid = grid or backbone.pool5_grid
+    W = np.asarray(model.W, np.float32)
+    channels = backbone.dim("pool5", grid) // (grid * grid)
+    units: list[Unit] = []
+    for c, name in enumerate(model.classes):
+        if hasattr(model, "trained") and not model.trained[c]:
+            continue
+        w = W[:, c]
+        for sign, idx in (("+", int(np.argmax(w))), ("−", int(np.argmin(w)))):
+            if model.layer == "pool5" and W.shape[0] == channels * grid * grid:
+                u = Unit.from_index(idx, grid, f"{name} {sign}")
+            elif W.shape[0] == channels:
+                u = Unit(idx, grid // 2, grid // 2, grid, f"{name} {sign} ({model.layer} channel)")
+            else:
+                raise ValueError(f"--units auto needs a model on pool5 (or a channel-pooled layer); this model uses "
+                                 f"{model.layer} with {W.shape[0]} dimensions — pass --units y,x,channel instead")
+            if u not in units:
+                units.append(u)
+    return units
+
+
+# ------------------------------------------------------------------ streaming top activations
+
+
+@dataclass(order=True)
+class Hit:
+    """One top activation: ``score`` of a unit on region ``box`` (xyxy) of ``image_id``."""
+
+    score: float
+    image_id: str
+    box: tuple[float, float, float, float]
+
+
+def top_activations(
+    records: Iterable[ImageRecord],
+    features: Callable[[ImageRecord], tuple[np.ndarray, np.ndarray]],
+    units: Sequence[Unit],
+    k: int = TOP_K,
+    nms_iou: float = UNIT_NMS_IOU,
+    progress: Callable[[int], None] | None = None,
+) -> dict[Unit, list[Hit]]:
+    """The ``k`` highest activations of each unit over all regions of ``records``, after
+    NMS within each image. ``features(record) -> (boxes (N,4), pool5 feats (N,D))`` is
+    called once per image; only ``k`` hits per unit are held, so memory does not grow
+    with the dataset."""
+    heaps: dict[Unit, list[Hit]] = {u: [] for u in units}
+    cols = np.array([u.index for u in units], np.int64)
+    for i, r in enumerate(records):
+        boxes, feats = features(r)
+        if len(boxes) == 0:
+            continue
+        if feats.shape[1] <= cols.max():
+            raise ValueError(f"unit index {int(cols.max())} is outside the {feats.shape[1]}-dimensional pool5 features")
+        acts = np.asarray(feats[:, cols], np.float32)
+        for j, u in enumerate(units):
+            a = acts[:, j]
+            heap = heaps[u]
+            floor = heap[0].score if len(heap) >= k else -math.inf
+            cand = np.nonzero(a > floor)[0]
+            if len(cand) == 0:
+                continue
+            keep = cand[np.asarray(nms(boxes[cand], a[cand], nms_iou), np.int64)][:k]
+            for q in keep:
+                h = Hit(float(a[q]), r.image_id, tuple(float(v) for v in boxes[q]))
+                if len(heap) < k:
+                    heapq.heappush(heap, h)
+                elif h.score > heap[0].score:
+                    heapq.heapreplace(heap, h)
+        if progress:
+            progress(i)
+    return {u: sorted(h, key=lambda z: -z.score) for u, h in heaps.items()}
+
+
+def backbone_units_by_max(
+    records: Iterable[ImageRecord], features: Callable[[ImageRecord], tuple[np.ndarray, np.ndarray]],
+    grid: int, n: int = 6,
+) -> list[Unit]:
+    """``--units auto`` without a model: the ``n`` units (of distinct channels) whose
+    maximum activation over the split is largest (one streamed pass)."""
+    best: np.ndarray | None = None
+    for r in records:
+        _, feats = features(r)
+        if len(feats):
+            m = np.asarray(feats, np.float32).max(0)
+            best = m if best is None else np.maximum(best, m)
+    if best is None:
+        return []
+    out, seen = [], set()
+    for idx in np.argsort(-best):
+        u = Unit.from_index(int(idx), grid, "max activation")
+        if u.channel not in seen:
+            out.append(u)
+            seen.add(u.channel)
+        if len(out) == n:
+            break
+    return out
+
+
+# ------------------------------------------------------------------ drawing
+
+
+def unit_grid(
+    hits: Sequence[Hit],
+    records_by_id: dict[str, ImageRecord],
+    rf_box: np.ndarray,
+    input_size: int,
+    warp: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    tile: int = 96,
+    cols: int = 8,
+    title: str = "",
+) -> np.ndarray:
+    """A grid of the regions in ``hits``, each warped as the network saw it
+    (``warp(image, boxes) -> (N,S,S,3)``), with the receptive field ``rf_box`` (in the S² input)
+    drawn in white and the activation in its upper-left corner. Returns RGB uint8."""
+    from PIL import Image, ImageDraw
+
+    from rcnn.visualize import _font
+
+    n = max(len(hits), 1)
+    rows = math.ceil(n / cols)
+    head = 18 if title else 0
+    canvas = Image.new("RGB", (cols * tile, rows * tile + head), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    font = _font(11)
+    if title:
+        draw.text((4, 2), title, fill=(0, 0, 0), font=font)
+    cache: dict[str, np.ndarray] = {}
+    rf = rf_in_crop(rf_box, input_size, tile)
+    for i, h in enumerate(hits):
+        if h.image_id not in cache:
+            cache.clear()  # hits of one image are often adjacent; hold one image at a time
+            cache[h.image_id] = load_image(records_by_id[h.image_id].path)
+        crop = warp(cache[h.image_id], np.array([h.box], np.float32))[0]
+        im = Image.fromarray(crop).resize((tile, tile), Image.BILINEAR)
+        d = ImageDraw.Draw(im)
+        d.rectangle([rf[0], rf[1], rf[2] - 1, rf[3] - 1], outline=(255, 255, 255), width=2)
+        txt = f"{h.score:.1f}"
+        tb = d.textbbox((rf[0] + 2, rf[1] + 1), txt, font=font)
+        d.rectangle(tb, fill=(0, 0, 0))
+        d.text((rf[0] + 2, rf[1] + 1), txt, fill=(255, 255, 255), font=font)
+        canvas.paste(im, ((i % cols) * tile, head + (i // cols) * tile))
+    if not hits:
+        draw.text((4, head + 4), "no regions", fill=(0, 0, 0), font=font)
+    return np.asarray(canvas)
+
+
+def units_figure(grids: Sequence[tuple[str, np.ndarray]], path, title: str = "Top activations of pool5 units"):
+    """Stack per-unit grids (label, image) vertically into one PNG with matplotlib (title,
+    one labelled row per unit). Returns the path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(grids)
+    w = max(g.shape[1] for _, g in grids) if grids else 100
+    h = sum(g.shape[0] for _, g in grids) if grids else 100
+    fig, axes = plt.subplots(n or 1, 1, figsize=(w / 80, h / 80 + 0.5 * max(n, 1) + 0.6), squeeze=False)
+    for ax, (label, g) in zip(axes[:, 0], grids, strict=False):
+        ax.imshow(g)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(label, loc="left", fontsize=9)
+    from matplotlib.patches import Patch
+
+    axes[0, 0].legend(handles=[Patch(facecolor="none", edgecolor="0.4", label="receptive field (white)"),
+                               Patch(facecolor="black", label="activation value")],
+                      loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=2, fontsize=7, frameon=False)
+    axes[-1, 0].set_xlabel("regions in decreasing activation, NMS within each image", fontsize=8)
+    fig.suptitle(title + "\n(unit (y, x, channel); white box: receptive field; number: activation)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
