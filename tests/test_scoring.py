@@ -166,3 +166,10 @@ print((peak - base) * 1024)
     assert res.returncode == 0, res.stderr[-2000:]
     grown = int(res.stdout.split()[-1])
     assert grown < 50e6, f"peak memory grew by {grown / 1e6:.0f} MB (full matrix: 200 MB)"
+
+
+def test_nan_scores_are_refused_with_a_clear_error():
+    f, W, b = _data(C=5)
+    f[3, 0] = np.nan
+    with pytest.raises(ValueError, match="not finite"):
+        score_topk(f, W, b, k=10)

@@ -167,8 +167,6 @@ def score_topk(
     if N == 0 or C == 0 or kk == 0:
         return TopK(out_idx, out_sc)
     fT = f.T  # (D,N) view: BLAS reads it transposed, no copy
-    idx_t = torch.from_numpy(out_idx)
-    sc_t = torch.from_numpy(out_sc)
     buf = torch.empty((min(block_classes, C), N), dtype=torch.float32)
     for c0 in range(0, C, block_classes):
         c1 = min(C, c0 + block_classes)
@@ -178,29 +176,41 @@ def score_topk(
         s = buf[: c1 - c0]
         # (block,D) @ (D,N) + b: one BLAS call with the bias fused, written into a reused buffer
         torch.addmm(cw.b[c0:c1, None], Wb, fT, out=s)
+        # Per-class top-k in numpy, single-threaded on a zero-copy view (tiny multi-threaded torch
+        # ops each pay a thread-pool synchronisation, which dominates on a busy machine):
+        # np.partition finds each row's k-th largest score (introselect, ~2x faster than
+        # torch.topk here), the mask of scores >= it gives the survivors in ascending index
+        # order, and a stable sort by score orders them as (score desc, index asc).
+        s_np = s.numpy()
+        R = c1 - c0
         if kk < N:
-            v, i = torch.topk(s, kk, dim=1, largest=True, sorted=True)
-            # equal scores (e.g. duplicate regions) straddling the k-th place: topk picks any of
-            # them; redo those (rare) rows with a stable full sort so lower indices win
-            tied = torch.nonzero((s >= v[:, -1:]).sum(1) > kk).flatten()
+            kth = np.partition(s_np, N - kk, axis=1)[:, N - kk : N - kk + 1]
+            mask = s_np >= kth
+            cnt = np.count_nonzero(mask, axis=1)
+            if (cnt < kk).any():
+                raise ValueError(f"scores of classes {c0}..{c1 - 1} are NaN: the features or weights are not finite")
+            # equal scores straddling the k-th place (e.g. duplicate regions): those (rare) rows
+            # take a stable full sort so the lower region indices win
+            tied = np.nonzero(cnt > kk)[0]
             if len(tied):
-                vt, it = torch.sort(s[tied], dim=1, descending=True, stable=True)
-                v[tied], i[tied] = vt[:, :kk], it[:, :kk]
+                mask[tied] = False
+            i = np.empty((R, kk), np.int64)
+            ok = np.ones(R, bool)
+            ok[tied] = False
+            i[ok] = np.nonzero(mask)[1].reshape(-1, kk)
+            if len(tied):
+                i[tied] = np.argsort(-s_np[tied], axis=1, kind="stable")[:, :kk]
+            v = np.take_along_axis(s_np, i, 1)
+            order = np.argsort(-v, axis=1, kind="stable")
+            i, v = np.take_along_axis(i, order, 1), np.take_along_axis(v, order, 1)
         else:
-            v, i = torch.sort(s, dim=1, descending=True, stable=True)
-        if kk > 1 and bool((v[:, 1:] == v[:, :-1]).any()):
-            # ties inside the kept set: topk leaves their order unspecified; re-sort by
-            # (score desc, index asc) so results never depend on the block size or thread count
-            i, order = torch.sort(i, dim=1)
-            v = torch.gather(v, 1, order)
-            v, order = torch.sort(v, dim=1, descending=True, stable=True)
-            i = torch.gather(i, 1, order)
+            i = np.argsort(-s_np, axis=1, kind="stable")
+            v = np.take_along_axis(s_np, i, 1)
         if threshold is not None:
             keep = v >= threshold
-            v = torch.where(keep, v, torch.tensor(-np.inf, dtype=v.dtype))
-            i = torch.where(keep, i, torch.tensor(-1, dtype=i.dtype))
-        sc_t[c0:c1] = v
-        idx_t[c0:c1] = i
+            v, i = np.where(keep, v, np.float32(-np.inf)), np.where(keep, i, -1)
+        out_sc[c0:c1] = v
+        out_idx[c0:c1] = i
     return TopK(out_idx, out_sc)
 
 
