@@ -207,8 +207,10 @@ def default_ticks(nfp: int) -> list[int]:
     ticks = [start]
     while ticks[-1] * 2 <= nfp:
         ticks.append(ticks[-1] * 2)
-    if ticks[-1] != nfp:
+    if nfp >= 1.3 * ticks[-1]:
         ticks.append(nfp)
+    elif ticks[-1] != nfp and len(ticks) > 1:
+        ticks[-1] = nfp  # the last tick is always the total, not crowded next to a round one
     return ticks
 
 

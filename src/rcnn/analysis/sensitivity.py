@@ -275,9 +275,10 @@ def subsets_figure(result: SensitivityResult, path):
         ax.set_title(c)
         ax.set_xlabel("subset")
     axes[0][0].set_ylabel("normalized AP")
-    axes[0][0].legend(fontsize=7, loc="upper left")
     fig.suptitle(f"Normalized AP per subset — {result.model}")
     fig.tight_layout()
+    h, lab = axes[0][0].get_legend_handles_labels()
+    fig.legend(h, lab, loc="upper right", fontsize=7)
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path

@@ -21,6 +21,7 @@ import heapq
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -334,7 +335,73 @@ def units_figure(grids: Sequence[tuple[str, np.ndarray]], path, title: str = "To
                       loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=2, fontsize=7, frameon=False)
     axes[-1, 0].set_xlabel("regions in decreasing activation, NMS within each image", fontsize=8)
     fig.suptitle(title + "\n(unit (y, x, channel); white box: receptive field; number: activation)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=80, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+# ------------------------------------------------------------------ end to end
+
+
+def pool5_source(feature_config, proposal_config, dataset_root, cache: bool = False):
+    """``features(record) -> (boxes, pool5 feats)`` for ``feature_config`` with its layer set
+    to pool5. Reads the feature cache when the image's pool5 entry exists (or ``cache``
+    asks to fill it); otherwise computes the features and discards them, because pool5
+    of every proposal is large (SqueezeNet: 18432 values per region)."""
+    from dataclasses import replace
+
+    from rcnn.features import extract_features, feature_path, get_features
+    from rcnn.proposals import get_proposals
+
+    fc = replace(feature_config, layer="pool5")
+    bb = fc.backbone_obj()
+
+    def features(record: ImageRecord) -> tuple[np.ndarray, np.ndarray]:
+        if cache or feature_path(record, proposal_config, fc, dataset_root).is_file():
+            return get_features(record, proposal_config, fc, dataset_root)
+        boxes = np.asarray(get_proposals(record, proposal_config, dataset_root), np.float32).reshape(-1, 4)
+        if len(boxes) == 0:
+            return boxes, np.zeros((0, bb.dim("pool5", fc.grid)), np.float16)
+        feats = extract_features(load_image(record.path), boxes, bb, "pool5", fc.mode, fc.batch_size,
+                                 context_pad=fc.context_pad, method=fc.method, scales=fc.scales, grid=fc.grid, pool=fc.pool)
+        return boxes, np.asarray(feats, np.float16)
+
+    return fc, bb, features
+
+
+def cell_rf(backbone, feature_config, unit: Unit) -> np.ndarray:
+    """Receptive field of ``unit`` in the warped input: from the layers in warp mode; in
+    shared mode a pool5 cell is a RoI bin, so its bin of the box is shown."""
+    s = backbone.input_size
+    if feature_config.mode == "shared":
+        g = unit.grid
+        return np.array([unit.x * s / g, unit.y * s / g, (unit.x + 1) * s / g, (unit.y + 1) * s / g], np.float32)
+    return receptive_fields(backbone, unit.grid)[unit.y, unit.x]
+
+
+def render_units(
+    records: Sequence[ImageRecord],
+    features: Callable[[ImageRecord], tuple[np.ndarray, np.ndarray]],
+    units: Sequence[Unit],
+    backbone,
+    feature_config,
+    out_path,
+    k: int = TOP_K,
+    nms_iou: float = UNIT_NMS_IOU,
+    progress: Callable[[int], None] | None = None,
+    title: str = "Top activations of pool5 units",
+) -> tuple[Path, dict[Unit, list[Hit]]]:
+    """Top ``k`` regions of each unit over ``records`` drawn as one PNG figure (paper Figure 3)."""
+    from rcnn.features import warp_regions
+
+    top = top_activations(records, features, units, k, nms_iou, progress)
+    by_id = {r.image_id: r for r in records}
+    fc = feature_config
+
+    def warp(image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        return warp_regions(image, boxes, backbone.input_size, context_pad=fc.context_pad, method=fc.method,
+                            fill=backbone.mean_rgb(), interpolation=backbone.interpolation)
+
+    grids = [(u.label(), unit_grid(top[u], by_id, cell_rf(backbone, fc, u), backbone.input_size, warp, cols=min(k, 8)))
+             for u in units]
+    return Path(units_figure(grids, out_path, title)), top

@@ -1,0 +1,248 @@
+"""One self-contained HTML report of a detector on a dataset split: per-class AP table and
+PR curves, detections on the best and worst images, the false-positive analysis (paper
+Figure 4), the sensitivity analysis (Figure 5) and pool5 unit grids (Figures 3/6).
+
+``index.html`` references PNGs written beside it (relative paths, no network access).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from rcnn.analysis.fp import FP_TYPES, LOC, TP, FPAnalysis, analyze_false_positives, dap_figure, fp_figure
+from rcnn.analysis.sensitivity import SensitivityResult, sensitivity, sensitivity_figure, subsets_figure
+from rcnn.data import Dataset, ImageRecord, load_image
+from rcnn.evaluate import Detections, EvalResult, evaluate_detections
+
+
+def _mpl():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def pr_figure(result: EvalResult, path, title: str = "Precision–recall per class"):
+    """All classes' PR curves in one figure (AP in the legend)."""
+    plt = _mpl()
+    fig, ax = plt.subplots(figsize=(5.2, 4.2))
+    for c in result.classes:
+        if c.num_dets and not math.isnan(c.ap):
+            ax.plot(c.recall, c.precision, lw=1.6, label=f"{c.name} (AP {c.ap:.3f})")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_title(f"{title} — mAP {result.mean_ap:.3f} ({result.metric})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def best_threshold(fa: FPAnalysis) -> float:
+    """The score threshold maximising F1 over all classes' detections (for drawing)."""
+    s = np.concatenate([c.scores for c in fa.per_class]) if fa.per_class else np.zeros(0)
+    o = np.concatenate([c.outcome for c in fa.per_class]) if fa.per_class else np.zeros(0)
+    npos = sum(c.npos for c in fa.per_class)
+    if len(s) == 0 or npos == 0:
+        return math.inf
+    order = np.argsort(-s, kind="stable")
+    tp = np.cumsum(o[order] == TP)
+    fp = np.cumsum(o[order] >= LOC)
+    f1 = 2 * tp / np.maximum(tp + fp + npos, 1)
+    return float(s[order][int(np.argmax(f1))])
+
+
+@dataclass
+class ImageScore:
+    image_id: str
+    f1: float
+    tp: int
+    fp: int
+    missed: int
+
+
+def image_scores(fa: FPAnalysis, records: Sequence[ImageRecord], threshold: float) -> list[ImageScore]:
+    """Per-image F1 of the detections scoring >= ``threshold`` (best first)."""
+    tp: dict[str, int] = {}
+    fp: dict[str, int] = {}
+    for c in fa.per_class:
+        keep = c.scores >= threshold
+        for iid, o in zip(c.image_ids[keep], c.outcome[keep], strict=True):
+            if o == TP:
+                tp[str(iid)] = tp.get(str(iid), 0) + 1
+            elif o >= LOC:
+                fp[str(iid)] = fp.get(str(iid), 0) + 1
+    out = []
+    for r in records:
+        n = int((~r.difficult).sum())
+        t, f = tp.get(r.image_id, 0), fp.get(r.image_id, 0)
+        f1 = 2 * t / max(2 * t + f + (n - t), 1) if (n or f) else 1.0
+        out.append(ImageScore(r.image_id, f1, t, f, n - t))
+    return sorted(out, key=lambda x: (-x.f1, -x.tp, x.image_id))
+
+
+def draw_image(record: ImageRecord, dets: Detections, classes: Sequence[str], threshold: float, max_side: int = 480) -> np.ndarray:
+    """The image with ground truth (thin white) and detections >= ``threshold``, downsized."""
+    from PIL import Image, ImageDraw
+
+    from rcnn.visualize import draw_detections
+
+    img = load_image(record.path)
+    sel = (dets.image_ids == record.image_id) & (dets.scores >= threshold)
+    pil = Image.fromarray(img)
+    d = ImageDraw.Draw(pil)
+    for b in record.boxes:
+        d.rectangle([float(b[0]), float(b[1]), float(b[2]) - 1, float(b[3]) - 1], outline=(255, 255, 255), width=1)
+    out = draw_detections(np.asarray(pil), dets.boxes[sel], dets.labels[sel], dets.scores[sel], list(classes))
+    h, w = out.shape[:2]
+    scale = min(1.0, max_side / max(h, w))
+    if scale < 1:
+        out = np.asarray(Image.fromarray(out).resize((round(w * scale), round(h * scale)), Image.BILINEAR))
+    return out
+
+
+@dataclass
+class ReportInputs:
+    """What :func:`write_report` needs; ``compare`` adds other models to the sensitivity plot."""
+
+    name: str
+    dataset: Dataset
+    dets: Detections
+    metric: str = "voc07"
+    groups: dict[str, tuple[str, ...]] | None = None
+    compare: list[tuple[str, Detections]] = field(default_factory=list)
+    unit_grids: list[tuple[str, Path]] = field(default_factory=list)  # (caption, PNG already in out_dir)
+    notes: list[str] = field(default_factory=list)
+    samples: int = 4
+
+
+def _img(src: str, alt: str, width: int | None = None) -> str:
+    w = f' width="{width}"' if width else ""
+    return f'<img src="{html.escape(src)}" alt="{html.escape(alt)}"{w}>'
+
+
+def write_report(inp: ReportInputs, out_dir: str | Path) -> Path:
+    """Write ``index.html`` and its PNGs into ``out_dir``; returns the HTML path. Also writes
+    ``report.json`` with every number shown."""
+    from rcnn.visualize import save_png
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ds = inp.dataset
+    ev = evaluate_detections(ds, inp.dets, inp.metric)
+    fa = analyze_false_positives(ds.classes, ds.records, inp.dets, groups=inp.groups, metric=inp.metric)
+    sens = [sensitivity(ds.classes, ds.records, fa, model=inp.name)]
+    for name, d in inp.compare:
+        sens.append(sensitivity(ds.classes, ds.records, d, model=name))
+    pr_figure(ev, out / "pr.png")
+    fp_figure(fa, out / "fp_types.png")
+    dap_figure(fa, out / "dap.png")
+    sensitivity_figure(sens, out / "sensitivity.png")
+    if sens[0].characteristics:
+        subsets_figure(sens[0], out / "sensitivity_subsets.png")
+    thr = best_threshold(fa)
+    scores = image_scores(fa, ds.records, thr)
+    k = min(inp.samples, max(len(scores) // 2, 1)) if scores else 0
+    best, worst = scores[:k], scores[::-1][:k]
+    shots = []
+    for tag, group in (("best", best), ("worst", worst)):
+        for s in group:
+            rec = next(r for r in ds.records if r.image_id == s.image_id)
+            fn = f"det_{tag}_{len(shots)}.png"
+            save_png(out / fn, draw_image(rec, inp.dets, ds.classes, thr))
+            shots.append((tag, fn, s))
+    doc = _html(inp, ev, fa, sens, thr, shots, out)
+    path = out / "index.html"
+    path.write_text(doc, encoding="utf-8")
+    (out / "report.json").write_text(json.dumps({
+        "model": inp.name, "dataset": str(ds.root), "split": ds.split, "images": len(ds.records),
+        "evaluation": ev.as_dict(), "false_positives": fa.as_dict(), "sensitivity": [s.as_dict() for s in sens],
+        "draw_threshold": None if math.isinf(thr) else thr,
+    }, indent=1))
+    return path
+
+
+def _html(inp: ReportInputs, ev: EvalResult, fa: FPAnalysis, sens: list[SensitivityResult], thr: float, shots, out: Path) -> str:
+    ds = inp.dataset
+    e = html.escape
+    rows = "".join(
+        f"<tr><td>{e(c.name)}</td><td>{'—' if math.isnan(c.ap) else f'{c.ap:.3f}'}</td><td>{c.npos}</td><td>{c.num_dets}</td>"
+        + "".join(f"<td>{fa.per_class[i].counts()[t]}</td>" for t in FP_TYPES)
+        + "".join(f"<td>{100 * fa.per_class[i].dap[t]:+.1f}</td>" for t in FP_TYPES) + "</tr>"
+        for i, c in enumerate(ev.classes)
+    )
+    md = fa.mean_dap()
+    mean_row = (f"<tr class='tot'><td>mean</td><td>{ev.mean_ap:.3f}</td><td>{sum(c.npos for c in ev.classes)}</td>"
+                f"<td>{sum(c.num_dets for c in ev.classes)}</td>"
+                + "".join(f"<td>{sum(p.counts()[t] for p in fa.per_class)}</td>" for t in FP_TYPES)
+                + "".join(f"<td>{100 * md[t]:+.1f}</td>" for t in FP_TYPES) + "</tr>")
+    head = "".join(f"<th>{t}</th>" for t in FP_TYPES) + "".join(f"<th>dAP {t}</th>" for t in FP_TYPES)
+    s0 = sens[0]
+    srows = ""
+    for ch, sub in s0.characteristics.items():
+        vals = ", ".join(f"{e(k)} {v:.3f} (n={s0.counts[ch][k]})" for k, v in sub.items() if not math.isnan(v))
+        srows += f"<tr><td>{e(ch)}</td><td>{vals}</td></tr>"
+    det_html = ""
+    for tag in ("best", "worst"):
+        items = [
+            f"<figure>{_img(fn, f'{tag} image {s.image_id}')}<figcaption>{e(s.image_id)}: F1 {s.f1:.2f} "
+            f"({s.tp} TP, {s.fp} FP, {s.missed} missed)</figcaption></figure>"
+            for t, fn, s in shots if t == tag
+        ]
+        det_html += f"<h3>{tag.capitalize()} images</h3><div class='row'>{''.join(items)}</div>"
+    units = "".join(f"<figure>{_img(p.name, cap)}<figcaption>{e(cap)}</figcaption></figure>" for cap, p in inp.unit_grids)
+    if not units:
+        units = "<p>No unit grids in this report (pass a model or backbone and <code>--units</code>).</p>"
+    notes = "".join(f"<li>{e(n)}</li>" for n in inp.notes)
+    subsets = _img("sensitivity_subsets.png", "normalized AP per subset") if (out / "sensitivity_subsets.png").exists() else ""
+    thr_txt = "none" if math.isinf(thr) else f"{thr:.3f}"
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>R-CNN report: {e(inp.name)}</title>
+<style>
+body{{font-family:system-ui,sans-serif;margin:1.5em auto;max-width:1200px;color:#222;padding:0 1em}}
+table{{border-collapse:collapse;font-size:14px}} td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}
+td:first-child{{text-align:left}} tr.tot{{font-weight:bold;background:#f4f4f4}}
+.row{{display:flex;flex-wrap:wrap;gap:10px}} figure{{margin:0}} figcaption{{font-size:13px;color:#555}}
+img{{max-width:100%}} h2{{border-bottom:1px solid #ddd;padding-bottom:3px;margin-top:1.6em}}
+</style></head><body>
+<h1>R-CNN report: {e(inp.name)}</h1>
+<p>Dataset <code>{e(str(ds.root))}</code>, split <b>{e(str(ds.split or 'all'))}</b>: {len(ds.records)} images,
+{ds.num_objects} objects, classes {e(', '.join(ds.classes))}. Metric: {e(ev.metric)} AP at IoU {ev.iou_threshold}.</p>
+<ul>{notes}</ul>
+<h2>Average precision</h2>
+<p>Per class: AP, positives, detections, false positives by type (Hoiem et al.; paper §3.3) and dAP — the AP (points)
+gained when an oracle fixes every error of that type (TIDE-style).</p>
+<table><tr><th>class</th><th>AP</th><th>positives</th><th>detections</th>{head}</tr>{rows}{mean_row}</table>
+<p>{_img("pr.png", "precision-recall curves")}</p>
+<h2>Detections: best and worst images</h2>
+<p>Detections scoring &ge; {thr_txt} (the threshold maximising F1 over the split) in class colours; ground truth in thin white.</p>
+{det_html}
+<h2>False-positive analysis</h2>
+<p>Distribution of the top-ranked false positives (paper Figure 4): Loc = IoU in [0.1, 0.5) with an object of the class
+or a duplicate; Sim = confusion with a similar class (groups: {e(json.dumps({g: list(m) for g, m in fa.groups.items()}) or 'none')});
+Oth = confusion with another class; BG = background.</p>
+<p>{_img("fp_types.png", "false positive types")}</p>
+<p>{_img("dap.png", "dAP per error type")}</p>
+<h2>Sensitivity to object characteristics</h2>
+<p>Mean over classes of the normalized AP (N = {s0.normalized_count:g}, i.e. 0.15 &times; images) of the lowest and highest
+performing subset of each characteristic (paper Figure 5); dashed: overall normalized AP {s0.overall:.3f}.</p>
+<p>{_img("sensitivity.png", "sensitivity plot")}</p>
+<p>{subsets}</p>
+<table><tr><th>characteristic</th><th>normalized AP per subset ({e(s0.model)})</th></tr>{srows}</table>
+<h2>pool5 units</h2>
+<div class="row">{units}</div>
+</body></html>
+"""
