@@ -4,8 +4,10 @@
 
 For every (dataset, mode): the proposals are computed from scratch in a private cache
 (a temporary folder, removed afterwards) with ``--workers`` processes, each running
-OpenCV single-threaded. ``s_per_img_1core`` is the mean time of one image's selective
-search inside a worker (one core each); ``img_per_s`` is images / wall time of the whole
+OpenCV single-threaded. ``s_per_img_1core`` is the mean CPU time of one image's
+selective search inside a worker (single-threaded, so one core's time; CPU time rather
+than wall time because the shared 2-core machine is loaded by other jobs, see
+``loadavg``); ``img_per_s`` is images / wall time of the whole
 parallel run (including image decoding and cache writes); ``speedup`` = their product.
 The authors' own boxes for two VOC images are scored next to ours (``reference``).
 Writes ``bench/results/proposals.json`` and recall-vs-#proposals PNGs.
@@ -111,7 +113,8 @@ def main() -> int:
                 "recall@0.7": round(res.recall["0.7"], 4),
                 "mabo": round(res.mabo, 4),
                 "abo_objects": round(res.abo_objects, 4),
-                "s_per_img_1core": round(s.compute_seconds / max(s.computed, 1), 3),
+                "s_per_img_1core": round(s.compute_cpu_seconds / max(s.computed, 1), 3),
+                "s_per_img_wall_in_worker": round(s.compute_seconds / max(s.computed, 1), 3),
                 "img_per_s": round(s.computed / wall, 3),
                 "failed": len(s.failed),
                 "objects": res.objects,

@@ -302,17 +302,18 @@ def _compute_and_store(
     record: ImageRecord, config: ProposalConfig, path: Path, image_sha: str
 ) -> tuple[np.ndarray, float]:
     img = load_image(record.path)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     boxes = selective_search(img, config)
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     save_npz(
         path,
         boxes=boxes,
         image_sha256=np.array(image_sha),
         image_size=np.array([img.shape[1], img.shape[0]], dtype=np.int32),
         seconds=np.array(dt, dtype=np.float64),
+        cpu_seconds=np.array(cpu, dtype=np.float64),
     )
-    return boxes, dt
+    return boxes, dt, cpu
 
 
 def get_proposals(
@@ -350,7 +351,8 @@ class ProposalSummary:
     cached: int
     failed: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
-    compute_seconds: float = 0.0  # summed over workers (single-core seconds)
+    compute_seconds: float = 0.0  # selective search wall time summed over workers
+    compute_cpu_seconds: float = 0.0  # the same in CPU time (one OpenCV thread: = one-core time)
     mean_boxes: float = 0.0
     cache_dir: str = ""
     cache_mb: float = 0.0
@@ -372,18 +374,19 @@ def _init_worker() -> None:
     cv2.setUseOptimized(True)
 
 
-def _work(args: tuple[ImageRecord, ProposalConfig, str, str]) -> tuple[str, int, float, str | None]:
+def _work(args: tuple[ImageRecord, ProposalConfig, str, str]) -> tuple[str, int, float, float, str | None]:
     record, config, root, sha = args
     try:
-        boxes, dt = _compute_and_store(record, config, proposal_path(record, config, root), sha)
-        return record.image_id, len(boxes), dt, None
+        boxes, dt, cpu = _compute_and_store(record, config, proposal_path(record, config, root), sha)
+        return record.image_id, len(boxes), dt, cpu, None
     except ImageReadError as e:
-        return record.image_id, 0, 0.0, str(e)
+        return record.image_id, 0, 0.0, 0.0, str(e)
     except Exception as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         return (
             record.image_id,
             0,
+            0.0,
             0.0,
             f"{record.path}: proposal computation failed ({type(e).__name__}: {msg})",
         )
@@ -426,7 +429,7 @@ def propose_dataset(
             todo.append((r, config, root, sha))
 
     def _collect(result) -> None:
-        image_id, n, dt, err = result
+        image_id, n, dt, cpu, err = result
         if err:
             summary.failed.append((image_id, err))
             if progress:
@@ -436,6 +439,7 @@ def propose_dataset(
         else:
             summary.computed += 1
             summary.compute_seconds += dt
+            summary.compute_cpu_seconds += cpu
             n_boxes.append(n)
 
     if todo:
@@ -445,11 +449,15 @@ def propose_dataset(
             if bar:
                 bar.start()
             if workers == 1 or len(todo) == 1:
+                threads = cv2.getNumThreads()
                 _init_worker()
-                for item in todo:
-                    _collect(_work(item))
-                    if bar:
-                        bar.advance(task)
+                try:
+                    for item in todo:
+                        _collect(_work(item))
+                        if bar:
+                            bar.advance(task)
+                finally:
+                    cv2.setNumThreads(threads)  # leave the caller's OpenCV as it was
             else:
                 ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
                 with ctx.Pool(min(workers, len(todo)), initializer=_init_worker) as pool:
