@@ -312,29 +312,33 @@ def unit_grid(
 
 
 def units_figure(grids: Sequence[tuple[str, np.ndarray]], path, title: str = "Top activations of pool5 units"):
-    """Stack per-unit grids (label, image) vertically into one PNG with matplotlib (title,
-    one labelled row per unit). Returns the path."""
+    """Stack per-unit grids (from :func:`unit_grid`, each headed by its unit label) into
+    one PNG figure with a title, an axis caption and a legend. Returns the path."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    n = len(grids)
-    w = max(g.shape[1] for _, g in grids) if grids else 100
-    h = sum(g.shape[0] for _, g in grids) if grids else 100
-    fig, axes = plt.subplots(n or 1, 1, figsize=(w / 80, h / 80 + 0.5 * max(n, 1) + 0.6), squeeze=False)
-    for ax, (label, g) in zip(axes[:, 0], grids, strict=False):
-        ax.imshow(g)
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_title(label, loc="left", fontsize=9)
     from matplotlib.patches import Patch
 
-    axes[0, 0].legend(handles=[Patch(facecolor="none", edgecolor="0.4", label="receptive field (white)"),
-                               Patch(facecolor="black", label="activation value")],
-                      loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=2, fontsize=7, frameon=False)
-    axes[-1, 0].set_xlabel("regions in decreasing activation, NMS within each image", fontsize=8)
-    fig.suptitle(title + "\n(unit (y, x, channel); white box: receptive field; number: activation)", fontsize=10)
+    imgs = [g for _, g in grids] or [np.full((40, 200, 3), 255, np.uint8)]
+    w = max(g.shape[1] for g in imgs)
+    gap = np.full((8, w, 3), 255, np.uint8)
+    parts = []
+    for g in imgs:
+        if g.shape[1] < w:
+            g = np.concatenate([g, np.full((g.shape[0], w - g.shape[1], 3), 255, np.uint8)], 1)
+        parts += [g, gap]
+    stack = np.concatenate(parts[:-1], 0)
+    h = stack.shape[0]
+    fig, ax = plt.subplots(figsize=(max(w / 80, 6.0), h / 80 + 1.0))
+    ax.imshow(stack)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title + "\nunits labelled (y, x, channel)", fontsize=10)
+    ax.set_xlabel("regions in decreasing activation (left to right, top to bottom), NMS within each image", fontsize=8)
+    ax.legend(handles=[Patch(facecolor="none", edgecolor="0.4", label="receptive field (white box)"),
+                       Patch(facecolor="black", label="activation value")],
+              loc="upper center", bbox_to_anchor=(0.5, -0.06), ncol=2, fontsize=8, frameon=False)
     fig.savefig(path, dpi=80, bbox_inches="tight")
     plt.close(fig)
     return path
@@ -402,6 +406,7 @@ def render_units(
         return warp_regions(image, boxes, backbone.input_size, context_pad=fc.context_pad, method=fc.method,
                             fill=backbone.mean_rgb(), interpolation=backbone.interpolation)
 
-    grids = [(u.label(), unit_grid(top[u], by_id, cell_rf(backbone, fc, u), backbone.input_size, warp, cols=min(k, 8)))
+    grids = [(u.label(), unit_grid(top[u], by_id, cell_rf(backbone, fc, u), backbone.input_size, warp, cols=min(k, 8),
+                                   title=u.label()))
              for u in units]
     return Path(units_figure(grids, out_path, title)), top
