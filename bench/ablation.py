@@ -1,0 +1,267 @@
+"""The paper's comparison table (Table 2 rows) on BCCD: train on trainval, test on test.
+
+    python bench/ablation.py prepare --worker 0 --workers 2   # fill proposal/feature caches (resumable)
+    python bench/ablation.py run                              # train + evaluate every row whose caches exist
+    python bench/ablation.py table                            # print the markdown table
+
+Everything is cached (proposals, features, finished rows in ``bench/results/ablation.json``),
+so any stage can be killed and re-run: it resumes. Rows:
+
+* ``full``: SqueezeNet 1.1, shared mode, fc6-/fc7-like taps, all 292 trainval → all 72 test images
+  (the main row; shared mode is the only one affordable on all of BCCD on 2 shared cores);
+* ``subset``: a documented fixed subset (``SUBSET_TRAIN``/``SUBSET_TEST`` below) for the rows that
+  are too slow for all of BCCD here: every backbone × pool5/fc6/fc7 × warp/shared, the HOG
+  baseline (skimage ``hog`` on the warped region, standing in for DPM HOG) and the grayscale row
+  (fc6, paper §3.2); shared mode is re-run on the subset for a like-for-like comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from rcnn.cache import cache_dir, save_json, settings_hash
+from rcnn.data import load_dataset, load_image
+from rcnn.detect import (
+    CNNFeatures,
+    DetectStats,
+    HOGFeatures,
+    detect_dataset,
+    evaluate_model,
+    fill_layers,
+    fit,
+)
+from rcnn.features import FeatureConfig
+from rcnn.proposals import ProposalConfig
+from rcnn.svm import SVMConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "BCCD"
+OUT = ROOT / "bench" / "results" / "ablation.json"
+
+#: Proposals for BCCD: R-CNN fast mode's k in {50, 100} on the image resized to 320 px wide with
+#: boxes down to 10 px there (20 px in the original) — blood cells are small and alike, so the
+#: coarser segmentation scale keeps recall (0.95 on a 6-image check) at ~1150 boxes/image and
+#: 0.45 s/image; k in {25, 50, 100} gave 0.99 with 2750 boxes (2.4x the feature cost).
+PROPOSALS = ProposalConfig(ks=(50, 100), resize_width=320, min_size=10)
+BACKBONES = ("squeezenet1_1", "efficientnet_lite0")
+LAYERS = ("pool5", "fc6", "fc7")
+N_SUBSET = 6
+
+
+def subsets(trainval, test):
+    """The fixed subset: every 48th trainval image and every 12th test image (6 + 6), in id order."""
+    return trainval.records[::48][:N_SUBSET], test.records[::12][:N_SUBSET]
+
+
+def gray_root() -> Path:
+    """A grayscale copy of BCCD in the user cache (never in the repo): JPEGs converted to gray,
+    annotations and split files linked. Paper §3.2 trains and tests on grayscale images."""
+    return cache_dir() / "datasets" / "BCCD-gray"
+
+
+def make_gray(records) -> Path:
+    import cv2
+
+    root = gray_root()
+    (root / "JPEGImages").mkdir(parents=True, exist_ok=True)
+    for sub in ("Annotations", "ImageSets"):
+        link = root / sub
+        if not link.exists():
+            link.symlink_to(DATA / sub)
+    for r in records:
+        dst = root / "JPEGImages" / Path(r.path).name
+        if not dst.exists():
+            g = cv2.cvtColor(load_image(r.path), cv2.COLOR_RGB2GRAY)
+            tmp = dst.with_suffix(".tmp.png")
+            cv2.imwrite(str(tmp), g)
+            # keep the .jpg name the annotations point to; PNG bytes are read by PIL whatever the suffix
+            tmp.replace(dst)
+    return root
+
+
+def row_specs() -> list[dict]:
+    rows = []
+    for layer in ("fc7", "fc6"):
+        rows.append({"name": f"squeezenet1_1 {layer} shared (all)", "set": "full", "backbone": "squeezenet1_1", "layer": layer,
+                     "mode": "shared"})
+    for bb in BACKBONES:
+        for mode in ("shared", "warp"):
+            for layer in LAYERS:
+                rows.append({"name": f"{bb} {layer} {mode} (subset)", "set": "subset", "backbone": bb, "layer": layer, "mode": mode})
+    rows.append({"name": "HOG (subset)", "set": "subset", "backbone": "hog", "layer": "hog", "mode": "warp"})
+    rows.append({"name": "squeezenet1_1 fc6 shared grayscale (subset)", "set": "subset", "backbone": "squeezenet1_1",
+                 "layer": "fc6", "mode": "shared", "gray": True})
+    return rows
+
+
+def source_for(row: dict, root: Path):
+    if row["backbone"] == "hog":
+        return HOGFeatures(PROPOSALS, root)
+    return CNNFeatures(PROPOSALS, FeatureConfig(backbone=row["backbone"], layer=row["layer"], mode=row["mode"]), root)
+
+
+def prepare(worker: int, workers: int, what: str) -> None:
+    """Fill the caches. ``what``: ``full`` (main row, fc6+fc7 in one pass), ``subset-<backbone>-<mode>``
+    (pool5+fc6+fc7 in one pass), ``hog``, ``gray``."""
+    tv, te = load_dataset(DATA, "trainval"), load_dataset(DATA, "test")
+    s_tr, s_te = subsets(tv, te)
+    t0 = time.time()
+    if what == "full":
+        subset_ids = {r.image_id for r in s_tr + s_te}
+        recs = s_tr + s_te + [r for r in te.records + tv.records if r.image_id not in subset_ids]
+        jobs = [(r, FeatureConfig(backbone="squeezenet1_1", mode="shared"), ["fc6", "fc7"]) for r in recs]
+    elif what.startswith("subset-"):
+        _, bb, mode = what.split("-", 2)
+        jobs = [(r, FeatureConfig(backbone=bb, mode=mode), list(LAYERS)) for r in s_tr + s_te]
+    elif what == "hog":
+        src = HOGFeatures(PROPOSALS, DATA)
+        for i, r in enumerate((s_tr + s_te)[worker::workers]):
+            src.regions(r)
+            src.gt_features(r)
+            print(f"hog {i} {r.image_id} {time.time() - t0:.0f}s", flush=True)
+        return
+    elif what == "gray":
+        groot = make_gray(s_tr + s_te)
+        gtv, gte = load_dataset(groot, "trainval"), load_dataset(groot, "test")
+        g_tr, g_te = subsets(gtv, gte)
+        for i, r in enumerate((g_tr + g_te)[worker::workers]):
+            fill_layers(r, PROPOSALS, FeatureConfig(backbone="squeezenet1_1", mode="shared"), ["fc6"], groot)
+            print(f"gray {i} {r.image_id} {time.time() - t0:.0f}s", flush=True)
+        return
+    else:
+        raise SystemExit(f"unknown prepare target {what!r}")
+    for i, (r, fc, layers) in enumerate(jobs[worker::workers]):
+        n = fill_layers(r, PROPOSALS, fc, layers, DATA)
+        print(f"{what} {i}/{len(jobs[worker::workers])} {r.image_id} computed {n} {time.time() - t0:.0f}s", flush=True)
+
+
+def load_results() -> dict:
+    if OUT.exists():
+        return json.loads(OUT.read_text())
+    return {"rows": {}}
+
+
+def run_row(row: dict, svm: SVMConfig) -> dict:
+    root = DATA
+    if row.get("gray"):
+        root = gray_root()
+    tv, te = load_dataset(root, "trainval"), load_dataset(root, "test")
+    if row["set"] == "subset":
+        tr_recs, te_recs = subsets(tv, te)
+    else:
+        tr_recs, te_recs = tv.records, te.records
+    src = source_for(row, root)
+    t0 = time.time()
+    model, res = fit(tv, src, svm, records=tr_recs)
+    train_min = (time.time() - t0) / 60
+    stats = DetectStats()
+    te.records = list(te_recs)
+    dets = detect_dataset(model, te, src, stats=stats)
+    result, warns = evaluate_model(model, te, dets, "voc07")
+    result10, _ = evaluate_model(model, te, dets, "voc2010")
+    return {
+        **row, "train_images": len(tr_recs), "test_images": len(te_recs),
+        "ap": {c.name: (None if math.isnan(c.ap) else round(c.ap, 4)) for c in result.classes},
+        "mAP": round(result.mean_ap, 4), "mAP_voc2010": round(result10.mean_ap, 4),
+        "train_minutes_from_cache": round(train_min, 2),
+        "test_seconds_per_image_from_cache": round(stats.seconds_per_image, 3),
+        "feature_cache_mb": round(src.cache_mb(), 1),
+        "num_pos": res.num_pos, "objective_last": [h[-1]["objective"] if h else None for h in res.history],
+        "retrains": [len(h) for h in res.history], "final_negatives": [h[-1]["num_neg_after_evict"] if h else 0 for h in res.history],
+        "warnings": res.warnings + warns, "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+    }
+
+
+def ready(row: dict) -> bool:
+    """Whether every cache the row needs exists (so ``run`` never triggers hours of extraction)."""
+    from rcnn.cache import file_sha256
+    from rcnn.features import _load, feature_path
+
+    root = gray_root() if row.get("gray") else DATA
+    if row.get("gray") and not root.exists():
+        return False
+    tv, te = load_dataset(root, "trainval"), load_dataset(root, "test")
+    recs = subsets(tv, te)[0] + subsets(tv, te)[1] if row["set"] == "subset" else tv.records + te.records
+    if row["backbone"] == "hog":
+        src = HOGFeatures(PROPOSALS, root)
+        from rcnn.detect import _gt_cache_path
+
+        return all(_gt_cache_path("hog_features", src.key, root, r).exists() for r in recs)
+    fc = FeatureConfig(backbone=row["backbone"], layer=row["layer"], mode=row["mode"], with_gt=True)
+    return all(_load(feature_path(r, PROPOSALS, fc, root), file_sha256(r.path)) is not None for r in recs)
+
+
+def run(names: list[str] | None, force: bool) -> None:
+    svm = SVMConfig()
+    results = load_results()
+    results["proposals"] = asdict(PROPOSALS)
+    results["svm"] = svm.key()
+    for row in row_specs():
+        if names and not any(n in row["name"] for n in names):
+            continue
+        key = settings_hash(row, asdict(PROPOSALS), svm.key())
+        done = results["rows"].get(row["name"])
+        if done and done.get("key") == key and not force:
+            continue
+        if not ready(row):
+            print(f"skip (caches not ready): {row['name']}", flush=True)
+            continue
+        print(f"running: {row['name']}", flush=True)
+        out = run_row(row, svm)
+        out["key"] = key
+        results["rows"][row["name"]] = out
+        save_json(OUT, results)
+        print(f"  mAP {out['mAP']:.4f} {out['ap']} train {out['train_minutes_from_cache']} min", flush=True)
+
+
+def table() -> str:
+    res = load_results()["rows"]
+    classes = ["RBC", "WBC", "Platelets"]
+    lines = ["| row | images train/test | " + " | ".join(classes) + " | mAP (VOC07) | train min | test s/img | cache MB |",
+             "|---|---|" + "---|" * len(classes) + "---|---|---|---|"]
+    for row in row_specs():
+        r = res.get(row["name"])
+        if not r:
+            continue
+        aps = " | ".join("–" if r["ap"].get(c) is None else f"{r['ap'][c]:.3f}" for c in classes)
+        lines.append(f"| {row['name']} | {r['train_images']}/{r['test_images']} | {aps} | **{r['mAP']:.3f}** | "
+                     f"{r['train_minutes_from_cache']:.1f} | {r['test_seconds_per_image_from_cache']:.2f} | {r['feature_cache_mb']:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.WARNING)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("prepare")
+    p.add_argument("what", help="full | subset-<backbone>-<shared|warp> | hog | gray")
+    p.add_argument("--worker", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1)
+    r = sub.add_parser("run")
+    r.add_argument("--rows", nargs="*", help="substrings of row names to run (default: all ready rows)")
+    r.add_argument("--force", action="store_true")
+    sub.add_parser("table")
+    a = ap.parse_args(argv)
+    if a.cmd == "prepare":
+        from rcnn.backbones import set_threads
+
+        set_threads(a.threads)
+        prepare(a.worker, a.workers, a.what)
+    elif a.cmd == "run":
+        run(a.rows, a.force)
+    else:
+        print(table())
+    sys.stdout.flush()
+
+
+
+if __name__ == "__main__":
+    main()

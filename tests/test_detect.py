@@ -1,0 +1,186 @@
+"""Model file, post-processing, dataset detection and evaluation (synthetic features, real HOG)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rcnn.boxes import box_iou
+from rcnn.data import Dataset
+from rcnn.detect import (
+    FORMAT_VERSION,
+    DetectStats,
+    ModelError,
+    RCNNModel,
+    check_backbone,
+    detect_dataset,
+    evaluate_model,
+    fit,
+    hog_features,
+    postprocess,
+    save_pr_curves,
+)
+from rcnn.svm import SVMConfig
+
+sys.path.insert(0, str(Path(__file__).parent))
+from synthetic_regions import CLASSES, SyntheticSource, synthetic_records
+
+
+def _model(C=3, D=8, trained=None):
+    rng = np.random.default_rng(0)
+    return RCNNModel(classes=CLASSES[:C], W=rng.normal(size=(D, C)).astype(np.float32), b=np.arange(C, dtype=np.float32),
+                     trained=np.ones(C, bool) if trained is None else np.asarray(trained), feature_scale=0.5,
+                     backbone="squeezenet1_1", weights_hash="ab" * 32, layer="fc7", mode="shared",
+                     feature_options={"backbone": "squeezenet1_1", "layer": "fc7", "mode": "shared"},
+                     proposal_options={"mode": "rcnn-fast", "ks": [50, 100]}, training={"split": "trainval"})
+
+
+def test_model_roundtrip_and_scoring(tmp_path):
+    m = _model()
+    p = m.save(tmp_path / "m.rcnn")
+    m2 = RCNNModel.load(p)
+    np.testing.assert_array_equal(m2.W, m.W)
+    np.testing.assert_array_equal(m2.b, m.b)
+    assert m2.classes == m.classes and m2.feature_scale == 0.5 and m2.nms_iou == 0.3
+    assert m2.proposal_config().ks == (50, 100)
+    f = np.random.default_rng(1).normal(size=(5, 8)).astype(np.float16)
+    np.testing.assert_allclose(m2.score(f), (f.astype(np.float32) * 0.5) @ m.W + m.b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ModelError, match="expects"):
+        m2.score(np.zeros((2, 7), np.float32))
+
+
+def test_model_load_rejects_bad_files(tmp_path):
+    from safetensors.numpy import save_file
+
+    junk = tmp_path / "junk.rcnn"
+    junk.write_bytes(b"not a model at all")
+    with pytest.raises(ModelError, match="not an rcnn model file"):
+        RCNNModel.load(junk)
+    with pytest.raises(ModelError, match="no such model file"):
+        RCNNModel.load(tmp_path / "missing.rcnn")
+    plain = tmp_path / "plain.rcnn"
+    save_file({"W": np.zeros((2, 2), np.float32)}, str(plain))
+    with pytest.raises(ModelError, match="without rcnn model metadata"):
+        RCNNModel.load(plain)
+    m = _model()
+    m.format_version = FORMAT_VERSION + 1
+    m.save(tmp_path / "future.rcnn")
+    with pytest.raises(ModelError, match="format version"):
+        RCNNModel.load(tmp_path / "future.rcnn")
+
+
+def test_check_backbone_hash_mismatch():
+    class BB:
+        name = "squeezenet1_1"
+        weights_hash = "cd" * 32
+
+    with pytest.raises(ModelError, match="weights"):
+        check_backbone(_model(), BB())
+    BB.weights_hash = "ab" * 32
+    check_backbone(_model(), BB())
+    BB.name = "efficientnet_lite0"
+    with pytest.raises(ModelError, match="trained on backbone"):
+        check_backbone(_model(), BB())
+
+
+def test_postprocess_nms_per_class_threshold_and_caps():
+    boxes = np.array([[0, 0, 10, 10], [1, 0, 11, 10], [50, 50, 60, 60], [0, 0, 10, 10]], np.float32)
+    scores = np.array([[0.9, 0.1], [0.8, 0.7], [0.5, -2.0], [0.2, 0.95]], np.float32)
+    b, s, lab = postprocess(boxes, scores)
+    # class 0: box0 suppresses box1 (IoU 0.82) and box3 (identical); box2 kept. class 1: box3, box0 suppressed, box2 kept
+    got = sorted(zip(lab.tolist(), s.tolist(), strict=True))
+    assert [g[0] for g in got] == [0, 0, 1, 1]
+    assert [g[1] for g in got] == pytest.approx([0.5, 0.9, -2.0, 0.95])
+    assert (np.diff(s) <= 0).all()
+    b, s, lab = postprocess(boxes, scores, threshold=0.0)
+    assert (s > 0).all() and len(s) == 3
+    b, s, lab = postprocess(boxes, scores, top_k=2)
+    assert s.tolist() == pytest.approx([0.95, 0.9])
+    b, s, lab = postprocess(boxes, scores, max_per_class=1)
+    assert sorted(lab.tolist()) == [0, 1]
+    b, s, lab = postprocess(boxes, scores, active=np.array([False, True]))
+    assert set(lab.tolist()) == {1}
+    b, s, lab = postprocess(np.zeros((0, 4)), np.zeros((0, 2)))
+    assert b.shape == (0, 4) and s.shape == (0,)
+    # degenerate boxes never become detections
+    b, s, lab = postprocess(np.array([[5, 5, 5, 9]], np.float32), np.array([[3.0, 3.0]]))
+    assert len(s) == 0
+
+
+def _synthetic_dataset(n, start):
+    return Dataset(Path("/nonexistent"), "x", list(CLASSES), synthetic_records(n, start))
+
+
+def test_fit_detect_evaluate_end_to_end(tmp_path):
+    src = SyntheticSource()
+    train = _synthetic_dataset(30, 0)
+    model, res = fit(train, src, SVMConfig(retrain_limit=200, stats_images=10))
+    assert model.trained.tolist() == [True, True, False]
+    assert model.training["images"] == 30 and "absent" in " ".join(model.training["warnings"])
+    p = model.save(tmp_path / "synthetic.rcnn")
+    model = RCNNModel.load(p)
+    test = _synthetic_dataset(12, 1000)
+    stats = DetectStats()
+    dets = detect_dataset(model, test, src, stats=stats)
+    assert stats.images == 12 and len(dets) > 0
+    assert 2 not in set(dets.labels.tolist())  # the untrained class is never detected
+    result, warns = evaluate_model(model, test, dets)
+    aps = {c.name: c.ap for c in result.classes}
+    assert aps["cell"] > 0.8 and aps["blob"] > 0.8
+    assert math.isnan(aps["absent"]) and any("absent" in w for w in warns)
+    paths = save_pr_curves(result, tmp_path / "pr")
+    assert [q.name for q in paths] == ["pr_cell.png", "pr_blob.png"]
+    # a model whose weights are random does much worse: the test can fail
+    bad = RCNNModel(**{**model.__dict__, "W": np.random.default_rng(0).normal(size=model.W.shape).astype(np.float32)})
+    r_bad, _ = evaluate_model(bad, test, detect_dataset(bad, test, src))
+    assert r_bad.mean_ap < result.mean_ap - 0.3
+
+
+def test_evaluate_class_missing_from_model():
+    src = SyntheticSource()
+    m = _model(C=3, D=24)
+    test = _synthetic_dataset(4, 2000)
+    test.classes = ["cell", "blob", "absent", "extra"]
+    dets = detect_dataset(m, test, src)
+    result, warns = evaluate_model(m, test, dets)
+    assert math.isnan(result.classes[3].ap)
+    assert any("'extra' is not in the model" in w for w in warns)
+
+
+def test_empty_proposals_image_gives_no_detections():
+    class NoBoxes(SyntheticSource):
+        def regions(self, record):
+            return np.zeros((0, 4), np.float32), np.zeros((0, 24), np.float16)
+
+    m = _model(C=3, D=24)
+    stats = DetectStats()
+    dets = detect_dataset(m, _synthetic_dataset(3, 0), NoBoxes(), stats=stats)
+    assert len(dets) == 0 and len(stats.no_proposals) == 3
+
+
+def test_hog_features_shape_and_localisation():
+    img = np.zeros((100, 120, 3), np.uint8)
+    img[20:60, 30:70] = 255  # a bright square
+    boxes = np.array([[30, 20, 70, 60], [25, 15, 75, 65], [80, 70, 110, 95]], np.float32)
+    f = hog_features(img, boxes)
+    assert f.shape == (3, 7 * 7 * 4 * 9) and f.dtype == np.float32
+    assert np.linalg.norm(f[0] - f[1]) < np.linalg.norm(f[0] - f[2])
+    assert np.abs(f[2]).sum() == 0  # a flat region has no gradients
+    assert hog_features(img, np.zeros((0, 4))).shape == (0, 1764)
+
+
+def test_model_metadata_is_json(tmp_path):
+    from safetensors import safe_open
+
+    p = _model().save(tmp_path / "m.rcnn")
+    with safe_open(str(p), framework="numpy") as f:
+        meta = json.loads(f.metadata()["rcnn"])
+    for k in ("format_version", "classes", "backbone", "weights_hash", "layer", "mode", "feature_scale", "proposal_options",
+              "nms_iou", "training"):
+        assert k in meta
+    assert box_iou is not None
