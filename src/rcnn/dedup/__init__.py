@@ -6,7 +6,14 @@ source-ID and GIST matching; ``report``: CSV / JSON / HTML reports.
 """
 
 from rcnn.dedup.gist import GistConfig, gist, gist_batch, gist_of_files, load_warped, warp_image
-from rcnn.dedup.index import SEARCH_METHODS, ImageItem, collect_images, compute_descriptors, nearest_neighbors
+from rcnn.dedup.index import (
+    SEARCH_METHODS,
+    ImageItem,
+    NNIndex,
+    collect_images,
+    compute_descriptors,
+    nearest_neighbors,
+)
 from rcnn.dedup.match import (
     DEFAULT_THRESHOLD,
     DedupResult,
@@ -22,6 +29,7 @@ __all__ = [
     "DedupResult",
     "GistConfig",
     "ImageItem",
+    "NNIndex",
     "Pair",
     "collect_images",
     "compute_descriptors",

@@ -31,6 +31,7 @@ from rcnn.dedup.gist import GistConfig, gist_of_files
 __all__ = [
     "SEARCH_METHODS",
     "ImageItem",
+    "NNIndex",
     "collect_images",
     "compute_descriptors",
     "nearest_neighbors",
@@ -235,6 +236,78 @@ def _exact_knn(
     return dist, idx
 
 
+class NNIndex:
+    """A searchable reference collection (built once, searched many times).
+
+    ``references`` ``(R, D)`` float32; NaN rows (unreadable images) are left out and never
+    returned. ``method``: ``"exact"`` (blocked matrix products, memory ``q_block × r_block``
+    floats), ``"faiss-flat"`` (exact, faiss), ``"faiss-ivf"`` (approximate: an inverted file
+    of ``nlist`` ≈ √R k-means cells trained on a sample, ``nprobe`` cells visited per query).
+    """
+
+    def __init__(
+        self,
+        references: np.ndarray,
+        method: str = "exact",
+        q_block: int = 4096,
+        r_block: int = 16384,
+        nlist: int | None = None,
+        nprobe: int = 16,
+    ) -> None:
+        if method not in SEARCH_METHODS:
+            raise ValueError(f"search method must be one of {SEARCH_METHODS}, not {method!r}")
+        r = np.asarray(references, np.float32)
+        if r.ndim != 2:
+            raise ValueError(f"references must be (N, D), not {r.shape}")
+        self.method, self.dim, self.q_block, self.r_block = method, r.shape[1], q_block, r_block
+        self.r_ok = np.flatnonzero(np.isfinite(r).all(1))
+        self.refs = np.ascontiguousarray(r[self.r_ok] if len(self.r_ok) < len(r) else r)
+        self.index = None
+        if method != "exact" and len(self.refs):
+            faiss = _faiss()
+            if method == "faiss-flat":
+                self.index = faiss.IndexFlatL2(self.dim)
+            else:
+                n = len(self.refs)
+                # √R cells, ≥ 39 training points per cell (faiss' own minimum), ≤ 64 used
+                cells = nlist or max(1, min(n // 39, int(math.sqrt(n))))
+                self.index = faiss.IndexIVFFlat(faiss.IndexFlatL2(self.dim), self.dim, cells)
+                rng = np.random.default_rng(0)
+                sample = self.refs[np.sort(rng.choice(n, min(n, 64 * cells), replace=False))]
+                self.index.train(sample)
+                self.index.nprobe = min(nprobe, cells)
+            self.index.add(self.refs)
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """``(dist (Q, k) float32, idx (Q, k) int64)``: Euclidean distances sorted ascending and
+        row indices into the original ``references``; ``inf`` / ``-1`` where there is no
+        neighbour (NaN query, or fewer than ``k`` references)."""
+        q = np.asarray(queries, np.float32)
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise ValueError(f"queries {q.shape} must be (N, {self.dim})")
+        nq = len(q)
+        dist = np.full((nq, k), np.inf, np.float32)
+        idx = np.full((nq, k), -1, np.int64)
+        q_ok = np.flatnonzero(np.isfinite(q).all(1))
+        if len(q_ok) == 0 or len(self.refs) == 0:
+            return dist, idx
+        qv = np.ascontiguousarray(q[q_ok] if len(q_ok) < nq else q)
+        kk = min(k, len(self.refs))
+        if self.index is None:
+            d, i = _exact_knn(qv, self.refs, kk, self.q_block, self.r_block)
+        else:
+            d2, i = self.index.search(qv, kk)
+            d = np.sqrt(np.maximum(d2, 0)).astype(np.float32)
+            d[i < 0] = np.inf
+        i = np.where(i >= 0, self.r_ok[np.maximum(i, 0)], -1)
+        dist[q_ok, :kk] = d
+        idx[q_ok, :kk] = i
+        return dist, idx
+
+
 def nearest_neighbors(
     queries: np.ndarray,
     references: np.ndarray,
@@ -245,51 +318,13 @@ def nearest_neighbors(
     nlist: int | None = None,
     nprobe: int = 16,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` nearest references of each query in Euclidean distance.
+    """The ``k`` nearest references of each query in Euclidean distance (see :class:`NNIndex`).
 
-    ``queries`` ``(Q, D)``, ``references`` ``(R, D)`` float32 (NaN rows are never returned
-    as neighbours and get distance ``inf``). Returns ``(dist (Q, k) float32, idx (Q, k)
-    int64)`` sorted by distance; ``idx = -1`` where fewer than ``k`` references exist.
-    ``method``: ``"exact"`` (blocked matrix products, memory ``q_block × r_block`` floats),
-    ``"faiss-flat"`` (exact, faiss), ``"faiss-ivf"`` (approximate: inverted file with
-    ``nlist`` ≈ 4√R cells, ``nprobe`` visited per query).
+    ``queries`` ``(Q, D)``, ``references`` ``(R, D)`` float32. Returns ``(dist (Q, k)
+    float32, idx (Q, k) int64)`` sorted by distance; NaN rows never match (``inf``, ``-1``).
     """
-    if method not in SEARCH_METHODS:
-        raise ValueError(f"search method must be one of {SEARCH_METHODS}, not {method!r}")
     q = np.asarray(queries, np.float32)
     r = np.asarray(references, np.float32)
     if q.ndim != 2 or r.ndim != 2 or q.shape[1] != r.shape[1]:
         raise ValueError(f"queries {q.shape} and references {r.shape} must be (N, D) with the same D")
-    nq = len(q)
-    dist = np.full((nq, k), np.inf, np.float32)
-    idx = np.full((nq, k), -1, np.int64)
-    q_ok = np.flatnonzero(np.isfinite(q).all(1))
-    r_ok = np.flatnonzero(np.isfinite(r).all(1))
-    if len(q_ok) == 0 or len(r_ok) == 0:
-        return dist, idx
-    qv = q[q_ok] if len(q_ok) < nq else q
-    rv = r[r_ok] if len(r_ok) < len(r) else r
-    kk = min(k, len(rv))
-    if method == "exact":
-        d, i = _exact_knn(qv, rv, kk, q_block, r_block)
-    else:
-        faiss = _faiss()
-        dim = r.shape[1]
-        rv = np.ascontiguousarray(rv)
-        if method == "faiss-flat":
-            index = faiss.IndexFlatL2(dim)
-        else:
-            cells = nlist or max(1, min(len(rv) // 39, int(4 * math.sqrt(len(rv)))))
-            index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, cells)
-            rng = np.random.default_rng(0)
-            train = rv[rng.choice(len(rv), min(len(rv), 64 * cells), replace=False)]
-            index.train(train)
-            index.nprobe = min(nprobe, cells)
-        index.add(rv)
-        d2, i = index.search(np.ascontiguousarray(qv), kk)
-        d = np.sqrt(np.maximum(d2, 0)).astype(np.float32)
-        d[i < 0] = np.inf
-    i = np.where(i >= 0, r_ok[np.maximum(i, 0)], -1)
-    dist[q_ok, :kk] = d
-    idx[q_ok, :kk] = i
-    return dist, idx
+    return NNIndex(r, method, q_block, r_block, nlist, nprobe).search(q, k)

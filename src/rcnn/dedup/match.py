@@ -24,7 +24,7 @@ __all__ = ["DEFAULT_THRESHOLD", "DedupResult", "Pair", "find_duplicates", "match
 #: largest distance that kept precision ≥ 0.99 on the calibration draw (JPEG q30–90,
 #: 0.5–2× resizes, ≤ 10 % crops, colour shifts against 500+ real distractors); see the
 #: README's "Near-duplicate detection" section for precision/recall at this value.
-DEFAULT_THRESHOLD = 0.30
+DEFAULT_THRESHOLD = 0.40
 
 
 @dataclass(frozen=True)
