@@ -119,7 +119,7 @@ def _synthetic_dataset(n, start):
 def test_fit_detect_evaluate_end_to_end(tmp_path):
     src = SyntheticSource()
     train = _synthetic_dataset(30, 0)
-    model, res = fit(train, src, SVMConfig(retrain_limit=200, stats_images=10))
+    model, _ = fit(train, src, SVMConfig(retrain_limit=200, stats_images=10))
     assert model.trained.tolist() == [True, True, False]
     assert model.training["images"] == 30 and "absent" in " ".join(model.training["warnings"])
     p = model.save(tmp_path / "synthetic.rcnn")
