@@ -157,3 +157,17 @@ def test_feature_cache_roundtrip_and_keys(monkeypatch):
             FeatureConfig(backbone="efficientnet_lite0").key()}
     assert len(keys) == 7
     assert FeatureConfig(batch_size=7).key() == FeatureConfig().key()
+
+
+def test_cli_clear_errors(tmp_path):
+    from typer.testing import CliRunner
+
+    from rcnn.cli import app
+
+    voc = DATA / "VOC2007-test-sample"
+    if not voc.is_dir():
+        pytest.skip(f"{voc} absent")
+    r = CliRunner().invoke(app, ["features", str(voc), "--split", "test", "--backbone", "alexnet"])
+    assert r.exit_code == 2 and "--weights" in r.output
+    r = CliRunner().invoke(app, ["features", str(voc), "--split", "test", "--mode", "fast"])
+    assert r.exit_code == 2 and "mode" in r.output
