@@ -149,8 +149,20 @@ def test_feature_cache_roundtrip_and_keys(monkeypatch):
     img_feats = extract_features(__import__("rcnn.data").data.load_image(rec.path), boxes, "squeezenet1_1", "fc7",
                                  "shared")
     np.testing.assert_allclose(feats.astype(np.float32), img_feats, rtol=1e-2, atol=1e-2)
+    # a temporary file left by a killed run is cleaned up once it is old; a fresh one is kept
+    import os
+
+    from rcnn.features import feature_dir
+
+    folder = feature_dir(__import__("rcnn.proposals").proposals.ProposalConfig(), fc, voc)
+    old, new = folder / ".a.npz.x1.tmp", folder / ".b.npz.x2.tmp"
+    old.write_bytes(b"partial")
+    new.write_bytes(b"partial")
+    os.utime(old, (1, 1))
     again = features_for_dataset(ds, None, fc, progress=False)
     assert again.cached == 2 and again.computed == 0
+    assert not old.exists() and new.exists()
+    assert fc.weights_hash() == get_backbone("squeezenet1_1").weights_hash
     # every setting is in the key
     keys = {FeatureConfig().key(), fc.key(), FeatureConfig(mode="shared").key(), FeatureConfig(layer="fc6").key(),
             FeatureConfig(context_pad=16).key(), FeatureConfig(mode="shared", scales=(1.0,)).key(),

@@ -256,7 +256,11 @@ class FeatureConfig:
         """sha256 of the weights the features come from."""
         if self.weights:
             return _file_hash(str(Path(self.weights).resolve()))
-        return get_backbone(self.backbone).weights_hash
+        from rcnn.backbones import EFFNET_SHA256, SQUEEZENET_SHA256
+
+        # built-ins come from sha256-verified files: no need to build the network for the key
+        known = {"squeezenet1_1": SQUEEZENET_SHA256, "efficientnet_lite0": EFFNET_SHA256}
+        return known.get(self.backbone) or get_backbone(self.backbone).weights_hash
 
     def key(self) -> str:
         """Hash of every setting that changes the features (the weights by content)."""
@@ -403,6 +407,7 @@ def features_for_dataset(
     pc = proposal_config or ProposalConfig()
     fc = feature_config or FeatureConfig()
     fc.backbone_obj()  # fail early (missing weights) before the loop
+    _remove_stale_tmp(feature_dir(pc, fc, dataset.root))
     summary = FeatureSummary(images=len(dataset.records))
     got: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     bar = _progress() if progress else None
@@ -439,6 +444,17 @@ def features_for_dataset(
     summary.cache_dir = str(d)
     summary.cache_mb = dir_size_mb(d)
     return (summary, got) if collect else summary
+
+
+def _remove_stale_tmp(folder: Path, max_age_s: float = 3600.0) -> None:
+    """Delete temporary files a killed run left behind (older than ``max_age_s``: not being written)."""
+    now = time.time()
+    for f in folder.glob(".*.tmp") if folder.is_dir() else ():
+        try:
+            if now - f.stat().st_mtime > max_age_s:
+                f.unlink()
+        except OSError:
+            pass  # another process removed or renamed it
 
 
 def _progress():
