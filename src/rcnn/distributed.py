@@ -1,0 +1,297 @@
+"""Feature extraction on many machines: the ``local`` and ``ray`` engines.
+
+R-CNN's expensive part is per image and embarrassingly parallel: proposals then CNN features
+(paper §2.1–2.2), after which training and detection only read the per-image feature cache.
+An *engine* fills that cache for a set of images:
+
+* ``local``: this process — :func:`rcnn.proposals.propose_dataset` (a process pool) then
+  :func:`rcnn.features.features_for_dataset` (one image at a time, torch on every core);
+* ``ray``: `Ray <https://docs.ray.io>`_ tasks, each running :func:`rcnn.features.get_features`
+  (proposals + features) for a shard of images on one CPU, writing into the *same*
+  content-keyed cache (``$RCNN_CACHE_DIR``; on a cluster, a path every node sees, e.g. an NFS
+  mount). Entries are written atomically and keyed by content, so local and Ray runs are
+  interchangeable and a killed run resumes. Ray re-runs the tasks of a worker that died
+  (``max_retries``) and retries transient errors (``OSError``, ``MemoryError``); an unreadable
+  image is a reported failure, not a retry. The driver shows a ``rich`` progress bar.
+
+Without an ``address`` a private local Ray instance is started (``num_cpus`` workers) and shut
+down afterwards; ``address="auto"`` joins the cluster started by ``ray start`` on this node, and
+``"HOST:PORT"`` a remote head node.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from rcnn.cache import cache_dir, dir_size_mb
+from rcnn.data import Dataset, ImageRecord
+
+ENGINES = ("local", "ray")
+#: Default local Ray instance size (the tests' and a laptop's setting).
+DEFAULT_RAY_CPUS = 2
+
+
+@dataclass
+class EngineSummary:
+    """What an engine run did (counts are images; ``seconds`` is the driver's wall time)."""
+
+    engine: str
+    workers: int
+    images: int = 0
+    computed: int = 0
+    cached: int = 0
+    failed: list[str] = field(default_factory=list)
+    regions: int = 0  # regions computed in this run
+    seconds: float = 0.0
+    startup_s: float = 0.0  # ray: connecting / starting the instance (not in ``seconds``)
+    cache_dir: str = ""
+    cache_mb: float = 0.0
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def regions_per_s(self) -> float:
+        return self.regions / self.seconds if self.seconds > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "images_per_s": self.images_per_s, "regions_per_s": self.regions_per_s}
+
+
+def _check_engine(engine: str) -> None:
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, not {engine!r}")
+
+
+# ----------------------------------------------------------------------------- ray plumbing
+
+
+def ray_available() -> bool:
+    """Whether the optional ``ray`` package is installed (``pip install 'rcnn[ray]'``)."""
+    import importlib.util
+
+    return importlib.util.find_spec("ray") is not None
+
+
+@contextmanager
+def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[float]:
+    """Connect to Ray (``address``: ``"auto"`` / ``"HOST:PORT"``) or start a private local instance
+    with ``num_cpus`` CPUs (default 2); yields the startup seconds. An instance started here is
+    shut down on exit; one that was already initialised (or a cluster) is left running."""
+    if not ray_available():
+        raise RuntimeError("the ray engine needs the 'ray' package: pip install 'rcnn[ray]' (or 'ray[default]')")
+    import logging
+
+    import ray
+
+    t0 = time.perf_counter()
+    started = False
+    if not ray.is_initialized():
+        kw = {"log_to_driver": False, "logging_level": logging.WARNING, "configure_logging": True}
+        if address:
+            try:
+                ray.init(address=address, **kw)
+            except (ConnectionError, RuntimeError, ValueError) as e:
+                raise RuntimeError(f"cannot connect to the Ray cluster at {address!r}: {str(e).splitlines()[0]}") from None
+        else:
+            ray.init(num_cpus=int(num_cpus or DEFAULT_RAY_CPUS), include_dashboard=False, **kw)
+        started = True
+    try:
+        yield time.perf_counter() - t0
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _features_shard(
+    items: list[tuple[ImageRecord, str]], proposal_config, feature_config, cache_root: str, threads: int
+) -> list[dict]:
+    """One Ray task: proposals + features of each image into the shared cache.
+
+    Runs in a worker process; the cache location and thread count travel as arguments because a
+    worker's environment is the cluster's, not the driver's."""
+    os.environ["RCNN_CACHE_DIR"] = cache_root
+    os.environ["RCNN_THREADS"] = str(threads)  # rcnn.backbones.set_threads: one task = `threads` cores
+    from rcnn.data import ImageReadError
+    from rcnn.features import feature_dir, feature_path, get_features
+
+    out = []
+    # the driver checks this against its own: workers running another rcnn version (other
+    # settings hash) would fill a cache the driver never reads
+    where = str(feature_dir(proposal_config, feature_config, items[0][1])) if items else ""
+    for rec, root in items:
+        t0 = time.perf_counter()
+        cached = feature_path(rec, proposal_config, feature_config, root).is_file()
+        try:
+            boxes, _ = get_features(rec, proposal_config, feature_config, root)
+        except ImageReadError as e:  # deterministic: report, do not retry
+            out.append({"image_id": rec.image_id, "error": str(e), "regions": 0, "cached": False, "seconds": 0.0})
+            continue
+        out.append({"image_id": rec.image_id, "error": None, "regions": len(boxes), "cached": cached,
+                    "seconds": time.perf_counter() - t0, "pid": os.getpid(), "feature_dir": where})
+    return out
+
+
+def _warm(feature_config, threads: int) -> int:
+    """Import torch and load the backbone in a worker (once per worker process); returns its pid."""
+    os.environ["RCNN_THREADS"] = str(threads)
+    feature_config.backbone_obj()
+    return os.getpid()
+
+
+def _noop(x: int) -> int:
+    """A task that does nothing (for measuring the per-task overhead)."""
+    return x
+
+
+def ray_task_overhead(tasks: int = 200) -> float:
+    """Seconds per trivial Ray task round trip (submit + schedule + return), inside a session."""
+    import ray
+
+    f = ray.remote(num_cpus=1)(_noop)
+    ray.get([f.remote(i) for i in range(8)])  # warm the worker pool
+    t0 = time.perf_counter()
+    ray.get([f.remote(i) for i in range(tasks)])
+    return (time.perf_counter() - t0) / tasks
+
+
+def _ray_features(
+    records: Sequence[ImageRecord], root: str, pc, fc, summary: EngineSummary, images_per_task: int, threads: int,
+    max_retries: int, progress: bool,
+) -> None:
+    import ray
+
+    from rcnn.features import feature_dir
+
+    expected = str(feature_dir(pc, fc, root))
+    task = ray.remote(num_cpus=threads, max_retries=max_retries, retry_exceptions=[OSError, MemoryError])(_features_shard)
+    shards = [[(r, root) for r in records[i : i + images_per_task]] for i in range(0, len(records), images_per_task)]
+    workers = max(1, int(ray.available_resources().get("CPU", ray.cluster_resources().get("CPU", 1)) // threads))
+    summary.workers = workers
+    window = 4 * workers  # bounded submission: the driver never holds a million pending refs
+    # start every worker (torch import + weights, seconds each) before the clock: startup, not throughput
+    ts = time.perf_counter()
+    warm = ray.remote(num_cpus=threads, max_retries=max_retries)(_warm)
+    ray.get([warm.remote(fc, threads) for _ in range(min(workers, len(shards)))])
+    summary.startup_s += time.perf_counter() - ts
+    bar = _progress() if progress else None
+    bar_task = bar.add_task(f"features on Ray ({workers} workers)", total=len(records)) if bar else None
+    if bar:
+        bar.start()
+    pending: dict = {}
+    nxt = 0
+    t0 = time.perf_counter()
+    try:
+        while pending or nxt < len(shards):
+            while nxt < len(shards) and len(pending) < window:
+                pending[task.remote(shards[nxt], pc, fc, str(cache_dir()), threads)] = nxt
+                nxt += 1
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                i = pending.pop(ref)
+                try:
+                    results = ray.get(ref)
+                except ray.exceptions.RayError as e:  # retries exhausted: report the shard, keep going
+                    msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+                    results = [{"image_id": r.image_id, "error": f"{r.path}: task failed after {max_retries} retries: {msg}",
+                                "regions": 0, "cached": False, "seconds": 0.0} for r, _ in shards[i]]
+                for res in results:
+                    if not res["error"] and res.get("feature_dir") != expected:
+                        res["error"] = (f"{res['image_id']}: a worker wrote its features to {res.get('feature_dir')}, the driver "
+                                        f"reads {expected}: the workers run another rcnn version (install the same on every node)")
+                    if res["error"]:
+                        summary.failed.append(res["error"])
+                    elif res["cached"]:
+                        summary.cached += 1
+                    else:
+                        summary.computed += 1
+                        summary.regions += res["regions"]
+                if bar:
+                    el = time.perf_counter() - t0
+                    bar.update(bar_task, advance=len(results),
+                               description=f"features on Ray ({workers} workers) · {summary.regions / max(el, 1e-9):.1f} regions/s")
+    finally:
+        if bar:
+            bar.stop()
+
+
+def _progress():
+    from rcnn.features import _progress as features_progress
+
+    return features_progress()
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def extract_dataset(
+    dataset: Dataset,
+    proposal_config=None,
+    feature_config=None,
+    engine: str = "local",
+    address: str | None = None,
+    workers: int | None = None,
+    images_per_task: int = 1,
+    threads_per_task: int = 1,
+    max_retries: int = 3,
+    progress: bool = True,
+    records: Sequence[ImageRecord] | None = None,
+) -> EngineSummary:
+    """Fill the proposal + feature caches of ``dataset`` (or ``records``) with ``engine``.
+
+    ``workers``: local engine = proposal processes (default: cores); ray engine without
+    ``address`` = CPUs of the local Ray instance (default 2). ``images_per_task``: shard size of
+    a Ray task (1 is fine: a task costs ~ms, an image seconds). ``threads_per_task``: torch
+    threads (and Ray CPUs) per task. Afterwards :func:`rcnn.features.get_features` is a cache
+    read for every image that did not fail, whichever engine filled it.
+    """
+    from rcnn.features import FeatureConfig, feature_dir
+    from rcnn.proposals import ProposalConfig
+
+    _check_engine(engine)
+    pc = proposal_config or ProposalConfig()
+    fc = feature_config or FeatureConfig()
+    recs = list(dataset.records if records is None else records)
+    if images_per_task < 1 or threads_per_task < 1:
+        raise ValueError("images_per_task and threads_per_task must be >= 1")
+    fc.backbone_obj()  # fail early (missing weights) before starting anything
+    summary = EngineSummary(engine=engine, workers=workers or 0, images=len(recs))
+    if engine == "local":
+        from rcnn.features import features_for_dataset
+        from rcnn.proposals import propose_dataset
+
+        t0 = time.perf_counter()
+        ps = propose_dataset(dataset, pc, workers=workers, progress=progress, records=recs)
+        sub = dataset if records is None else _subset(dataset, recs)
+        fs = features_for_dataset(sub, pc, fc, progress=progress)
+        summary.seconds = time.perf_counter() - t0
+        summary.workers = ps.workers
+        summary.computed, summary.cached, summary.regions = fs.computed, fs.cached, fs.regions
+        summary.failed = list(dict.fromkeys(fs.failed + [m for _, m in ps.failed]))
+    else:
+        root = str(Path(dataset.root).resolve())
+        with ray_session(address, workers) as startup:
+            summary.startup_s = startup
+            t0 = time.perf_counter()
+            _ray_features(recs, root, pc, fc, summary, images_per_task, threads_per_task, max_retries, progress)
+            summary.seconds = time.perf_counter() - t0 - (summary.startup_s - startup)
+    d = feature_dir(pc, fc, dataset.root)
+    summary.cache_dir = str(d)
+    summary.cache_mb = dir_size_mb(d)
+    return summary
+
+
+def _subset(dataset: Dataset, records: Sequence[ImageRecord]) -> Dataset:
+    from dataclasses import replace
+
+    return replace(dataset, records=list(records))
+
+
+__all__ = ["DEFAULT_RAY_CPUS", "ENGINES", "EngineSummary", "extract_dataset", "ray_available", "ray_session",
+           "ray_task_overhead"]
