@@ -121,6 +121,13 @@ def test_shared_multiscale_keeps_box_order(squeeze):
     big = extract_features(img, boxes[[0, 2]], squeeze, "fc7", "shared", scales=(1.0,))
     np.testing.assert_allclose(multi[[1, 3]], small, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(multi[[0, 2]], big, rtol=1e-4, atol=1e-4)
+    # max_side caps the scale: the same as running on the image pre-shrunk to that size
+    import cv2
+
+    capped = extract_features(img, boxes, squeeze, "fc7", "shared", scales=(1.5,), max_side=150)
+    half = cv2.resize(img, (150, 100), interpolation=cv2.INTER_AREA)
+    ref = extract_features(half, boxes / 2, squeeze, "fc7", "shared", scales=(1.0,))
+    np.testing.assert_allclose(capped, ref, rtol=1e-4, atol=1e-4)
 
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -36,7 +36,9 @@ MODES = ("warp", "shared")
 SHARED_SCALES = (1.5,)
 #: shared mode RoI grid: the prototype measured 6×6 0.69 mAP vs 3×3 0.67 vs global pooling 0.05.
 SHARED_GRID = 6
-FEATURE_VERSION = 1  # bump when stored features would change for the same settings
+#: shared mode: longest side of the resized image (keeps trunk activations bounded on huge photos)
+SHARED_MAX_SIDE = 2000
+FEATURE_VERSION = 2  # bump when stored features would change for the same settings
 
 
 # ----------------------------------------------------------------------------- warping
@@ -153,6 +155,7 @@ def extract_features(
     grid: int | None = None,
     pool: str | None = None,
     threads: int | None = None,
+    max_side: int = SHARED_MAX_SIDE,
 ) -> np.ndarray | dict[str, np.ndarray]:
     """CNN features of each box of an (H,W,3) RGB uint8 image.
 
@@ -162,7 +165,8 @@ def extract_features(
     the trunk once per scale in ``scales`` (each box uses the scale that brings its area
     closest to the network input, SPP-net style), RoI pooling of each box to ``grid``² cells
     (``pool="align"``: RoIAlign, 2×2 samples per cell; ``"max"``: RoI max pooling as in Fast
-    R-CNN, the default for AlexNet/VGG whose fc6 reads max-pooled pool5), then the head.
+    R-CNN, the default for AlexNet/VGG whose fc6 reads max-pooled pool5), then the head. A scale
+    is lowered so the resized image's longer side stays within ``max_side`` (bounded memory).
     """
     bb = get_backbone(backbone) if isinstance(backbone, str) else backbone
     layers = _layers(layer)
@@ -192,18 +196,21 @@ def extract_features(
         # SPP-net's rule: each box at the scale where its area is closest to the input's
         pick = np.argmin(np.abs(area[:, None] * np.square(scales)[None] - bb.input_size**2), axis=1)
         order = np.argsort(pick, kind="stable")
+        h, w = image.shape[:2]
         for si, sc in enumerate(scales):
             idx = order[pick[order] == si]
             if len(idx) == 0:
                 continue
-            h, w = image.shape[:2]
+            sc = min(sc, max_side / max(h, w))  # the scale actually used
             size = (max(1, round(w * sc)), max(1, round(h * sc)))
+            sx, sy = size[0] / w, size[1] / h
             flag = cv2.INTER_CUBIC if bb.interpolation == "bicubic" or sc > 1 else cv2.INTER_AREA
             img = image if size == (w, h) else cv2.resize(image, size, interpolation=flag)
             fmap = bb.trunk(bb.preprocess(img[None]))
             for s in range(0, len(idx), batch_size):
                 sel = idx[s : s + batch_size]
-                rois = torch.from_numpy(boxes[sel] * sc)
+                # the resized image's true per-axis scale (its size was rounded to whole pixels)
+                rois = torch.from_numpy(boxes[sel] * np.array([sx, sy, sx, sy], np.float32))
                 rois = torch.cat([torch.zeros(len(sel), 1), rois], 1)
                 if pool == "max":
                     pooled = roi_pool(fmap, rois, g, 1.0 / bb.stride)
