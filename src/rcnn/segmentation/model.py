@@ -1,0 +1,321 @@
+"""Region scoring by support vector regression and O2P-style pasting (paper §4).
+
+Per class, a linear SVR (scikit-learn ``LinearSVR``) predicts each region's mask IoU with
+that class's ground truth (the best IoU over the class's instances), from cached region
+features. At test time each region takes its best class and score; regions scoring above a
+threshold (chosen on a validation split) are pasted in increasing score order, so the best
+region is painted last and wins every pixel it covers; pixels no region claims are
+background. This is the O2P inference the paper plugs its features into.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from rcnn.cache import atomic_write, file_sha256
+from rcnn.data import Dataset, ImageReadError, ImageRecord, load_image
+from rcnn.segmentation.features import (
+    STRATEGIES,
+    RegionFeatureConfig,
+    cached_features,
+    region_features,
+)
+from rcnn.segmentation.masks import MaskError, class_label_map, class_masks
+from rcnn.segmentation.metrics import SegmentationEvaluator
+from rcnn.segmentation.regions import MaskProposalConfig, RegionMasks, get_mask_proposals, mask_proposals
+
+#: the released R-CNN code scales features to this mean L2 norm before the linear models
+FEATURE_NORM = 20.0
+THRESHOLDS = tuple(np.round(np.arange(-0.2, 1.0001, 0.025), 3).tolist())
+
+
+# ------------------------------------------------------------------------ per image
+
+
+@dataclass
+class ImageRegions:
+    """One image's regions, their features and targets.
+
+    ``feats``: {"full"|"fg": {tap: (N,D) float16}} for the N = len(regions) + n_gt rows
+    (proposal regions first, then ground-truth masks when requested); ``targets`` (N,C)
+    float32 IoU with each class's ground truth; ``label_map`` (H,W) uint8 or None.
+    """
+
+    record: ImageRecord
+    regions: RegionMasks
+    feats: dict[str, dict[str, np.ndarray]]
+    targets: np.ndarray | None
+    n_gt: int = 0
+    label_map: np.ndarray | None = None
+
+
+def class_targets(iou: np.ndarray, gt_labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """(N,C) best IoU per class from (N,G) IoU with G ground-truth masks of ``gt_labels``."""
+    out = np.zeros((iou.shape[0], num_classes), np.float32)
+    for c in range(num_classes):
+        sel = gt_labels == c
+        if sel.any():
+            out[:, c] = iou[:, sel].max(1)
+    return out
+
+
+def _mask_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    af = a.reshape(len(a), -1).astype(np.float32)
+    bf = b.reshape(len(b), -1).astype(np.float32)
+    inter = af @ bf.T
+    union = af.sum(1)[:, None] + bf.sum(1)[None] - inter
+    return inter / np.maximum(union, 1)
+
+
+def prepare_image(
+    record: ImageRecord,
+    num_classes: int,
+    mask_config: MaskProposalConfig,
+    feat_config: RegionFeatureConfig,
+    max_regions: int | None = None,
+    with_gt: bool = False,
+    with_truth: bool = True,
+) -> ImageRegions:
+    """Regions (cached), their features for every tap (cached) and, with ``with_truth``,
+    IoU targets and the ground-truth label map. Raises ``MaskError`` / ``ImageReadError``."""
+    path = Path(record.path)
+    image = load_image(path)
+    if image.shape[:2] != (record.height, record.width):
+        from dataclasses import replace
+
+        record = replace(record, width=image.shape[1], height=image.shape[0])
+    regions = get_mask_proposals(path, mask_config)
+    if regions.shape != image.shape[:2]:
+        raise MaskError(f"{path}: cached regions are {regions.shape} but the image is {image.shape[:2]}")
+    if max_regions is not None and max_regions < len(regions):
+        regions = regions.subset(np.arange(max_regions))
+    sha = file_sha256(path)
+    feats = cached_features(
+        (sha, mask_config.key(), len(regions), "regions"),
+        lambda: region_features(image, regions.masks(), regions.boxes, feat_config), feat_config)
+    targets, label_map, n_gt = None, None, 0
+    if with_truth:
+        gt_masks, gt_labels = class_masks(record, num_classes)
+        label_map = class_label_map(record, num_classes)
+        iou = regions.iou(gt_masks)
+        targets = class_targets(iou, gt_labels, num_classes)
+        if with_gt and len(gt_masks):
+            mask_sha = file_sha256(record.mask_path) if record.mask_path else ""
+            ids = [] if record.mask_ids is None else [int(i) for i in record.mask_ids]
+            gfeats = cached_features(
+                (sha, mask_sha, ids, "gt"), lambda: region_features(image, gt_masks, None, feat_config), feat_config)
+            feats = {s: {t: np.concatenate([feats[s][t], gfeats[s][t]]) for t in feats[s]} for s in feats}
+            targets = np.concatenate([targets, class_targets(_mask_iou(gt_masks, gt_masks), gt_labels, num_classes)])
+            n_gt = len(gt_masks)
+    return ImageRegions(record, regions, feats, targets, n_gt, label_map)
+
+
+def prepare_dataset(
+    dataset: Dataset,
+    mask_config: MaskProposalConfig,
+    feat_config: RegionFeatureConfig,
+    max_regions: int | None = None,
+    with_gt: bool = False,
+    progress: Callable[[Iterable], Iterable] | None = None,
+    problems: list[str] | None = None,
+) -> list[ImageRegions]:
+    """:func:`prepare_image` for every record. Images with a bad mask or image file are
+    skipped and their one-line reason appended to ``problems`` (never a crash mid-run)."""
+    out = []
+    recs = dataset.records if progress is None else progress(dataset.records)
+    for r in recs:
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                out.append(prepare_image(r, len(dataset.classes), mask_config, feat_config, max_regions, with_gt))
+            if problems is not None:
+                problems.extend(str(w.message) for w in caught if "void" in str(w.message))
+        except (MaskError, ImageReadError) as e:
+            if problems is not None:
+                problems.append(f"{e} (image skipped)")
+    return out
+
+
+# -------------------------------------------------------------------------- model
+
+
+def paste(regions: RegionMasks | np.ndarray, scores: np.ndarray, threshold: float) -> np.ndarray:
+    """O2P-style label map: ``scores`` (K,C) per region and class; each region takes its best
+    class; regions scoring above ``threshold`` are painted in increasing score order (best
+    last). ``regions``: a :class:`RegionMasks` or (K,H,W) bool masks. Returns (H,W) uint8
+    (0 = background, c+1 = class c)."""
+    scores = np.asarray(scores, np.float32).reshape(len(regions), -1)
+    cls = scores.argmax(1)
+    best = scores.max(1) if len(scores) else np.zeros(0, np.float32)
+    keep = np.flatnonzero(best > threshold)
+    keep = keep[np.argsort(best[keep], kind="stable")]
+    if isinstance(regions, RegionMasks):
+        seg = regions.segments
+        # paint per segment (S values), then expand once: same result as painting pixels
+        owner = np.zeros(regions.num_segments, np.uint8)
+        for k in keep:
+            owner[regions.members[k]] = cls[k] + 1
+        return owner[seg]
+    masks = np.asarray(regions, bool)
+    out = np.zeros(masks.shape[1:], np.uint8)
+    for k in keep:
+        out[masks[k]] = cls[k] + 1
+    return out
+
+
+@dataclass
+class SegmentationModel:
+    """Per-class linear SVRs on one (strategy, tap) of region features, plus the pasting
+    threshold. ``W`` (C,D) float32, ``b`` (C,), ``scales``: the factor each half of the
+    features (``full``, ``fg``) is multiplied by before ``W``."""
+
+    classes: list[str]
+    strategy: str
+    tap: str
+    W: np.ndarray
+    b: np.ndarray
+    scales: dict[str, float]
+    threshold: float = 0.0
+    mask_config: MaskProposalConfig = field(default_factory=MaskProposalConfig)
+    feature_config: RegionFeatureConfig = field(default_factory=RegionFeatureConfig)
+    info: dict = field(default_factory=dict)
+
+    def features(self, feats: dict[str, dict[str, np.ndarray]]) -> np.ndarray:
+        """(N,D) float32 model input: the strategy's halves, each scaled."""
+        parts = ["full", "fg"] if self.strategy == "full+fg" else [self.strategy]
+        return np.concatenate([feats[p][self.tap].astype(np.float32) * self.scales[p] for p in parts], 1)
+
+    def score(self, feats: dict[str, dict[str, np.ndarray]]) -> np.ndarray:
+        """(N,C) predicted IoU per region and class."""
+        return self.features(feats) @ self.W.T + self.b
+
+    def predict(self, regions: RegionMasks, feats: dict[str, dict[str, np.ndarray]],
+                threshold: float | None = None) -> np.ndarray:
+        """(H,W) uint8 label map of one image from its regions and their features."""
+        n = len(regions)
+        s = self.score({k: {self.tap: v[self.tap][:n]} for k, v in feats.items() if self.tap in v})
+        return paste(regions, s, self.threshold if threshold is None else threshold)
+
+    # -- storage --------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """safetensors (W, b) with JSON metadata (classes, strategy, tap, scales, threshold, configs)."""
+        from safetensors.numpy import save_file
+
+        meta = {
+            "format": "rcnn-segmentation-v1",
+            "classes": self.classes, "strategy": self.strategy, "tap": self.tap,
+            "scales": self.scales, "threshold": self.threshold,
+            "mask_config": asdict(self.mask_config), "feature_config": asdict(self.feature_config),
+            "info": self.info,
+        }
+        tensors = {"W": np.ascontiguousarray(self.W, np.float32), "b": np.ascontiguousarray(self.b, np.float32)}
+        return atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata={"rcnn": json.dumps(meta, default=str)}))
+
+    @classmethod
+    def load(cls, path: str | Path) -> SegmentationModel:
+        from safetensors import safe_open
+
+        path = Path(path)
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                meta = json.loads((f.metadata() or {}).get("rcnn", "{}"))
+                W, b = f.get_tensor("W"), f.get_tensor("b")
+        except FileNotFoundError:
+            raise ValueError(f"{path}: model file not found") from None
+        except Exception as e:  # safetensors raises its own error types
+            raise ValueError(f"{path}: not a segmentation model ({str(e).splitlines()[0]})") from None
+        if meta.get("format") != "rcnn-segmentation-v1":
+            raise ValueError(f"{path}: not an rcnn segmentation model (format {meta.get('format')!r})")
+        mc = meta["mask_config"]
+        mc = {k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
+              for k, v in mc.items()}
+        fc = meta["feature_config"]
+        fc["taps"] = tuple(fc["taps"])
+        return cls(meta["classes"], meta["strategy"], meta["tap"], W, b, meta["scales"], meta["threshold"],
+                   MaskProposalConfig(**mc), RegionFeatureConfig(**fc), meta.get("info", {}))
+
+
+def _norm_scales(items: Sequence[ImageRegions], strategy: str, tap: str) -> dict[str, float]:
+    parts = ["full", "fg"] if strategy == "full+fg" else [strategy]
+    out = {}
+    for p in parts:
+        norms = np.concatenate([np.linalg.norm(it.feats[p][tap].astype(np.float32), axis=1) for it in items])
+        out[p] = float(FEATURE_NORM / max(float(norms.mean()), 1e-6))
+    return out
+
+
+def train_segmenter(
+    train: Sequence[ImageRegions],
+    classes: list[str],
+    strategy: str = "full+fg",  # paper Table 3: full+fg is the best strategy
+    tap: str = "fc6",  # paper §4: "layer fc6 always outperformed fc7"
+    C: float = 0.01,
+    epsilon: float = 0.0,
+    mask_config: MaskProposalConfig = MaskProposalConfig(),
+    feature_config: RegionFeatureConfig = RegionFeatureConfig(),
+) -> SegmentationModel:
+    """Fit one ``LinearSVR`` per class on all rows (regions + ground-truth masks) of ``train``,
+    regressing each row's IoU with that class."""
+    from sklearn.svm import LinearSVR
+
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, not {strategy!r}")
+    if not train:
+        raise ValueError("no training images")
+    scales = _norm_scales(train, strategy, tap)
+    model = SegmentationModel(classes, strategy, tap, np.zeros((len(classes), 0), np.float32),
+                              np.zeros(len(classes), np.float32), scales, 0.0, mask_config, feature_config)
+    X = np.concatenate([model.features(it.feats) for it in train])
+    Y = np.concatenate([it.targets for it in train])
+    t0 = time.perf_counter()
+    W = np.zeros((len(classes), X.shape[1]), np.float32)
+    b = np.zeros(len(classes), np.float32)
+    for c in range(len(classes)):
+        svr = LinearSVR(C=C, epsilon=epsilon, loss="squared_epsilon_insensitive", dual=X.shape[0] < X.shape[1],
+                        max_iter=2000, random_state=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # liblinear's ConvergenceWarning at max_iter is not fatal
+            svr.fit(X, Y[:, c])
+        W[c], b[c] = svr.coef_.astype(np.float32), np.float32(svr.intercept_[0])
+    model.W, model.b = W, b
+    model.info = {"train_rows": int(X.shape[0]), "dim": int(X.shape[1]), "train_seconds": time.perf_counter() - t0,
+                  "C": C, "epsilon": epsilon}
+    return model
+
+
+def choose_threshold(model: SegmentationModel, val: Sequence[ImageRegions],
+                     thresholds: Sequence[float] = THRESHOLDS) -> tuple[float, dict[float, float]]:
+    """The pasting threshold with the best mean IoU (VOC measure) on ``val``; also every
+    candidate's mean IoU."""
+    n = len(model.classes) + 1
+    evs = {t: SegmentationEvaluator(n) for t in thresholds}
+    for it in val:
+        s = model.score({k: {model.tap: v[model.tap][:len(it.regions)]} for k, v in it.feats.items()})
+        for t in thresholds:
+            evs[t].process(it.label_map, paste(it.regions, s, t))
+    table = {t: float(np.nanmean(ev.iou())) for t, ev in evs.items()}
+    best = max(table, key=lambda t: (table[t], -abs(t)))
+    return float(best), table
+
+
+def evaluate_segmenter(model: SegmentationModel, items: Sequence[ImageRegions]) -> dict:
+    """VOC segmentation measure of ``model`` over prepared ``items`` (their label maps)."""
+    ev = SegmentationEvaluator(len(model.classes) + 1)
+    for it in items:
+        ev.process(it.label_map, model.predict(it.regions, it.feats))
+    return ev.evaluate(["background", *model.classes])
+
+
+def segment_image(model: SegmentationModel, image: np.ndarray) -> np.ndarray:
+    """(H,W) uint8 label map of an (H,W,3) RGB uint8 image (regions and features computed,
+    not cached: use :func:`prepare_image` for dataset images)."""
+    regions = mask_proposals(image, model.mask_config)
+    feats = region_features(image, regions.masks(), regions.boxes, model.feature_config)
+    return model.predict(regions, feats)

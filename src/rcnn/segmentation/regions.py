@@ -1,0 +1,437 @@
+"""Region proposals *with masks*: selective search's hierarchical grouping, keeping masks.
+
+The paper (§4) scores CPMC's ~150 figure-ground regions per image. No maintained Python
+CPMC exists, so regions come from selective search's hierarchical grouping (Uijlings et
+al.) over Felzenszwalb superpixels, where every merged region keeps its *mask*.
+
+OpenCV's ``ximgproc.segmentation`` provides the superpixels
+(``createGraphSegmentation``) but its selective search returns boxes only; the grouping
+(colour / texture / size / fill similarities, greedy merging of neighbours) is therefore
+written here, vectorised with numpy, so that each region's mask survives.
+
+Masks are stored compactly: one ``(H,W)`` segment map that refines every strategy's
+superpixels (their intersection), plus a ``(K,S)`` membership matrix saying which segments
+form each region (bit-packed on disk). ``RegionMasks.masks()`` expands them on demand.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+from scipy import ndimage
+
+from rcnn.cache import atomic_write, cache_dir, file_sha256, settings_hash
+from rcnn.data import ImageRecord, load_image
+
+SIMILARITIES = ("colour", "texture", "size", "fill")
+
+
+@dataclass(frozen=True)
+class MaskProposalConfig:
+    """Settings of the mask proposals; ``key()`` names their cache.
+
+    Defaults follow selective search's fast mode (HSV and Lab, two ``k``, similarity sets
+    C+T+S+F and T+S+F) and O2P's CPMC budget of 150 regions per image (paper §4).
+    """
+
+    color_spaces: tuple[str, ...] = ("hsv", "lab")
+    ks: tuple[int, ...] = (30, 60)  # at max_side 320: ~300-800 superpixels (measured on Penn-Fudan train)
+    sigma: float = 0.8
+    min_size: int = 30  # superpixel minimum size (pixels)
+    similarity_sets: tuple[tuple[str, ...], ...] = (
+        ("colour", "texture", "size", "fill"),
+        ("texture", "size", "fill"),
+    )
+    top_k: int = 150  # paper §4: "CPMC to generate 150 region proposals per image"
+    dedup_iou: float = 0.8  # a region this similar to a better-ranked one is dropped
+    min_area_frac: float = 0.005  # regions under this fraction of the image are dropped
+    max_area_frac: float = 0.7  # near-whole-image regions carry no shape information
+    seed: int = 0  # selective search ranks by hierarchy level x a random number
+    max_side: int = 320  # images are grouped at most this large (masks are upsampled back)
+
+    def key(self) -> str:
+        return settings_hash("mask-proposals-v1", asdict(self))
+
+
+@dataclass
+class RegionMasks:
+    """``K`` region masks over an ``(H,W)`` image.
+
+    ``segments`` (H,W) int32 segment map with ``S`` segments; ``members`` (K,S) bool,
+    region ``k`` = union of segments with ``members[k]``. Regions are in rank order.
+    """
+
+    segments: np.ndarray
+    members: np.ndarray
+    _areas: np.ndarray | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return int(self.members.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.segments.shape)  # type: ignore[return-value]
+
+    @property
+    def num_segments(self) -> int:
+        return int(self.members.shape[1])
+
+    def segment_areas(self) -> np.ndarray:
+        """(S,) int64 pixel count per segment."""
+        if self._areas is None:
+            self._areas = np.bincount(self.segments.ravel(), minlength=self.num_segments)
+        return self._areas
+
+    @property
+    def areas(self) -> np.ndarray:
+        """(K,) int64 pixels per region."""
+        return self.members.astype(np.int64) @ self.segment_areas()
+
+    @property
+    def boxes(self) -> np.ndarray:
+        """(K,4) float32 pixel-edge xyxy bounding box of each region."""
+        x1, y1, x2, y2 = _label_boxes(self.segments, self.num_segments).T
+        m = self.members
+        out = np.stack([
+            np.where(m, x1, np.inf).min(1), np.where(m, y1, np.inf).min(1),
+            np.where(m, x2, -np.inf).max(1), np.where(m, y2, -np.inf).max(1),
+        ], 1)
+        return out.astype(np.float32).reshape(-1, 4)
+
+    def masks(self, idx: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+        """(k,H,W) bool masks of regions ``idx`` (all when None)."""
+        m = self.members if idx is None else self.members[np.asarray(idx, dtype=np.int64)]
+        return m[:, self.segments]
+
+    def iou(self, gt_masks: np.ndarray) -> np.ndarray:
+        """(K,G) mask IoU of every region with each of ``gt_masks`` (G,H,W) bool."""
+        gt = np.asarray(gt_masks, dtype=bool).reshape(-1, *self.shape)
+        if gt.shape[0] == 0 or len(self) == 0:
+            return np.zeros((len(self), gt.shape[0]), np.float32)
+        n = self.num_segments
+        # overlap of each segment with each GT mask: (S,G), one bincount per mask
+        ov = np.stack([np.bincount(self.segments[g], minlength=n) for g in gt], 1).astype(np.float64)
+        m = self.members.astype(np.float64)
+        inter = m @ ov
+        union = self.areas[:, None] + gt.reshape(gt.shape[0], -1).sum(1)[None, :] - inter
+        return (inter / np.maximum(union, 1)).astype(np.float32)
+
+    def subset(self, idx: Sequence[int] | np.ndarray) -> RegionMasks:
+        return RegionMasks(self.segments, self.members[np.asarray(idx, dtype=np.int64)], self._areas)
+
+    # -- storage -------------------------------------------------------------------
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        seg = self.segments
+        dtype = np.uint16 if self.num_segments <= np.iinfo(np.uint16).max else np.int32
+        return {
+            "segments": seg.astype(dtype),
+            "members": np.packbits(self.members, axis=1),
+            "num_segments": np.array(self.num_segments, np.int64),
+        }
+
+    @classmethod
+    def from_arrays(cls, a: dict[str, np.ndarray]) -> RegionMasks:
+        n = int(a["num_segments"])
+        members = np.unpackbits(a["members"], axis=1, count=n).astype(bool)
+        return cls(a["segments"].astype(np.int32), members)
+
+
+# ----------------------------------------------------------------------- superpixels
+
+
+def _label_boxes(labels: np.ndarray, n: int) -> np.ndarray:
+    """(n,4) float64 pixel-edge xyxy box of each label 0..n-1 (inf for absent labels)."""
+    out = np.tile(np.array([np.inf, np.inf, -np.inf, -np.inf]), (n, 1))
+    for i, sl in enumerate(ndimage.find_objects(labels.astype(np.int32) + 1, max_label=n)):
+        if sl is not None:
+            out[i] = (sl[1].start, sl[0].start, sl[1].stop, sl[0].stop)
+    return out
+
+
+def _convert(image: np.ndarray, space: str) -> np.ndarray:
+    if space == "hsv":
+        return cv2.cvtColor(image, cv2.COLOR_RGB2HSV)
+    if space == "lab":
+        return cv2.cvtColor(image, cv2.COLOR_RGB2Lab)
+    if space == "rgb":
+        return image
+    raise ValueError(f"unknown colour space {space!r} (expected hsv, lab or rgb)")
+
+
+def felzenszwalb(image: np.ndarray, k: float, sigma: float = 0.8, min_size: int = 50) -> np.ndarray:
+    """(H,W) int32 Felzenszwalb-Huttenlocher superpixels (labels 0..n-1) via OpenCV."""
+    gs = cv2.ximgproc.segmentation.createGraphSegmentation(sigma=sigma, k=float(k), min_size=int(min_size))
+    lab = gs.processImage(np.ascontiguousarray(image)).astype(np.int32)
+    _, inv = np.unique(lab, return_inverse=True)  # make labels dense
+    return inv.reshape(lab.shape).astype(np.int32)
+
+
+def _adjacency(labels: np.ndarray, n: int) -> np.ndarray:
+    """(P,2) int64 unique neighbouring superpixel pairs (i<j), 4-connectivity."""
+    a = np.concatenate([labels[:, :-1].ravel(), labels[:-1, :].ravel()])
+    b = np.concatenate([labels[:, 1:].ravel(), labels[1:, :].ravel()])
+    d = a != b
+    lo, hi = np.minimum(a[d], b[d]).astype(np.int64), np.maximum(a[d], b[d]).astype(np.int64)
+    code = np.unique(lo * n + hi)
+    return np.stack([code // n, code % n], 1)
+
+
+def _colour_hist(img: np.ndarray, labels: np.ndarray, n: int, space: str, bins: int = 25) -> np.ndarray:
+    """(n, 3*bins) L1-normalised per-channel colour histograms (selective search: 25 bins)."""
+    flat = labels.ravel().astype(np.int64)
+    out = np.empty((n, 3 * bins), np.float32)
+    for c in range(3):
+        top = 180 if (space == "hsv" and c == 0) else 256  # OpenCV hue is 0..179
+        b = np.minimum(img[..., c].ravel().astype(np.int64) * bins // top, bins - 1)
+        out[:, c * bins:(c + 1) * bins] = np.bincount(flat * bins + b, minlength=n * bins).reshape(n, bins)
+    return out / np.maximum(out.sum(1, keepdims=True), 1)
+
+
+def _texture_hist(img: np.ndarray, labels: np.ndarray, n: int, bins: int = 10) -> np.ndarray:
+    """(n, 3*8*bins) L1-normalised gradient-orientation histograms (selective search's
+    SIFT-like texture: Gaussian derivatives, sigma=1, 8 orientations, 10 bins per channel)."""
+    flat = labels.ravel().astype(np.int64)
+    out = np.empty((n, 3 * 8 * bins), np.float32)
+    angles = np.arange(8) * (np.pi / 4)
+    col = 0
+    for c in range(3):
+        ch = cv2.GaussianBlur(img[..., c].astype(np.float32), (0, 0), 1.0)
+        gx = cv2.Sobel(ch, cv2.CV_32F, 1, 0, ksize=3).ravel()
+        gy = cv2.Sobel(ch, cv2.CV_32F, 0, 1, ksize=3).ravel()
+        for t in angles:
+            d = np.maximum(np.cos(t) * gx + np.sin(t) * gy, 0)
+            d /= max(float(d.max()), 1e-6)
+            b = np.minimum((d * bins).astype(np.int64), bins - 1)
+            out[:, col:col + bins] = np.bincount(flat * bins + b, minlength=n * bins).reshape(n, bins)
+            col += bins
+    return out / np.maximum(out.sum(1, keepdims=True), 1)
+
+
+# ----------------------------------------------------------------- hierarchical grouping
+
+
+def hierarchical_grouping(
+    labels: np.ndarray,
+    colour: np.ndarray,
+    texture: np.ndarray,
+    similarities: Sequence[str] = SIMILARITIES,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Greedily merge the most similar neighbouring regions until one is left.
+
+    ``labels`` (H,W) int32 superpixels 0..n-1; ``colour``/``texture`` (n,D) histograms.
+    Returns ``members`` (R,n) bool, row ``r`` = superpixels in region ``r`` (rows 0..n-1
+    are the superpixels, then one row per merge, in merge order), and ``level`` (R,) int:
+    the region's position in the hierarchy counted from the top (last merge = 1, the
+    superpixels last), which selective search multiplies by a random number to rank.
+    """
+    unknown = set(similarities) - set(SIMILARITIES)
+    if unknown or not similarities:
+        raise ValueError(f"similarities must be a non-empty subset of {SIMILARITIES}, got {similarities}")
+    n = int(labels.max()) + 1
+    im_size = float(labels.size)
+    total = 2 * n - 1
+    size = np.zeros(total, np.float64)
+    size[:n] = np.bincount(labels.ravel(), minlength=n)
+    bb = np.zeros((total, 4), np.float64)
+    bb[:n] = _label_boxes(labels, n)
+    col = np.zeros((total, colour.shape[1]), np.float32)
+    tex = np.zeros((total, texture.shape[1]), np.float32)
+    col[:n], tex[:n] = colour, texture
+    use_c, use_t, use_s, use_f = (s in similarities for s in SIMILARITIES)
+
+    def sim(i: np.ndarray | int, js: np.ndarray) -> np.ndarray:
+        s = np.zeros(len(js), np.float64)
+        if use_c:
+            s += np.minimum(col[i], col[js]).sum(-1)
+        if use_t:
+            s += np.minimum(tex[i], tex[js]).sum(-1)
+        if use_s:
+            s += 1.0 - (size[i] + size[js]) / im_size
+        if use_f:
+            bw = np.maximum(bb[i, 2], bb[js, 2]) - np.minimum(bb[i, 0], bb[js, 0])
+            bh = np.maximum(bb[i, 3], bb[js, 3]) - np.minimum(bb[i, 1], bb[js, 1])
+            s += 1.0 - (bw * bh - size[i] - size[js]) / im_size
+        return s
+
+    pairs = _adjacency(labels, n)
+    neigh: list[set[int]] = [set() for _ in range(total)]
+    for a, b in pairs.tolist():
+        neigh[a].add(b)
+        neigh[b].add(a)
+    heap = list(zip((-sim(pairs[:, 0], pairs[:, 1])).tolist(), pairs[:, 0].tolist(), pairs[:, 1].tolist(),
+                    strict=True))
+    heapq.heapify(heap)
+    alive = np.zeros(total, bool)
+    alive[:n] = True
+    members = np.zeros((total, n), bool)
+    members[np.arange(n), np.arange(n)] = True
+    k = n
+    while heap:
+        _, i, j = heapq.heappop(heap)
+        if not (alive[i] and alive[j]):
+            continue  # lazy deletion: a pair whose region was already merged
+        alive[i] = alive[j] = False
+        alive[k] = True
+        si, sj = size[i], size[j]
+        size[k] = si + sj
+        bb[k, :2] = np.minimum(bb[i, :2], bb[j, :2])
+        bb[k, 2:] = np.maximum(bb[i, 2:], bb[j, 2:])
+        col[k] = (si * col[i] + sj * col[j]) / (si + sj)  # size-weighted, as in selective search
+        tex[k] = (si * tex[i] + sj * tex[j]) / (si + sj)
+        members[k] = members[i] | members[j]
+        nb = (neigh[i] | neigh[j]) - {i, j}
+        for m in nb:
+            neigh[m].discard(i)
+            neigh[m].discard(j)
+            neigh[m].add(k)
+        neigh[k] = nb
+        neigh[i] = neigh[j] = set()
+        if nb:
+            js = np.fromiter(nb, np.int64, len(nb))
+            for s, jj in zip((-sim(k, js)).tolist(), js.tolist(), strict=True):
+                heapq.heappush(heap, (s, k, jj))
+        k += 1
+    members = members[:k]
+    # position in the hierarchy from the top: last merge = 1, ..., superpixels last
+    level = np.empty(k, np.int64)
+    level[n:] = np.arange(k - n, 0, -1)
+    level[:n] = k - n + 1 + np.arange(n)
+    return members, level
+
+
+# ----------------------------------------------------------------------- proposals
+
+
+def mask_proposals(image: np.ndarray, config: MaskProposalConfig = MaskProposalConfig()) -> RegionMasks:
+    """Top-``config.top_k`` ranked, deduplicated region masks of an ``(H,W,3)`` RGB uint8 image.
+
+    Each (colour space, k) superpixelisation is grouped with each similarity set; the
+    regions of all strategies are ranked as selective search ranks them (hierarchy level
+    times a seeded random number in (0,1]), and kept in that order unless a kept region
+    already covers them with mask IoU >= ``dedup_iou``.
+    """
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected an (H,W,3) uint8 RGB image, got shape {image.shape} dtype {image.dtype}")
+    H, W = image.shape[:2]
+    scale = min(1.0, config.max_side / max(H, W))
+    work = image if scale == 1.0 else cv2.resize(
+        image, (max(1, round(W * scale)), max(1, round(H * scale))), interpolation=cv2.INTER_AREA)
+    rng = np.random.default_rng(config.seed)
+    maps: list[np.ndarray] = []
+    cand_members: list[np.ndarray] = []  # per strategy (R_s, n_s) over that map's superpixels
+    cand_map: list[int] = []
+    cand_rank: list[np.ndarray] = []
+    for space in config.color_spaces:
+        conv = _convert(work, space)
+        for k in config.ks:
+            labels = felzenszwalb(conv, k, config.sigma, config.min_size)
+            n = int(labels.max()) + 1
+            ch = _colour_hist(conv, labels, n, space)
+            th = _texture_hist(conv, labels, n)
+            maps.append(labels)
+            for sims in config.similarity_sets:
+                members, level = hierarchical_grouping(labels, ch, th, sims)
+                cand_members.append(members)
+                cand_map.append(len(maps) - 1)
+                cand_rank.append(level * rng.uniform(1e-9, 1.0, len(level)))
+    # The intersection of all superpixelisations: every candidate is a union of its cells.
+    code = np.zeros(maps[0].shape, np.int64)
+    for m in maps:
+        code = code * (int(m.max()) + 1) + m
+    _, first, inv = np.unique(code.ravel(), return_index=True, return_inverse=True)
+    segments = inv.reshape(code.shape).astype(np.int32)
+    to_sp = [m.ravel()[first] for m in maps]  # cell -> superpixel of each map
+    areas = np.bincount(segments.ravel()).astype(np.float64)
+    npx = float(segments.size)
+
+    # Global ranking over all strategies (ascending rank value = better).
+    owner = np.concatenate([np.full(len(r), s) for s, r in enumerate(cand_rank)])
+    local = np.concatenate([np.arange(len(r)) for r in cand_rank])
+    order = np.argsort(np.concatenate(cand_rank), kind="stable")
+    kept = np.zeros((config.top_k, len(areas)), np.float32)
+    kept_area = np.zeros(config.top_k)
+    nk = 0
+    chunk = 256
+    for start in range(0, len(order), chunk):
+        idx = order[start:start + chunk]
+        rows = np.stack([cand_members[owner[i]][local[i]][to_sp[cand_map[owner[i]]]] for i in idx])
+        rows = rows.astype(np.float32)
+        ra = rows @ areas
+        ok = (ra >= config.min_area_frac * npx) & (ra <= config.max_area_frac * npx)
+        for r in np.flatnonzero(ok):
+            if nk:
+                inter = kept[:nk] @ (rows[r] * areas)
+                if (inter / (ra[r] + kept_area[:nk] - inter)).max() >= config.dedup_iou:
+                    continue  # a better-ranked region already has (nearly) this mask
+            kept[nk], kept_area[nk] = rows[r], ra[r]
+            nk += 1
+            if nk == config.top_k:
+                break
+        if nk == config.top_k:
+            break
+    result = RegionMasks(segments, kept[:nk] > 0)
+    if scale != 1.0:
+        seg_full = cv2.resize(segments, (W, H), interpolation=cv2.INTER_NEAREST)
+        result = _compact(RegionMasks(seg_full, result.members))
+    return result
+
+
+def _compact(r: RegionMasks) -> RegionMasks:
+    """Drop segments that no longer appear (e.g. after nearest-neighbour upsampling)."""
+    present = np.bincount(r.segments.ravel(), minlength=r.num_segments) > 0
+    if present.all():
+        return r
+    remap = np.cumsum(present) - 1
+    return RegionMasks(remap[r.segments].astype(np.int32), r.members[:, present])
+
+
+# --------------------------------------------------------------------------- caching
+
+
+def _cache_path(image_path: Path, config: MaskProposalConfig) -> Path:
+    sha = file_sha256(image_path)
+    return cache_dir() / "mask_proposals" / config.key() / sha[:2] / f"{sha}.npz"
+
+
+def get_mask_proposals(
+    record: ImageRecord | str | Path,
+    config: MaskProposalConfig = MaskProposalConfig(),
+    dataset_root: str | Path | None = None,
+) -> RegionMasks:
+    """Region masks of one image, from the cache (keyed by the image bytes and ``config``)
+    or computed and stored atomically."""
+    path = Path(record.path if isinstance(record, ImageRecord) else record)
+    if dataset_root is not None and not path.is_absolute() and not path.exists():
+        path = Path(dataset_root) / path
+    cpath = _cache_path(path, config)
+    try:
+        with np.load(cpath, allow_pickle=False) as z:
+            return RegionMasks.from_arrays({k: z[k] for k in z.files})
+    except (OSError, ValueError, EOFError, KeyError):
+        pass
+    regions = mask_proposals(load_image(path), config)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **regions.to_arrays())  # segment maps compress ~10x
+
+    atomic_write(cpath, write)
+    return regions
+
+
+# ---------------------------------------------------------------------------- recall
+
+
+def mask_recall(best_iou: Sequence[float] | np.ndarray, threshold: float = 0.5) -> dict[str, float]:
+    """Summary of best region IoU per ground-truth instance: mean and recall at ``threshold``."""
+    b = np.asarray(best_iou, np.float64)
+    if b.size == 0:
+        return {"instances": 0, "mean_best_iou": float("nan"), f"recall@{threshold:g}": float("nan")}
+    return {"instances": int(b.size), "mean_best_iou": float(b.mean()),
+            f"recall@{threshold:g}": float((b >= threshold).mean()), "recall@0.7": float((b >= 0.7).mean())}
