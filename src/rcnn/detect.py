@@ -28,6 +28,7 @@ from rcnn.boxes import NMS_IOU, batched_nms, box_area
 from rcnn.cache import cache_dir, file_sha256, load_npz, save_npz, settings_hash
 from rcnn.data import Dataset, ImageRecord, load_image
 from rcnn.evaluate import ClassResult, Detections, EvalResult, evaluate_detections
+from rcnn.scoring import TopK, score_topk
 from rcnn.svm import SVMConfig, TrainResult, score_regions, train_detector
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,11 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 #: Released ``rcnn_test.m``: ``max_per_image = 100`` boxes per class and image.
 MAX_PER_CLASS = 100
+#: Detection scores every region for every class while ``N × C`` is at most this (64 MB of
+#: float32); with more classes only the best ``PRE_NMS_FACTOR × max_per_class`` regions per class
+#: reach NMS (rcnn.scoring keeps them on the fly), so memory stays bounded for 100k classes.
+FULL_SCORES_MAX = 1 << 24
+PRE_NMS_FACTOR = 3
 HOG_BACKBONE = "hog"
 
 
@@ -74,6 +80,24 @@ class RCNNModel:
         if f.ndim != 2 or (len(f) and f.shape[1] != self.W.shape[0]):
             raise ModelError(f"features have shape {f.shape}, the model expects (N, {self.W.shape[0]})")
         return score_regions(f * np.float32(self.feature_scale), self.W, self.b)
+
+    def score_topk(self, feats: np.ndarray, k: int | None = None, threshold: float | None = None,
+                   block_classes: int | None = None) -> TopK:
+        """Per-class top-``k`` regions of raw features ``(N,D)`` without the ``(N,C)`` matrix
+        (:func:`rcnn.scoring.score_topk`: blocked product, bounded memory for any number of classes)."""
+        f = np.asarray(feats, np.float32)
+        if f.ndim != 2 or (len(f) and f.shape[1] != self.W.shape[0]):
+            raise ModelError(f"features have shape {f.shape}, the model expects (N, {self.W.shape[0]})")
+        extra = {} if block_classes is None else {"block_classes": block_classes}
+        return score_topk(f * np.float32(self.feature_scale), self.W, self.b, k=k, threshold=threshold, **extra)
+
+    def candidates_per_class(self, num_regions: int, max_per_class: int | None = MAX_PER_CLASS) -> int | None:
+        """How many top regions per class go to NMS: all of them (``None``, exactly the paper's
+        procedure) while the ``N × C`` scores fit in :data:`FULL_SCORES_MAX`; beyond that (thousands
+        of classes) the best ``PRE_NMS_FACTOR × max_per_class``, which bounds memory."""
+        if num_regions * len(self.classes) <= FULL_SCORES_MAX:
+            return None
+        return PRE_NMS_FACTOR * (max_per_class or MAX_PER_CLASS)
 
     def metadata(self) -> dict:
         return {
@@ -426,28 +450,41 @@ def postprocess(
     boxes: np.ndarray, scores: np.ndarray, nms_iou: float = NMS_IOU, threshold: float | None = None,
     top_k: int | None = None, max_per_class: int | None = MAX_PER_CLASS, active: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Regions ``(N,4)`` with scores ``(N,C)`` → detections ``(boxes (K,4), scores (K,), labels (K,))``.
+    """Regions ``(N,4)`` with scores ``(N,C)`` (or a :class:`rcnn.scoring.TopK` of per-class
+    candidates) → detections ``(boxes (K,4), scores (K,), labels (K,))``.
 
     Keeps scores ``> threshold`` (all if None), greedy NMS per class at ``nms_iou`` (paper §2.2),
     at most ``max_per_class`` per class, then the ``top_k`` best overall; sorted by score.
     ``active`` (C,) bool masks out classes the model cannot detect."""
     boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
-    scores = np.asarray(scores, np.float32)
-    scores = scores.reshape(len(boxes), -1) if scores.ndim != 2 else scores
     if len(boxes) == 0:
         return np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64)
-    C = scores.shape[1]
     valid = box_area(boxes) > 0
-    mask = np.broadcast_to(valid[:, None], scores.shape).copy()
-    if active is not None:
-        mask &= np.asarray(active, bool)[None, :]
-    if threshold is not None:
-        mask &= scores > threshold
-    mask &= np.isfinite(scores)
-    ri, ci = np.nonzero(mask)
+    if isinstance(scores, TopK):  # per-class candidates from rcnn.scoring.score_topk
+        C = scores.indices.shape[0]
+        ri, ci, sv = scores.flat()
+        keep = valid[ri] & np.isfinite(sv)
+        if active is not None:
+            keep &= np.asarray(active, bool)[ci]
+        if threshold is not None:
+            keep &= sv > threshold
+        order = np.lexsort((ci[keep], ri[keep]))  # region-major, as np.nonzero on the full matrix
+        ri, ci, sv = ri[keep][order], ci[keep][order], sv[keep][order]
+    else:
+        scores = np.asarray(scores, np.float32)
+        scores = scores.reshape(len(boxes), -1) if scores.ndim != 2 else scores
+        C = scores.shape[1]
+        mask = np.broadcast_to(valid[:, None], scores.shape).copy()
+        if active is not None:
+            mask &= np.asarray(active, bool)[None, :]
+        if threshold is not None:
+            mask &= scores > threshold
+        mask &= np.isfinite(scores)
+        ri, ci = np.nonzero(mask)
+        sv = scores[ri, ci]
     if len(ri) == 0:
         return np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64)
-    b, s, lab = boxes[ri], scores[ri, ci], ci.astype(np.int64)
+    b, s, lab = boxes[ri], sv, ci.astype(np.int64)
     keep = np.asarray(batched_nms(b, s, lab, nms_iou), np.int64)  # sorted by decreasing score
     b, s, lab = b[keep], s[keep], lab[keep]
     if max_per_class is not None:
@@ -474,7 +511,8 @@ def detect_image(
     if len(boxes) == 0:
         log.warning("image has no region proposals: no detections")
         return np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64)
-    return postprocess(boxes, model.score(feats), model.nms_iou, threshold, top_k, max_per_class, model.trained)
+    cand = model.score_topk(feats, model.candidates_per_class(len(boxes), max_per_class), threshold)
+    return postprocess(boxes, cand, model.nms_iou, threshold, top_k, max_per_class, model.trained)
 
 
 @dataclass
@@ -514,7 +552,8 @@ def detect_dataset(
             stats.no_proposals.append(r.image_id)
             log.warning("%s: no region proposals, no detections", r.path)
         else:
-            b, s, lab = postprocess(boxes, model.score(feats), model.nms_iou, threshold, top_k, max_per_class, model.trained)
+            cand = model.score_topk(feats, model.candidates_per_class(len(boxes), max_per_class), threshold)
+            b, s, lab = postprocess(boxes, cand, model.nms_iou, threshold, top_k, max_per_class, model.trained)
             parts.append(Detections(np.array([r.image_id] * len(s), dtype=object), b, s, lab))
         stats.images += 1
         stats.seconds += time.perf_counter() - t0
@@ -535,7 +574,8 @@ def evaluate_model(
     remap = np.array([index.get(c, -1) for c in model.classes], np.int64)
     extra = [c for c in model.classes if c not in index]
     if extra:
-        warnings.append(f"model classes not in the dataset (ignored): {extra}")
+        more = f" and {len(extra) - 10} more" if len(extra) > 10 else ""  # a 100k-class model: one short line
+        warnings.append(f"model classes not in the dataset (ignored): {extra[:10]}{more}")
     if len(dets):
         lab = remap[dets.labels]
         sel = lab >= 0
