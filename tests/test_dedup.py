@@ -239,3 +239,17 @@ def test_real_duplicate_found_and_cli(tmp_path, monkeypatch):
 
     bad = CliRunner().invoke(app, ["dedup", str(tmp_path / "nope"), str(voc), "-o", str(out)])
     assert bad.exit_code == 2 and "no such file" in bad.output
+
+
+def test_self_dedup_skips_identity_pairs(tmp_path, monkeypatch):
+    monkeypatch.setenv("RCNN_CACHE_DIR", str(tmp_path / "cache"))
+    folder = tmp_path / "imgs"
+    _write_images(folder)
+    (folder / "broken.jpg").unlink()
+    Image.fromarray(_jpeg(_photo("coffee"), 50)).save(folder / "coffee_copy.jpg")
+    items = collect_images(folder)
+    res = find_duplicates(items, items, workers=1, progress=False)
+    assert {(p.query, p.reference) for p in res.pairs} == {
+        ("coffee.jpg", "coffee_copy.jpg"),
+        ("coffee_copy.jpg", "coffee.jpg"),
+    }

@@ -54,7 +54,8 @@ def dedup(
     ] = True,
 ) -> None:
     """Find query images that are (near-)duplicates of reference images: exact source-ID
-    matches and Euclidean nearest neighbours of 32×32 GIST descriptors (paper App. C)."""
+    matches and Euclidean nearest neighbours of 32×32 GIST descriptors (paper App. C).
+    Give the same collection twice to find duplicates inside it (self-pairs are skipped)."""
     from rcnn.data import AnnotationError
     from rcnn.dedup import DEFAULT_THRESHOLD, SEARCH_METHODS, GistConfig, collect_images, find_duplicates
     from rcnn.dedup.report import write_report
@@ -66,9 +67,9 @@ def dedup(
     t = DEFAULT_THRESHOLD if threshold is None else threshold
     if t < 0:
         raise fail(f"--threshold must be ≥ 0, not {t}", 2)
-    if size != 32 and threshold is None:
+    if (size != 32 or color) and threshold is None:
         console.print(
-            f"[yellow]note:[/] the default threshold {t} was chosen for 32×32 grey GIST; pass --threshold for --size {size}"
+            f"[yellow]note:[/] the default threshold {t} was chosen for 32×32 grey GIST; pass --threshold"
         )
     try:
         config = GistConfig(image_size=size, color=color)
