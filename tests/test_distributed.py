@@ -81,3 +81,15 @@ def test_ray_engine_equals_local_engine(tmp_path, monkeypatch):
     # resumable / interchangeable: a second run computes nothing
     again = extract_dataset(ds, PC, FC, engine="ray", workers=2, progress=False)
     assert (again.computed, again.cached) == (0, 3)
+
+
+def test_cli_engine_options_are_checked():
+    from typer.testing import CliRunner
+
+    from rcnn.cli import app
+
+    voc = str(data_path("VOC2007-test-sample"))
+    r = CliRunner().invoke(app, ["features", voc, "--split", "test", "--engine", "spark"])
+    assert r.exit_code == 2 and "--engine must be one of" in r.output
+    r = CliRunner().invoke(app, ["features", voc, "--split", "test", "--address", "auto"])
+    assert r.exit_code == 2 and "--address needs --engine ray" in r.output

@@ -10,6 +10,7 @@ import typer
 from rcnn.backbones import WeightsError, available_backbones
 from rcnn.cli.app import app, console, fail
 from rcnn.cli.dataset import DatasetArg, SplitOpt, open_dataset
+from rcnn.cli.engine import AddressOpt, EngineOpt, check_engine, ray_extract
 from rcnn.cli.proposals import KsOpt, MaxBoxesOpt, WorkersOpt, make_config
 from rcnn.features import METHODS, MODES, SHARED_GRID, SHARED_SCALES, FeatureConfig, features_for_dataset
 from rcnn.proposals import MODES as PROPOSAL_MODES
@@ -41,8 +42,11 @@ def features(
     ks: KsOpt = None,
     max_boxes: MaxBoxesOpt = None,
     workers: WorkersOpt = None,
+    engine: EngineOpt = "local",
+    address: AddressOpt = None,
 ) -> None:
     """Compute float16 CNN features of every proposal of every image into the cache (resumable)."""
+    check_engine(engine, address)
     ds = open_dataset(dataset, split)
     pc = make_config(proposals, ks, max_boxes, None, None, False)
     try:
@@ -59,12 +63,17 @@ def features(
         raise fail(f"--layer must be one of {list(bb.taps)}, not {layer!r}", 2)
     console.print(f"{len(ds)} images; proposals {pc.describe()}; features {fc.describe()} "
                   f"({bb.dim(layer, grid)}-d float16)", highlight=False)
-    ps = propose_dataset(ds, pc, workers=workers, progress=True)  # parallel; features then read the cache
-    s = features_for_dataset(ds, pc, fc, progress=True)
+    if engine == "ray":  # rcnn.distributed: proposals + features in Ray tasks, into the same cache
+        s = ray_extract(ds, pc, fc, address, workers)
+        proposal_failed = []
+    else:
+        ps = propose_dataset(ds, pc, workers=workers, progress=True)  # parallel; features then read the cache
+        s = features_for_dataset(ds, pc, fc, progress=True)
+        proposal_failed = [m for _, m in ps.failed]
     console.print(f"computed {s.computed}, reused {s.cached} from the cache, failed {len(s.failed)}; "
                   f"{s.regions} regions in {s.seconds:.1f} s ({s.regions_per_s:.1f} regions/s)", highlight=False)
     console.print(f"cache: {s.cache_dir} ({s.cache_mb:.1f} MB on disk)", highlight=False)
-    failed = list(dict.fromkeys(s.failed + [m for _, m in ps.failed]))
+    failed = list(dict.fromkeys(s.failed + proposal_failed))
     if failed:
         for msg in failed[:20]:
             console.print(f"  [red]{msg}", highlight=False, soft_wrap=True)

@@ -1,0 +1,39 @@
+"""``--engine local|ray`` and ``--address`` options shared by ``rcnn features`` and ``rcnn detect``
+(a thin layer over :mod:`rcnn.distributed`)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from rcnn.cli.app import console, fail
+from rcnn.distributed import ENGINES, EngineSummary, extract_dataset
+
+EngineOpt = Annotated[str, typer.Option(
+    "--engine", help=f"{'|'.join(ENGINES)}: where proposals + features are computed (ray: Ray tasks "
+    "writing into the same cache; without --address a local Ray instance)")]
+AddressOpt = Annotated[str | None, typer.Option(
+    "--address", help="ray: 'auto' (the cluster `ray start` made on this node) or HOST:PORT of a head node; "
+    "RCNN_CACHE_DIR must be a path every node sees")]
+
+
+def check_engine(engine: str, address: str | None) -> None:
+    """Exit with one line on a bad ``--engine`` / ``--address`` combination."""
+    if engine not in ENGINES:
+        raise fail(f"--engine must be one of {list(ENGINES)}, not {engine!r}", 2)
+    if address and engine != "ray":
+        raise fail("--address needs --engine ray", 2)
+
+
+def ray_extract(dataset, proposal_config, feature_config, address: str | None, workers: int | None,
+                records=None) -> EngineSummary:
+    """Fill the caches on Ray (progress bar on the driver); a missing ``ray`` or an unreachable
+    cluster exits with one line."""
+    try:
+        s = extract_dataset(dataset, proposal_config, feature_config, engine="ray", address=address, workers=workers,
+                            progress=True, records=records)
+    except RuntimeError as e:
+        raise fail(str(e), 2) from None
+    console.print(f"ray: {s.workers} workers, startup {s.startup_s:.1f} s, {s.images_per_s:.2f} images/s", highlight=False)
+    return s
