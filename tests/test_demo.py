@@ -21,6 +21,7 @@ from rcnn.demo import (
     group_detections,
     load_vocabulary,
     softmax,
+    suppress_parts,
     write_html,
 )
 
@@ -132,11 +133,25 @@ def test_per_class_nms_at_0_3():
     boxes = np.array([[0, 0, 100, 100], [10, 0, 110, 100], [0, 0, 100, 40]], np.float32)
     # box1 IoU with box0 = 90/110 = 0.82 (suppressed); box2 IoU = 0.4 > 0.3 (suppressed)
     p = _probs(3, {0: {281: 0.9}, 1: {281: 0.8}, 2: {281: 0.7}})
-    b, _s, _lab = group_detections(boxes, p, VOC)
+    only_nms = DemoConfig(contain=0)  # isolate the paper's NMS from part suppression
+    b, _s, _lab = group_detections(boxes, p, VOC, only_nms)
     assert b.tolist() == [[0, 0, 100, 100]]
-    # IoU 0.25 < 0.3: both kept
+    # IoU 0.25 < 0.3: both kept by NMS ...
     boxes2 = np.array([[0, 0, 100, 100], [0, 0, 100, 25]], np.float32)
-    assert len(group_detections(boxes2, p[:2], VOC)[0]) == 2
+    assert len(group_detections(boxes2, p[:2], VOC, only_nms)[0]) == 2
+    # ... but the second lies wholly inside the first (a part of the same cat): dropped by default
+    assert group_detections(boxes2, p[:2], VOC)[0].tolist() == [[0, 0, 100, 100]]
+
+
+def test_suppress_parts_same_class_only_and_score_order():
+    boxes = np.array([[0, 0, 100, 100], [10, 10, 40, 40], [10, 10, 40, 40], [90, 0, 190, 100]], np.float32)
+    scores = np.array([0.6, 0.9, 0.5, 0.55])
+    labels = np.array([0, 0, 1, 0])
+    # box1 (0.9) is inside box0 but scores higher: kept, and box0 is not inside box1: kept too;
+    # box2 is inside box0 but another class: kept; box3 overlaps box0 by 10%: kept
+    assert suppress_parts(boxes, scores, labels, 0.7).tolist() == [1, 0, 3, 2]
+    scores2 = np.array([0.9, 0.6, 0.5, 0.55])
+    assert suppress_parts(boxes, scores2, labels, 0.7).tolist() == [0, 3, 2]  # the part of box0 dropped
 
 
 def test_cross_class_one_label_per_object_and_order():
@@ -232,3 +247,118 @@ def test_folder_images_lists_all_files(tmp_path):
 def test_image_source_dataclass():
     s = ImageSource("x", "here", lambda: np.zeros((4, 4, 3), np.uint8))
     assert s.load().shape == (4, 4, 3)
+
+
+# ----------------------------------------------------------------------------- the real detector
+
+# Hand-measured on skimage.data.chelsea() (451x300): the image drawn at 2x with a 25-px grid,
+# each point then checked on a 4x crop centred on it (pixel column x, row y, 0-based).
+CHELSEA_LEFT_EYE = (171, 114)  # centre of the pupil of the eye on the viewer's left
+CHELSEA_RIGHT_EYE = (314, 135)  # centre of the pupil of the eye on the viewer's right
+CHELSEA_NOSE = (260, 238)  # centre of the pink nose leather
+
+
+@pytest.fixture(scope="module")
+def chelsea_run(tmp_path_factory):
+    from skimage import data
+
+    from rcnn.demo import run_demo
+
+    out = tmp_path_factory.mktemp("demo")
+    src = ImageSource("chelsea", "skimage.data.chelsea()", data.chelsea)
+    return run_demo([src], out)
+
+
+def test_demo_outputs_exist_and_parse(chelsea_run):
+    from PIL import Image
+    from pycocotools.coco import COCO
+
+    out = chelsea_run.out_dir
+    png = out / "chelsea.png"
+    assert png.is_file() and Image.open(png).size == (451, 300)
+    assert Image.open(out / "summary.png").size[1] == 240
+    coco = COCO(str(out / "detections.json"))
+    assert [i["file_name"] for i in coco.dataset["images"]] == ["chelsea.png"]
+    assert len(coco.getAnnIds()) == len(chelsea_run.images[0].result.scores) >= 1
+    html_text = (out / "index.html").read_text()
+    assert 'src="chelsea.png"' in html_text and "detections.json" in html_text
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*"))
+
+
+def test_chelsea_top_detection_is_the_cat_face(chelsea_run):
+    res = chelsea_run.images[0].result
+    assert res.class_names[int(res.labels[0])] == "cat"
+    x1, y1, x2, y2 = res.boxes[0]
+    for x, y in (CHELSEA_LEFT_EYE, CHELSEA_RIGHT_EYE, CHELSEA_NOSE):
+        assert x1 <= x < x2 and y1 <= y < y2, (res.boxes[0], (x, y))
+    # the JSON says the same
+    doc = json.loads((chelsea_run.out_dir / "detections.json").read_text())
+    top = max(doc["annotations"], key=lambda a: a["score"])
+    assert doc["categories"][top["category_id"] - 1]["name"] == "cat"
+
+
+# ----------------------------------------------------------------------------- CLI, bad input
+
+
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from rcnn.cli import app
+
+    return CliRunner().invoke(app, ["demo", *args])
+
+
+def test_cli_empty_folder_exit_2(tmp_path):
+    (tmp_path / "empty").mkdir()
+    r = _cli("--images", str(tmp_path / "empty"), "-o", str(tmp_path / "out"))
+    assert r.exit_code == 2 and "empty" in r.output
+
+
+def test_cli_unwritable_output_before_any_work(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    r = _cli("-o", str(blocker / "out"))
+    assert r.exit_code == 2 and "cannot write" in r.output
+    assert "Detecting" not in r.output  # refused before loading the model or any image
+
+
+def test_cli_bad_files_skipped_with_warnings(tmp_path):
+    from PIL import Image
+
+    d = tmp_path / "photos"
+    d.mkdir()
+    (d / "notes.txt").write_text("not an image")
+    (d / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(d / "noise.png")
+    out = tmp_path / "out"
+    r = _cli("--images", str(d), "-o", str(out))
+    assert r.exit_code == 0, r.output
+    assert "notes.txt" in r.output and "broken.jpg" in r.output
+    assert "1 image(s) processed" in r.output and "2 file(s) skipped" in r.output
+    doc = json.loads((out / "detections.json").read_text())
+    assert [i["file_name"] for i in doc["images"]] == ["noise.png"]
+    assert "index.html" in r.output
+
+
+def test_cli_only_broken_files_exit_2(tmp_path):
+    d = tmp_path / "photos"
+    d.mkdir()
+    (d / "a.jpg").write_text("nope")
+    r = _cli("--images", str(d), "-o", str(tmp_path / "out"))
+    assert r.exit_code == 2 and "a.jpg" in r.output and "no readable images" in r.output
+
+
+@pytest.mark.slow
+def test_cli_default_demo_all_sample_photos(tmp_path):
+    r = _cli("-o", str(tmp_path / "out"))
+    assert r.exit_code == 0, r.output
+    doc = json.loads((tmp_path / "out" / "detections.json").read_text())
+    assert {i["file_name"] for i in doc["images"]} >= {
+        "chelsea.png",
+        "coffee.png",
+        "rocket.png",
+        "astronaut.png",
+    }
+    names = {doc["categories"][a["category_id"] - 1]["name"] for a in doc["annotations"]}
+    assert {"cat", "cup", "rocket"} <= names

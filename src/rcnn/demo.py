@@ -43,7 +43,7 @@ import numpy as np
 from rcnn.boxes import batched_nms, nms
 from rcnn.cache import save_json
 from rcnn.data import ImageReadError, load_image
-from rcnn.visualize import draw_detections, save_png
+from rcnn.visualize import draw_detections, make_public, save_png
 
 VOCABULARY_PATH = Path(__file__).resolve().parent / "resources" / "vocabulary.json"
 NUM_IMAGENET_CLASSES = 1000
@@ -188,6 +188,9 @@ class DemoConfig:
     max_detections: int = 10
     max_side: int = 640
     min_box_size: float = 16.0
+    min_box_frac: float = 0.01
+    scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.5)
+    contain: float = 0.7
     batch_size: int = 256
 
     def __post_init__(self) -> None:
@@ -230,9 +233,38 @@ def group_detections(
     cb, cs, cl = boxes[ri], scores[ri, gi].astype(np.float32), gi.astype(np.int64)
     keep = batched_nms(cb, cs, cl, config.nms_iou)  # paper §2.2: greedy NMS per class
     cb, cs, cl = cb[keep], cs[keep], cl[keep]
+    if config.contain > 0:
+        keep = suppress_parts(cb, cs, cl, config.contain)
+        cb, cs, cl = cb[keep], cs[keep], cl[keep]
     keep = nms(cb, cs, config.cross_class_iou)  # one object, one label
     keep = keep[: config.max_detections]
     return cb[keep], cs[keep], cl[keep]
+
+
+def suppress_parts(
+    boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, contain: float = 0.7
+) -> np.ndarray:
+    """Greedy, per class: drop a box when more than ``contain`` of its area lies inside a
+    higher-scoring kept box of the same class. Indices ``(K,)`` kept, by decreasing score.
+
+    Why: a classifier fires on object *parts* (a patch of tabby fur is "tabby"); R-CNN's
+    SVMs learn to reject parts from hard negatives (IoU < 0.3, paper §2.3), a classifier
+    cannot, and NMS at IoU 0.3 keeps a small part inside a whole-object box (low IoU).
+    """
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    order = np.argsort(-np.asarray(scores), kind="stable")
+    area = np.maximum(boxes[:, 2] - boxes[:, 0], 0) * np.maximum(boxes[:, 3] - boxes[:, 1], 0)
+    kept: list[int] = []
+    for j in order:
+        same = [i for i in kept if labels[i] == labels[j]]
+        if same:
+            k = boxes[same]
+            iw = np.clip(np.minimum(k[:, 2], boxes[j, 2]) - np.maximum(k[:, 0], boxes[j, 0]), 0, None)
+            ih = np.clip(np.minimum(k[:, 3], boxes[j, 3]) - np.maximum(k[:, 1], boxes[j, 1]), 0, None)
+            if (iw * ih).max() > contain * max(float(area[j]), 1e-9):
+                continue
+        kept.append(int(j))
+    return np.asarray(kept, dtype=np.int64)
 
 
 # ----------------------------------------------------------------------------- detector
@@ -287,6 +319,7 @@ class ImagenetDetector:
             layer="logits",
             mode=self.config.mode,
             batch_size=self.config.batch_size,
+            scales=self.config.scales,
         )
         return softmax(logits)
 
@@ -299,6 +332,8 @@ class ImagenetDetector:
 
         set_threads()
         cfg = self.config
+        if not image.flags.writeable:  # e.g. np.asarray(PIL image); torch warns on read-only input
+            image = image.copy()
         t0 = time.perf_counter()
         h, w = image.shape[:2]
         scale = min(1.0, cfg.max_side / max(h, w))
@@ -310,8 +345,9 @@ class ImagenetDetector:
             )
         sh, sw = small.shape[:2]
         boxes = selective_search(small)  # paper §2.1: selective search, fast mode
-        sizes = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
-        boxes = boxes[sizes >= cfg.min_box_size] if (sizes >= cfg.min_box_size).any() else boxes
+        bw, bh = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+        ok = (np.minimum(bw, bh) >= cfg.min_box_size) & (bw * bh >= cfg.min_box_frac * sw * sh)
+        boxes = boxes[ok] if ok.any() else boxes
         t1 = time.perf_counter()
         probs = self.region_probs(small, boxes)
         t2 = time.perf_counter()
@@ -510,7 +546,24 @@ Detections: <a href="detections.json">detections.json</a> (COCO layout).</p>
 """
     from rcnn.cache import atomic_write
 
-    return atomic_write(path, lambda tmp: tmp.write_text(doc, encoding="utf-8"))
+    atomic_write(path, lambda tmp: tmp.write_text(doc, encoding="utf-8"))
+    make_public(path)
+    return path
+
+
+def contact_sheet(images: Sequence[np.ndarray], height: int = 240, gap: int = 4) -> np.ndarray:
+    """The annotated images side by side, each resized to ``height`` px: (height, W, 3) uint8."""
+    from PIL import Image
+
+    tiles = [Image.fromarray(im).resize((max(1, round(im.shape[1] * height / im.shape[0])), height), Image.LANCZOS)
+             for im in images]  # fmt: skip
+    width = sum(t.width for t in tiles) + gap * max(len(tiles) - 1, 0)
+    sheet = Image.new("RGB", (max(width, 1), height), (255, 255, 255))
+    x = 0
+    for t in tiles:
+        sheet.paste(t, (x, 0))
+        x += t.width + gap
+    return np.asarray(sheet)
 
 
 def run_demo(
@@ -520,7 +573,8 @@ def run_demo(
     on_image: Callable[[ImageReport], None] | None = None,
     on_skip: Callable[[str], None] | None = None,
 ) -> DemoReport:
-    """Detect on each source and write ``OUT/<name>.png``, ``OUT/detections.json``, ``OUT/index.html``.
+    """Detect on each source and write ``OUT/<name>.png``, ``OUT/detections.json``, ``OUT/index.html``
+    and ``OUT/summary.png`` (every annotated image side by side, 240 px high, 256 colours).
 
     Unreadable sources are skipped (``on_skip(one_line_reason)``), never fatal. The JSON
     and HTML are rewritten after every image, so an interrupted run leaves valid outputs.
@@ -529,7 +583,8 @@ def run_demo(
     detector = detector or ImagenetDetector()
     reports: list[ImageReport] = []
     skipped: list[str] = []
-    used: set[str] = {"index", "detections"}
+    used: set[str] = {"index", "detections", "summary"}
+    thumbs: list[np.ndarray] = []
     json_path, html_path = out / "detections.json", out / "index.html"
     for src in sources:
         try:
@@ -544,14 +599,17 @@ def run_demo(
         stem = _safe_stem(src.name, used)
         drawn = draw_detections(image, res.boxes, res.labels, res.scores, res.class_names)
         save_png(out / f"{stem}.png", drawn)
+        thumbs.append(contact_sheet([drawn]))
         rep = ImageReport(src.name, src.origin, f"{stem}.png", image.shape[1], image.shape[0], res)
         reports.append(rep)
         save_json(json_path, coco_document(reports, detector.vocabulary, detector.config))
         write_html(html_path, reports, skipped)
         if on_image:
             on_image(rep)
-    save_json(json_path, coco_document(reports, detector.vocabulary, detector.config))
+    make_public(save_json(json_path, coco_document(reports, detector.vocabulary, detector.config)))
     write_html(html_path, reports, skipped)
+    if thumbs:
+        save_png(out / "summary.png", contact_sheet(thumbs), colors=256)
     return DemoReport(out, reports, skipped, json_path, html_path)
 
 
@@ -567,6 +625,7 @@ __all__ = [
     "VocabularyError",
     "check_writable",
     "coco_document",
+    "contact_sheet",
     "folder_images",
     "group_detections",
     "load_vocabulary",

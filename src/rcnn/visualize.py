@@ -9,6 +9,7 @@ chosen for contrast. ``save_png(path, image)`` writes atomically.
 from __future__ import annotations
 
 import colorsys
+import os
 import zlib
 from collections.abc import Sequence
 from functools import lru_cache
@@ -139,11 +140,25 @@ def draw_detections(
     return np.asarray(pil, dtype=np.uint8).copy()
 
 
-def save_png(path: str | Path, image: np.ndarray) -> Path:
-    """Write ``image`` ((H,W,3) RGB uint8) as a PNG, atomically; creates parent folders."""
-    rgb = _as_rgb(image)
-    pil = Image.fromarray(rgb)
-    return atomic_write(path, lambda tmp: pil.save(tmp, format="PNG", optimize=True))
+def save_png(path: str | Path, image: np.ndarray, colors: int | None = None) -> Path:
+    """Write ``image`` ((H,W,3) RGB uint8) as a PNG, atomically; creates parent folders.
+
+    ``colors``: quantise to a palette of this many colours (smaller files, e.g. for docs).
+    The file gets the usual ``0o666 & ~umask`` permissions (not the temp file's 0o600).
+    """
+    pil = Image.fromarray(_as_rgb(image))
+    if colors is not None:
+        pil = pil.quantize(colors=int(colors), method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+    path = atomic_write(path, lambda tmp: pil.save(tmp, format="PNG", optimize=True))
+    make_public(path)
+    return path
 
 
-__all__ = ["class_color", "draw_detections", "label_text", "save_png"]
+def make_public(path: str | Path) -> None:
+    """chmod ``path`` to ``0o666 & ~umask`` (files from ``tempfile.mkstemp`` are 0o600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
+__all__ = ["class_color", "draw_detections", "label_text", "make_public", "save_png"]
