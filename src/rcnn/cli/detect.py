@@ -1,0 +1,270 @@
+"""``rcnn train``, ``rcnn detect`` and ``rcnn evaluate``: the R-CNN detector (paper §2.2–2.3)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import typer
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from rcnn.cache import save_json
+from rcnn.cli.app import app, console, err_console, fail
+from rcnn.cli.dataset import DatasetArg, open_dataset, print_ap_table
+from rcnn.cli.proposals import KsOpt, MaxBoxesOpt, MinSizeOpt, WidthOpt, WorkersOpt, make_config
+from rcnn.data import ImageReadError, load_image
+from rcnn.evaluate import METRICS, Detections, write_coco_results, write_comp4
+
+log = logging.getLogger(__name__)
+
+ModelArg = Annotated[Path, typer.Argument(help="Model file written by `rcnn train` (.rcnn)")]
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console)
+
+
+class _WarnToConsole(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        err_console.print(f"[yellow]warning:[/] {record.getMessage()}", highlight=False, soft_wrap=True)
+
+
+def _log_warnings() -> None:
+    for name in ("rcnn.svm", "rcnn.detect"):
+        lg = logging.getLogger(name)
+        if not any(isinstance(h, _WarnToConsole) for h in lg.handlers):
+            h = _WarnToConsole(logging.WARNING)
+            lg.addHandler(h)
+            lg.propagate = False
+
+
+def _load_model(path: Path):
+    from rcnn.detect import ModelError, RCNNModel
+
+    try:
+        return RCNNModel.load(path)
+    except ModelError as e:
+        raise fail(str(e), 2) from None
+
+
+def _source(model, root=None):
+    from rcnn.backbones import WeightsError
+    from rcnn.detect import ModelError
+
+    try:
+        return model.feature_source(root)
+    except (ModelError, WeightsError, ValueError) as e:
+        raise fail(f"cannot use this model here: {e}", 2) from None
+
+
+@app.command()
+def train(
+    dataset: DatasetArg,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Model file to write")],
+    split: Annotated[str, typer.Option("--split", "-s", help="Training split")] = "trainval",
+    backbone: Annotated[str, typer.Option("--backbone", "-b", help="squeezenet1_1, efficientnet_lite0, alexnet, a "
+                                          "torchvision classifier (needs --weights), or 'hog' (HOG baseline)")] = "squeezenet1_1",
+    weights: Annotated[Path | None, typer.Option("--weights", "-w", help="Backbone state dict")] = None,
+    layer: Annotated[str, typer.Option("--layer", "-l", help="pool5 | fc6 | fc7 (paper §3.2: fc7)")] = "fc7",
+    mode: Annotated[str, typer.Option("--mode", "-m", help="warp (faithful, §2.1) | shared (one trunk pass + RoI pooling)")] = "warp",
+    scales: Annotated[str | None, typer.Option("--scales", help="shared mode: image scale(s), comma-separated")] = None,
+    grid: Annotated[int | None, typer.Option("--grid", help="shared mode RoI grid / pool5 grid")] = None,
+    context_pad: Annotated[int, typer.Option("--context-pad", help="warp: context pixels (released code: 16)")] = 0,
+    proposals: Annotated[str, typer.Option("--proposals", help="Proposal mode (rcnn-fast | fast | quality)")] = "rcnn-fast",
+    ks: KsOpt = None,
+    max_boxes: MaxBoxesOpt = None,
+    min_size: MinSizeOpt = None,
+    resize_width: WidthOpt = None,
+    workers: WorkersOpt = None,
+    C: Annotated[float, typer.Option("--C", help="SVM C (rcnn_train.m: 1e-3)")] = 1e-3,
+    pos_weight: Annotated[float, typer.Option("--pos-weight", help="Positive loss weight (rcnn_train.m: 2)")] = 2.0,
+    bias_mult: Annotated[float, typer.Option("--bias-mult", help="Bias feature value (rcnn_train.m: 10)")] = 10.0,
+    passes: Annotated[int, typer.Option("--passes", help="Hard-negative mining passes (paper §2.3: 1)")] = 1,
+    retrain_limit: Annotated[int, typer.Option("--retrain-limit", help="Retrain after this many new negatives")] = 2000,
+    max_new_neg: Annotated[int | None, typer.Option("--max-new-neg", help="Cap new negatives per class per image")] = None,
+    max_cache_mb: Annotated[float, typer.Option("--max-cache-mb", help="Bound of each class's negative cache")] = 512.0,
+) -> None:
+    """Train per-class linear SVMs with hard-negative mining (paper §2.3); resumes from the caches."""
+    from rcnn.backbones import WeightsError
+    from rcnn.detect import CNNFeatures, HOGFeatures, fit
+    from rcnn.features import SHARED_GRID, SHARED_SCALES, FeatureConfig, features_for_dataset
+    from rcnn.proposals import propose_dataset
+    from rcnn.svm import SVMConfig
+
+    _log_warnings()
+    ds = open_dataset(dataset, split)
+    if not ds.records:
+        raise fail(f"{dataset}: split {split!r} has no images", 2)
+    pc = make_config(proposals, ks, max_boxes, min_size, resize_width, False)
+    try:
+        svm = SVMConfig(C=C, bias_mult=bias_mult, pos_weight=pos_weight, passes=passes, retrain_limit=retrain_limit,
+                        max_new_neg_per_image=max_new_neg, max_cache_mb=max_cache_mb)
+        if backbone == "hog":
+            source = HOGFeatures(pc, ds.root)
+        else:
+            sc = tuple(float(s) for s in scales.split(",")) if scales else SHARED_SCALES
+            fc = FeatureConfig(backbone=backbone, weights=str(weights) if weights else None, layer=layer, mode=mode,
+                               context_pad=context_pad, scales=sc, grid=grid or SHARED_GRID, with_gt=True)
+            bb = fc.backbone_obj()
+            if layer not in bb.taps:
+                raise fail(f"--layer must be one of {list(bb.taps)} for {backbone}, not {layer!r}", 2)
+            source = CNNFeatures(pc, fc, ds.root, backbone=bb)
+    except ValueError as e:
+        raise fail(f"bad option: {e}", 2) from None
+    except WeightsError as e:
+        raise fail(str(e), 2) from None
+    console.print(f"{len(ds)} images of {dataset} ({split}); proposals {pc.describe()}; "
+                  f"features {source.name} {source.layer} {source.mode}", highlight=False)
+    t0 = time.perf_counter()
+    ps = propose_dataset(ds, pc, workers=workers, progress=True)
+    bad = {i for i, _ in ps.failed}
+    for _, msg in ps.failed:
+        err_console.print(f"[red]error:[/] {msg}", highlight=False, soft_wrap=True)
+    if bad:
+        ds.records = [r for r in ds.records if r.image_id not in bad]
+        err_console.print(f"[yellow]warning:[/] training without {len(bad)} unreadable image(s)")
+    if isinstance(source, CNNFeatures):
+        s = features_for_dataset(ds, pc, replace(source.feature_config), progress=True)
+        console.print(f"features: computed {s.computed}, reused {s.cached}; cache {s.cache_mb:.0f} MB", highlight=False)
+    with _progress() as bar:
+        tasks: dict[str, int] = {}
+
+        def report(p) -> None:
+            if p.stage not in tasks:
+                tasks[p.stage] = bar.add_task({"stats": "feature scale", "positives": "positives",
+                                               "mining": "hard-negative mining"}[p.stage], total=p.total, info="")
+            info = ""
+            if p.cache_sizes:
+                info = "cache " + " ".join(f"{c}:{n}" for c, n in zip(ds.classes, p.cache_sizes, strict=False)) + \
+                       " · obj " + " ".join("–" if math.isnan(o) else f"{o:.3g}" for o in p.objective)
+            bar.update(tasks[p.stage], completed=p.done, total=p.total, info=info)
+
+        try:
+            model, res = fit(ds, source, svm, progress=report)
+        except (ValueError, ImageReadError) as e:
+            raise fail(str(e), 1) from None
+    model.training["seconds_total"] = round(time.perf_counter() - t0, 1)
+    model.save(output)
+    t = Table(title=f"SVMs ({svm.C=}, {svm.pos_weight=}, {svm.bias_mult=})")
+    for col in ("class", "positives", "retrains", "final negatives", "objective"):
+        t.add_column(col, justify="left" if col == "class" else "right")
+    for c, name in enumerate(ds.classes):
+        h = res.history[c]
+        t.add_row(name, str(res.num_pos[c]), str(len(h)), str(h[-1]["num_neg_after_evict"] if h else 0),
+                  f"{h[-1]['objective']:.4f}" if h else "not trained")
+    console.print(t)
+    console.print(f"wrote {output} (training {res.seconds / 60:.1f} min from cached features)")
+
+
+def _write_outputs(dets: Detections, classes, out: Path, split: str) -> None:
+    write_coco_results(dets, list(range(1, len(classes) + 1)), out / "detections_coco.json")
+    write_comp4(dets, classes, out, split)
+
+
+@app.command()
+def detect(
+    model_path: ModelArg,
+    images: Annotated[list[Path], typer.Argument(help="Image files")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output folder")],
+    threshold: Annotated[float, typer.Option("--threshold", "-t", help="Keep detections scoring above this (SVM margin; 0 = decision boundary)")] = 0.0,
+    top_k: Annotated[int | None, typer.Option("--top-k", help="At most this many detections per image")] = None,
+    no_png: Annotated[bool, typer.Option("--no-png", help="Skip the annotated PNGs")] = False,
+) -> None:
+    """Detect objects in images: COCO results JSON, VOC comp4 files and an annotated PNG per image."""
+    from rcnn.detect import detect_image
+
+    _log_warnings()
+    model = _load_model(model_path)
+    source = _source(model)
+    output.mkdir(parents=True, exist_ok=True)
+    parts, failed = [], []
+    with _progress() as bar:
+        task = bar.add_task("detect", total=len(images), info="")
+        for p in images:
+            try:
+                img = load_image(p)
+            except ImageReadError as e:
+                failed.append(str(e))
+                err_console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+                bar.advance(task)
+                continue
+            t0 = time.perf_counter()
+            b, s, lab = detect_image(model, img, source, threshold=threshold, top_k=top_k)
+            dt = time.perf_counter() - t0
+            parts.append(Detections(np.array([p.stem] * len(s), dtype=object), b, s, lab))
+            if not no_png:
+                from rcnn.visualize import draw_detections, save_png
+
+                save_png(output / f"{p.stem}.png", draw_detections(img, b, lab, s, model.classes))
+            counts = ", ".join(f"{model.classes[c]} {int((lab == c).sum())}" for c in np.unique(lab)) or "nothing"
+            bar.update(task, advance=1, info=f"{p.name}: {counts} ({dt:.1f} s)")
+    dets = Detections.concat(parts)
+    _write_outputs(dets, model.classes, output, "detect")
+    console.print(f"{len(dets)} detections in {len(parts)} image(s) → {output}")
+    if failed:
+        raise fail(f"{len(failed)} image(s) could not be read", 1)
+
+
+@app.command()
+def evaluate(
+    model_path: ModelArg,
+    dataset: DatasetArg,
+    split: Annotated[str, typer.Option("--split", "-s", help="Test split")] = "test",
+    metric: Annotated[str, typer.Option("--metric", help=f"One of {METRICS}")] = "voc07",
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Folder for results JSON, PR curves, detections")] = None,
+    workers: WorkersOpt = None,
+) -> None:
+    """Detect over a split (using the caches) and print the per-class VOC AP table and mAP."""
+    from rcnn.detect import CNNFeatures, DetectStats, detect_dataset, evaluate_model, save_pr_curves
+    from rcnn.features import features_for_dataset
+    from rcnn.proposals import propose_dataset
+
+    if metric not in METRICS:
+        raise fail(f"--metric must be one of {METRICS}, not {metric!r}", 2)
+    _log_warnings()
+    model = _load_model(model_path)
+    ds = open_dataset(dataset, split)
+    missing = [c for c in ds.classes if c not in model.classes]
+    if missing:
+        err_console.print(f"[yellow]warning:[/] dataset classes not in the model (AP undefined): {missing}")
+    source = _source(model, ds.root)
+    ps = propose_dataset(ds, source.proposal_config, workers=workers, progress=True)
+    for _, msg in ps.failed:
+        err_console.print(f"[red]error:[/] {msg}", highlight=False, soft_wrap=True)
+    bad = {i for i, _ in ps.failed}
+    ds.records = [r for r in ds.records if r.image_id not in bad]
+    if isinstance(source, CNNFeatures):
+        features_for_dataset(ds, source.proposal_config, source.feature_config, progress=True)
+    stats = DetectStats()
+    with _progress() as bar:
+        task = bar.add_task("detect", total=len(ds.records), info="")
+        dets = detect_dataset(model, ds, source, progress=lambda i, n: bar.update(task, completed=i), stats=stats)
+    result, warns = evaluate_model(model, ds, dets, metric)
+    for w in warns:
+        err_console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+    print_ap_table(result, title=f"{model_path.name} on {dataset} ({split}, {metric})")
+    console.print(f"{stats.images} images, {stats.seconds_per_image:.2f} s/image from cached features")
+    if output:
+        output.mkdir(parents=True, exist_ok=True)
+        doc = {**result.as_dict(), "model": str(model_path), "dataset": str(dataset), "split": split, "warnings": warns,
+               "images": stats.images, "seconds_per_image_cached": stats.seconds_per_image, "no_proposals": stats.no_proposals}
+        save_json(output / "results.json", doc)
+        pngs = save_pr_curves(result, output)
+        _write_outputs(dets, model.classes, output, split)
+        console.print(f"wrote {output / 'results.json'}, {len(pngs)} PR curve(s) and the detections to {output}")
+    if bad:
+        raise fail(f"{len(bad)} image(s) could not be read", 1)

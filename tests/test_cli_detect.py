@@ -1,0 +1,81 @@
+"""``rcnn detect`` / ``rcnn evaluate`` / ``rcnn train`` on small real inputs and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from PIL import Image
+from typer.testing import CliRunner
+
+from rcnn.cli import app
+from rcnn.detect import FORMAT_VERSION, RCNNModel, hog_features
+
+runner = CliRunner()
+
+
+def _hog_model(tmp_path, **kw):
+    d = hog_features(np.zeros((8, 8, 3), np.uint8), np.array([[0, 0, 8, 8]], np.float32)).shape[1]
+    rng = np.random.default_rng(0)
+    m = RCNNModel(classes=["a", "b"], W=rng.normal(size=(d, 2)).astype(np.float32) * 0.1, b=np.array([0.5, -0.2], np.float32),
+                  trained=np.ones(2, bool), feature_scale=1.0, backbone="hog", weights_hash="none", layer="hog", mode="warp",
+                  feature_options={}, proposal_options={"mode": "fast", "resize_width": 0}, **kw)
+    return m.save(tmp_path / "hog.rcnn")
+
+
+def _image(tmp_path, name="img.png"):
+    rng = np.random.default_rng(1)
+    a = np.full((64, 80, 3), 200, np.uint8)
+    a[10:40, 15:50] = (40, 60, 200)
+    a[45:60, 55:75] = (220, 40, 40)
+    a = (a.astype(int) + rng.integers(-10, 10, a.shape)).clip(0, 255).astype(np.uint8)
+    p = tmp_path / name
+    Image.fromarray(a).save(p)
+    return p
+
+
+def test_detect_writes_coco_comp4_and_png(tmp_path):
+    model = _hog_model(tmp_path)
+    img = _image(tmp_path)
+    out = tmp_path / "out"
+    r = runner.invoke(app, ["detect", str(model), str(img), "-o", str(out), "--threshold", "-100", "--top-k", "5"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads((out / "detections_coco.json").read_text())
+    assert 0 < len(rows) <= 5 and {"image_id", "category_id", "bbox", "score"} <= set(rows[0])
+    assert (out / "comp4_det_detect_a.txt").exists() and (out / "comp4_det_detect_b.txt").exists()
+    png = np.asarray(Image.open(out / "img.png"))
+    assert png.shape == (64, 80, 3)
+    assert not np.array_equal(png, np.asarray(Image.open(img)))  # boxes were drawn
+
+
+def test_detect_bad_inputs(tmp_path):
+    junk = tmp_path / "junk.rcnn"
+    junk.write_text("nope")
+    img = _image(tmp_path)
+    r = runner.invoke(app, ["detect", str(junk), str(img), "-o", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "not an rcnn model file" in r.output
+    m = RCNNModel.load(_hog_model(tmp_path))
+    m.format_version = FORMAT_VERSION + 1
+    m.save(tmp_path / "v2.rcnn")
+    r = runner.invoke(app, ["detect", str(tmp_path / "v2.rcnn"), str(img), "-o", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "format version" in r.output
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8 truncated")
+    r = runner.invoke(app, ["detect", str(_hog_model(tmp_path)), str(bad), str(img), "-o", str(tmp_path / "o")])
+    assert r.exit_code == 1 and "bad.jpg" in r.output and "1 image(s) could not be read" in r.output
+    assert (tmp_path / "o" / "img.png").exists()  # the good image was still processed
+
+
+def test_model_from_other_weights_is_refused(tmp_path):
+    m = RCNNModel.load(_hog_model(tmp_path))
+    m.backbone, m.weights_hash, m.layer, m.mode = "squeezenet1_1", "0" * 64, "fc7", "shared"
+    m.feature_options = {"backbone": "squeezenet1_1", "layer": "fc7", "mode": "shared"}
+    m.W = np.zeros((512, 2), np.float32)
+    m.save(tmp_path / "sq.rcnn")
+    r = runner.invoke(app, ["detect", str(tmp_path / "sq.rcnn"), str(_image(tmp_path)), "-o", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "weights" in r.output
+
+
+def test_evaluate_bad_metric_and_train_bad_layer(tmp_path):
+    r = runner.invoke(app, ["evaluate", str(_hog_model(tmp_path)), str(tmp_path), "--metric", "coco"])
+    assert r.exit_code == 2 and "--metric" in r.output
