@@ -121,7 +121,7 @@ def class_masks(record: ImageRecord, num_classes: int) -> tuple[np.ndarray, np.n
         present = [c for c in range(1, num_classes + 1) if (lm == c).any()]
         masks = np.stack([lm == c for c in present]) if present else np.zeros((0, *lm.shape), bool)
         labels = np.array([c - 1 for c in present], np.int64)
-    keep = masks.reshape(len(masks), -1).any(1)
+    keep = masks.any(axis=(1, 2))
     return masks[keep], labels[keep]
 
 
