@@ -244,6 +244,7 @@ def main() -> None:
     ap.add_argument(
         "--search-only", action="store_true", help="only redo the search timing in the existing JSON"
     )
+    ap.add_argument("--methods", default="exact,faiss-flat,faiss-ivf", help="search methods to time")
     args = ap.parse_args()
     methods = tuple(args.methods.split(","))
     if args.search_only:
