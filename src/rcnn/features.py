@@ -28,6 +28,7 @@ from torchvision.ops import roi_align, roi_pool
 from rcnn.backbones import Backbone, get_backbone, set_threads
 from rcnn.cache import atomic_write, cache_dir, dir_size_mb, file_sha256, settings_hash
 from rcnn.data import ImageReadError, ImageRecord, load_image
+from rcnn.device import autocast, host_to, place_backbone, to_host
 
 METHODS = ("warp", "square", "square_nocontext")
 MODES = ("warp", "shared")
@@ -156,6 +157,7 @@ def extract_features(
     pool: str | None = None,
     threads: int | None = None,
     max_side: int = SHARED_MAX_SIDE,
+    device: str | torch.device | None = None,
 ) -> np.ndarray | dict[str, np.ndarray]:
     """CNN features of each box of an (H,W,3) RGB uint8 image.
 
@@ -167,6 +169,8 @@ def extract_features(
     (``pool="align"``: RoIAlign, 2×2 samples per cell; ``"max"``: RoI max pooling as in Fast
     R-CNN, the default for AlexNet/VGG whose fc6 reads max-pooled pool5), then the head. A scale
     is lowered so the resized image's longer side stays within ``max_side`` (bounded memory).
+    ``device`` (``auto``/``cpu``/``cuda``, see :mod:`rcnn.device`; None = where the network is):
+    on CUDA, float16 autocast and pinned-memory input batches; results are float32 on the host.
     """
     bb = get_backbone(backbone) if isinstance(backbone, str) else backbone
     layers = _layers(layer)
@@ -176,6 +180,14 @@ def extract_features(
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
     set_threads(threads)
+    dev = place_backbone(bb, device)
+    with autocast(dev):
+        return _extract(image, boxes, bb, layer, layers, mode, batch_size, context_pad, method, scales, grid, pool,
+                        max_side, dev)
+
+
+def _extract(image, boxes, bb: Backbone, layer, layers, mode, batch_size, context_pad, method, scales, grid, pool,
+             max_side, dev: torch.device) -> np.ndarray | dict[str, np.ndarray]:
     boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
     fixed = bb.name == "alexnet" or bb.name.startswith("vgg")  # fc6 needs exactly 6×6
     g = 6 if fixed else int(grid or bb.pool5_grid)
@@ -184,9 +196,9 @@ def extract_features(
         for s in range(0, len(boxes), batch_size):
             crops = warp_regions(image, boxes[s : s + batch_size], bb.input_size, context_pad, method,
                                  fill=bb.mean_rgb(), interpolation=bb.interpolation)
-            out = bb.head(bb.to_grid(bb.trunk(bb.preprocess(crops))), layers, g)
+            out = bb.head(bb.to_grid(bb.trunk(host_to(bb.preprocess(crops), dev))), layers, g)
             for k in layers:
-                chunks[k].append(out[k])
+                chunks[k].append(to_host(out[k]))
     else:
         pool = pool or ("max" if fixed else "align")
         scales = tuple(float(x) for x in scales)
@@ -206,19 +218,19 @@ def extract_features(
             sx, sy = size[0] / w, size[1] / h
             flag = cv2.INTER_CUBIC if bb.interpolation == "bicubic" or sc > 1 else cv2.INTER_AREA
             img = image if size == (w, h) else cv2.resize(image, size, interpolation=flag)
-            fmap = bb.trunk(bb.preprocess(img[None]))
+            fmap = bb.trunk(host_to(bb.preprocess(img[None]), dev))
             for s in range(0, len(idx), batch_size):
                 sel = idx[s : s + batch_size]
                 # the resized image's true per-axis scale (its size was rounded to whole pixels)
                 rois = torch.from_numpy(boxes[sel] * np.array([sx, sy, sx, sy], np.float32))
-                rois = torch.cat([torch.zeros(len(sel), 1), rois], 1)
+                rois = torch.cat([torch.zeros(len(sel), 1), rois], 1).to(fmap.device)
                 if pool == "max":
                     pooled = roi_pool(fmap, rois, g, 1.0 / bb.stride)
                 else:
                     pooled = roi_align(fmap, rois, g, 1.0 / bb.stride, sampling_ratio=2, aligned=True)
                 out = bb.head(pooled, layers, g)
                 for k in layers:
-                    chunks[k].append(out[k])
+                    chunks[k].append(to_host(out[k]))
         inv = np.empty_like(order)
         inv[order] = np.arange(len(order))
         for k in layers:
@@ -249,6 +261,9 @@ class FeatureConfig:
     pool: str | None = None  # shared mode: "align" | "max" (None: backbone default)
     with_gt: bool = False  # also describe the ground-truth boxes (stored first)
     batch_size: int = field(default=128, compare=False)
+    # where the CNN runs (rcnn.device): not in the cache key, GPU (fp16 autocast) and CPU
+    # features agree within the float16 storage precision
+    device: str = field(default="auto", compare=False)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -258,6 +273,8 @@ class FeatureConfig:
         if self.pool not in (None, "align", "max"):
             raise ValueError(f"pool must be 'align' or 'max', not {self.pool!r}")
         object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
+        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
 
     def weights_hash(self) -> str:
         """sha256 of the weights the features come from."""
@@ -273,6 +290,7 @@ class FeatureConfig:
         """Hash of every setting that changes the features (the weights by content)."""
         d = asdict(self)
         d.pop("batch_size")
+        d.pop("device")
         d.pop("weights")
         if self.mode == "warp":  # shared-only options do not change warp features...
             d.pop("scales"), d.pop("pool")
@@ -369,7 +387,7 @@ def get_features(
     image = load_image(record.path)
     feats = extract_features(image, boxes, fc.backbone_obj(), fc.layer, fc.mode, fc.batch_size,
                              context_pad=fc.context_pad, method=fc.method, scales=fc.scales,
-                             grid=fc.grid, pool=fc.pool)
+                             grid=fc.grid, pool=fc.pool, device=fc.device)
     feats = feats.astype(np.float16)
     _save(path, boxes, feats, sha, n_gt)
     return boxes, feats

@@ -37,3 +37,26 @@ def ray_extract(dataset, proposal_config, feature_config, address: str | None, w
         raise fail(str(e), 2) from None
     console.print(f"ray: {s.workers} workers, startup {s.startup_s:.1f} s, {s.images_per_s:.2f} images/s", highlight=False)
     return s
+
+
+DeviceOpt = Annotated[str, typer.Option(
+    "--device", help="auto|cpu|cuda[:N] for the CNN (auto: a CUDA GPU when torch sees one; float16 autocast "
+    "and pinned-memory batches on CUDA)")]
+
+
+def report_device(device: str) -> str:
+    """Resolve ``--device`` and say on the console which device runs the CNN and, after a
+    fallback, why; returns the device string for :class:`rcnn.features.FeatureConfig`."""
+    from rcnn.device import resolve_device
+
+    try:
+        dev, why = resolve_device(device)
+    except ValueError as e:
+        raise fail(f"bad option: {e}", 2) from None
+    if why and device != "auto":
+        console.print(f"[yellow]--device {device}: not available ({why}); running on the CPU", highlight=False)
+    elif why:
+        console.print(f"device: cpu ({why})", highlight=False)
+    else:
+        console.print(f"device: {dev}", highlight=False)
+    return device
