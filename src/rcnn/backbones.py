@@ -191,15 +191,17 @@ def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            return load_file(str(path))
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+            sd = load_file(str(path))
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # any reader failure becomes one clear line
         raise WeightsError(f"{path}: cannot read weights ({type(e).__name__}: {e})") from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise WeightsError(f"{path}: not a state dict of tensors")
-    return sd
+    # a fine-tuned net (rcnn.finetune) also holds its new classifier: not part of the architecture
+    return {k: v for k, v in sd.items() if not k.startswith("rcnn_finetune.")}
 
 
 def _save_safetensors(path: Path, sd: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
@@ -445,11 +447,21 @@ def get_backbone(name: str, weights: str | Path | None = None) -> Backbone:
     """
     key = (name, str(Path(weights).resolve()) if weights else "")
     if key not in _CACHE:
-        build = BUILTIN.get(name)
-        bb = build(weights) if build else _torchvision(name, weights)
-        bb.trunk = bb.trunk.to(memory_format=torch.channels_last)
-        _CACHE[key] = bb
+        _CACHE[key] = build_backbone(name, weights)
     return _CACHE[key]
+
+
+def build_backbone(name: str, weights: str | Path | None = None) -> Backbone:
+    """A new, uncached :class:`Backbone` (own parameters: safe to fine-tune). A weights file written
+    by :mod:`rcnn.finetune` also brings its preprocessing and the ``ft_logprob`` tap."""
+    build = BUILTIN.get(name)
+    bb = build(weights) if build else _torchvision(name, weights)
+    bb.trunk = bb.trunk.to(memory_format=torch.channels_last)
+    if weights is not None:
+        from rcnn.finetune import apply_finetuned
+
+        bb = apply_finetuned(bb, weights)
+    return bb
 
 
 _ALLOCATOR_TUNED = False

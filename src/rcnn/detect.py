@@ -73,6 +73,7 @@ class RCNNModel:
     nms_iou: float = NMS_IOU  # paper §2.2
     training: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    bbox_reg: Any = None  # rcnn.bbox_regression.BoxRegressor (issue 8), applied before NMS
 
     def score(self, feats: np.ndarray) -> np.ndarray:
         """Scores ``(N,C)`` of raw (unscaled) features ``(N,D)``: one matrix product (§2.2)."""
@@ -116,6 +117,9 @@ class RCNNModel:
         tensors = {"W": np.ascontiguousarray(self.W, np.float32), "b": np.ascontiguousarray(self.b, np.float32),
                    "trained": np.ascontiguousarray(self.trained.astype(np.uint8))}
         meta = {"rcnn": json.dumps(self.metadata(), default=_json_default)}
+        if self.bbox_reg is not None:  # box regression (rcnn.bbox_regression) travels in the same file
+            tensors.update(self.bbox_reg.tensors())
+            meta["bbox_reg"] = json.dumps(self.bbox_reg.metadata(), default=_json_default)
         return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
     @classmethod
@@ -129,6 +133,7 @@ class RCNNModel:
         try:
             with safe_open(str(path), framework="numpy") as f:
                 meta = json.loads((f.metadata() or {}).get("rcnn", "null"))
+                reg_meta = json.loads((f.metadata() or {}).get("bbox_reg", "null"))
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as e:
             raise ModelError(f"{path}: not an rcnn model file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
@@ -142,11 +147,19 @@ class RCNNModel:
         if W is None or b is None or W.ndim != 2 or W.shape[1] != C or b.shape != (C,):
             raise ModelError(f"{path}: weights do not match the {C} classes in its metadata")
         trained = tensors.get("trained", np.ones(C, np.uint8)).astype(bool)
+        bbox_reg = None
+        if reg_meta is not None:
+            from rcnn.bbox_regression import BoxRegressor
+
+            try:
+                bbox_reg = BoxRegressor.from_file(reg_meta, tensors)
+            except (ValueError, KeyError) as e:
+                raise ModelError(f"{path}: bad box regressor ({e})") from None
         return cls(classes=list(meta["classes"]), W=W.astype(np.float32), b=b.astype(np.float32), trained=trained,
                    feature_scale=float(meta["feature_scale"]), backbone=meta["backbone"], weights_hash=meta["weights_hash"],
                    layer=meta["layer"], mode=meta["mode"], feature_options=meta.get("feature_options", {}),
                    proposal_options=meta.get("proposal_options", {}), nms_iou=float(meta.get("nms_iou", NMS_IOU)),
-                   training=meta.get("training", {}), format_version=v)
+                   training=meta.get("training", {}), format_version=v, bbox_reg=bbox_reg)
 
     # -- the settings objects the model was trained with
     def proposal_config(self):
@@ -463,15 +476,18 @@ def postprocess(
 
     Keeps scores ``> threshold`` (all if None), greedy NMS per class at ``nms_iou`` (paper §2.2),
     at most ``max_per_class`` per class, then the ``top_k`` best overall; sorted by score.
-    ``active`` (C,) bool masks out classes the model cannot detect."""
-    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    ``active`` (C,) bool masks out classes the model cannot detect. ``boxes`` may also be
+    per-class ``(N,C,4)`` (after box regression): each class's detections then use its own boxes."""
+    boxes = np.asarray(boxes, np.float32)
+    per_class = boxes.ndim == 3
+    boxes = boxes if per_class else boxes.reshape(-1, 4)
     if len(boxes) == 0:
         return np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64)
-    valid = box_area(boxes) > 0
+    valid = box_area(boxes.reshape(-1, 4)).reshape(boxes.shape[:-1]) > 0  # (N,) or (N,C)
     if isinstance(scores, TopK):  # per-class candidates from rcnn.scoring.score_topk
         C = scores.indices.shape[0]
         ri, ci, sv = scores.flat()
-        keep = valid[ri] & np.isfinite(sv)
+        keep = (valid[ri, ci] if per_class else valid[ri]) & np.isfinite(sv)
         if active is not None:
             keep &= np.asarray(active, bool)[ci]
         if threshold is not None:
@@ -482,7 +498,7 @@ def postprocess(
         scores = np.asarray(scores, np.float32)
         scores = scores.reshape(len(boxes), -1) if scores.ndim != 2 else scores
         C = scores.shape[1]
-        mask = np.broadcast_to(valid[:, None], scores.shape).copy()
+        mask = valid.copy() if per_class else np.broadcast_to(valid[:, None], scores.shape).copy()
         if active is not None:
             mask &= np.asarray(active, bool)[None, :]
         if threshold is not None:
@@ -492,7 +508,7 @@ def postprocess(
         sv = scores[ri, ci]
     if len(ri) == 0:
         return np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64)
-    b, s, lab = boxes[ri], sv, ci.astype(np.int64)
+    b, s, lab = (boxes[ri, ci] if per_class else boxes[ri]), sv, ci.astype(np.int64)
     keep = np.asarray(batched_nms(b, s, lab, nms_iou), np.int64)  # sorted by decreasing score
     b, s, lab = b[keep], s[keep], lab[keep]
     if max_per_class is not None:
@@ -510,16 +526,19 @@ def postprocess(
 
 def detect_image(
     model: RCNNModel, image: np.ndarray, source: RegionFeatures | None = None, threshold: float | None = None,
-    top_k: int | None = None, max_per_class: int | None = MAX_PER_CLASS,
+    top_k: int | None = None, max_per_class: int | None = MAX_PER_CLASS, bbox_reg: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Detect in one RGB uint8 image: ``(boxes (K,4) xyxy, scores (K,), labels (K,))``.
-    An image without proposals gives no detections (and a warning)."""
+    An image without proposals gives no detections (and a warning). ``bbox_reg``: refine boxes
+    with the model's box regressor (if it has one) after scoring, before NMS."""
     source = source or model.feature_source()
     boxes, feats = source.image_regions(image)
     if len(boxes) == 0:
         log.warning("image has no region proposals: no detections")
         return np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64)
     cand = model.score_topk(feats, model.candidates_per_class(len(boxes), max_per_class), threshold)
+    if bbox_reg and model.bbox_reg is not None:
+        boxes = model.bbox_reg.refine_image(image, boxes, source)
     return postprocess(boxes, cand, model.nms_iou, threshold, top_k, max_per_class, model.trained)
 
 
@@ -538,7 +557,7 @@ class DetectStats:
 def detect_dataset(
     model: RCNNModel, dataset: Dataset, source: RegionFeatures | None = None, threshold: float | None = None,
     top_k: int | None = None, max_per_class: int | None = MAX_PER_CLASS, records: Sequence[ImageRecord] | None = None,
-    progress: Callable[[int, int], None] | None = None, stats: DetectStats | None = None,
+    progress: Callable[[int, int], None] | None = None, stats: DetectStats | None = None, bbox_reg: bool = True,
 ) -> Detections:
     """Detections over a dataset split, reading proposals/features from the caches (computing
     and storing missing ones). Labels index ``model.classes``."""
@@ -561,6 +580,8 @@ def detect_dataset(
             log.warning("%s: no region proposals, no detections", r.path)
         else:
             cand = model.score_topk(feats, model.candidates_per_class(len(boxes), max_per_class), threshold)
+            if bbox_reg and model.bbox_reg is not None:  # after scoring, before NMS (released rcnn_test.m)
+                boxes = model.bbox_reg.refine_record(r, boxes, source)
             b, s, lab = postprocess(boxes, cand, model.nms_iou, threshold, top_k, max_per_class, model.trained)
             parts.append(Detections(np.array([r.image_id] * len(s), dtype=object), b, s, lab))
         stats.images += 1

@@ -1,0 +1,293 @@
+"""Bounding-box regression (R-CNN tech report appendix C; the released code's ``bbox_regression/``).
+
+For each class a linear (ridge) regressor maps the pool5-like feature of a proposal ``P`` to the
+offsets of its ground-truth box ``G`` (Fast R-CNN's parametrisation of the same targets)::
+
+    t_x = (G_cx - P_cx) / P_w      t_y = (G_cy - P_cy) / P_h
+    t_w = log(G_w / P_w)           t_h = log(G_h / P_h)
+
+Training pairs: every region (proposals and the ground-truth boxes themselves, as in the released
+feature cache) whose best IoU with a ground-truth box is > 0.6, assigned to that box's class
+(released ``rcnn_train_bbox_regressor.m``: ``min_overlap = 0.6``). Features are scaled to mean L2
+norm 20 like the SVM features (``rcnn_scale_features``); ridge penalty ``λ = 1000`` (released
+code). Differences, on purpose: the intercept is not penalised (targets and features are
+centred, scikit-learn's convention); the released code's target whitening is omitted because for
+a ridge with one λ it does not change the predictions; its robust re-fit (dropping the worst
+quantile) is not done. Samples per class are capped (reservoir sampling, seeded) so memory stays
+bounded; the dual (kernel) form is solved when there are fewer samples than feature dimensions.
+
+At detection the regressor is applied to every scored region, per class, after scoring and
+before NMS (released ``rcnn_test.m`` with ``bbox_reg``), so NMS runs on the refined boxes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from rcnn.boxes import box_area, box_iou, clip_boxes
+from rcnn.data import ImageRecord
+
+#: released rcnn_train_bbox_regressor.m: lambda = 1000, min_overlap = 0.6
+LAMBDA = 1000.0
+MIN_IOU = 0.6
+TARGET_NORM = 20.0  # same feature scaling as the SVMs (rcnn_scale_features)
+MAX_PER_CLASS = 6000  # bound on training samples per class (memory: 6000 × D float32)
+#: exp() guard on predicted log-size offsets (Detectron's BBOX_XFORM_CLIP = log(1000/16))
+MAX_LOG_SCALE = float(np.log(1000.0 / 16))
+
+
+def box_targets(proposals: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """Regression targets ``(N,4)`` = (dx, dy, log dw, log dh) from boxes ``P`` to ``G`` (both (N,4) xyxy pixel edges)."""
+    p = np.asarray(proposals, np.float64).reshape(-1, 4)
+    g = np.asarray(gt, np.float64).reshape(-1, 4)
+    pw, ph = np.maximum(p[:, 2] - p[:, 0], 1e-6), np.maximum(p[:, 3] - p[:, 1], 1e-6)
+    gw, gh = np.maximum(g[:, 2] - g[:, 0], 1e-6), np.maximum(g[:, 3] - g[:, 1], 1e-6)
+    pcx, pcy = p[:, 0] + 0.5 * pw, p[:, 1] + 0.5 * ph
+    gcx, gcy = g[:, 0] + 0.5 * gw, g[:, 1] + 0.5 * gh
+    return np.stack([(gcx - pcx) / pw, (gcy - pcy) / ph, np.log(gw / pw), np.log(gh / ph)], 1).astype(np.float32)
+
+
+def apply_deltas(boxes: np.ndarray, deltas: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`box_targets`: boxes ``(N,4)`` moved by ``deltas`` ``(N,4)`` or ``(N,C,4)`` → same shape as deltas."""
+    b = np.asarray(boxes, np.float64).reshape(-1, 4)
+    d = np.asarray(deltas, np.float64)
+    squeeze = d.ndim == 2
+    if squeeze:
+        d = d[:, None, :]
+    w, h = b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]
+    cx, cy = b[:, 0] + 0.5 * w, b[:, 1] + 0.5 * h
+    ncx = cx[:, None] + d[..., 0] * w[:, None]
+    ncy = cy[:, None] + d[..., 1] * h[:, None]
+    nw = w[:, None] * np.exp(np.minimum(d[..., 2], MAX_LOG_SCALE))
+    nh = h[:, None] * np.exp(np.minimum(d[..., 3], MAX_LOG_SCALE))
+    out = np.stack([ncx - 0.5 * nw, ncy - 0.5 * nh, ncx + 0.5 * nw, ncy + 0.5 * nh], -1).astype(np.float32)
+    return out[:, 0] if squeeze else out
+
+
+def ridge_fit(X: np.ndarray, Y: np.ndarray, lam: float = LAMBDA) -> tuple[np.ndarray, np.ndarray]:
+    """Ridge regression with an unpenalised intercept: ``(W (D,K), b (K,))`` minimising
+    ``|X W + b - Y|² + lam |W|²``. Solved in the dual when N < D (an N×N system)."""
+    X = np.asarray(X, np.float32)
+    Y = np.asarray(Y, np.float64)
+    xm = X.mean(0, dtype=np.float64).astype(np.float32)
+    ym = Y.mean(0)
+    Xc = X - xm
+    Yc = Y - ym
+    n, d = Xc.shape
+    from scipy.linalg import solve
+
+    if n < d:
+        K = (Xc @ Xc.T).astype(np.float64)
+        K[np.diag_indices(n)] += lam
+        alpha = solve(K, Yc, assume_a="pos")
+        W = (Xc.T.astype(np.float64) @ alpha)
+    else:
+        A = (Xc.T @ Xc).astype(np.float64)
+        A[np.diag_indices(d)] += lam
+        W = solve(A, Xc.T.astype(np.float64) @ Yc, assume_a="pos")
+    b = ym - xm.astype(np.float64) @ W
+    return W.astype(np.float32), b.astype(np.float32)
+
+
+@dataclass
+class BoxRegressor:
+    """Per-class box regressors over one kind of region feature (stored inside a model file).
+
+    ``W`` ``(C,D,4)`` and ``b`` ``(C,4)`` act on features multiplied by ``feature_scale``;
+    ``feature_options`` is the :class:`rcnn.features.FeatureConfig` (as a dict) of those features."""
+
+    classes: list[str]
+    W: np.ndarray
+    b: np.ndarray
+    trained: np.ndarray
+    feature_scale: float
+    layer: str
+    feature_options: dict = field(default_factory=dict)
+    lam: float = LAMBDA
+    min_iou: float = MIN_IOU
+    training: dict = field(default_factory=dict)
+
+    def predict(self, feats: np.ndarray) -> np.ndarray:
+        """Offsets ``(N,C,4)`` for raw features ``(N,D)`` (zeros for untrained classes)."""
+        f = np.asarray(feats, np.float32) * np.float32(self.feature_scale)
+        C, D, _ = self.W.shape
+        if f.ndim != 2 or f.shape[1] != D:
+            raise ValueError(f"box regressor expects (N, {D}) {self.layer} features, got {f.shape}")
+        out = (f @ self.W.transpose(1, 0, 2).reshape(D, C * 4)).reshape(len(f), C, 4) + self.b[None]
+        out[:, ~self.trained] = 0.0
+        return out
+
+    def refine(self, boxes: np.ndarray, feats: np.ndarray, width: int, height: int) -> np.ndarray:
+        """Per-class refined boxes ``(N,C,4)``, clipped to the ``width`` × ``height`` image."""
+        out = apply_deltas(boxes, self.predict(feats))
+        return np.asarray(clip_boxes(out.reshape(-1, 4), width, height), np.float32).reshape(out.shape)
+
+    # -- features
+    def feature_config(self):
+        from dataclasses import fields
+
+        from rcnn.features import FeatureConfig
+
+        names = {f.name for f in fields(FeatureConfig)}
+        opts = {k: (tuple(v) if isinstance(v, list) else v) for k, v in self.feature_options.items() if k in names}
+        return FeatureConfig(**opts)
+
+    def source_like(self, source):
+        """A feature source for this regressor's layer, sharing ``source``'s proposals, dataset and network."""
+        from rcnn.detect import CNNFeatures
+
+        fc = self.feature_config()
+        same = getattr(source, "feature_config", None) is not None and \
+            (source.feature_config.backbone, source.feature_config.weights) == (fc.backbone, fc.weights)
+        src = CNNFeatures(source.proposal_config, fc, getattr(source, "dataset_root", None),
+                          backbone=source.backbone if same else None)
+        return src
+
+    def refine_record(self, record: ImageRecord, boxes: np.ndarray, source) -> np.ndarray:
+        """Refined boxes ``(N,C,4)`` of a dataset image's cached proposals ``boxes`` (features from the cache)."""
+        src = self.source_like(source)
+        rb, feats = src.regions(record)
+        if len(rb) != len(boxes) or not np.allclose(rb, boxes, atol=0.01):
+            raise ValueError(f"{record.path}: box-regression features are not of the scored proposals")
+        return self.refine(boxes, feats, record.width, record.height)
+
+    def refine_image(self, image: np.ndarray, boxes: np.ndarray, source) -> np.ndarray:
+        """Refined boxes ``(N,C,4)`` for a new image (features extracted now)."""
+        src = self.source_like(source)
+        feats = src.extract(image, boxes)
+        return self.refine(boxes, feats, image.shape[1], image.shape[0])
+
+    # -- storage (inside the RCNNModel safetensors file)
+    def tensors(self, prefix: str = "bbox_reg.") -> dict[str, np.ndarray]:
+        return {prefix + "W": np.ascontiguousarray(self.W, np.float32), prefix + "b": np.ascontiguousarray(self.b, np.float32),
+                prefix + "trained": self.trained.astype(np.uint8)}
+
+    def metadata(self) -> dict:
+        return {"classes": list(self.classes), "feature_scale": self.feature_scale, "layer": self.layer,
+                "feature_options": self.feature_options, "lambda": self.lam, "min_iou": self.min_iou, "training": self.training}
+
+    @classmethod
+    def from_file(cls, meta: dict, tensors: dict[str, np.ndarray], prefix: str = "bbox_reg.") -> BoxRegressor:
+        W, b = tensors.get(prefix + "W"), tensors.get(prefix + "b")
+        C = len(meta["classes"])
+        if W is None or b is None or W.ndim != 3 or W.shape[0] != C or W.shape[2] != 4 or b.shape != (C, 4):
+            raise ValueError(f"box regressor tensors do not match its {C} classes")
+        return cls(classes=list(meta["classes"]), W=W.astype(np.float32), b=b.astype(np.float32),
+                   trained=tensors.get(prefix + "trained", np.ones(C, np.uint8)).astype(bool),
+                   feature_scale=float(meta["feature_scale"]), layer=meta["layer"],
+                   feature_options=meta.get("feature_options", {}), lam=float(meta.get("lambda", LAMBDA)),
+                   min_iou=float(meta.get("min_iou", MIN_IOU)), training=meta.get("training", {}))
+
+
+class _Reservoir:
+    """Uniform sample of at most ``cap`` rows from a stream (Algorithm R, seeded)."""
+
+    def __init__(self, cap: int, rng: np.random.Generator):
+        self.cap, self.rng, self.seen = cap, rng, 0
+        self.X: np.ndarray | None = None
+        self.Y: np.ndarray | None = None
+
+    def add(self, X: np.ndarray, Y: np.ndarray) -> None:
+        for i in range(len(X)):
+            if self.X is None:
+                self.X = np.empty((self.cap, X.shape[1]), np.float16)
+                self.Y = np.empty((self.cap, 4), np.float32)
+            if self.seen < self.cap:
+                j = self.seen
+            else:
+                j = int(self.rng.integers(self.seen + 1))
+                if j >= self.cap:
+                    self.seen += 1
+                    continue
+            self.X[j], self.Y[j] = X[i], Y[i]
+            self.seen += 1
+
+    def data(self) -> tuple[np.ndarray, np.ndarray]:
+        n = min(self.seen, self.cap)
+        if self.X is None:
+            return np.zeros((0, 0), np.float32), np.zeros((0, 4), np.float32)
+        return self.X[:n], self.Y[:n]
+
+
+def training_pairs(record: ImageRecord, boxes: np.ndarray, min_iou: float = MIN_IOU) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Indices of ``boxes`` usable for regression, their class and their targets ``(M,4)``."""
+    gt = np.asarray(record.boxes, np.float32).reshape(-1, 4)
+    lab = np.asarray(record.labels, np.int64).reshape(-1)
+    ok = box_area(gt) > 0
+    gt, lab = gt[ok], lab[ok]
+    if len(gt) == 0 or len(boxes) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 4), np.float32)
+    iou = box_iou(np.asarray(boxes, np.float32), gt)
+    best = iou.argmax(1)
+    sel = np.flatnonzero((iou.max(1) > min_iou) & (box_area(np.asarray(boxes, np.float32)) > 0))
+    return sel, lab[best[sel]], box_targets(boxes[sel], gt[best[sel]])
+
+
+def train_box_regressor(
+    records: Sequence[ImageRecord],
+    classes: Sequence[str],
+    source,
+    lam: float = LAMBDA,
+    min_iou: float = MIN_IOU,
+    max_per_class: int = MAX_PER_CLASS,
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> BoxRegressor:
+    """Fit one ridge regressor per class on ``source``'s features (a :class:`rcnn.detect.CNNFeatures`,
+    pool5 layer by default for R-CNN) of the regions of ``records`` (proposals and ground truth)."""
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    res = [_Reservoir(max_per_class, rng) for _ in classes]
+    for i, r in enumerate(records):
+        if hasattr(source, "_stored"):  # CNNFeatures: ground truth first, one read of the cache
+            allb, allf, _ = source._stored(r)
+        else:
+            boxes, feats = source.regions(r)
+            gtf = source.gt_features(r)
+            allb = np.concatenate([np.asarray(r.boxes, np.float32).reshape(-1, 4), boxes])
+            allf = np.concatenate([gtf, feats]) if len(gtf) else feats
+        sel, lab, tgt = training_pairs(r, allb, min_iou)
+        for c in np.unique(lab):
+            m = lab == c
+            res[c].add(allf[sel[m]], tgt[m])
+        if progress:
+            progress(i + 1, len(records))
+    # one feature scale for all classes: mean L2 norm of the sampled features → 20
+    samples = [x.data()[0] for x in res if x.seen]
+    norms = np.concatenate([np.linalg.norm(x.astype(np.float32), axis=1) for x in samples]) if samples else np.ones(1)
+    scale = float(TARGET_NORM / max(float(norms.mean()), 1e-12))
+    D = int(samples[0].shape[1]) if samples else source.dim
+    C = len(classes)
+    W = np.zeros((C, D, 4), np.float32)
+    b = np.zeros((C, 4), np.float32)
+    trained = np.zeros(C, bool)
+    counts = []
+    for c, rs in enumerate(res):
+        X, Y = rs.data()
+        counts.append({"seen": rs.seen, "used": len(X)})
+        if len(X) < 2:
+            continue
+        W[c], b[c] = ridge_fit(X.astype(np.float32) * np.float32(scale), Y, lam)
+        trained[c] = True
+    opts = source.options() if hasattr(source, "options") else {}
+    return BoxRegressor(classes=list(classes), W=W, b=b, trained=trained, feature_scale=scale, layer=source.layer,
+                        feature_options=opts, lam=lam, min_iou=min_iou,
+                        training={"images": len(records), "samples": dict(zip(classes, counts, strict=True)),
+                                  "seconds": round(time.perf_counter() - t0, 1), "max_per_class": max_per_class})
+
+
+def attach(model: Any, regressor: BoxRegressor) -> Any:
+    """Store ``regressor`` in ``model`` (an :class:`rcnn.detect.RCNNModel`), checking classes and network."""
+    if list(regressor.classes) != list(model.classes):
+        raise ValueError(f"regressor classes {regressor.classes} differ from the model's {model.classes}")
+    model.bbox_reg = regressor
+    return model
+
+
+__all__ = ["LAMBDA", "MIN_IOU", "BoxRegressor", "apply_deltas", "attach", "box_targets", "ridge_fit", "train_box_regressor",
+           "training_pairs"]

@@ -1,0 +1,716 @@
+"""Supervised fine-tuning of a pretrained backbone on warped (or RoI-pooled) regions (paper §2.3).
+
+What the paper does (§2.3 "Domain-specific fine-tuning"), and what :func:`finetune` does:
+
+* the 1000-way ImageNet classifier is replaced by a randomly initialised ``(N+1)``-way layer
+  (N object classes + background), Gaussian std 0.01, bias 0 (Caffe's fc8 init);
+* every proposal (and every ground-truth box) with IoU ≥ 0.5 to a ground-truth box is a positive
+  of that box's class, the rest are background;
+* each SGD iteration samples 2 images and 64 regions from each (mini-batch 128), at most a
+  quarter positive (Fast R-CNN's rule: up to 16 positives per image, background fills the rest;
+  BCCD images have far more than 16 positive proposals, so the batches are 1/4 positive);
+* SGD, momentum 0.9, weight decay 5e-4, learning rate 1/10 of the pre-training rate (the paper:
+  "0.001, 1/10th of the initial pre-training rate"; see :data:`BASE_LR`), step decay ×0.1;
+* horizontal flips (each sampled image is mirrored with probability 1/2).
+
+Two modes: ``warp`` (faithful: every region is warped to the network input and the whole network
+runs per region, §2.1) and ``shared`` (Fast R-CNN style: the trunk runs once per image at the
+feature extractor's scale, each region is RoIAligned onto the head's grid and gradients flow back
+through RoIAlign into the trunk). The new classifier reads the backbone's ``fc7`` tap (AlexNet:
+fc7 → fc8; SqueezeNet: the global mean of fire9, i.e. what conv10 reads; EfficientNet: the
+pooled conv_head embedding), after dropout 0.5.
+
+Robustness: a checkpoint (parameters, SGD momentum buffers, torch RNG state, history, config) is
+written atomically every ``checkpoint_every`` iterations and carries a sha256 of its tensors; a
+corrupt one is reported (:class:`CheckpointError`). Sampling, flips and dropout are seeded *per
+iteration* from ``(seed, iteration)``, so a run resumed after a kill is bit-identical to an
+uninterrupted one.
+
+The result is one safetensors file: the whole network's state dict (the original ImageNet
+classifier kept, so the ``logits`` tap still works) plus the new classifier under
+``rcnn_finetune.cls.*`` and a JSON header (``rcnn_finetune``: classes, preprocessing, settings,
+history). ``rcnn.backbones.get_backbone(base, weights=that_file)`` loads it like any backbone,
+with an extra tap ``ft_logprob`` = the fine-tuned ``(N+1)``-way log-softmax (see
+:func:`apply_finetuned`); :func:`softmax_model` wraps that tap as a detector model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import roi_align
+
+from rcnn.backbones import Backbone, build_backbone, set_threads
+from rcnn.boxes import box_area, box_iou
+from rcnn.cache import atomic_write, save_json, settings_hash
+from rcnn.data import ImageRecord, load_image
+
+log = logging.getLogger(__name__)
+
+#: Name of the extra tap a fine-tuned backbone offers: (N+1)-way log-softmax (index 0 = background).
+FT_TAP = "ft_logprob"
+META_KEY = "rcnn_finetune"
+CLS_PREFIX = "rcnn_finetune.cls."
+CKPT_VERSION = 1
+
+#: Fine-tuning learning rate per backbone = 1/10 of the base rate it was pre-trained with
+#: (paper §2.3: 0.001 for CaffeNet, pre-trained at 0.01).
+#:   alexnet / vgg*: pre-trained at 0.01 (SGD)                      → 0.001 (paper)
+#:   squeezenet1_1: pre-trained at 0.04 (SqueezeNet v1.1 Caffe solver) → 0.004
+#:   efficientnet_lite0: 0.016 per 256 images (TF reference, RMSProp) → 0.0016
+#:   resnet* / other torchvision classifiers: 0.1 (SGD)              → 0.01
+#: (The issue text says "0.01 ×", but its own example, 0.001 for AlexNet's 0.01, and the paper
+#: are 1/10; we follow the paper.)
+BASE_LR = {"alexnet": 0.001, "vgg": 0.001, "squeezenet1_1": 0.004, "efficientnet_lite0": 0.0016}
+DEFAULT_LR = 0.01
+
+
+def default_lr(backbone: str) -> float:
+    """Fine-tuning learning rate of ``backbone`` (1/10 of its pre-training rate, see :data:`BASE_LR`)."""
+    for k, v in BASE_LR.items():
+        if backbone == k or backbone.startswith(k):
+            return v
+    return DEFAULT_LR
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed from (one line naming the file and the problem)."""
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Every setting of a fine-tuning run (all but the bookkeeping ones enter :meth:`key`)."""
+
+    backbone: str = "squeezenet1_1"
+    weights: str | None = None
+    mode: str = "warp"  # paper §2.3 fine-tunes on warped regions; "shared" = Fast R-CNN style
+    iterations: int = 1000
+    lr: float | None = None  # None: default_lr(backbone), 1/10 of the pre-training rate (§2.3)
+    momentum: float = 0.9  # paper §2.3 (Caffe solver)
+    weight_decay: float = 5e-4  # paper §2.3 (Caffe solver)
+    step_size: int | None = None  # lr ×gamma every step_size iterations; None: at 2/3 of the run
+    gamma: float = 0.1  # Caffe "step" policy
+    images_per_batch: int = 2  # paper §2.3: 32 positive + 96 background windows per 128 batch; 2 images × 64
+    rois_per_image: int = 64
+    fg_fraction: float = 0.25  # paper §2.3: batches biased to 1/4 positives
+    fg_iou: float = 0.5  # paper §2.3: IoU ≥ 0.5 → positive of that box's class
+    flip: bool = True  # horizontal flip augmentation
+    dropout: float = 0.5  # before the new classifier (AlexNet fc layers / SqueezeNet's classifier use 0.5)
+    seed: int = 0
+    # region geometry: must match the features the detector later extracts
+    context_pad: int = 0  # warp mode (features.FeatureConfig default, paper §2.1 tight box)
+    method: str = "warp"
+    scales: tuple[float, ...] = (1.5,)  # shared mode: image scale (features.SHARED_SCALES)
+    grid: int = 6  # shared mode RoI grid (features.SHARED_GRID)
+    max_side: int = 2000
+    freeze: int = 0  # number of leading trunk modules kept frozen (0: fine-tune everything, §2.3)
+    val_images: int = 16  # training images held out for the validation curve (every k-th image)
+    val_every: int = 50
+    checkpoint_every: int = 50
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("warp", "shared"):
+            raise ValueError(f"mode must be 'warp' or 'shared', not {self.mode!r}")
+        if self.iterations < 1 or self.images_per_batch < 1 or self.rois_per_image < 1:
+            raise ValueError("iterations, images_per_batch and rois_per_image must be ≥ 1")
+        if not 0 <= self.fg_fraction <= 1:
+            raise ValueError(f"fg_fraction must be in [0, 1], not {self.fg_fraction}")
+        object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
+
+    @property
+    def base_lr(self) -> float:
+        return self.lr if self.lr is not None else default_lr(self.backbone)
+
+    @property
+    def step(self) -> int:
+        return self.step_size or max(1, round(self.iterations * 2 / 3))
+
+    def lr_at(self, it: int) -> float:
+        return self.base_lr * self.gamma ** (it // self.step)
+
+    def key(self) -> str:
+        d = asdict(self)
+        for k in ("val_every", "checkpoint_every"):
+            d.pop(k)
+        return settings_hash("finetune", d)
+
+
+# ----------------------------------------------------------------------------- region labels
+
+
+def label_regions(record: ImageRecord, proposals: np.ndarray, fg_iou: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """Ground-truth boxes + proposals of one image and their labels (paper §2.3).
+
+    Returns ``boxes (M,4) float32`` and ``labels (M,) int64``: ``1 + class`` of the ground-truth
+    box with the highest IoU when that IoU ≥ ``fg_iou``, else 0 (background). Zero-area boxes are
+    dropped (BCCD has degenerate annotations)."""
+    gt = np.asarray(record.boxes, np.float32).reshape(-1, 4)
+    glab = np.asarray(record.labels, np.int64).reshape(-1)
+    boxes = np.concatenate([gt, np.asarray(proposals, np.float32).reshape(-1, 4)])
+    boxes = boxes[box_area(boxes) > 0]
+    labels = np.zeros(len(boxes), np.int64)
+    ok = box_area(gt) > 0
+    if ok.any() and len(boxes):
+        iou = box_iou(boxes, gt[ok])
+        best = iou.argmax(1)
+        pos = iou.max(1) >= fg_iou
+        labels[pos] = glab[ok][best[pos]] + 1
+    return boxes, labels
+
+
+def sample_regions(labels: np.ndarray, n: int, fg_fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """Indices of ``n`` regions: up to ``round(fg_fraction·n)`` positives (without replacement),
+    background for the rest (with replacement only if an image has fewer than needed)."""
+    fg = np.flatnonzero(labels > 0)
+    bg = np.flatnonzero(labels == 0)
+    n_fg = min(len(fg), round(fg_fraction * n))
+    pick = [rng.choice(fg, n_fg, replace=False)] if n_fg else []
+    n_bg = n - n_fg
+    if len(bg):
+        pick.append(rng.choice(bg, n_bg, replace=len(bg) < n_bg))
+    elif n_bg and len(fg):  # no background at all: fill with positives
+        pick.append(rng.choice(fg, n_bg, replace=True))
+    return np.concatenate(pick).astype(np.int64) if pick else np.zeros(0, np.int64)
+
+
+def flip_boxes(boxes: np.ndarray, width: int) -> np.ndarray:
+    """Mirror xyxy pixel-edge boxes of an image ``width`` px wide."""
+    out = boxes.copy()
+    out[:, 0] = width - boxes[:, 2]
+    out[:, 2] = width - boxes[:, 0]
+    return out
+
+
+# ----------------------------------------------------------------------------- the network
+
+
+class FinetuneNet(nn.Module):
+    """A backbone plus a new ``(N+1)``-way classifier on its ``fc7`` tap."""
+
+    def __init__(self, bb: Backbone, num_classes: int, config: FinetuneConfig, init_seed: int = 0):
+        super().__init__()
+        self.bb = bb
+        self.config = config
+        self.net = bb.modules
+        dim = bb.dim("fc7")
+        self.cls = nn.Linear(dim, num_classes + 1)
+        g = torch.Generator().manual_seed(init_seed)
+        with torch.no_grad():  # Caffe fc8 init: N(0, 0.01²), bias 0
+            self.cls.weight.copy_(torch.randn(self.cls.weight.shape, generator=g) * 0.01)
+            self.cls.bias.zero_()
+        self.drop = nn.Dropout(config.dropout)
+
+    def trainable(self) -> list[tuple[str, nn.Parameter]]:
+        frozen = set()
+        for i, mod in enumerate(self.bb.trunk.children()):
+            if i < self.config.freeze:
+                frozen |= {id(p) for p in mod.parameters()}
+        return [(n, p) for n, p in self.named_parameters() if id(p) not in frozen]
+
+    def set_train(self, on: bool) -> None:
+        self.train(on)
+        for m in self.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()  # BN statistics stay frozen (2 images per batch are too few to estimate them)
+
+    def forward_regions(self, images: Sequence[np.ndarray], boxes: Sequence[np.ndarray]) -> torch.Tensor:
+        """Logits ``(sum M_i, N+1)`` of the regions ``boxes[i]`` (M_i,4) of RGB uint8 ``images[i]``."""
+        bb, c = self.bb, self.config
+        if c.mode == "warp":
+            from rcnn.features import warp_regions
+
+            crops = np.concatenate([warp_regions(im, b, bb.input_size, c.context_pad, c.method, fill=bb.mean_rgb(),
+                                                 interpolation=bb.interpolation) for im, b in zip(images, boxes, strict=True)])
+            x = bb.preprocess(crops)
+            grid = bb.to_grid(bb.trunk(x))
+            g = None
+        else:
+            pooled = []
+            g = c.grid
+            for im, b in zip(images, boxes, strict=True):
+                h, w = im.shape[:2]
+                sc = min(c.scales[0], c.max_side / max(h, w))
+                size = (max(1, round(w * sc)), max(1, round(h * sc)))
+                flag = cv2.INTER_CUBIC if bb.interpolation == "bicubic" or sc > 1 else cv2.INTER_AREA
+                img = im if size == (w, h) else cv2.resize(im, size, interpolation=flag)
+                fmap = bb.trunk(bb.preprocess(img[None]))
+                s = np.array([size[0] / w, size[1] / h] * 2, np.float32)
+                rois = torch.from_numpy(np.asarray(b, np.float32) * s)
+                rois = torch.cat([torch.zeros(len(rois), 1), rois], 1)
+                # Fast R-CNN: gradients flow through RoIAlign into the shared trunk map
+                pooled.append(roi_align(fmap, rois, g, 1.0 / bb.stride, sampling_ratio=2, aligned=True))
+            grid = torch.cat(pooled)
+        feat = bb.head(grid, ["fc7"], g)["fc7"]
+        return self.cls(self.drop(feat))
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class RegionData:
+    """Images (decoded once, kept in RAM) and labelled regions of the training records."""
+
+    def __init__(self, records: Sequence[ImageRecord], proposal_config, dataset_root, fg_iou: float,
+                 progress: Callable[[int, int], None] | None = None):
+        from rcnn.proposals import get_proposals
+
+        self.records = list(records)
+        self.boxes: list[np.ndarray] = []
+        self.labels: list[np.ndarray] = []
+        self._images: dict[int, np.ndarray] = {}
+        for i, r in enumerate(self.records):
+            props = get_proposals(r, proposal_config, dataset_root)
+            b, lab = label_regions(r, props, fg_iou)
+            self.boxes.append(b)
+            self.labels.append(lab)
+            if progress:
+                progress(i + 1, len(self.records))
+
+    def image(self, i: int) -> np.ndarray:
+        if i not in self._images:
+            self._images[i] = load_image(self.records[i].path)
+        return self._images[i]
+
+    def batch(self, idx: Sequence[int], n: int, fg_fraction: float, rng: np.random.Generator, flip: bool):
+        """Sample ``n`` regions of each image ``idx``: (images, boxes, labels) lists."""
+        ims, bxs, labs = [], [], []
+        for i in idx:
+            sel = sample_regions(self.labels[i], n, fg_fraction, rng)
+            im, b = self.image(i), self.boxes[i][sel]
+            if flip and rng.random() < 0.5:
+                im, b = im[:, ::-1], flip_boxes(b, im.shape[1])
+            ims.append(np.ascontiguousarray(im))
+            bxs.append(b)
+            labs.append(self.labels[i][sel])
+        return ims, bxs, np.concatenate(labs)
+
+
+def split_validation(records: Sequence[ImageRecord], n_val: int) -> tuple[list[ImageRecord], list[ImageRecord]]:
+    """Hold out ``n_val`` evenly spaced images (a fixed, documented choice) for the validation curve."""
+    recs = list(records)
+    if n_val <= 0 or len(recs) < 2:
+        return recs, []
+    n_val = min(n_val, len(recs) // 2)
+    step = len(recs) / n_val
+    val_idx = {int(i * step + step / 2) for i in range(n_val)}
+    return [r for i, r in enumerate(recs) if i not in val_idx], [r for i, r in enumerate(recs) if i in val_idx]
+
+
+def _iter_rng(seed: int, it: int) -> np.random.Generator:
+    return np.random.default_rng([seed, it])
+
+
+def batch_images(it: int, n_images: int, per_batch: int, seed: int) -> list[int]:
+    """Image indices of iteration ``it``: a fresh seeded permutation each epoch, consumed in order."""
+    out = []
+    for j in range(per_batch):
+        k = it * per_batch + j
+        epoch, pos = divmod(k, n_images)
+        out.append(int(np.random.default_rng([seed, 1_000_003, epoch]).permutation(n_images)[pos]))
+    return out
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach()
+        h.update(k.encode())
+        h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.numpy().tobytes())  # C-order bytes whatever the memory layout
+    return h.hexdigest()
+
+
+def save_checkpoint(path: Path, net: FinetuneNet, opt: torch.optim.Optimizer, it: int, history: dict, config: FinetuneConfig) -> Path:
+    """Atomically write parameters, momentum buffers and RNG state after ``it`` iterations."""
+    from safetensors.torch import save_file
+
+    tensors = {f"param.{k}": v.detach().clone() for k, v in net.state_dict().items()}
+    names = {id(p): n for n, p in net.named_parameters()}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            buf = opt.state.get(p, {}).get("momentum_buffer")
+            if buf is not None:
+                tensors[f"momentum.{names[id(p)]}"] = buf.detach().clone()
+    tensors["rng.torch"] = torch.get_rng_state()
+    meta = {"version": CKPT_VERSION, "iteration": it, "config_key": config.key(), "history": history}
+    digest = _tensor_digest(tensors)
+    header = {"rcnn_checkpoint": json.dumps(meta), "sha256": digest}
+    return atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=header))
+
+
+def load_checkpoint(path: Path, net: FinetuneNet, opt: torch.optim.Optimizer, config: FinetuneConfig) -> tuple[int, dict]:
+    """Restore a checkpoint into ``net``/``opt``; returns ``(iteration, history)``.
+
+    Raises :class:`CheckpointError` if the file is unreadable, its tensors do not hash to the
+    recorded sha256 (corrupt), or it belongs to a run with different settings."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise CheckpointError(f"{path}: corrupt or unreadable checkpoint ({type(e).__name__}); delete it to restart") from None
+    if "rcnn_checkpoint" not in header or "sha256" not in header:
+        raise CheckpointError(f"{path}: not an rcnn fine-tuning checkpoint")
+    if _tensor_digest(tensors) != header["sha256"]:
+        raise CheckpointError(f"{path}: checkpoint is corrupt (sha256 of its tensors does not match its header); "
+                              "delete it to restart")
+    meta = json.loads(header["rcnn_checkpoint"])
+    if meta.get("config_key") != config.key():
+        raise CheckpointError(f"{path}: checkpoint was written with different fine-tuning settings; "
+                              "use the same settings or delete it to restart")
+    sd = {k[len("param."):]: v for k, v in tensors.items() if k.startswith("param.")}
+    net.load_state_dict(sd, strict=True)
+    params = dict(net.named_parameters())
+    for k, v in tensors.items():
+        if k.startswith("momentum."):
+            opt.state[params[k[len("momentum."):]]]["momentum_buffer"] = v.clone()
+    torch.set_rng_state(tensors["rng.torch"])
+    return int(meta["iteration"]), meta["history"]
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@dataclass
+class FinetuneResult:
+    """What :func:`finetune` did."""
+
+    output: Path
+    iterations: int
+    seconds: float  # training time of this process (excludes time before a resume)
+    seconds_per_iteration: float
+    history: dict = field(default_factory=dict)
+    resumed_from: int = 0
+
+
+def _make_optimizer(net: FinetuneNet, c: FinetuneConfig) -> torch.optim.SGD:
+    # Caffe convention of the released prototxts: biases at 2× the rate and without weight decay
+    params = net.trainable()
+    w = [p for n, p in params if not n.endswith("bias")]
+    b = [p for n, p in params if n.endswith("bias")]
+    return torch.optim.SGD([{"params": w, "lr_mult": 1.0, "weight_decay": c.weight_decay},
+                            {"params": b, "lr_mult": 2.0, "weight_decay": 0.0}],
+                           lr=c.base_lr, momentum=c.momentum)
+
+
+@torch.no_grad()
+def validate(net: FinetuneNet, data: RegionData, c: FinetuneConfig) -> dict:
+    """Loss / accuracy / foreground accuracy on a fixed sample of the held-out images (no flips)."""
+    net.set_train(False)
+    loss_sum, correct, n, fg_ok, fg_n = 0.0, 0, 0, 0, 0
+    for i in range(len(data.records)):
+        rng = np.random.default_rng([c.seed, 7_777_777, i])
+        ims, bxs, lab = data.batch([i], c.rois_per_image, c.fg_fraction, rng, flip=False)
+        if len(lab) == 0:
+            continue
+        logits = net.forward_regions(ims, bxs)
+        y = torch.from_numpy(lab)
+        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+        pred = logits.argmax(1)
+        correct += int((pred == y).sum())
+        n += len(y)
+        fg = y > 0
+        fg_ok += int((pred[fg] == y[fg]).sum())
+        fg_n += int(fg.sum())
+    return {"loss": loss_sum / max(n, 1), "accuracy": correct / max(n, 1), "fg_accuracy": fg_ok / max(fg_n, 1),
+            "regions": n}
+
+
+def finetune(
+    records: Sequence[ImageRecord],
+    classes: Sequence[str],
+    output: str | Path,
+    config: FinetuneConfig = FinetuneConfig(),
+    proposal_config=None,
+    dataset_root: str | Path | None = None,
+    val_records: Sequence[ImageRecord] | None = None,
+    checkpoint: str | Path | None = None,
+    progress: bool = True,
+    stop_after: int | None = None,
+    threads: int | None = None,
+) -> FinetuneResult:
+    """Fine-tune ``config.backbone`` on ``records`` and write the net to ``output`` (safetensors).
+
+    ``val_records``: images for the validation curve (default: ``config.val_images`` evenly spaced
+    images held out of ``records``). ``checkpoint``: file to resume from / write to (default
+    ``<output>.ckpt``); an existing one is resumed (after its hash is verified). ``stop_after``:
+    stop (after checkpointing) once this many iterations are done — simulates a kill in tests.
+    Writes ``<output stem>.curve.json`` and ``.curve.png`` next to ``output``.
+    """
+    from rcnn.proposals import ProposalConfig
+
+    c = config
+    set_threads(threads)
+    pc = proposal_config or ProposalConfig()
+    output = Path(output)
+    ckpt = Path(checkpoint) if checkpoint else output.with_name(output.name + ".ckpt")
+    if val_records is None:
+        train_recs, val_recs = split_validation(records, c.val_images)
+    else:
+        train_recs, val_recs = list(records), list(val_records)
+    if not train_recs:
+        raise ValueError("no training images")
+    torch.manual_seed(c.seed)
+    bb = build_backbone(c.backbone, c.weights)
+    net = FinetuneNet(bb, len(classes), c, init_seed=c.seed)
+    for _, p in net.named_parameters():
+        p.requires_grad_(False)
+    for _, p in net.trainable():
+        p.requires_grad_(True)
+    opt = _make_optimizer(net, c)
+    history: dict = {"train": [], "val": []}
+    start = 0
+    if ckpt.is_file():
+        start, history = load_checkpoint(ckpt, net, opt, c)
+        log.info("resumed from %s at iteration %d", ckpt, start)
+    bar = _progress() if progress else None
+    if bar:
+        bar.start()
+    try:
+        prep = bar.add_task("labelling regions", total=len(train_recs) + len(val_recs), info="") if bar else None
+        done = [0]
+
+        def tick(i: int, n: int) -> None:
+            done[0] += 1
+            if bar:
+                bar.update(prep, completed=done[0])
+
+        train = RegionData(train_recs, pc, dataset_root, c.fg_iou, tick)
+        val = RegionData(val_recs, pc, dataset_root, c.fg_iou, tick) if val_recs else None
+        n_pos = int(sum((lab > 0).sum() for lab in train.labels))
+        n_all = int(sum(len(lab) for lab in train.labels))
+        task = bar.add_task(f"fine-tune {c.backbone} ({c.mode})", total=c.iterations, completed=start, info="") if bar else None
+        t0 = time.perf_counter()
+        end = c.iterations if stop_after is None else min(c.iterations, stop_after)
+        it = start
+        while it < end:
+            for g in opt.param_groups:
+                g["lr"] = c.lr_at(it) * g["lr_mult"]
+            rng = _iter_rng(c.seed, it)
+            torch.manual_seed(int(rng.integers(2**62)))  # dropout of this iteration (resume-exact)
+            idx = batch_images(it, len(train.records), c.images_per_batch, c.seed)
+            ims, bxs, lab = train.batch(idx, c.rois_per_image, c.fg_fraction, rng, c.flip)
+            net.set_train(True)
+            logits = net.forward_regions(ims, bxs)
+            y = torch.from_numpy(lab)
+            loss = F.cross_entropy(logits, y)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"fine-tuning diverged at iteration {it} (loss {float(loss)}); lower --lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            acc = float((logits.detach().argmax(1) == y).float().mean())
+            loss = loss.detach()
+            it += 1
+            history["train"].append({"iteration": it, "loss": round(float(loss), 5), "accuracy": round(acc, 4),
+                                     "fg_fraction": round(float((y > 0).float().mean()), 4), "lr": c.lr_at(it - 1)})
+            if val is not None and (it % c.val_every == 0 or it == c.iterations):
+                v = validate(net, val, c)
+                history["val"].append({"iteration": it, **{k: round(x, 5) if isinstance(x, float) else x for k, x in v.items()}})
+            if it % c.checkpoint_every == 0 or it == end:
+                save_checkpoint(ckpt, net, opt, it, history, c)
+            if bar:
+                el = time.perf_counter() - t0
+                rate = (it - start) / el if el > 0 else 0.0
+                last_val = history["val"][-1] if history["val"] else None
+                info = f"{rate:.2f} it/s · loss {float(loss):.3f} · acc {acc:.2f}"
+                if last_val:
+                    info += f" · val loss {last_val['loss']:.3f} acc {last_val['accuracy']:.2f}"
+                bar.update(task, completed=it, info=info)
+        seconds = time.perf_counter() - t0
+    finally:
+        if bar:
+            bar.stop()
+    history["data"] = {"train_images": len(train_recs), "val_images": len(val_recs), "train_regions": n_all,
+                       "train_positives": n_pos}
+    history["seconds_this_run"] = round(seconds, 1)
+    history["seconds_total"] = round(history.get("seconds_total_before", 0.0) + seconds, 1)
+    if it >= c.iterations:
+        save_finetuned(output, net, classes, c, history)
+        write_curve(history, output)
+    else:  # stopped early: keep the total time across resumes in the checkpoint's history
+        history["seconds_total_before"] = history["seconds_total"]
+        save_checkpoint(ckpt, net, opt, it, history, c)
+    return FinetuneResult(output, it, seconds, seconds / max(it - start, 1), history, start)
+
+
+def save_finetuned(path: Path, net: FinetuneNet, classes: Sequence[str], c: FinetuneConfig, history: dict) -> Path:
+    """The fine-tuned network as a backbone weights file (see module docs)."""
+    from safetensors.torch import save_file
+
+    bb = net.bb
+    sd = {k: v.detach().contiguous() for k, v in net.net.state_dict().items()}
+    sd[CLS_PREFIX + "weight"] = net.cls.weight.detach().contiguous()
+    sd[CLS_PREFIX + "bias"] = net.cls.bias.detach().contiguous()
+    meta = {
+        "base": c.backbone, "classes": ["__background__", *classes], "input_size": bb.input_size, "color": bb.color,
+        "mean": list(bb.mean), "std": list(bb.std), "tap": "fc7", "config": asdict(c), "lr": c.base_lr,
+        "iterations": c.iterations, "history_summary": {"val": history.get("val", [])[-1:], "data": history.get("data")},
+        "seconds_total": history.get("seconds_total"),
+    }
+    return atomic_write(path, lambda tmp: save_file(sd, str(tmp), metadata={META_KEY: json.dumps(meta)}))
+
+
+def read_meta(path: str | Path) -> dict | None:
+    """The ``rcnn_finetune`` header of a weights file, or None if it is not a fine-tuned net."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(META_KEY)
+    except Exception:
+        return None
+    return json.loads(raw) if raw else None
+
+
+def apply_finetuned(bb: Backbone, path: str | Path) -> Backbone:
+    """Turn a backbone built from a fine-tuned weights file into a fine-tuned backbone: the
+    preprocessing it was trained with and an extra tap :data:`FT_TAP` ((N+1)-way log-softmax,
+    index 0 = background). Files without the header are returned unchanged."""
+    meta = read_meta(path)
+    if meta is None:
+        return bb
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        W, b = f.get_tensor(CLS_PREFIX + "weight"), f.get_tensor(CLS_PREFIX + "bias")
+    cls = nn.Linear(W.shape[1], W.shape[0])
+    with torch.no_grad():
+        cls.weight.copy_(W)
+        cls.bias.copy_(b)
+    cls.eval()
+    for p in cls.parameters():
+        p.requires_grad_(False)
+    tap = meta.get("tap", "fc7")
+    orig = bb.head_fn
+
+    def head(grid: torch.Tensor, layers: Sequence[str], g: int) -> dict[str, torch.Tensor]:
+        inner = [x for x in layers if x != FT_TAP]
+        if FT_TAP in layers and tap not in inner:
+            inner.append(tap)
+        out = orig(grid, inner, g) if inner else {}
+        if FT_TAP in layers:
+            out[FT_TAP] = F.log_softmax(cls(out[tap]), 1)
+        return {k: out[k] for k in layers}
+
+    bb.input_size = int(meta["input_size"])
+    bb.color = meta["color"]
+    bb.mean = tuple(meta["mean"])
+    bb.std = tuple(meta["std"])
+    bb.taps = {**bb.taps, FT_TAP: W.shape[0]}
+    bb.head_fn = head
+    bb.finetuned = meta  # type: ignore[attr-defined]
+    return bb
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def write_curve(history: dict, output: Path) -> tuple[Path, Path]:
+    """``<stem>.curve.json`` (the whole history) and ``<stem>.curve.png`` (training loss smoothed
+    over 20 iterations, validation loss and accuracy)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base = output.with_suffix("")
+    jpath = save_json(base.with_name(base.name + ".curve.json"), history)
+    tr, va = history.get("train", []), history.get("val", [])
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.8))
+    if tr:
+        its = np.array([h["iteration"] for h in tr])
+        loss = np.array([h["loss"] for h in tr])
+        k = min(20, len(loss))
+        smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
+        ax[0].plot(its, loss, color="0.8", lw=0.6, label="train (per iteration)")
+        ax[0].plot(its[k - 1:], smooth, color="C0", label=f"train (mean of {k})")
+    if va:
+        ax[0].plot([h["iteration"] for h in va], [h["loss"] for h in va], "o-", color="C1", label="validation")
+        ax[1].plot([h["iteration"] for h in va], [h["accuracy"] for h in va], "o-", color="C1", label="val accuracy")
+        ax[1].plot([h["iteration"] for h in va], [h["fg_accuracy"] for h in va], "s--", color="C2",
+                   label="val accuracy (positives)")
+    ax[0].set_xlabel("iteration")
+    ax[0].set_ylabel("cross-entropy")
+    ax[0].legend()
+    ax[0].grid(alpha=0.3)
+    ax[1].set_xlabel("iteration")
+    ax[1].set_ylabel("accuracy")
+    ax[1].set_ylim(0, 1)
+    ax[1].legend()
+    ax[1].grid(alpha=0.3)
+    fig.suptitle("fine-tuning (128 regions / iteration, 1/4 positive)")
+    fig.tight_layout()
+    ppath = base.with_name(base.name + ".curve.png")
+    fig.savefig(ppath, dpi=90)
+    plt.close(fig)
+    return jpath, ppath
+
+
+def _progress():
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
+
+
+# ----------------------------------------------------------------------------- softmax scoring
+
+
+def softmax_model(net_path: str | Path, proposal_config, feature_config=None):
+    """A detector (:class:`rcnn.detect.RCNNModel`) that scores regions with the fine-tuned
+    softmax instead of SVMs: features = the :data:`FT_TAP` log-probabilities, ``W`` selects the
+    N object columns (score = log p(class | region), a monotone map of the probability)."""
+    from rcnn.backbones import get_backbone
+    from rcnn.detect import RCNNModel
+    from rcnn.features import FeatureConfig
+
+    meta = read_meta(net_path)
+    if meta is None:
+        raise ValueError(f"{net_path}: not a fine-tuned network (no {META_KEY} header)")
+    classes = meta["classes"][1:]
+    fc = replace(feature_config or FeatureConfig(), backbone=meta["base"], weights=str(net_path), layer=FT_TAP,
+                 with_gt=True)
+    bb = get_backbone(fc.backbone, fc.weights)
+    n = len(classes)
+    W = np.zeros((n + 1, n), np.float32)
+    W[np.arange(1, n + 1), np.arange(n)] = 1.0
+    d = asdict(fc)
+    d.pop("batch_size", None)
+    return RCNNModel(classes=list(classes), W=W, b=np.zeros(n, np.float32), trained=np.ones(n, bool), feature_scale=1.0,
+                     backbone=fc.backbone, weights_hash=bb.weights_hash, layer=FT_TAP, mode=fc.mode, feature_options=d,
+                     proposal_options=asdict(proposal_config),
+                     training={"scorer": "fine-tuned softmax", "net": str(net_path), "iterations": meta.get("iterations")})
+
+
+__all__ = [
+    "BASE_LR", "FT_TAP", "CheckpointError", "FinetuneConfig", "FinetuneNet", "FinetuneResult", "apply_finetuned",
+    "default_lr", "finetune", "label_regions", "load_checkpoint", "read_meta", "sample_regions", "save_checkpoint",
+    "softmax_model", "split_validation", "validate", "write_curve",
+]
