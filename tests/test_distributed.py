@@ -93,3 +93,15 @@ def test_cli_engine_options_are_checked():
     assert r.exit_code == 2 and "--engine must be one of" in r.output
     r = CliRunner().invoke(app, ["features", voc, "--split", "test", "--address", "auto"])
     assert r.exit_code == 2 and "--address needs --engine ray" in r.output
+
+
+def test_cli_detect_and_evaluate_check_engine_options(tmp_path):
+    from typer.testing import CliRunner
+
+    from rcnn.cli import app
+
+    r = CliRunner().invoke(app, ["detect", str(tmp_path / "m.rcnn"), str(tmp_path / "a.jpg"), "-o", str(tmp_path),
+                                 "--engine", "dask"])
+    assert r.exit_code == 2 and "--engine must be one of" in r.output
+    r = CliRunner().invoke(app, ["evaluate", str(tmp_path / "m.rcnn"), str(tmp_path), "--address", "auto"])
+    assert r.exit_code == 2 and "--address needs --engine ray" in r.output

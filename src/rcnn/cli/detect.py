@@ -24,6 +24,7 @@ from rich.table import Table
 from rcnn.cache import save_json
 from rcnn.cli.app import app, console, err_console, fail
 from rcnn.cli.dataset import DatasetArg, open_dataset, print_ap_table
+from rcnn.cli.engine import AddressOpt, CachedRegions, EngineOpt, check_engine, ray_extract, ray_fill_images
 from rcnn.cli.proposals import KsOpt, MaxBoxesOpt, MinSizeOpt, WidthOpt, WorkersOpt, make_config
 from rcnn.data import ImageReadError, load_image
 from rcnn.evaluate import METRICS, Detections, write_coco_results, write_comp4
@@ -183,13 +184,20 @@ def detect(
     threshold: Annotated[float, typer.Option("--threshold", "-t", help="Keep detections scoring above this (SVM margin; 0 = decision boundary)")] = 0.0,
     top_k: Annotated[int | None, typer.Option("--top-k", help="At most this many detections per image")] = None,
     no_png: Annotated[bool, typer.Option("--no-png", help="Skip the annotated PNGs")] = False,
+    no_bbox_reg: Annotated[bool, typer.Option("--no-bbox-reg", help="Do not refine boxes with the model's box regressor")] = False,
+    engine: EngineOpt = "local",
+    address: AddressOpt = None,
+    workers: WorkersOpt = None,
 ) -> None:
     """Detect objects in images: COCO results JSON, VOC comp4 files and an annotated PNG per image."""
     from rcnn.detect import detect_image
 
+    check_engine(engine, address)
     _log_warnings()
     model = _load_model(model_path)
     source = _source(model)
+    # --engine ray: proposals + features on Ray workers into the cache first (rcnn.distributed)
+    cached = ray_fill_images(images, source, address, workers) if engine == "ray" else None
     output.mkdir(parents=True, exist_ok=True)
     parts, failed = [], []
     with _progress() as bar:
@@ -203,7 +211,8 @@ def detect(
                 bar.advance(task)
                 continue
             t0 = time.perf_counter()
-            b, s, lab = detect_image(model, img, source, threshold=threshold, top_k=top_k)
+            src = source if cached is None or p.resolve() not in cached else CachedRegions(source, cached[p.resolve()])
+            b, s, lab = detect_image(model, img, src, threshold=threshold, top_k=top_k, bbox_reg=not no_bbox_reg)
             dt = time.perf_counter() - t0
             parts.append(Detections(np.array([p.stem] * len(s), dtype=object), b, s, lab))
             if not no_png:
@@ -226,7 +235,10 @@ def evaluate(
     split: Annotated[str, typer.Option("--split", "-s", help="Test split")] = "test",
     metric: Annotated[str, typer.Option("--metric", help=f"One of {METRICS}")] = "voc07",
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Folder for results JSON, PR curves, detections")] = None,
+    no_bbox_reg: Annotated[bool, typer.Option("--no-bbox-reg", help="Do not refine boxes with the model's box regressor")] = False,
     workers: WorkersOpt = None,
+    engine: EngineOpt = "local",
+    address: AddressOpt = None,
 ) -> None:
     """Detect over a split (using the caches) and print the per-class VOC AP table and mAP."""
     from rcnn.detect import CNNFeatures, DetectStats, detect_dataset, evaluate_model, save_pr_curves
@@ -235,6 +247,7 @@ def evaluate(
 
     if metric not in METRICS:
         raise fail(f"--metric must be one of {METRICS}, not {metric!r}", 2)
+    check_engine(engine, address)
     _log_warnings()
     model = _load_model(model_path)
     ds = open_dataset(dataset, split)
@@ -242,17 +255,24 @@ def evaluate(
     if missing:
         err_console.print(f"[yellow]warning:[/] dataset classes not in the model (AP undefined): {missing}")
     source = _source(model, ds.root)
-    ps = propose_dataset(ds, source.proposal_config, workers=workers, progress=True)
-    for _, msg in ps.failed:
+    if engine == "ray":  # rcnn.distributed: proposals + features on Ray workers, same caches
+        if not isinstance(source, CNNFeatures):
+            raise fail("--engine ray needs a CNN-feature model (HOG features are computed in this process)", 2)
+        es = ray_extract(ds, source.proposal_config, source.feature_config, address, workers)
+        ps_failed = [(r.image_id, m) for r in ds.records for m in es.failed if m.startswith(f"{r.path}:")]
+    else:
+        ps_failed = propose_dataset(ds, source.proposal_config, workers=workers, progress=True).failed
+    for _, msg in ps_failed:
         err_console.print(f"[red]error:[/] {msg}", highlight=False, soft_wrap=True)
-    bad = {i for i, _ in ps.failed}
+    bad = {i for i, _ in ps_failed}
     ds.records = [r for r in ds.records if r.image_id not in bad]
-    if isinstance(source, CNNFeatures):
+    if isinstance(source, CNNFeatures) and engine != "ray":
         features_for_dataset(ds, source.proposal_config, source.feature_config, progress=True)
     stats = DetectStats()
     with _progress() as bar:
         task = bar.add_task("detect", total=len(ds.records), info="")
-        dets = detect_dataset(model, ds, source, progress=lambda i, n: bar.update(task, completed=i), stats=stats)
+        dets = detect_dataset(model, ds, source, progress=lambda i, n: bar.update(task, completed=i), stats=stats,
+                              bbox_reg=not no_bbox_reg)
     result, warns = evaluate_model(model, ds, dets, metric)
     for w in warns:
         err_console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)

@@ -60,3 +60,47 @@ def report_device(device: str) -> str:
     else:
         console.print(f"device: {dev}", highlight=False)
     return device
+
+
+def ray_fill_images(paths, source, address: str | None, workers: int | None) -> dict:
+    """``rcnn detect --engine ray``: proposals + features of loose image files on Ray, into the
+    cache (one dataset per folder, in one Ray session). Returns ``{path: ImageRecord}`` for
+    :class:`CachedRegions`; images that failed are left out (their errors are printed)."""
+    import numpy as np
+
+    from rcnn.data import Dataset, ImageRecord
+    from rcnn.distributed import ray_session
+
+    if not hasattr(source, "feature_config"):
+        raise fail("--engine ray needs a CNN-feature model (HOG features are computed in this process)", 2)
+    groups: dict = {}
+    for p in paths:
+        p = p.resolve()
+        e = np.zeros((0, 4), np.float32)
+        # the file name (not the stem) is the cache id: a.jpg and a.png in one folder stay apart
+        groups.setdefault(p.parent, []).append(ImageRecord(p.name, p, 0, 0, e, np.zeros(0, np.int64), np.zeros(0, bool)))
+    records, failed = {}, []
+    try:
+        with ray_session(address, workers):
+            for parent, recs in groups.items():
+                ds = Dataset(parent, None, [], recs)
+                s = ray_extract(ds, source.proposal_config, source.feature_config, address, workers)
+                failed += s.failed
+                bad = {m.split(":", 1)[0] for m in s.failed}
+                records.update({r.path: r for r in recs if str(r.path) not in bad})
+    except RuntimeError as e:
+        raise fail(str(e), 2) from None
+    for msg in failed:
+        console.print(f"  [red]{msg}", highlight=False, soft_wrap=True)
+    return records
+
+
+class CachedRegions:
+    """A feature source whose ``image_regions`` serves one record's cached regions (filled by the
+    Ray engine), so :func:`rcnn.detect.detect_image` scores them like freshly computed ones."""
+
+    def __init__(self, source, record):
+        self.source, self.record = source, record
+
+    def image_regions(self, image):
+        return self.source.regions(self.record)
