@@ -156,7 +156,15 @@ def load_results() -> dict:
     return {"rows": {}}
 
 
-def run_row(row: dict, svm: SVMConfig) -> dict:
+def _cached(row: dict, root: Path, r) -> bool:
+    from rcnn.cache import file_sha256
+    from rcnn.features import _load, feature_path
+
+    fc = FeatureConfig(backbone=row["backbone"], layer=row["layer"], mode=row["mode"], grid=GRID, with_gt=True)
+    return _load(feature_path(r, PROPOSALS, fc, root), file_sha256(r.path)) is not None
+
+
+def run_row(row: dict, svm: SVMConfig, partial: bool = False) -> dict:
     root = DATA
     if row.get("gray"):
         root = gray_root()
@@ -165,6 +173,8 @@ def run_row(row: dict, svm: SVMConfig) -> dict:
         tr_recs, te_recs = subsets(tv, te)
     else:
         tr_recs, te_recs = tv.records, te.records
+        if partial:  # compute-limited: train on the trainval images whose features are cached so far
+            tr_recs = [r for r in tv.records if _cached(row, root, r)]
     src = source_for(row, root)
     if row["set"] == "subset":
         # C multiplied by (trainval images / subset images): the hinge-loss sum shrinks with the
@@ -174,6 +184,8 @@ def run_row(row: dict, svm: SVMConfig) -> dict:
     t0 = time.time()
     model, res = fit(tv, src, svm, records=tr_recs)
     train_min = (time.time() - t0) / 60
+    if row["set"] == "full" and row["layer"] == "pool5":
+        model.save(ROOT / "bench" / "results" / "bccd_squeezenet_pool5_shared.rcnn")  # *.rcnn is git-ignored
     stats = DetectStats()
     te.records = list(te_recs)
     dets = detect_dataset(model, te, src, stats=stats)
@@ -192,7 +204,7 @@ def run_row(row: dict, svm: SVMConfig) -> dict:
     }
 
 
-def ready(row: dict) -> bool:
+def ready(row: dict, test_only: bool = False) -> bool:
     """Whether every cache the row needs exists (so ``run`` never triggers hours of extraction)."""
     from rcnn.cache import file_sha256
     from rcnn.features import _load, feature_path
@@ -202,6 +214,8 @@ def ready(row: dict) -> bool:
         return False
     tv, te = load_dataset(root, "trainval"), load_dataset(root, "test")
     recs = subsets(tv, te)[0] + subsets(tv, te)[1] if row["set"] == "subset" else tv.records + te.records
+    if test_only:
+        recs = te.records
     if row["backbone"] == "hog":
         src = HOGFeatures(PROPOSALS, root)
         from rcnn.detect import _gt_cache_path
@@ -211,7 +225,7 @@ def ready(row: dict) -> bool:
     return all(_load(feature_path(r, PROPOSALS, fc, root), file_sha256(r.path)) is not None for r in recs)
 
 
-def run(names: list[str] | None, force: bool) -> None:
+def run(names: list[str] | None, force: bool, partial: bool = False) -> None:
     svm = SVMConfig()
     results = load_results()
     results["proposals"] = asdict(PROPOSALS)
@@ -220,18 +234,60 @@ def run(names: list[str] | None, force: bool) -> None:
         if names and not any(n in row["name"] for n in names):
             continue
         key = settings_hash(row, asdict(PROPOSALS), svm.key())
-        done = results["rows"].get(row["name"])
-        if done and done.get("key") == key and not force:
+        name, row_force = row["name"], force
+        if partial and row["set"] == "full" and not ready(row):
+            name, row_force = row["name"].replace("(all)", "(partial trainval)"), True
+        done = results["rows"].get(name)
+        if done and done.get("key") == key and not row_force:
             continue
-        if not ready(row):
+        if not (ready(row) or (partial and row["set"] == "full" and ready(row, test_only=True))):
             print(f"skip (caches not ready): {row['name']}", flush=True)
             continue
-        print(f"running: {row['name']}", flush=True)
-        out = run_row(row, svm)
+        print(f"running: {name}", flush=True)
+        out = run_row(row, svm, partial)
         out["key"] = key
-        results["rows"][row["name"]] = out
+        out["name"] = name
+        results["rows"][name] = out
         save_json(OUT, results)
         print(f"  mAP {out['mAP']:.4f} {out['ap']} train {out['train_minutes_from_cache']} min", flush=True)
+
+
+def timing(n: int = 3) -> None:
+    """CPU seconds (process time, 1 thread: robust to the shared machine's load) per test image
+    of end-to-end detection with the main model: proposals, features, scoring + NMS."""
+    from rcnn.backbones import set_threads
+    from rcnn.detect import postprocess
+    from rcnn.proposals import selective_search
+
+    set_threads(1)
+    results = load_results()
+    row = next(r for r in row_specs() if r["set"] == "full" and r["layer"] == "pool5")
+    te = load_dataset(DATA, "test")
+    src = source_for(row, DATA)
+    from rcnn.detect import RCNNModel
+
+    model_path = ROOT / "bench" / "results" / "bccd_squeezenet_pool5_shared.rcnn"
+    model = RCNNModel.load(model_path)
+    t = {"proposals": 0.0, "features": 0.0, "score_nms": 0.0}
+    for r in te.records[:n]:
+        img = load_image(r.path)
+        c0 = time.process_time()
+        boxes = selective_search(img, PROPOSALS)
+        c1 = time.process_time()
+        feats = src.extract(img, boxes)
+        c2 = time.process_time()
+        postprocess(boxes, model.score(feats), model.nms_iou, None, None, 100, model.trained)
+        c3 = time.process_time()
+        t["proposals"] += c1 - c0
+        t["features"] += c2 - c1
+        t["score_nms"] += c3 - c2
+    out = {k: round(v / n, 3) for k, v in t.items()}
+    out["total"] = round(sum(out.values()), 3)
+    out["images"] = n
+    out["note"] = "CPU seconds per 640x480 image, one thread (process_time), machine shared with other jobs"
+    results["timing_cpu_s_per_image"] = out
+    save_json(OUT, results)
+    print(out)
 
 
 def table() -> str:
@@ -240,9 +296,10 @@ def table() -> str:
     lines = ["| row | images train/test | " + " | ".join(classes) + " | mAP (VOC07) | train min | test s/img | cache MB |",
              "|---|---|" + "---|" * len(classes) + "---|---|---|---|"]
     for row in row_specs():
-        r = res.get(row["name"])
+        r = res.get(row["name"]) or res.get(row["name"].replace("(all)", "(partial trainval)"))
         if not r:
             continue
+        row = {**row, "name": r.get("name", row["name"])}
         aps = " | ".join("–" if r["ap"].get(c) is None else f"{r['ap'][c]:.3f}" for c in classes)
         lines.append(f"| {row['name']} | {r['train_images']}/{r['test_images']} | {aps} | **{r['mAP']:.3f}** | "
                      f"{r['train_minutes_from_cache']:.1f} | {r['test_seconds_per_image_from_cache']:.2f} | {r['feature_cache_mb']:.0f} |")
@@ -261,7 +318,9 @@ def main(argv: list[str] | None = None) -> None:
     r = sub.add_parser("run")
     r.add_argument("--rows", nargs="*", help="substrings of row names to run (default: all ready rows)")
     r.add_argument("--force", action="store_true")
+    r.add_argument("--partial", action="store_true", help="full rows: train on the trainval images cached so far")
     sub.add_parser("table")
+    sub.add_parser("timing")
     a = ap.parse_args(argv)
     if a.cmd == "prepare":
         from rcnn.backbones import set_threads
@@ -269,7 +328,9 @@ def main(argv: list[str] | None = None) -> None:
         set_threads(a.threads)
         prepare(a.worker, a.workers, a.what)
     elif a.cmd == "run":
-        run(a.rows, a.force)
+        run(a.rows, a.force, a.partial)
+    elif a.cmd == "timing":
+        timing()
     else:
         print(table())
     sys.stdout.flush()
