@@ -27,7 +27,9 @@ def _progress():
 
 
 def _is_model(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in MODEL_SUFFIXES
+    # detections are COCO .json or comp4 .txt files (or a folder of them); any other file is
+    # read as a model (`rcnn train` writes .rcnn) and RCNNModel.load names the file if it is not
+    return path.is_file() and path.suffix.lower() not in (".json", ".txt")
 
 
 def _load_model(path: Path):
@@ -133,6 +135,7 @@ def sensitivity_cmd(
     models: Annotated[list[str], typer.Argument(help="[NAME=]PATH of model files or detections, one panel each")],
     split: SplitOpt = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for sensitivity.png and sensitivity.json")] = Path("sensitivity"),
+    normalized_count: Annotated[float | None, typer.Option(help="N of the normalized precision (default 0.15 × images, Hoiem)")] = None,
 ) -> None:
     """Sensitivity to object characteristics (paper Figure 5): normalized AP of the lowest and highest subsets."""
     from rcnn.analysis.sensitivity import sensitivity, sensitivity_figure, subsets_figure
@@ -142,7 +145,7 @@ def sensitivity_cmd(
     for spec in models:
         name, path = _named(spec)
         dets, _ = detections_for(path, ds)
-        results.append(sensitivity(ds.classes, ds.records, dets, model=name))
+        results.append(sensitivity(ds.classes, ds.records, dets, model=name, normalized_count=normalized_count))
     output.mkdir(parents=True, exist_ok=True)
     sensitivity_figure(results, output / "sensitivity.png")
     for r in results:
@@ -175,7 +178,7 @@ def _feature_settings(model_or_backbone: str, weights: str | None, mode: str | N
             fc = replace(fc, mode=mode)
         return fc, model.proposal_config(), model
     if p.exists():
-        raise fail(f"{p}: not a model file (expected {MODEL_SUFFIXES})", 2)
+        raise fail(f"{p}: not a model file (a folder or a detections file; expected e.g. {MODEL_SUFFIXES[0]})", 2)
     try:
         fc = FeatureConfig(backbone=model_or_backbone, weights=weights, mode=mode or "warp")
         fc.backbone_obj()

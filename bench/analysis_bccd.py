@@ -1,0 +1,103 @@
+"""Run the analysis tools (issue 9) on BCCD test with the detector of bench/ablation.py.
+
+    python bench/analysis_bccd.py [--train-every 4] [--unit-images 16]
+
+Trains (or reuses) SqueezeNet 1.1 shared-mode fc7 and fc6 models with ablation.py's proposal
+settings on every ``--train-every``-th trainval image (all of them with 1; the full row of the
+ablation when its caches exist), runs them over all 72 test images, and writes the report
+(``report/bccd`` by default, not committed), the figures under ``docs/analysis/`` and the
+numbers to ``bench/results/analysis.json``. Models are kept in ``<cache>/models/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import ablation
+from rcnn.analysis.report import ReportInputs, write_report
+from rcnn.cache import cache_dir, save_json
+from rcnn.data import load_dataset
+from rcnn.detect import RCNNModel, detect_dataset, fill_layers, fit
+from rcnn.features import FeatureConfig
+from rcnn.svm import SVMConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs" / "analysis"
+OUT = ROOT / "bench" / "results" / "analysis.json"
+
+
+def shrink_png(path: Path, colors: int = 192) -> None:
+    """Palette-quantise a figure so the committed PNG stays small."""
+    im = Image.open(path).convert("RGB")
+    im.quantize(colors=colors, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(path, optimize=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--train-every", type=int, default=4)
+    ap.add_argument("--unit-images", type=int, default=16)
+    ap.add_argument("--report", type=Path, default=ROOT / "report" / "bccd")
+    args = ap.parse_args(argv)
+    tv, te = load_dataset(ablation.DATA, "trainval"), load_dataset(ablation.DATA, "test")
+    train = tv.records[:: args.train_every]
+    t0 = time.time()
+    for i, r in enumerate(train + te.records):
+        n = fill_layers(r, ablation.PROPOSALS, FeatureConfig(backbone="squeezenet1_1", mode="shared"), ["fc6", "fc7"], ablation.DATA)
+        print(f"features {i + 1}/{len(train) + len(te.records)} {r.image_id} computed {n} {time.time() - t0:.0f}s", flush=True)
+    models, dets = {}, {}
+    for layer in ("fc7", "fc6"):
+        path = cache_dir() / "models" / f"bccd-squeezenet1_1-{layer}-shared-every{args.train_every}.rcnn"
+        row = {"backbone": "squeezenet1_1", "layer": layer, "mode": "shared"}
+        src = ablation.source_for(row, ablation.DATA)
+        if path.is_file():
+            model = RCNNModel.load(path)
+        else:
+            t1 = time.time()
+            model, _ = fit(tv, src, SVMConfig(), records=train)
+            model.save(path)
+            print(f"trained {layer} on {len(train)} images in {time.time() - t1:.0f}s -> {path}", flush=True)
+        models[layer] = (model, path)
+        dets[layer] = detect_dataset(model, te, src)
+    out = args.report
+    if out.exists():
+        shutil.rmtree(out)
+    # unit grids of the fc7 model (its channels, paper Figure 3 rows 1-2) on the first test images
+    from rcnn.cli.analysis import run_units
+
+    units_png, units, hits = run_units(str(models["fc7"][1]), te, "auto", (out / "units.png"), 16, args.unit_images)
+    page = write_report(ReportInputs(
+        "SqueezeNet fc7 (shared)", te, dets["fc7"], compare=[("SqueezeNet fc6 (shared)", dets["fc6"])],
+        unit_grids=[(f"Top 16 activations of {len(units)} units over the first {args.unit_images} test images", units_png)],
+        notes=[f"Trained on {len(train)} of {len(tv.records)} BCCD trainval images (every {args.train_every}th), "
+               f"proposals {ablation.PROPOSALS}."], samples=3), out)
+    rep = json.loads((out / "report.json").read_text())
+    DOCS.mkdir(parents=True, exist_ok=True)
+    for name in ("pr.png", "fp_types.png", "dap.png", "sensitivity.png", "sensitivity_subsets.png", "units.png",
+                 "det_best_0.png", "det_worst_3.png"):
+        if (out / name).exists():
+            shutil.copy(out / name, DOCS / name)
+            shrink_png(DOCS / name)
+    fa = rep["false_positives"]
+    save_json(OUT, {
+        "train_images": len(train), "test_images": len(te.records), "report": str(page),
+        "mAP_fc7": rep["evaluation"]["mAP"], "ap_fc7": {k: v["ap"] for k, v in rep["evaluation"]["classes"].items()},
+        "dAP_fc7": fa["dAP"], "fp_counts_fc7": {k: v["fp_counts"] for k, v in fa["classes"].items()},
+        "sensitivity": rep["sensitivity"],
+        "units": [{"unit": u.label(), "top": [round(h.score, 2) for h in hits[u][:4]]} for u in units],
+        "draw_threshold": rep["draw_threshold"], "minutes": round((time.time() - t0) / 60, 1),
+    })
+    print(json.dumps({"mAP_fc7": rep["evaluation"]["mAP"], "dAP": fa["dAP"]}, indent=1))
+    assert not math.isnan(rep["evaluation"]["mAP"] or math.nan)
+
+
+if __name__ == "__main__":
+    main()
