@@ -32,6 +32,9 @@ def dedup(
     search: Annotated[
         str, typer.Option(help="exact (blocked matrix products) | faiss-flat | faiss-ivf (approximate)")
     ] = "exact",
+    nprobe: Annotated[
+        int, typer.Option(help="faiss-ivf: cells visited per query (fewer = faster, less exact)")
+    ] = 16,
     size: Annotated[int, typer.Option(help="Warp size for GIST (paper: 32; LMgist's usual: 128)")] = 32,
     color: Annotated[
         bool, typer.Option("--color/--gray", help="Colour GIST (3× dims) instead of grey")
@@ -88,7 +91,16 @@ def dedup(
         f"query: {len(q_items)} images from {query}; reference: {len(r_items)} images from {reference}"
     )
     res = find_duplicates(
-        q_items, r_items, t, config, k=k, method=search, use_ids=ids, workers=workers, cache=cache
+        q_items,
+        r_items,
+        t,
+        config,
+        k=k,
+        method=search,
+        use_ids=ids,
+        workers=workers,
+        cache=cache,
+        nprobe=nprobe,
     )
     paths = write_report(res, output)
     for e in res.unreadable[:20]:

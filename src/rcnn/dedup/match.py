@@ -101,12 +101,13 @@ def match_descriptors(
     threshold: float = DEFAULT_THRESHOLD,
     k: int = 1,
     method: str = "exact",
+    nprobe: int = 16,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """GIST matches: for each query, its ``k`` nearest references within ``threshold``.
 
     Returns ``(q_idx, r_idx, dist)`` 1-D arrays, one entry per pair.
     """
-    dist, idx = nearest_neighbors(q_desc, r_desc, k=k, method=method)
+    dist, idx = nearest_neighbors(q_desc, r_desc, k=k, method=method, nprobe=nprobe)
     keep = (idx >= 0) & (dist <= threshold)
     qi = np.nonzero(keep)[0]
     return qi, idx[keep], dist[keep]
@@ -123,6 +124,7 @@ def find_duplicates(
     workers: int | None = None,
     progress: bool = True,
     cache: bool = True,
+    nprobe: int = 16,
 ) -> DedupResult:
     """Find the query images that are (near-)duplicates of reference images.
 
@@ -142,7 +144,7 @@ def find_duplicates(
     q_files = [str(Path(it.path).resolve()) for it in query]
     r_files = [str(Path(it.path).resolve()) for it in reference]
     shared = bool(set(q_files) & set(r_files))
-    qi, ri, d = match_descriptors(q_desc, r_desc, threshold, k + int(shared), method)
+    qi, ri, d = match_descriptors(q_desc, r_desc, threshold, k + int(shared), method, nprobe)
     found: dict[tuple[int, int], set[str]] = defaultdict(set)
     dist: dict[tuple[int, int], float] = {}
     n_gist = 0
