@@ -362,3 +362,10 @@ def test_cli_default_demo_all_sample_photos(tmp_path):
     }
     names = {doc["categories"][a["category_id"] - 1]["name"] for a in doc["annotations"]}
     assert {"cat", "cup", "rocket"} <= names
+
+
+def test_cli_bad_vocabulary_exit_2(tmp_path):
+    v = tmp_path / "v.json"
+    v.write_text(json.dumps({"kitty": ["tabbby"]}))
+    r = _cli("--vocabulary", str(v), "-o", str(tmp_path / "out"))
+    assert r.exit_code == 2 and "tabbby" in r.output and "Detecting" not in r.output

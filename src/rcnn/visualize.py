@@ -110,7 +110,7 @@ def draw_detections(
 
     short = min(h, w)
     lw = line_width or max(2, round(short / 200))
-    fs = font_size or max(11, min(28, round(short / 28)))
+    fs = font_size or max(12, min(32, round(short / 22)))
     font = _font(fs)
     pil = Image.fromarray(rgb)
     draw = ImageDraw.Draw(pil)
