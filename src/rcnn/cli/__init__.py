@@ -11,6 +11,7 @@ from rcnn.cli import dedup as _dedup  # noqa: F401
 from rcnn.cli import demo as _demo  # noqa: F401
 from rcnn.cli import detect as _detect  # noqa: F401
 from rcnn.cli import features as _features  # noqa: F401
+from rcnn.cli import finetune as _finetune  # noqa: F401
 from rcnn.cli import proposals as _proposals  # noqa: F401
 from rcnn.cli import segmentation as _segmentation  # noqa: F401
 from rcnn.cli.app import app

@@ -1,0 +1,152 @@
+"""``rcnn finetune``, ``rcnn softmax-model`` and ``rcnn bbox-reg`` (paper §2.3, box regression)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from rcnn.cli.app import app, console, err_console, fail
+from rcnn.cli.dataset import DatasetArg, open_dataset
+from rcnn.cli.proposals import KsOpt, MaxBoxesOpt, MinSizeOpt, WidthOpt, make_config
+
+
+@app.command()
+def finetune(
+    dataset: DatasetArg,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Fine-tuned network to write (.safetensors)")],
+    split: Annotated[str, typer.Option("--split", "-s", help="Training split")] = "trainval",
+    backbone: Annotated[str, typer.Option("--backbone", "-b", help="squeezenet1_1, efficientnet_lite0, alexnet, …")] = "squeezenet1_1",
+    weights: Annotated[Path | None, typer.Option("--weights", "-w", help="Pre-trained weights (torchvision models)")] = None,
+    mode: Annotated[str, typer.Option("--mode", "-m", help="warp (faithful, §2.3) | shared (Fast R-CNN style, fast)")] = "warp",
+    iterations: Annotated[int, typer.Option("--iterations", "-n", help="SGD iterations (128 regions each)")] = 1000,
+    lr: Annotated[float | None, typer.Option("--lr", help="Learning rate (default: 1/10 of the backbone's pre-training rate)")] = None,
+    step_size: Annotated[int | None, typer.Option("--step-size", help="lr ×0.1 every this many iterations (default 2/3 of the run)")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of sampling, flips, dropout and the new layer")] = 0,
+    flip: Annotated[bool, typer.Option("--flip/--no-flip", help="Horizontal flip augmentation")] = True,
+    freeze: Annotated[int, typer.Option("--freeze", help="Keep the first N trunk modules frozen (0: all trained, §2.3)")] = 0,
+    context_pad: Annotated[int, typer.Option("--context-pad", help="warp: context pixels (must match the features)")] = 0,
+    scales: Annotated[str | None, typer.Option("--scales", help="shared mode: image scale (default 1.5, as the features)")] = None,
+    val_images: Annotated[int, typer.Option("--val-images", help="Training images held out for the validation curve")] = 16,
+    val_every: Annotated[int, typer.Option("--val-every", help="Validate every N iterations")] = 50,
+    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Checkpoint every N iterations")] = 50,
+    proposals: Annotated[str, typer.Option("--proposals", help="Proposal mode (rcnn-fast | fast | quality)")] = "rcnn-fast",
+    ks: KsOpt = None,
+    max_boxes: MaxBoxesOpt = None,
+    min_size: MinSizeOpt = None,
+    resize_width: WidthOpt = None,
+    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads (default: all cores)")] = None,
+) -> None:
+    """Fine-tune a backbone on the dataset's regions (paper §2.3); resumes from ``OUTPUT.ckpt`` after a kill.
+
+    The output loads as a backbone (``--backbone B --weights OUTPUT`` for ``rcnn train``/``rcnn features``)
+    and offers the ``ft_logprob`` tap (the fine-tuned softmax, see ``rcnn softmax-model``)."""
+    from rcnn.backbones import WeightsError
+    from rcnn.data import ImageReadError
+    from rcnn.features import SHARED_GRID, SHARED_SCALES
+    from rcnn.finetune import CheckpointError, FinetuneConfig
+    from rcnn.finetune import finetune as run
+
+    ds = open_dataset(dataset, split)
+    if not ds.records:
+        raise fail(f"{dataset}: split {split!r} has no images", 2)
+    pc = make_config(proposals, ks, max_boxes, min_size, resize_width, False)
+    try:
+        sc = tuple(float(s) for s in scales.split(",")) if scales else SHARED_SCALES
+        cfg = FinetuneConfig(backbone=backbone, weights=str(weights) if weights else None, mode=mode, iterations=iterations,
+                             lr=lr, step_size=step_size, seed=seed, flip=flip, freeze=freeze, context_pad=context_pad,
+                             scales=sc, grid=SHARED_GRID, val_images=val_images, val_every=val_every,
+                             checkpoint_every=checkpoint_every)
+    except ValueError as e:
+        raise fail(f"bad option: {e}", 2) from None
+    console.print(f"fine-tuning {backbone} ({mode} mode) on {len(ds)} images of {dataset} ({split}); "
+                  f"{iterations} iterations, lr {cfg.base_lr:g} (step ×{cfg.gamma} every {cfg.step}), "
+                  f"classes {['background', *ds.classes]}", highlight=False)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        res = run(ds.records, ds.classes, output, cfg, pc, ds.root, threads=threads)
+    except (CheckpointError, WeightsError, ImageReadError, FloatingPointError, ValueError) as e:
+        raise fail(str(e), 1) from None
+    last = res.history["val"][-1] if res.history.get("val") else None
+    msg = f"wrote {output} ({res.iterations} iterations, {res.seconds / 60:.1f} min here, {res.seconds_per_iteration:.2f} s/iteration)"
+    if res.resumed_from:
+        msg += f", resumed from iteration {res.resumed_from}"
+    console.print(msg, highlight=False)
+    if last:
+        console.print(f"validation: loss {last['loss']:.3f}, accuracy {last['accuracy']:.3f}, "
+                      f"positives {last['fg_accuracy']:.3f}; curve {output.with_suffix('')}.curve.png", highlight=False)
+
+
+@app.command("softmax-model")
+def softmax_model(
+    net: Annotated[Path, typer.Argument(help="Fine-tuned network written by `rcnn finetune`")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Model file to write (.rcnn)")],
+    mode: Annotated[str, typer.Option("--mode", "-m", help="Feature mode at detection: warp | shared")] = "warp",
+    scales: Annotated[str | None, typer.Option("--scales", help="shared mode: image scale(s)")] = None,
+    context_pad: Annotated[int, typer.Option("--context-pad", help="warp: context pixels")] = 0,
+    proposals: Annotated[str, typer.Option("--proposals", help="Proposal mode (rcnn-fast | fast | quality)")] = "rcnn-fast",
+    ks: KsOpt = None,
+    max_boxes: MaxBoxesOpt = None,
+    min_size: MinSizeOpt = None,
+    resize_width: WidthOpt = None,
+) -> None:
+    """A detector scoring regions with the fine-tuned softmax instead of SVMs (use with `rcnn detect/evaluate`)."""
+    from rcnn.backbones import WeightsError
+    from rcnn.features import SHARED_SCALES, FeatureConfig
+    from rcnn.finetune import softmax_model as build
+
+    pc = make_config(proposals, ks, max_boxes, min_size, resize_width, False)
+    try:
+        sc = tuple(float(s) for s in scales.split(",")) if scales else SHARED_SCALES
+        model = build(net, pc, FeatureConfig(mode=mode, scales=sc, context_pad=context_pad))
+    except (ValueError, WeightsError) as e:
+        raise fail(str(e), 2) from None
+    model.save(output)
+    console.print(f"wrote {output}: {len(model.classes)} classes scored by the fine-tuned softmax of {net}", highlight=False)
+
+
+@app.command("bbox-reg")
+def bbox_reg(
+    model_path: Annotated[Path, typer.Argument(help="Model file (.rcnn) to add a box regressor to")],
+    dataset: DatasetArg,
+    split: Annotated[str, typer.Option("--split", "-s", help="Training split")] = "trainval",
+    layer: Annotated[str, typer.Option("--layer", "-l", help="Feature layer of the regressor (released code: pool5)")] = "pool5",
+    lam: Annotated[float, typer.Option("--lambda", help="Ridge penalty (released code: 1000)")] = 1000.0,
+    min_iou: Annotated[float, typer.Option("--min-iou", help="Training regions: IoU with a ground truth above this")] = 0.6,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write here instead of updating MODEL")] = None,
+) -> None:
+    """Train per-class bounding-box regressors on the model's network features and store them in the model file.
+
+    `rcnn detect`/`rcnn evaluate` then refine every scored box before NMS (``--no-bbox-reg`` switches it off)."""
+    from dataclasses import replace
+
+    from rcnn.bbox_regression import attach, train_box_regressor
+    from rcnn.detect import CNNFeatures, ModelError, RCNNModel
+    from rcnn.features import features_for_dataset
+    from rcnn.proposals import propose_dataset
+
+    try:
+        model = RCNNModel.load(model_path)
+        src = model.feature_source()
+    except (ModelError, ValueError) as e:
+        raise fail(str(e), 2) from None
+    if not isinstance(src, CNNFeatures):
+        raise fail("box regression needs a CNN model (not HOG)", 2)
+    if layer not in src.backbone.taps:
+        raise fail(f"--layer must be one of {list(src.backbone.taps)}, not {layer!r}", 2)
+    ds = open_dataset(dataset, split)
+    fc = replace(src.feature_config, layer=layer)
+    reg_src = CNNFeatures(src.proposal_config, fc, ds.root, backbone=src.backbone)
+    ps = propose_dataset(ds, src.proposal_config, progress=True)
+    bad = {i for i, _ in ps.failed}
+    for _, msg in ps.failed:
+        err_console.print(f"[red]error:[/] {msg}", highlight=False, soft_wrap=True)
+    ds.records = [r for r in ds.records if r.image_id not in bad]
+    features_for_dataset(ds, src.proposal_config, reg_src.feature_config, progress=True)
+    reg = train_box_regressor(ds.records, model.classes, reg_src, lam=lam, min_iou=min_iou)
+    attach(model, reg)
+    out = output or model_path
+    model.save(out)
+    used = ", ".join(f"{c} {v['used']}/{v['seen']}" for c, v in reg.training["samples"].items())
+    console.print(f"wrote {out}: box regressors on {layer} (λ={lam:g}; samples used/seen: {used})", highlight=False)
