@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -79,3 +80,49 @@ def test_model_from_other_weights_is_refused(tmp_path):
 def test_evaluate_bad_metric_and_train_bad_layer(tmp_path):
     r = runner.invoke(app, ["evaluate", str(_hog_model(tmp_path)), str(tmp_path), "--metric", "coco"])
     assert r.exit_code == 2 and "--metric" in r.output
+
+
+def _tiny_voc(root, n=6):
+    """A tiny VOC-layout dataset of synthetic images: a dark disc ('a') and a bright bar ('b')."""
+    import cv2
+
+    (root / "JPEGImages").mkdir(parents=True)
+    (root / "Annotations").mkdir()
+    (root / "ImageSets" / "Main").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    ids = []
+    for i in range(n):
+        img = np.full((72, 96, 3), 190, np.uint8)
+        cx, cy = int(rng.integers(15, 40)), int(rng.integers(15, 55))
+        cv2.circle(img, (cx, cy), 12, (40, 40, 140), -1)
+        bx = int(rng.integers(55, 75))
+        img[10:60, bx : bx + 10] = (250, 250, 60)
+        img = (img.astype(int) + rng.integers(-8, 8, img.shape)).clip(0, 255).astype(np.uint8)
+        iid = f"{i:04d}"
+        Image.fromarray(img).save(root / "JPEGImages" / f"{iid}.jpg", quality=95)
+        objs = [("a", cx - 12 + 1, cy - 12 + 1, cx + 12, cy + 12), ("b", bx + 1, 11, bx + 10, 60)]
+        xml = "<annotation><size><width>96</width><height>72</height><depth>3</depth></size>" + "".join(
+            f"<object><name>{c}</name><difficult>0</difficult><bndbox><xmin>{a}</xmin><ymin>{b}</ymin>"
+            f"<xmax>{x}</xmax><ymax>{y}</ymax></bndbox></object>" for c, a, b, x, y in objs) + "</annotation>"
+        (root / "Annotations" / f"{iid}.xml").write_text(xml)
+        ids.append(iid)
+    (root / "ImageSets" / "Main" / "trainval.txt").write_text("\n".join(ids[: n - 2]) + "\n")
+    (root / "ImageSets" / "Main" / "test.txt").write_text("\n".join(ids[n - 2 :]) + "\n")
+    return root
+
+
+@pytest.mark.slow
+def test_train_then_evaluate_hog_end_to_end(tmp_path):
+    data = _tiny_voc(tmp_path / "voc")
+    model = tmp_path / "m.rcnn"
+    r = runner.invoke(app, ["train", str(data), "--backbone", "hog", "-o", str(model), "--proposals", "fast",
+                            "--resize-width", "0", "--min-size", "0", "-j", "1", "--C", "0.1"])
+    assert r.exit_code == 0, r.output
+    m = RCNNModel.load(model)
+    assert m.backbone == "hog" and m.training["images"] == 4 and m.trained.all()
+    out = tmp_path / "eval"
+    r = runner.invoke(app, ["evaluate", str(model), str(data), "--split", "test", "-o", str(out), "-j", "1"])
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["classes"]) == {"a", "b"} and res["mAP"] is not None
+    assert (out / "pr_a.png").exists() and (out / "comp4_det_test_b.txt").exists()
