@@ -369,3 +369,8 @@ def test_cli_bad_vocabulary_exit_2(tmp_path):
     v.write_text(json.dumps({"kitty": ["tabbby"]}))
     r = _cli("--vocabulary", str(v), "-o", str(tmp_path / "out"))
     assert r.exit_code == 2 and "tabbby" in r.output and "Detecting" not in r.output
+
+
+def test_cli_missing_images_path_exit_2(tmp_path):
+    r = _cli("--images", str(tmp_path / "nope"), "-o", str(tmp_path / "out"))
+    assert r.exit_code == 2 and "no such file or folder" in r.output
