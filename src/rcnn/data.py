@@ -162,7 +162,7 @@ def _to_rgb8(im: Image.Image) -> np.ndarray:
         rgba = im.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         im = Image.alpha_composite(white, rgba)
-    return np.ascontiguousarray(np.asarray(im.convert("RGB"), dtype=np.uint8))
+    return np.array(im.convert("RGB"), dtype=np.uint8)  # a writable copy
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
