@@ -349,3 +349,37 @@ def test_cli_errors(tmp_path):
     assert r.exit_code == 2
     r = runner.invoke(app, ["segment-train", str(tmp_path), "-o", str(tmp_path / "m.st"), "--strategy", "bogus"])
     assert r.exit_code == 2 and "strategy" in r.output
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not PENN.is_dir(), reason="Penn-Fudan not found in ../shared/data")
+def test_cli_end_to_end_on_a_pennfudan_subset(tmp_path, monkeypatch):
+    """segment-proposals / segment-train / segment-evaluate / segment on 8 Penn-Fudan images
+    (copied to tmp_path: 5 train / 1 val / 2 test by the fixed split rule; shared mode for speed)."""
+    import shutil
+
+    from rcnn.cli import app
+
+    monkeypatch.setenv("RCNN_CACHE_DIR", str(tmp_path / "cache"))
+    root = tmp_path / "PennFudanPed"
+    for sub in ("Annotation", "PNGImages", "PedMasks"):
+        (root / sub).mkdir(parents=True)
+    for ann in sorted((PENN / "Annotation").glob("*.txt"))[:8]:
+        shutil.copy(ann, root / "Annotation")
+        shutil.copy(PENN / "PNGImages" / f"{ann.stem}.png", root / "PNGImages")
+        shutil.copy(PENN / "PedMasks" / f"{ann.stem}_mask.png", root / "PedMasks")
+    runner = CliRunner()
+    r = runner.invoke(app, ["segment-proposals", str(root), "--split", "val", "-o", str(tmp_path / "recall.json")])
+    assert r.exit_code == 0, r.output
+    model = tmp_path / "m.safetensors"
+    r = runner.invoke(app, ["segment-train", str(root), "-o", str(model), "--mode", "shared", "--train-regions", "30"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["segment-evaluate", str(model), str(root), "--split", "val", "-o", str(tmp_path / "ev.json")])
+    assert r.exit_code == 0, r.output
+    import json
+
+    res = json.loads((tmp_path / "ev.json").read_text())
+    assert res["iou"]["background"] > 0.5 and res["images"] == 1
+    r = runner.invoke(app, ["segment", str(model), str(root / "PNGImages" / "FudanPed00001.png"), "-o", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "out" / "FudanPed00001_overlay.png").is_file()

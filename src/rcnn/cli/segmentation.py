@@ -101,8 +101,9 @@ def segment_train(
     if strategy not in STRATEGIES:
         raise fail(f"--strategy must be one of {', '.join(STRATEGIES)}, not {strategy!r}", 2)
     try:
-        fc = RegionFeatureConfig(backbone=backbone, weights=str(weights) if weights else None,
-                                 taps=(tap,), mode=mode)
+        # every tap of Table 3 is cached in the same pass, so other (strategy, tap) runs reuse it
+        taps = tuple(dict.fromkeys((*RegionFeatureConfig().taps, tap)))
+        fc = RegionFeatureConfig(backbone=backbone, weights=str(weights) if weights else None, taps=taps, mode=mode)
     except ValueError as e:
         raise fail(str(e), 2) from None
     mc = MaskProposalConfig()
