@@ -83,6 +83,7 @@ def test_training_streams_a_cache_larger_than_its_memory_budget(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(next(ln for ln in res.stdout.splitlines() if ln.startswith("RESULT "))[7:])
     grown = out["peak_mb"] - out["base_mb"]
+    print(f"cache {nbytes / 1e6:.0f} MB float16 on disk; training RSS grew {grown:.1f} MB (budget {BUDGET_MB} MB)")
     assert grown < BUDGET_MB, f"training grew by {grown:.0f} MB over a {nbytes / 1e6:.0f} MB cache"
     assert out["trained"] == [True, True]
     assert out["max_neg"] <= 2e6 / (4 * DIM) + 2000 + N_REGIONS  # the bounded cache held

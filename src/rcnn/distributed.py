@@ -109,6 +109,56 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
             ray.shutdown()
 
 
+def _proposals_isolated(record: ImageRecord, proposal_config, root: str) -> None:
+    """Compute and cache ``record``'s proposals in a forked child process.
+
+    Selective search ranks boxes with C ``rand()`` (seeded per image by :mod:`rcnn.proposals`);
+    a Ray worker's background threads also call ``rand()``, which made the box order differ
+    from run to run. A forked child holds only the forking thread, so the order is the local
+    engine's, bit for bit. ImageReadError in the child is re-raised here; any other failure
+    becomes an ``OSError``, which Ray retries."""
+    from rcnn.data import ImageReadError
+    from rcnn.proposals import get_proposals
+
+    if not hasattr(os, "fork"):  # no fork (Windows): in-process, order may vary under Ray
+        get_proposals(record, proposal_config, root)
+        return
+    import warnings
+
+    rfd, wfd = os.pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # "fork() with threads": the child uses none
+        pid = os.fork()
+    if pid == 0:  # child: compute, report, leave without running the parent's exit handlers
+        os.close(rfd)
+        code, msg = 0, ""
+        try:
+            import cv2
+
+            cv2.setNumThreads(1)
+            get_proposals(record, proposal_config, root)
+        except ImageReadError as e:
+            code, msg = 3, str(e)
+        except BaseException as e:
+            code, msg = 4, f"{type(e).__name__}: {e}"
+        try:
+            os.write(wfd, msg.encode()[:60000])
+        finally:
+            os._exit(code)
+    os.close(wfd)
+    chunks = []
+    while block := os.read(rfd, 65536):
+        chunks.append(block)
+    os.close(rfd)
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    msg = b"".join(chunks).decode(errors="replace")
+    if code == 3:
+        raise ImageReadError(msg)
+    if code != 0:
+        raise OSError(f"{record.path}: proposal process failed (exit {code}): {msg}")
+
+
 def _features_shard(
     items: list[tuple[ImageRecord, str]], proposal_config, feature_config, cache_root: str, threads: int
 ) -> list[dict]:
@@ -129,6 +179,8 @@ def _features_shard(
         t0 = time.perf_counter()
         cached = feature_path(rec, proposal_config, feature_config, root).is_file()
         try:
+            if not cached:
+                _proposals_isolated(rec, proposal_config, root)
             boxes, _ = get_features(rec, proposal_config, feature_config, root)
         except ImageReadError as e:  # deterministic: report, do not retry
             out.append({"image_id": rec.image_id, "error": str(e), "regions": 0, "cached": False, "seconds": 0.0})
