@@ -286,11 +286,15 @@ class CNNFeatures(RegionFeatures):
     def _stored(self, record: ImageRecord) -> tuple[np.ndarray, np.ndarray, int]:
         from rcnn.features import get_features
 
+        memo = getattr(self, "_memo", None)
+        if memo is not None and memo[0] is record:  # regions() then gt_features() of one image: read once
+            return memo[1]
         boxes, feats = get_features(record, self.proposal_config, self.feature_config, self.dataset_root)
         boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
         n_gt = len(record.boxes)
         if n_gt and (len(boxes) < n_gt or not np.allclose(boxes[:n_gt], record.boxes, atol=0.01)):
             raise ValueError(f"{record.path}: cached features do not start with this image's ground-truth boxes")
+        self._memo = (record, (boxes, feats, n_gt))
         return boxes, feats, n_gt
 
     def regions(self, record: ImageRecord) -> tuple[np.ndarray, np.ndarray]:
