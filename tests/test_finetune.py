@@ -181,3 +181,43 @@ def test_warp_mode_iteration(toy, tmp_path):
     cfg = replace(TINY, mode="warp", iterations=1, rois_per_image=8, checkpoint_every=1)
     r = _run(toy, tmp_path / "w.safetensors", cfg=cfg)
     assert r.iterations == 1 and np.isfinite(r.history["train"][0]["loss"])
+
+
+def _voc(root: Path, recs) -> Path:
+    """A minimal VOC layout of the toy images (classes red/blue)."""
+    (root / "Annotations").mkdir(parents=True)
+    (root / "JPEGImages").mkdir()
+    (root / "ImageSets" / "Main").mkdir(parents=True)
+    names = ["red", "blue"]
+    for r in recs:
+        cv2.imwrite(str(root / "JPEGImages" / f"{r.image_id}.jpg"), cv2.imread(str(r.path)))
+        objs = "".join(
+            f"<object><name>{names[int(c)]}</name><difficult>0</difficult><bndbox><xmin>{int(b[0]) + 1}</xmin>"
+            f"<ymin>{int(b[1]) + 1}</ymin><xmax>{int(b[2])}</xmax><ymax>{int(b[3])}</ymax></bndbox></object>"
+            for b, c in zip(r.boxes, r.labels, strict=True))
+        (root / "Annotations" / f"{r.image_id}.xml").write_text(
+            f"<annotation><filename>{r.image_id}.jpg</filename><size><width>{r.width}</width><height>{r.height}</height>"
+            f"<depth>3</depth></size>{objs}</annotation>")
+    (root / "ImageSets" / "Main" / "trainval.txt").write_text("".join(f"{r.image_id}\n" for r in recs))
+    return root
+
+
+def test_cli_finetune_resume_and_corrupt_checkpoint(toy, tmp_path):
+    from typer.testing import CliRunner
+
+    from rcnn.cli import app
+
+    root = _voc(tmp_path / "voc", toy[1])
+    out = tmp_path / "net.safetensors"
+    args = ["finetune", str(root), "-o", str(out), "--mode", "shared", "--scales", "1.0", "--iterations", "2",
+            "--val-images", "1", "--val-every", "1", "--checkpoint-every", "1", "--resize-width", "0", "--threads", "1"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert out.exists() and "validation:" in r.output
+    ck = out.with_name(out.name + ".ckpt")
+    data = bytearray(ck.read_bytes())
+    data[-64] ^= 0x55
+    ck.write_bytes(bytes(data))
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 1
+    assert "corrupt" in r.output and str(ck) in r.output.replace("\n", "")
