@@ -164,6 +164,20 @@ def _cached(row: dict, root: Path, r) -> bool:
     return _load(feature_path(r, PROPOSALS, fc, root), file_sha256(r.path)) is not None
 
 
+def _row_cache_mb(row: dict, root: Path, recs) -> float:
+    """MB on disk of the feature files of exactly these images (the folder also holds other rows' images)."""
+    from rcnn.detect import _gt_cache_path
+    from rcnn.features import feature_path
+
+    if row["backbone"] == "hog":
+        src = HOGFeatures(PROPOSALS, root)
+        paths = [_gt_cache_path(k, src.key, root, r) for r in recs for k in ("hog_features", "hog_gt_features")]
+    else:
+        fc = FeatureConfig(backbone=row["backbone"], layer=row["layer"], mode=row["mode"], grid=GRID, with_gt=True)
+        paths = [feature_path(r, PROPOSALS, fc, root) for r in recs]
+    return sum(p.stat().st_size for p in paths if p.exists()) / 1e6
+
+
 def run_row(row: dict, svm: SVMConfig, partial: bool = False) -> dict:
     root = DATA
     if row.get("gray"):
@@ -197,7 +211,7 @@ def run_row(row: dict, svm: SVMConfig, partial: bool = False) -> dict:
         "mAP": round(result.mean_ap, 4), "mAP_voc2010": round(result10.mean_ap, 4),
         "train_minutes_from_cache": round(train_min, 2),
         "test_seconds_per_image_from_cache": round(stats.seconds_per_image, 3),
-        "feature_cache_mb": round(src.cache_mb(), 1),
+        "feature_cache_mb": round(_row_cache_mb(row, root, list(tr_recs) + list(te_recs)), 1),
         "num_pos": res.num_pos, "objective_last": [h[-1]["objective"] if h else None for h in res.history],
         "retrains": [len(h) for h in res.history], "final_negatives": [h[-1]["num_neg_after_evict"] if h else 0 for h in res.history],
         "warnings": res.warnings + warns, "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
