@@ -277,6 +277,7 @@ class CNNFeatures(RegionFeatures):
     def options(self) -> dict:
         d = asdict(self.feature_config)
         d.pop("batch_size", None)
+        d.pop("device", None)  # where features were computed is not part of the model (rcnn.device)
         return d
 
     @property
