@@ -184,3 +184,29 @@ def test_model_metadata_is_json(tmp_path):
               "nms_iou", "training"):
         assert k in meta
     assert box_iou is not None
+
+
+def test_cnn_features_gt_rows_and_one_pass_fill(tmp_path):
+    """fill_layers stores several layers where get_features looks; CNNFeatures splits the
+    ground-truth rows off and they equal a direct extraction of the GT boxes (shared mode)."""
+    from rcnn.data import load_dataset, load_image
+    from rcnn.detect import CNNFeatures, fill_layers
+    from rcnn.features import FeatureConfig, get_features
+    from rcnn.proposals import ProposalConfig
+    from test_cli_detect import _tiny_voc
+
+    data = _tiny_voc(tmp_path / "voc", n=3)
+    ds = load_dataset(data, "trainval")
+    rec = ds.records[0]
+    pc = ProposalConfig(mode="fast", resize_width=0, max_boxes=40)
+    fc = FeatureConfig(backbone="squeezenet1_1", mode="shared", grid=3)
+    assert fill_layers(rec, pc, fc, ["pool5", "fc6"], data, compress=False) == 2
+    assert fill_layers(rec, pc, fc, ["pool5", "fc6"], data) == 0  # cached now
+    src = CNNFeatures(pc, fc.__class__(**{**fc.__dict__, "layer": "fc6"}), data)
+    boxes, feats = src.regions(rec)
+    gt = src.gt_features(rec)
+    assert len(boxes) == len(feats) <= 40 and gt.shape == (len(rec.boxes), 512)
+    all_boxes, _ = get_features(rec, pc, src.feature_config, data)  # a cache hit: the GT rows come first
+    np.testing.assert_allclose(all_boxes[: len(rec.boxes)], rec.boxes)
+    direct = src.extract(load_image(rec.path), rec.boxes)
+    np.testing.assert_allclose(gt.astype(np.float32), direct, rtol=2e-2, atol=2e-2)
