@@ -215,21 +215,27 @@ def ray_task_overhead(tasks: int = 200) -> float:
 
 def _ray_features(
     records: Sequence[ImageRecord], root: str, pc, fc, summary: EngineSummary, images_per_task: int, threads: int,
-    max_retries: int, progress: bool,
+    max_retries: int, progress: bool, gpus_per_task: float = 0.0,
 ) -> None:
     import ray
 
     from rcnn.features import feature_dir
 
     expected = str(feature_dir(pc, fc, root))
-    task = ray.remote(num_cpus=threads, max_retries=max_retries, retry_exceptions=[OSError, MemoryError])(_features_shard)
+    # gpus_per_task > 0: Ray schedules tasks on GPU nodes and exposes the GPU to each task, where
+    # FeatureConfig.device="auto" (the default) then runs the CNN on it (rcnn.device)
+    task = ray.remote(num_cpus=threads, num_gpus=gpus_per_task, max_retries=max_retries,
+                      retry_exceptions=[OSError, MemoryError])(_features_shard)
     shards = [[(r, root) for r in records[i : i + images_per_task]] for i in range(0, len(records), images_per_task)]
-    workers = max(1, int(ray.available_resources().get("CPU", ray.cluster_resources().get("CPU", 1)) // threads))
+    res = ray.available_resources()
+    workers = max(1, int(res.get("CPU", 1) // threads))
+    if gpus_per_task > 0:
+        workers = max(1, min(workers, int(res.get("GPU", 0) // gpus_per_task)))
     summary.workers = workers
     window = 4 * workers  # bounded submission: the driver never holds a million pending refs
     # start every worker (torch import + weights, seconds each) before the clock: startup, not throughput
     ts = time.perf_counter()
-    warm = ray.remote(num_cpus=threads, max_retries=max_retries)(_warm)
+    warm = ray.remote(num_cpus=threads, num_gpus=gpus_per_task, max_retries=max_retries)(_warm)
     ray.get([warm.remote(fc, threads) for _ in range(min(workers, len(shards)))])
     summary.startup_s += time.perf_counter() - ts
     bar = _progress() if progress else None
@@ -294,13 +300,15 @@ def extract_dataset(
     max_retries: int = 3,
     progress: bool = True,
     records: Sequence[ImageRecord] | None = None,
+    gpus_per_task: float = 0.0,
 ) -> EngineSummary:
     """Fill the proposal + feature caches of ``dataset`` (or ``records``) with ``engine``.
 
     ``workers``: local engine = proposal processes (default: cores); ray engine without
     ``address`` = CPUs of the local Ray instance (default 2). ``images_per_task``: shard size of
     a Ray task (1 is fine: a task costs ~ms, an image seconds). ``threads_per_task``: torch
-    threads (and Ray CPUs) per task. Afterwards :func:`rcnn.features.get_features` is a cache
+    threads (and Ray CPUs) per task. ``gpus_per_task``: Ray GPUs per task (e.g. 0.25 shares a GPU
+    between 4 tasks; not exercised here: no GPU machine). Afterwards :func:`rcnn.features.get_features` is a cache
     read for every image that did not fail, whichever engine filled it.
     """
     from rcnn.features import FeatureConfig, feature_dir
@@ -331,7 +339,8 @@ def extract_dataset(
         with ray_session(address, workers) as startup:
             summary.startup_s = startup
             t0 = time.perf_counter()
-            _ray_features(recs, root, pc, fc, summary, images_per_task, threads_per_task, max_retries, progress)
+            _ray_features(recs, root, pc, fc, summary, images_per_task, threads_per_task, max_retries, progress,
+                          gpus_per_task)
             summary.seconds = time.perf_counter() - t0 - (summary.startup_s - startup)
     d = feature_dir(pc, fc, dataset.root)
     summary.cache_dir = str(d)
