@@ -339,6 +339,7 @@ def units_figure(grids: Sequence[tuple[str, np.ndarray]], path, title: str = "To
     ax.legend(handles=[Patch(facecolor="none", edgecolor="0.4", label="receptive field (white box)"),
                        Patch(facecolor="black", label="activation value")],
               loc="upper center", bbox_to_anchor=(0.5, -0.06), ncol=2, fontsize=8, frameon=False)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80, bbox_inches="tight")
     plt.close(fig)
     return path
