@@ -63,8 +63,12 @@ FULL_LAYERS = ["pool5", "fc6", "fc7"]
 
 
 def subsets(trainval, test):
-    """The fixed subset: every 48th trainval image and every 12th test image (6 + 6), in id order."""
-    return trainval.records[::48][:N_SUBSET], test.records[::12][:N_SUBSET]
+    """The fixed subset: every 48th trainval image and every 12th test image (6 + 6) of BCCD, in
+    id order; picked by id from ``trainval``/``test`` (so the grayscale copy gets the same images)."""
+    tv0, te0 = load_dataset(DATA, "trainval"), load_dataset(DATA, "test")
+    ids_tr = {r.image_id for r in tv0.records[::48][:N_SUBSET]}
+    ids_te = {r.image_id for r in te0.records[::12][:N_SUBSET]}
+    return [r for r in trainval.records if r.image_id in ids_tr], [r for r in test.records if r.image_id in ids_te]
 
 
 def gray_root() -> Path:
