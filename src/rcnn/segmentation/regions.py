@@ -379,6 +379,10 @@ def mask_proposals(image: np.ndarray, config: MaskProposalConfig = MaskProposalC
     if scale != 1.0:
         seg_full = cv2.resize(segments, (W, H), interpolation=cv2.INTER_NEAREST)
         result = _compact(RegionMasks(seg_full, result.members))
+        # rule: a region left without pixels by the resize is dropped (features need >= 1 pixel)
+        nonempty = result.members.any(1)
+        if not nonempty.all():
+            result = result.subset(np.flatnonzero(nonempty))
     return result
 
 
