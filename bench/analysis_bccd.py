@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> None:
         if (out / name).exists():
             shutil.copy(out / name, DOCS / name)
             shrink_png(DOCS / name)
+    for warps in DOCS.glob("warps_*.png"):
+        shrink_png(warps)
     fa = rep["false_positives"]
     save_json(OUT, {
         "train_images": len(train), "svm_C": svm.C, "layer": main_layer, "test_images": len(te.records), "report": str(page),

@@ -173,7 +173,7 @@ def auto_units(model, backbone, grid: int | None = None) -> list[Unit]:
         if hasattr(model, "trained") and not model.trained[c]:
             continue
         w = W[:, c]
-        for sign, idx in (("+", int(np.argmax(w))), ("−", int(np.argmin(w)))):
+        for sign, idx in (("+", int(np.argmax(w))), ("-", int(np.argmin(w)))):  # ASCII: PIL fonts lack U+2212
             if model.layer == "pool5" and W.shape[0] == channels * grid * grid:
                 u = Unit.from_index(idx, grid, f"{name} {sign}")
             elif W.shape[0] == channels:
@@ -330,15 +330,18 @@ def units_figure(grids: Sequence[tuple[str, np.ndarray]], path, title: str = "To
         parts += [g, gap]
     stack = np.concatenate(parts[:-1], 0)
     h = stack.shape[0]
-    fig, ax = plt.subplots(figsize=(max(w / 80, 6.0), h / 80 + 1.0))
+    fig_h = h / 80 + 1.2
+    fig, ax = plt.subplots(figsize=(max(w / 80, 6.0), fig_h))
+    fig.subplots_adjust(left=0.01, right=0.99, top=1 - 0.75 / fig_h, bottom=0.4 / fig_h)  # no band between title and grid
     ax.imshow(stack)
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.set_title(title + "\nunits labelled (y, x, channel)", fontsize=10)
-    ax.set_xlabel("regions in decreasing activation (left to right, top to bottom), NMS within each image", fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    ax.set_xlabel("units labelled (y, x, channel); regions in decreasing activation (left to right, top to bottom), "
+                  "NMS within each image", fontsize=8)
     ax.legend(handles=[Patch(facecolor="none", edgecolor="0.4", label="receptive field (white box)"),
                        Patch(facecolor="black", label="activation value")],
-              loc="upper center", bbox_to_anchor=(0.5, -0.06), ncol=2, fontsize=8, frameon=False)
+              loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=2, fontsize=8, frameon=False)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80, bbox_inches="tight")
     plt.close(fig)
