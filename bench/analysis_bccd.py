@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
                  "det_best_0.png", "det_worst_3.png"):
         if (out / name).exists():
             shutil.copy(out / name, DOCS / name)
-            shrink_png(DOCS / name)
+            shrink_png(DOCS / name, 64 if name == "units.png" else 192)
     for warps in DOCS.glob("warps_*.png"):
         shrink_png(warps)
     fa = rep["false_positives"]
