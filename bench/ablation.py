@@ -308,6 +308,25 @@ def timing(n: int = 3) -> None:
     print(out)
 
 
+def nms_sweep() -> None:
+    """The main model's test mAP with NMS IoU 0.3 (paper §2.2), 0.5 and 0.7 (detection re-run from the caches)."""
+    from rcnn.detect import RCNNModel
+
+    results = load_results()
+    model = RCNNModel.load(ROOT / "bench" / "results" / "bccd_squeezenet_pool5_shared.rcnn")
+    row = next(r for r in row_specs() if r["set"] == "full" and r["layer"] == "pool5")
+    te = load_dataset(DATA, "test")
+    src = source_for(row, DATA)
+    out = {}
+    for iou in (0.3, 0.5, 0.7):
+        model.nms_iou = iou
+        res, _ = evaluate_model(model, te, detect_dataset(model, te, src), "voc07")
+        out[str(iou)] = {"mAP": round(res.mean_ap, 4), "ap": {c.name: round(c.ap, 4) for c in res.classes}}
+        print(iou, out[str(iou)], flush=True)
+    results["nms_sweep"] = out
+    save_json(OUT, results)
+
+
 def table() -> str:
     res = load_results()["rows"]
     classes = ["RBC", "WBC", "Platelets"]
@@ -339,6 +358,7 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--partial", action="store_true", help="full rows: train on the trainval images cached so far")
     sub.add_parser("table")
     sub.add_parser("timing")
+    sub.add_parser("nms")
     a = ap.parse_args(argv)
     if a.cmd == "prepare":
         from rcnn.backbones import set_threads
@@ -349,6 +369,8 @@ def main(argv: list[str] | None = None) -> None:
         run(a.rows, a.force, a.partial)
     elif a.cmd == "timing":
         timing()
+    elif a.cmd == "nms":
+        nms_sweep()
     else:
         print(table())
     sys.stdout.flush()
