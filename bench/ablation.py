@@ -265,7 +265,9 @@ def run(names: list[str] | None, force: bool, partial: bool = False) -> None:
         out = run_row(row, svm, partial)
         out["key"] = key
         out["name"] = name
+        results = load_results()  # re-read: other stages may have written meanwhile
         results["rows"][name] = out
+        results["proposals"], results["svm"] = asdict(PROPOSALS), svm.key()
         save_json(OUT, results)
         print(f"  mAP {out['mAP']:.4f} {out['ap']} train {out['train_minutes_from_cache']} min", flush=True)
 
