@@ -109,54 +109,52 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
             ray.shutdown()
 
 
+_PROPOSAL_POOL = None  # one long-lived helper process per Ray worker (see _proposals_isolated)
+
+
+def _compute_proposals(record: ImageRecord, proposal_config, root: str, cache_root: str) -> None:
+    """Runs in the helper process: compute and cache one image's proposals."""
+    import cv2
+
+    from rcnn.proposals import get_proposals
+
+    os.environ["RCNN_CACHE_DIR"] = cache_root
+    cv2.setNumThreads(1)
+    get_proposals(record, proposal_config, root)
+
+
 def _proposals_isolated(record: ImageRecord, proposal_config, root: str) -> None:
-    """Compute and cache ``record``'s proposals in a forked child process.
+    """Compute and cache ``record``'s proposals in a separate, single-threaded process.
 
     Selective search ranks boxes with C ``rand()`` (seeded per image by :mod:`rcnn.proposals`);
     a Ray worker's background threads also call ``rand()``, which made the box order differ
-    from run to run. A forked child holds only the forking thread, so the order is the local
-    engine's, bit for bit. ImageReadError in the child is re-raised here; any other failure
-    becomes an ``OSError``, which Ray retries."""
-    from rcnn.data import ImageReadError
-    from rcnn.proposals import get_proposals
+    from run to run. The helper process is started by a *forkserver* (a clean process with no
+    other threads; forking the multi-threaded worker itself deadlocked when a lock was held at
+    fork time), so the order is the local engine's, bit for bit. ImageReadError is re-raised
+    here; any other failure becomes an ``OSError``, which Ray retries."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
-    if not hasattr(os, "fork"):  # no fork (Windows): in-process, order may vary under Ray
+    from rcnn.data import ImageReadError
+
+    global _PROPOSAL_POOL
+    if "forkserver" not in multiprocessing.get_all_start_methods():  # e.g. Windows: in-process
+        from rcnn.proposals import get_proposals
+
         get_proposals(record, proposal_config, root)
         return
-    import warnings
-
-    rfd, wfd = os.pipe()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # "fork() with threads": the child uses none
-        pid = os.fork()
-    if pid == 0:  # child: compute, report, leave without running the parent's exit handlers
-        os.close(rfd)
-        code, msg = 0, ""
-        try:
-            import cv2
-
-            cv2.setNumThreads(1)
-            get_proposals(record, proposal_config, root)
-        except ImageReadError as e:
-            code, msg = 3, str(e)
-        except BaseException as e:
-            code, msg = 4, f"{type(e).__name__}: {e}"
-        try:
-            os.write(wfd, msg.encode()[:60000])
-        finally:
-            os._exit(code)
-    os.close(wfd)
-    chunks = []
-    while block := os.read(rfd, 65536):
-        chunks.append(block)
-    os.close(rfd)
-    _, status = os.waitpid(pid, 0)
-    code = os.waitstatus_to_exitcode(status)
-    msg = b"".join(chunks).decode(errors="replace")
-    if code == 3:
-        raise ImageReadError(msg)
-    if code != 0:
-        raise OSError(f"{record.path}: proposal process failed (exit {code}): {msg}")
+    if _PROPOSAL_POOL is None:
+        _PROPOSAL_POOL = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("forkserver"))
+    try:
+        _PROPOSAL_POOL.submit(_compute_proposals, record, proposal_config, root, str(cache_dir())).result()
+    except ImageReadError:
+        raise
+    except BrokenProcessPool as e:
+        _PROPOSAL_POOL = None
+        raise OSError(f"{record.path}: proposal process failed ({e})") from None
+    except Exception as e:
+        raise OSError(f"{record.path}: proposal process failed ({type(e).__name__}: {e})") from None
 
 
 def _features_shard(
