@@ -181,7 +181,8 @@ def detect(
     model_path: ModelArg,
     images: Annotated[list[Path], typer.Argument(help="Image files")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output folder")],
-    threshold: Annotated[float, typer.Option("--threshold", "-t", help="Keep detections scoring above this (SVM margin; 0 = decision boundary)")] = 0.0,
+    threshold: Annotated[float, typer.Option("--threshold", "-t", help="Keep detections scoring above this SVM score "
+                                             "(0 = the decision boundary; rare classes, e.g. BCCD's WBC, often score just below it)")] = -0.5,
     top_k: Annotated[int | None, typer.Option("--top-k", help="At most this many detections per image")] = None,
     no_png: Annotated[bool, typer.Option("--no-png", help="Skip the annotated PNGs")] = False,
     no_bbox_reg: Annotated[bool, typer.Option("--no-bbox-reg", help="Do not refine boxes with the model's box regressor")] = False,
