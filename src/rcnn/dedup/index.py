@@ -211,7 +211,13 @@ def _exact_knn(
     """Exact k-NN by blocks of ``q_block`` queries × ``r_block`` references (float32 matmuls)."""
     import torch  # imported here so that descriptor worker processes start without torch
 
-    torch.set_grad_enabled(False)
+    # scoped, not torch.set_grad_enabled(False): that leaked into the caller's process and
+    # broke fine-tuning run later in the same process
+    with torch.no_grad():
+        return _exact_knn_blocks(torch, q, r, k, q_block, r_block)
+
+
+def _exact_knn_blocks(torch, q: np.ndarray, r: np.ndarray, k: int, q_block: int, r_block: int) -> tuple[np.ndarray, np.ndarray]:
     nq, nr = len(q), len(r)
     dist = np.empty((nq, k), np.float32)
     idx = np.empty((nq, k), np.int64)
