@@ -507,14 +507,15 @@ def finetune(
             idx = batch_images(it, len(train.records), c.images_per_batch, c.seed)
             ims, bxs, lab = train.batch(idx, c.rois_per_image, c.fg_fraction, rng, c.flip)
             net.set_train(True)
-            logits = net.forward_regions(ims, bxs)
-            y = torch.from_numpy(lab)
-            loss = F.cross_entropy(logits, y)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"fine-tuning diverged at iteration {it} (loss {float(loss)}); lower --lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            with torch.enable_grad():  # robust to a caller that disabled autograd globally
+                logits = net.forward_regions(ims, bxs)
+                y = torch.from_numpy(lab)
+                loss = F.cross_entropy(logits, y)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"fine-tuning diverged at iteration {it} (loss {float(loss)}); lower --lr")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
             acc = float((logits.detach().argmax(1) == y).float().mean())
             loss = loss.detach()
             it += 1
