@@ -107,6 +107,7 @@ def row_specs() -> list[dict]:
             for layer in LAYERS:
                 rows.append({"name": f"{bb} {layer} {mode} (subset)", "set": "subset", "backbone": bb, "layer": layer, "mode": mode})
     rows.append({"name": "HOG (subset)", "set": "subset", "backbone": "hog", "layer": "hog", "mode": "warp"})
+    rows.append({"name": "HOG (all)", "set": "full", "backbone": "hog", "layer": "hog", "mode": "warp"})
     rows.append({"name": "squeezenet1_1 fc6 shared grayscale (subset)", "set": "subset", "backbone": "squeezenet1_1",
                  "layer": "fc6", "mode": "shared", "gray": True})
     return rows
@@ -131,9 +132,10 @@ def prepare(worker: int, workers: int, what: str) -> None:
     elif what.startswith("subset-"):
         _, bb, mode = what.split("-", 2)
         jobs = [(r, FeatureConfig(backbone=bb, mode=mode, grid=GRID), list(LAYERS)) for r in s_tr + s_te]
-    elif what == "hog":
+    elif what in ("hog", "hog-full"):
         src = HOGFeatures(PROPOSALS, DATA)
-        for i, r in enumerate((s_tr + s_te)[worker::workers]):
+        recs = s_tr + s_te if what == "hog" else te.records + tv.records
+        for i, r in enumerate(recs[worker::workers]):
             src.regions(r)
             src.gt_features(r)
             print(f"hog {i} {r.image_id} {time.time() - t0:.0f}s", flush=True)
