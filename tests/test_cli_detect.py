@@ -126,3 +126,21 @@ def test_train_then_evaluate_hog_end_to_end(tmp_path):
     res = json.loads((out / "results.json").read_text())
     assert set(res["classes"]) == {"a", "b"} and res["mAP"] is not None
     assert (out / "pr_a.png").exists() and (out / "comp4_det_test_b.txt").exists()
+
+
+def test_detect_without_model_uses_imagenet_demo_detector(tmp_path):
+    """`rcnn detect IMAGE...` (no model) runs the zero-training ImageNet-vocabulary detector."""
+    import json
+
+    from skimage import data as skdata
+    from typer.testing import CliRunner
+
+    from rcnn.cli import app
+    from rcnn.visualize import save_png
+
+    save_png(tmp_path / "chelsea.png", skdata.chelsea())
+    out = CliRunner().invoke(app, ["detect", str(tmp_path / "chelsea.png"), "-o", str(tmp_path / "out")])
+    assert out.exit_code == 0, out.output
+    assert "cat" in out.output
+    rows = json.loads((tmp_path / "out" / "detections_coco.json").read_text())
+    assert rows and (tmp_path / "out" / "chelsea.png").is_file()

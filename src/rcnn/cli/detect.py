@@ -178,9 +178,10 @@ def _write_outputs(dets: Detections, classes, out: Path, split: str) -> None:
 
 @app.command()
 def detect(
-    model_path: ModelArg,
-    images: Annotated[list[Path], typer.Argument(help="Image files")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Output folder")],
+    model_path: Annotated[Path, typer.Argument(help="Model file written by `rcnn train` (.rcnn), or `imagenet` (the "
+                                               "zero-training demo detector, also used when the first argument is an image)")],
+    images: Annotated[list[Path] | None, typer.Argument(help="Image files")] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output folder")] = Path("rcnn-detect"),
     threshold: Annotated[float, typer.Option("--threshold", "-t", help="Keep detections scoring above this SVM score "
                                              "(0 = the decision boundary; rare classes, e.g. BCCD's WBC, often score just below it)")] = -0.5,
     top_k: Annotated[int | None, typer.Option("--top-k", help="At most this many detections per image")] = None,
@@ -190,9 +191,20 @@ def detect(
     address: AddressOpt = None,
     workers: WorkersOpt = None,
 ) -> None:
-    """Detect objects in images: COCO results JSON, VOC comp4 files and an annotated PNG per image."""
+    """Detect objects in images: COCO results JSON, VOC comp4 files and an annotated PNG per image.
+
+    Without a trained model (`rcnn detect IMAGE...` or `rcnn detect imagenet IMAGE...`) the
+    zero-training ImageNet-vocabulary detector of `rcnn demo` is used."""
+    from rcnn.data import IMAGE_SUFFIXES
     from rcnn.detect import detect_image
 
+    images = list(images or [])
+    if str(model_path) == "imagenet" or model_path.suffix.lower() in IMAGE_SUFFIXES:
+        if str(model_path) != "imagenet":
+            images.insert(0, model_path)
+        return _detect_imagenet(images, output, top_k, no_png)
+    if not images:
+        raise fail("no images given: rcnn detect MODEL IMAGE... (or rcnn detect IMAGE... for the ImageNet demo detector)", 2)
     check_engine(engine, address)
     _log_warnings()
     model = _load_model(model_path)
@@ -225,6 +237,36 @@ def detect(
     dets = Detections.concat(parts)
     _write_outputs(dets, model.classes, output, "detect")
     console.print(f"{len(dets)} detections in {len(parts)} image(s) → {output}")
+    if failed:
+        raise fail(f"{len(failed)} image(s) could not be read", 1)
+
+
+def _detect_imagenet(images: list[Path], output: Path, top_k: int | None, no_png: bool) -> None:
+    """`rcnn detect` with the zero-training demo detector (rcnn.demo.ImagenetDetector)."""
+    from rcnn.demo import ImagenetDetector
+    from rcnn.visualize import draw_detections, save_png
+
+    if not images:
+        raise fail("no images given", 2)
+    output.mkdir(parents=True, exist_ok=True)
+    det = ImagenetDetector()
+    parts, failed = [], []
+    for p in images:
+        try:
+            img = load_image(p)
+        except ImageReadError as e:
+            failed.append(str(e))
+            err_console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+            continue
+        b, s, lab = det(img)
+        if top_k is not None:
+            b, s, lab = b[:top_k], s[:top_k], lab[:top_k]
+        parts.append(Detections(np.array([p.stem] * len(s), dtype=object), b, s, lab))
+        if not no_png:
+            save_png(output / f"{p.stem}.png", draw_detections(img, b, lab, s, det.class_names))
+        console.print(f"{p.name}: " + (", ".join(f"{det.class_names[c]} {sc:.2f}" for c, sc in zip(lab, s, strict=True)) or "nothing"))
+    _write_outputs(Detections.concat(parts), det.class_names, output, "detect")
+    console.print(f"{sum(len(d) for d in parts)} detections in {len(parts)} image(s) → {output}")
     if failed:
         raise fail(f"{len(failed)} image(s) could not be read", 1)
 
