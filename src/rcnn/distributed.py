@@ -278,9 +278,9 @@ def _ray_features(
 
 
 def _progress():
-    from rcnn.features import _progress as features_progress
+    from rcnn.progress import progress_bar
 
-    return features_progress()
+    return progress_bar()
 
 
 # ----------------------------------------------------------------------------- public API

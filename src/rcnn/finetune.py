@@ -668,17 +668,9 @@ def write_curve(history: dict, output: Path) -> tuple[Path, Path]:
 
 
 def _progress():
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from rcnn.progress import progress_bar
 
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
+    return progress_bar("{task.fields[info]}")
 
 
 # ----------------------------------------------------------------------------- softmax scoring

@@ -31,7 +31,6 @@ import ctypes
 import multiprocessing as mp
 import os
 import re
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -374,8 +373,9 @@ def _init_worker() -> None:
     cv2.setUseOptimized(True)
 
 
-def _work(args: tuple[ImageRecord, ProposalConfig, str, str]) -> tuple[str, int, float, float, str | None]:
-    record, config, root, sha = args
+def _work(args: tuple[ImageRecord, ProposalConfig, str, str, str]) -> tuple[str, int, float, float, str | None]:
+    record, config, root, sha, cache_root = args
+    os.environ["RCNN_CACHE_DIR"] = cache_root  # a forkserver worker has the environment of its server's start
     try:
         boxes, dt, cpu = _compute_and_store(record, config, proposal_path(record, config, root), sha)
         return record.image_id, len(boxes), dt, cpu, None
@@ -426,7 +426,7 @@ def propose_dataset(
             summary.cached += 1
             n_boxes.append(len(cached))
         else:
-            todo.append((r, config, root, sha))
+            todo.append((r, config, root, sha, str(cache_dir())))
 
     def _collect(result) -> None:
         image_id, n, dt, cpu, err = result
@@ -459,7 +459,13 @@ def propose_dataset(
                 finally:
                     cv2.setNumThreads(threads)  # leave the caller's OpenCV as it was
             else:
-                ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+                # forkserver, not fork: forking a process whose OpenCV/torch thread pools are running
+                # can deadlock the child (seen in the test suite); the server is a clean process
+                if "forkserver" in mp.get_all_start_methods():
+                    ctx = mp.get_context("forkserver")
+                    ctx.set_forkserver_preload(["rcnn.proposals"])
+                else:
+                    ctx = mp.get_context("spawn")
                 with ctx.Pool(min(workers, len(todo)), initializer=_init_worker) as pool:
                     for result in pool.imap_unordered(_work, todo, chunksize=1):
                         _collect(result)
@@ -477,35 +483,9 @@ def propose_dataset(
 
 
 def _progress_bar():
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from rcnn.progress import RateColumn, progress_bar
 
-    class _Rate(TextColumn):
-        def __init__(self) -> None:
-            super().__init__("")
-
-        def render(self, task):  # images per second
-            from rich.text import Text
-
-            speed = task.finished_speed or task.speed
-            return Text(f"{speed:.2f} img/s" if speed else "– img/s")
-
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        _Rate(),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        transient=False,
-    )
+    return progress_bar(RateColumn("img"))
 
 
 # ----------------------------------------------------------------------------- recall

@@ -21,9 +21,9 @@ MODEL_SUFFIXES = (".rcnn", ".safetensors")
 
 
 def _progress():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rcnn.progress import progress_bar
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console)
+    return progress_bar(console=console)
 
 
 def _is_model(path: Path) -> bool:

@@ -11,14 +11,7 @@ from typing import Annotated
 
 import numpy as np
 import typer
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import Progress
 from rich.table import Table
 
 from rcnn.cache import save_json
@@ -28,6 +21,7 @@ from rcnn.cli.engine import AddressOpt, CachedRegions, EngineOpt, check_engine, 
 from rcnn.cli.proposals import KsOpt, MaxBoxesOpt, MinSizeOpt, WidthOpt, WorkersOpt, make_config
 from rcnn.data import ImageReadError, load_image
 from rcnn.evaluate import METRICS, Detections, write_coco_results, write_comp4
+from rcnn.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +29,7 @@ ModelArg = Annotated[Path, typer.Argument(help="Model file written by `rcnn trai
 
 
 def _progress() -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console)
+    return progress_bar("{task.fields[info]}", console=console)
 
 
 class _WarnToConsole(logging.Handler):

@@ -147,26 +147,10 @@ def compute_descriptors(
         if f is not None:  # atomic: a killed run leaves whole chunks only, reused on resume
             save_npz(f, desc=desc, errors=np.array([e or "" for e in errs], dtype=str))
 
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from rcnn.progress import progress_bar
 
     done0 = n - sum(len(r) for r, _ in todo)
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("images"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        disable=not progress,
-        transient=False,
-    ) as bar:
+    with progress_bar("images", disable=not progress) as bar:
         task = bar.add_task(description, total=n, completed=done0)
         if workers <= 1 or len(todo) <= 1:
             for rows, f in todo:
