@@ -24,12 +24,13 @@ import json
 import re
 import warnings
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import defusedxml.ElementTree as DET
 import numpy as np
 from defusedxml import DefusedXmlException
+from defusedxml.ElementTree import parse as defused_parse
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from rcnn.boxes import voc_to_xyxy, xywh_to_xyxy, xyxy_to_voc
@@ -124,16 +125,22 @@ def load_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarr
     the file for non-images, truncated files and images over ``max_pixels``.
     """
     path = Path(path)
+    with image_errors(path), Image.open(path) as im:
+        if im.width * im.height > max_pixels:
+            raise ImageReadError(
+                f"{path}: image is {im.width}x{im.height} pixels, over the "
+                f"{max_pixels}-pixel limit (possible decompression bomb)"
+            )
+        im.load()
+        im = ImageOps.exif_transpose(im)
+        return to_rgb8(im)
+
+
+@contextmanager
+def image_errors(path: str | Path):
+    """Turn whatever PIL raises while reading ``path`` into one-line :class:`ImageReadError`."""
     try:
-        with Image.open(path) as im:
-            if im.width * im.height > max_pixels:
-                raise ImageReadError(
-                    f"{path}: image is {im.width}x{im.height} pixels, over the "
-                    f"{max_pixels}-pixel limit (possible decompression bomb)"
-                )
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            return _to_rgb8(im)
+        yield
     except ImageReadError:
         raise
     except FileNotFoundError:
@@ -147,7 +154,8 @@ def load_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarr
         raise ImageReadError(f"{path}: corrupt or truncated image ({msg})") from None
 
 
-def _to_rgb8(im: Image.Image) -> np.ndarray:
+def to_rgb8(im: Image.Image) -> np.ndarray:
+    """A PIL image of any mode as ``(H, W, 3)`` RGB uint8 (16-bit/float scaled, alpha on white)."""
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         a = np.asarray(im, dtype=np.float64)
         hi = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
@@ -230,7 +238,7 @@ def parse_voc_xml(path: str | Path) -> dict:
     """
     path = Path(path)
     try:
-        root = DET.parse(path, forbid_dtd=True).getroot()
+        root = defused_parse(path, forbid_dtd=True).getroot()
     except DefusedXmlException as e:
         raise AnnotationError(f"{path}: refused hostile XML ({type(e).__name__})") from None
     except Exception as e:  # ParseError, OSError

@@ -31,10 +31,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 import scipy.fft as sfft
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from rcnn.cache import settings_hash
-from rcnn.data import MAX_IMAGE_PIXELS, ImageReadError, _to_rgb8
+from rcnn.data import MAX_IMAGE_PIXELS, ImageReadError, image_errors, to_rgb8
 
 __all__ = ["GistConfig", "gist", "gist_batch", "gist_of_files", "load_warped", "warp_image"]
 
@@ -216,31 +216,17 @@ def load_warped(path: str | Path, size: int = 32, max_pixels: int = MAX_IMAGE_PI
     warp and indistinguishable after the area-averaging warp. Raises :class:`~rcnn.data.ImageReadError` naming the file.
     """
     path = Path(path)
-    try:
-        with Image.open(path) as im:
-            if im.width * im.height > max_pixels:
-                raise ImageReadError(
-                    f"{path}: image is {im.width}x{im.height} pixels, over the {max_pixels}-pixel limit"
-                )
-            if im.format == "JPEG" and im.mode in ("RGB", "L", "CMYK", "YCbCr"):
-                im.draft("RGB" if im.mode != "L" else "L", (4 * size, 4 * size))
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            factor = min(im.width, im.height) // (4 * size)
-            if factor >= 2 and im.mode in ("RGB", "L"):
-                im = im.reduce(factor)  # fast integer box shrink (PNG etc.): same role as draft
-            rgb = _to_rgb8(im)
-    except ImageReadError:
-        raise
-    except FileNotFoundError:
-        raise ImageReadError(f"{path}: file not found") from None
-    except UnidentifiedImageError:
-        raise ImageReadError(f"{path}: not an image file PIL can read") from None
-    except Image.DecompressionBombError as e:
-        raise ImageReadError(f"{path}: refused as a decompression bomb ({e})") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ImageReadError(f"{path}: corrupt or truncated image ({msg})") from None
+    with image_errors(path), Image.open(path) as im:
+        if im.width * im.height > max_pixels:
+            raise ImageReadError(f"{path}: image is {im.width}x{im.height} pixels, over the {max_pixels}-pixel limit")
+        if im.format == "JPEG" and im.mode in ("RGB", "L", "CMYK", "YCbCr"):
+            im.draft("RGB" if im.mode != "L" else "L", (4 * size, 4 * size))
+        im.load()
+        im = ImageOps.exif_transpose(im)
+        factor = min(im.width, im.height) // (4 * size)
+        if factor >= 2 and im.mode in ("RGB", "L"):
+            im = im.reduce(factor)  # fast integer box shrink (PNG etc.): same role as draft
+        rgb = to_rgb8(im)
     return warp_image(rgb, size)
 
 
