@@ -204,6 +204,34 @@ def detect(
     source = _source(model)
     # --engine ray: proposals + features on Ray workers into the cache first (rcnn.distributed)
     cached = ray_fill_images(images, source, address, workers) if engine == "ray" else None
+
+    def detect_one(img: np.ndarray, p: Path):
+        src = source if cached is None or p.resolve() not in cached else CachedRegions(source, cached[p.resolve()])
+        return detect_image(model, img, src, threshold=threshold, top_k=top_k, bbox_reg=not no_bbox_reg)
+
+    _detect_images(images, detect_one, model.classes, output, no_png)
+
+
+def _detect_imagenet(images: list[Path], output: Path, top_k: int | None, no_png: bool) -> None:
+    """`rcnn detect` with the zero-training demo detector (rcnn.demo.ImagenetDetector)."""
+    from rcnn.demo import ImagenetDetector
+
+    if not images:
+        raise fail("no images given", 2)
+    det = ImagenetDetector()
+
+    def detect_one(img: np.ndarray, p: Path):
+        b, s, lab = det(img)  # sorted by score
+        return (b[:top_k], s[:top_k], lab[:top_k]) if top_k is not None else (b, s, lab)
+
+    _detect_images(images, detect_one, det.class_names, output, no_png)
+
+
+def _detect_images(images: list[Path], detect_one, classes: list[str], output: Path, no_png: bool) -> None:
+    """Run ``detect_one(image, path) -> (boxes, scores, labels)`` over image files; write COCO JSON,
+    comp4 files and an annotated PNG per image; unreadable files are reported and counted."""
+    from rcnn.visualize import draw_detections, save_png
+
     output.mkdir(parents=True, exist_ok=True)
     parts, failed = [], []
     with _progress() as bar:
@@ -217,49 +245,16 @@ def detect(
                 bar.advance(task)
                 continue
             t0 = time.perf_counter()
-            src = source if cached is None or p.resolve() not in cached else CachedRegions(source, cached[p.resolve()])
-            b, s, lab = detect_image(model, img, src, threshold=threshold, top_k=top_k, bbox_reg=not no_bbox_reg)
+            b, s, lab = detect_one(img, p)
             dt = time.perf_counter() - t0
             parts.append(Detections(np.array([p.stem] * len(s), dtype=object), b, s, lab))
             if not no_png:
-                from rcnn.visualize import draw_detections, save_png
-
-                save_png(output / f"{p.stem}.png", draw_detections(img, b, lab, s, model.classes))
-            counts = ", ".join(f"{model.classes[c]} {int((lab == c).sum())}" for c in np.unique(lab)) or "nothing"
+                save_png(output / f"{p.stem}.png", draw_detections(img, b, lab, s, classes))
+            counts = ", ".join(f"{classes[c]} {int((lab == c).sum())}" for c in np.unique(lab)) or "nothing"
             bar.update(task, advance=1, info=f"{p.name}: {counts} ({dt:.1f} s)")
     dets = Detections.concat(parts)
-    _write_outputs(dets, model.classes, output, "detect")
+    _write_outputs(dets, classes, output, "detect")
     console.print(f"{len(dets)} detections in {len(parts)} image(s) → {output}")
-    if failed:
-        raise fail(f"{len(failed)} image(s) could not be read", 1)
-
-
-def _detect_imagenet(images: list[Path], output: Path, top_k: int | None, no_png: bool) -> None:
-    """`rcnn detect` with the zero-training demo detector (rcnn.demo.ImagenetDetector)."""
-    from rcnn.demo import ImagenetDetector
-    from rcnn.visualize import draw_detections, save_png
-
-    if not images:
-        raise fail("no images given", 2)
-    output.mkdir(parents=True, exist_ok=True)
-    det = ImagenetDetector()
-    parts, failed = [], []
-    for p in images:
-        try:
-            img = load_image(p)
-        except ImageReadError as e:
-            failed.append(str(e))
-            err_console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
-            continue
-        b, s, lab = det(img)
-        if top_k is not None:
-            b, s, lab = b[:top_k], s[:top_k], lab[:top_k]
-        parts.append(Detections(np.array([p.stem] * len(s), dtype=object), b, s, lab))
-        if not no_png:
-            save_png(output / f"{p.stem}.png", draw_detections(img, b, lab, s, det.class_names))
-        console.print(f"{p.name}: " + (", ".join(f"{det.class_names[c]} {sc:.2f}" for c, sc in zip(lab, s, strict=True)) or "nothing"))
-    _write_outputs(Detections.concat(parts), det.class_names, output, "detect")
-    console.print(f"{sum(len(d) for d in parts)} detections in {len(parts)} image(s) → {output}")
     if failed:
         raise fail(f"{len(failed)} image(s) could not be read", 1)
 
