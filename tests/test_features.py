@@ -113,6 +113,23 @@ def test_warp_and_shared_same_shapes_and_logits_classify(squeeze):
     assert extract_features(img, boxes[:0], squeeze, "fc7", "shared").shape == (0, 512)
 
 
+def test_bf16_precision_close_to_fp32_and_in_the_key(squeeze):
+    img = data.chelsea()
+    boxes = np.array([[0, 0, 451, 300], [50, 30, 250, 200], [100, 100, 140, 130]], np.float32)
+    for mode in ("warp", "shared"):
+        ref = extract_features(img, boxes, squeeze, "fc7", mode)
+        fast = extract_features(img, boxes, squeeze, "fc7", mode, precision="bf16")
+        assert not np.array_equal(ref, fast)  # it really ran in another arithmetic
+        rel = np.linalg.norm(fast - ref, axis=1) / np.linalg.norm(ref, axis=1)
+        assert rel.max() < 0.03, (mode, rel)
+    with pytest.raises(ValueError, match="precision"):
+        extract_features(img, boxes, squeeze, "fc7", "warp", precision="fp8")
+    with pytest.raises(ValueError, match="precision"):
+        FeatureConfig(precision="half")
+    assert FeatureConfig(precision="bf16").key() != FeatureConfig().key()
+    assert "bf16" in FeatureConfig(precision="bf16").describe()
+
+
 def test_shared_multiscale_keeps_box_order(squeeze):
     img = data.coffee()[::2, ::2].copy()  # 300×200
     boxes = np.array([[0, 0, 300, 200], [10, 10, 40, 40], [100, 50, 250, 190], [5, 5, 25, 30]], np.float32)

@@ -311,8 +311,7 @@ class CNNFeatures(RegionFeatures):
         from rcnn.features import extract_features
 
         fc = self.feature_config
-        return extract_features(image, boxes, self.backbone, fc.layer, fc.mode, fc.batch_size, context_pad=fc.context_pad,
-                                method=fc.method, scales=fc.scales, grid=fc.grid, pool=fc.pool)
+        return extract_features(image, boxes, self.backbone, fc.layer, **fc.extract_options())
 
     def image_regions(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         from rcnn.proposals import selective_search
@@ -351,8 +350,7 @@ def fill_layers(
     if n_gt:
         boxes = np.concatenate([np.asarray(record.boxes, np.float32).reshape(-1, 4), boxes])
     fc = fcs[todo[0]]
-    out = extract_features(load_image(record.path), boxes, fc.backbone_obj(), todo, fc.mode, fc.batch_size,
-                           context_pad=fc.context_pad, method=fc.method, scales=fc.scales, grid=fc.grid, pool=fc.pool)
+    out = extract_features(load_image(record.path), boxes, fc.backbone_obj(), todo, **fc.extract_options())
     for k in todo:
         path = feature_path(record, proposal_config, fcs[k], dataset_root)
         if compress:

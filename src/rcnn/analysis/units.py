@@ -370,8 +370,7 @@ def pool5_source(feature_config, proposal_config, dataset_root, cache: bool = Fa
         boxes = np.asarray(get_proposals(record, proposal_config, dataset_root), np.float32).reshape(-1, 4)
         if len(boxes) == 0:
             return boxes, np.zeros((0, bb.dim("pool5", fc.grid)), np.float16)
-        feats = extract_features(load_image(record.path), boxes, bb, "pool5", fc.mode, fc.batch_size,
-                                 context_pad=fc.context_pad, method=fc.method, scales=fc.scales, grid=fc.grid, pool=fc.pool)
+        feats = extract_features(load_image(record.path), boxes, bb, "pool5", **fc.extract_options())
         return boxes, np.asarray(feats, np.float16)
 
     return fc, bb, features

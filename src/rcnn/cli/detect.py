@@ -17,7 +17,15 @@ from rich.table import Table
 from rcnn.cache import save_json
 from rcnn.cli.app import app, console, err_console, fail
 from rcnn.cli.dataset import DatasetArg, open_dataset, print_ap_table
-from rcnn.cli.engine import AddressOpt, CachedRegions, EngineOpt, check_engine, ray_extract, ray_fill_images
+from rcnn.cli.engine import (
+    AddressOpt,
+    CachedRegions,
+    EngineOpt,
+    PrecisionOpt,
+    check_engine,
+    ray_extract,
+    ray_fill_images,
+)
 from rcnn.cli.proposals import KsOpt, MaxBoxesOpt, MinSizeOpt, WidthOpt, WorkersOpt, make_config
 from rcnn.data import ImageReadError, load_image
 from rcnn.evaluate import METRICS, Detections, write_coco_results, write_comp4
@@ -91,6 +99,7 @@ def train(
     retrain_limit: Annotated[int, typer.Option("--retrain-limit", help="Retrain after this many new negatives")] = 2000,
     max_new_neg: Annotated[int | None, typer.Option("--max-new-neg", help="Cap new negatives per class per image")] = None,
     max_cache_mb: Annotated[float, typer.Option("--max-cache-mb", help="Bound of each class's negative cache")] = 512.0,
+    precision: PrecisionOpt = "fp32",
 ) -> None:
     """Train per-class linear SVMs with hard-negative mining (paper §2.3); resumes from the caches."""
     from rcnn.backbones import WeightsError
@@ -112,7 +121,8 @@ def train(
         else:
             sc = tuple(float(s) for s in scales.split(",")) if scales else SHARED_SCALES
             fc = FeatureConfig(backbone=backbone, weights=str(weights) if weights else None, layer=layer, mode=mode,
-                               context_pad=context_pad, scales=sc, grid=grid or SHARED_GRID, with_gt=True)
+                               context_pad=context_pad, scales=sc, grid=grid or SHARED_GRID, with_gt=True,
+                               precision=precision)
             bb = fc.backbone_obj()
             if layer not in bb.taps:
                 raise fail(f"--layer must be one of {list(bb.taps)} for {backbone}, not {layer!r}", 2)

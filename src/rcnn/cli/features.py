@@ -10,7 +10,15 @@ import typer
 from rcnn.backbones import WeightsError, available_backbones
 from rcnn.cli.app import app, console, fail
 from rcnn.cli.dataset import DatasetArg, SplitOpt, open_dataset
-from rcnn.cli.engine import AddressOpt, DeviceOpt, EngineOpt, check_engine, ray_extract, report_device
+from rcnn.cli.engine import (
+    AddressOpt,
+    DeviceOpt,
+    EngineOpt,
+    PrecisionOpt,
+    check_engine,
+    ray_extract,
+    report_device,
+)
 from rcnn.cli.proposals import KsOpt, MaxBoxesOpt, WorkersOpt, make_config
 from rcnn.features import METHODS, MODES, SHARED_GRID, SHARED_SCALES, FeatureConfig, features_for_dataset
 from rcnn.proposals import MODES as PROPOSAL_MODES
@@ -45,6 +53,7 @@ def features(
     engine: EngineOpt = "local",
     address: AddressOpt = None,
     device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "fp32",
 ) -> None:
     """Compute float16 CNN features of every proposal of every image into the cache (resumable)."""
     check_engine(engine, address)
@@ -54,7 +63,8 @@ def features(
         sc = tuple(float(s) for s in scales.split(","))
         fc = FeatureConfig(backbone=backbone, weights=str(weights) if weights else None, layer=layer, mode=mode,
                            context_pad=context_pad, method=method, scales=sc, grid=grid, with_gt=with_gt,
-                           batch_size=batch_size, device=report_device(device))
+                           batch_size=batch_size, device=report_device(device),
+                           precision=precision)
         bb = fc.backbone_obj()
     except ValueError as e:
         raise fail(f"bad option: {e}", 2) from None
