@@ -5,6 +5,7 @@
     python bench/finetune.py features         # fill the fine-tuned feature caches (pool5/fc6/fc7/softmax, one pass)
     python bench/finetune.py run              # SVM rows (FT pool5/fc6/fc7), FT softmax, each ± box regression
     python bench/finetune.py table            # markdown table
+    python bench/finetune.py mainreg [--grid 6]  # box regression on the detector's main model (all trainval)
 
 Writes ``bench/results/finetune.json`` and the curve ``bench/results/finetune_curve.{json,png}``.
 The fine-tuned network itself stays in the user cache (``<cache>/finetune/``), never in the repo.
@@ -112,7 +113,10 @@ def warp_cost(n: int = 3) -> None:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("cmd", choices=["train", "warp-cost", "features", "run", "table"])
+    ap.add_argument("cmd", choices=["train", "warp-cost", "features", "run", "table", "mainreg"])
+    ap.add_argument("--grid", type=int, default=3, help="mainreg: RoI grid of the regression features (3 = the model's)")
+    ap.add_argument("--samples", type=int, default=MAIN_REG_SAMPLES, help="mainreg: regression samples per class")
+    ap.add_argument("--lam", type=float, default=1000.0, help="mainreg: ridge penalty (released code: 1000)")
     ap.add_argument("--worker", type=int, default=0)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--frozen", action="store_true", help="features: ImageNet pool5 for the reference rows")
@@ -126,6 +130,8 @@ def main(argv: list[str] | None = None) -> None:
         features(a.worker, a.workers, a.frozen)
     elif a.cmd == "run":
         run(a.rows)
+    elif a.cmd == "mainreg":
+        main_regression(a.grid, a.samples, a.lam)
     else:
         print(table())
 
@@ -223,6 +229,58 @@ def run(names: list[str] | None = None) -> None:
             results["rows"][r2["name"]] = r2
             print(f"{r2['name']}: mAP {withreg['mAP']:.4f} {withreg['ap']}", flush=True)
             save_json(OUT, results)
+
+
+MAIN_MODEL = RESULTS / "bccd_squeezenet_pool5_shared.rcnn"  # bench/ablation.py's main row (git-ignored)
+#: samples per class for the main model's regressors: 4608-d pool5 (3×3 grid) → the primal
+#: D×D system; 20000 keeps every platelet/WBC sample and ~all RBC ones of the 292 images.
+MAIN_REG_SAMPLES = 20000
+
+
+def main_regression(grid: int = 3, samples: int = MAIN_REG_SAMPLES, lam: float = 1000.0) -> None:
+    """Box regression on the detector's main model (SqueezeNet pool5 shared, 3×3 grid, all 292
+    trainval images; bench/ablation.py): regressors trained on every trainval image, on pool5
+    features with RoI grid ``grid`` (3: the model's own cached features), evaluated on all of test
+    with and without. Writes ``rows["main pool5 (all)[ + bbox reg ...]"]`` and the model with its
+    regressor to ``bench/results/bccd_squeezenet_pool5_shared_bboxreg[_g6].rcnn`` (git-ignored)."""
+    from rcnn.detect import RCNNModel
+
+    if not MAIN_MODEL.exists():
+        raise SystemExit(f"{MAIN_MODEL}: missing; python bench/ablation.py run --rows 'pool5 shared (all)' --force")
+    tv, te = load_dataset(DATA, "trainval"), load_dataset(DATA, "test")
+    model = RCNNModel.load(MAIN_MODEL)
+    src = model.feature_source(DATA)
+    reg_fc = replace(src.feature_config, grid=grid)
+    missing = [r for r in tv.records + te.records if not feature_path(r, PROPOSALS, reg_fc, DATA).exists()]
+    if missing:
+        raise SystemExit(f"{len(missing)} images lack pool5 grid-{grid} features: python bench/finetune.py "
+                         f"regfeatures --grid {grid}")
+    results = load_results()
+    name = "main pool5 (all)"
+    if name not in results["rows"]:
+        plain, spi = _evaluate(model, te, src, False)
+        results["rows"][name] = {"name": name, "train_images": len(tv.records), "test_images": len(te.records), **plain,
+                                 "train_seconds_from_cache": round(float(model.training.get("seconds", 0.0)), 1),
+                                 "test_seconds_per_image_from_cache": round(spi, 3),
+                                 "model": MAIN_MODEL.name}
+        print(f"{name}: mAP {plain['mAP']:.4f} {plain['ap']}", flush=True)
+        save_json(OUT, results)
+    t0 = time.time()
+    reg = train_box_regressor(tv.records, tv.classes, CNNFeatures(PROPOSALS, reg_fc, DATA), lam=lam, max_per_class=samples)
+    reg_s = time.time() - t0
+    attach(model, reg)
+    withreg, spi = _evaluate(model, te, src, True)
+    suffix = "" if (grid, lam) == (3, 1000.0) else f" (grid {grid}, λ {lam:g})"
+    rname = f"{name} + bbox reg{suffix}"
+    results = load_results()
+    results["rows"][rname] = {"name": rname, "train_images": len(tv.records), "test_images": len(te.records), **withreg,
+                              "train_seconds_from_cache": round(reg_s, 1), "test_seconds_per_image_from_cache": round(spi, 3),
+                              "regressor": {"grid": grid, "lambda": lam, "min_iou": reg.min_iou, "samples": reg.training["samples"],
+                                            "seconds": round(reg_s, 1)}}
+    save_json(OUT, results)
+    tag = "" if grid == 3 else f"_g{grid}"
+    model.save(RESULTS / f"bccd_squeezenet_pool5_shared_bboxreg{tag}.rcnn")
+    print(f"{rname}: mAP {withreg['mAP']:.4f} {withreg['ap']} (regressor {reg_s:.0f} s)", flush=True)
 
 
 def table() -> str:
