@@ -1,17 +1,18 @@
 """Fine-tuning and bounding-box regression on BCCD (paper §2.3, released ``bbox_regression/``).
 
+    python bench/finetune.py mainreg [--lam 1000] # box regression on the detector's main model (all trainval)
+    python bench/finetune.py mainreg --cv          # ... λ per class by 3-fold CV on trainval (grouped by image)
+    python bench/finetune.py speed [--threads 1]  # s/iteration of the main run's settings, fp32 vs bf16
     python bench/finetune.py train            # fine-tune SqueezeNet 1.1 in shared mode (resumable)
     python bench/finetune.py warp-cost        # time a few warp-mode iterations
-    python bench/finetune.py features         # fill the fine-tuned feature caches (pool5/fc6/fc7/softmax, one pass)
-    python bench/finetune.py run              # SVM rows (FT pool5/fc6/fc7), FT softmax, each ± box regression
+    python bench/finetune.py features         # fine-tuned pool5/fc6/fc7/softmax caches of all BCCD (one pass)
+    python bench/finetune.py run              # FT pool5/fc6/fc7 SVM, FT softmax, each ± box regression
     python bench/finetune.py table            # markdown table
-    python bench/finetune.py mainreg [--grid 6]  # box regression on the detector's main model (all trainval)
 
 Writes ``bench/results/finetune.json`` and the curve ``bench/results/finetune_curve.{json,png}``.
 The fine-tuned network itself stays in the user cache (``<cache>/finetune/``), never in the repo.
-
-Compute: 2 cores shared with several other jobs (load average ~20 while this ran), so the main
-run is shared mode (Fast R-CNN style) for a fixed ``ITERATIONS`` that fits ~25 minutes.
+Every row trains on all 292 trainval images and tests on all 72 test images (VOC07 AP), with the
+detector's main-model geometry (bench/ablation.py: its proposals, shared mode ×1.5, 3×3 RoI grid).
 """
 
 from __future__ import annotations
@@ -40,18 +41,23 @@ from rcnn.svm import SVMConfig
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 OUT = RESULTS / "finetune.json"
-#: ~16 s per shared-mode iteration (2 images at ×1.5, 128 RoIs, forward + backward) on the loaded
-#: 2-core machine → 60 iterations ≈ 25 minutes (measured ~24 s/iteration at load ~20).
-ITERATIONS = 60
-CONFIG = FinetuneConfig(backbone="squeezenet1_1", mode="shared", iterations=ITERATIONS, val_images=8, val_every=20,
-                        checkpoint_every=5)
-#: SVM / box-regressor training images: every 4th trainval image (73 of 292) — extracting fine-tuned
-#: features (pool5 ~11 MB/image) for all 292 would not fit the time left; all 72 test images are
-#: evaluated. The frozen-feature reference rows below use the same 73 images.
-TRAIN_STRIDE = 4
-#: box-regression samples per class (reservoir): the dual ridge system is N×N with N×18432 pool5
-#: features; 3000 keeps it to ~0.3 TFLOP on the shared cores (RBC has far more candidates).
-REG_SAMPLES = 3000
+#: Session 2: 1.3–1.5 s per shared-mode iteration with one thread (2 images at ×1.5, 128 RoIs,
+#: forward + backward; `speed` below); session 1's 17 s/iteration was the load average of ~20.
+#: 3600 iterations = 7200 image visits ≈ 25 epochs of the 284 training images: what fits ~75 min
+#: (1 thread while other jobs ran, 2 after).
+ITERATIONS = 3600
+#: Session 2 settings (see README): the classifier reads the 3×3 pool5 grid the detector uses,
+#: its input scaled to mean norm 20, bf16 autocast.
+CONFIG = FinetuneConfig(backbone="squeezenet1_1", mode="shared", iterations=ITERATIONS, val_images=8, val_every=100,
+                        checkpoint_every=50, tap="pool5", grid=3, input_norm=20.0, precision="bf16")
+#: SVM / box-regressor training images: every trainval image (session 1 could afford every 4th).
+TRAIN_STRIDE = 1
+#: box-regression samples per class (reservoir): 4608-d pool5 (3×3 grid) → the primal D×D
+#: system; 20000 keeps every platelet/WBC sample and ~all RBC ones of the 292 images.
+REG_SAMPLES = 20000
+#: λ candidates of the cross-validated regressor rows (the released 1000 in the middle)
+CV_LAMBDAS = (10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0, 10000.0)
+GRID = 3  # the main model's RoI grid (bench/ablation.py GRID)
 
 
 def net_path() -> Path:
@@ -110,13 +116,44 @@ def warp_cost(n: int = 3) -> None:
     print(results["warp_cost"])
 
 
+def speed(n: int = 4, threads: int = 1) -> None:
+    """Seconds per shared-mode iteration (the main run's settings), fp32 vs bf16 autocast: wall
+    and CPU (process) time over ``n`` iterations after one warm-up, on 8 trainval images."""
+    tv = load_dataset(DATA, "trainval")
+    results = load_results()
+    out = results.setdefault("speed", {})
+    for precision in ("fp32", "bf16"):
+        cfg = replace(CONFIG, iterations=n + 1, precision=precision, val_images=0, checkpoint_every=10**6)
+        tmp = cache_dir() / "finetune" / "speed" / "net.safetensors"
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        for f in tmp.parent.glob("*"):
+            f.unlink()
+        finetune(tv.records[:8], tv.classes, tmp, replace(cfg, iterations=1), PROPOSALS, DATA, val_records=[],
+                 progress=False, threads=threads)  # warm-up (allocator, oneDNN kernels)
+        for f in tmp.parent.glob("*"):
+            f.unlink()
+        c0, t0 = time.process_time(), time.perf_counter()
+        res = finetune(tv.records[:8], tv.classes, tmp, cfg, PROPOSALS, DATA, val_records=[], progress=False,
+                       threads=threads)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        out[precision] = {"iterations": n, "threads": threads, "seconds_per_iteration": round(res.seconds_per_iteration, 2),
+                          "cpu_seconds_per_iteration": round(cpu / n, 2), "wall_incl_setup_s": round(wall, 1),
+                          "load_avg_1min": round(__import__("os").getloadavg()[0], 1),
+                          "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+        print(precision, out[precision], flush=True)
+    results["speed"] = out
+    save_json(OUT, results)
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("cmd", choices=["train", "warp-cost", "features", "run", "table", "mainreg"])
+    ap.add_argument("cmd", choices=["train", "warp-cost", "features", "run", "table", "mainreg", "speed"])
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--grid", type=int, default=3, help="mainreg: RoI grid of the regression features (3 = the model's)")
     ap.add_argument("--samples", type=int, default=MAIN_REG_SAMPLES, help="mainreg: regression samples per class")
     ap.add_argument("--lam", type=float, default=1000.0, help="mainreg: ridge penalty (released code: 1000)")
+    ap.add_argument("--cv", action="store_true", help="mainreg: λ per class by 3-fold CV over CV_LAMBDAS on trainval")
     ap.add_argument("--worker", type=int, default=0)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--frozen", action="store_true", help="features: ImageNet pool5 for the reference rows")
@@ -130,8 +167,10 @@ def main(argv: list[str] | None = None) -> None:
         features(a.worker, a.workers, a.frozen)
     elif a.cmd == "run":
         run(a.rows)
+    elif a.cmd == "speed":
+        speed(threads=a.threads)
     elif a.cmd == "mainreg":
-        main_regression(a.grid, a.samples, a.lam)
+        main_regression(a.grid, a.samples, CV_LAMBDAS if a.cv else a.lam)
     else:
         print(table())
 
@@ -142,11 +181,11 @@ def train_test_records():
 
 
 def ft_config(layer: str) -> FeatureConfig:
-    return FeatureConfig(backbone="squeezenet1_1", weights=str(net_path()), layer=layer, mode="shared")
+    return FeatureConfig(backbone="squeezenet1_1", weights=str(net_path()), layer=layer, mode="shared", grid=GRID)
 
 
 def frozen_config(layer: str) -> FeatureConfig:
-    return FeatureConfig(backbone="squeezenet1_1", layer=layer, mode="shared")
+    return FeatureConfig(backbone="squeezenet1_1", layer=layer, mode="shared", grid=GRID)
 
 
 def features(worker: int = 0, workers: int = 1, frozen: bool = False) -> None:
@@ -160,9 +199,9 @@ def features(worker: int = 0, workers: int = 1, frozen: bool = False) -> None:
     t0 = time.time()
     for i, r in enumerate(recs):
         if frozen:
-            n = fill_layers(r, PROPOSALS, frozen_config("pool5"), ["pool5"], DATA)
-        else:
-            n = fill_layers(r, PROPOSALS, ft_config("fc7"), ["pool5", "fc6", "fc7", FT_TAP], DATA)
+            n = fill_layers(r, PROPOSALS, frozen_config("pool5"), ["pool5"], DATA, compress=False)
+        else:  # plain .npz: zlib on a 1000-box pool5 block costs seconds per image
+            n = fill_layers(r, PROPOSALS, ft_config("fc7"), ["pool5", FT_TAP, "fc6", "fc7"], DATA, compress=False)
         print(f"{i + 1}/{len(recs)} {r.image_id} computed {n} {time.time() - t0:.0f}s", flush=True)
 
 
@@ -175,30 +214,31 @@ def _evaluate(model, te, src, bbox_reg: bool) -> tuple[dict, float]:
 
 
 def run(names: list[str] | None = None) -> None:
-    """Every row: SVMs on fine-tuned pool5/fc6/fc7, the fine-tuned softmax, frozen fc6/fc7 on the same
-    images for reference; each evaluated without and with box regression (pool5 regressors)."""
+    """Every row on all 292 trainval → 72 test images: SVMs on fine-tuned pool5 (and fc6/fc7 when
+    cached), the fine-tuned softmax; each without and with box regression on fine-tuned pool5
+    (released λ = 1000, and λ per class by 3-fold CV on trainval). The frozen reference is the
+    detector's main model (``mainreg``: rows "main pool5 (all)…")."""
     tv, te, tr, te_recs = train_test_records()
     results = load_results()
     svm = SVMConfig()
     regs: dict[str, tuple] = {}
-    if "layer" in results.get("bbox_regression", {}):  # older single-regressor layout
-        results["bbox_regression"] = {"fine-tuned": results["bbox_regression"]}
 
-    def regressor(net: str):
-        """Box regressors on the pool5 of the same network (fine-tuned or frozen), trained once."""
-        if net not in regs:
-            fc = ft_config("pool5") if net == "fine-tuned" else frozen_config("pool5")
+    def regressor(lam):
+        """Box regressors on fine-tuned pool5, trained once per λ setting."""
+        key = "cv" if isinstance(lam, tuple) else f"{lam:g}"
+        if key not in regs:
             t0 = time.time()
-            reg = train_box_regressor(tr, tv.classes, CNNFeatures(PROPOSALS, fc, DATA), max_per_class=REG_SAMPLES)
-            regs[net] = (reg, time.time() - t0)
-            results.setdefault("bbox_regression", {})[net] = {
-                "layer": f"pool5 ({net})", "lambda": reg.lam, "min_iou": reg.min_iou, "train_images": len(tr),
-                "seconds": round(regs[net][1], 1), "samples": reg.training["samples"]}
-        return regs[net]
-    rows = [("FT fc7 SVM", "svm", ft_config("fc7")), ("FT fc6 SVM", "svm", ft_config("fc6")),
-            ("FT softmax", "softmax", ft_config(FT_TAP)), ("FT pool5 SVM", "svm", ft_config("pool5")),
-            ("frozen pool5 SVM", "svm", frozen_config("pool5")), ("frozen fc7 SVM", "svm", frozen_config("fc7")),
-            ("frozen fc6 SVM", "svm", frozen_config("fc6"))]
+            reg = train_box_regressor(tr, tv.classes, CNNFeatures(PROPOSALS, ft_config("pool5"), DATA), lam=lam,
+                                      max_per_class=REG_SAMPLES)
+            regs[key] = (reg, time.time() - t0)
+            results.setdefault("bbox_regression", {})[f"fine-tuned pool5, λ {key}"] = {
+                "lambda": reg.lam, "min_iou": reg.min_iou, "train_images": len(tr), "seconds": round(regs[key][1], 1),
+                "samples": reg.training["samples"], **({"cv_error": reg.training["cv_error"]} if key == "cv" else {})}
+        return regs[key]
+
+    rows = [("FT pool5 SVM", "svm", ft_config("pool5")), ("FT softmax", "softmax", ft_config(FT_TAP)),
+            ("FT fc6 SVM", "svm", ft_config("fc6")), ("FT fc7 SVM", "svm", ft_config("fc7"))]
+    reg_ready = all(feature_path(r, PROPOSALS, replace(ft_config("pool5"), with_gt=True), DATA).exists() for r in tr + te_recs)
     for name, kind, fc in rows:
         if names and not any(n in name for n in names):
             continue
@@ -210,7 +250,7 @@ def run(names: list[str] | None = None) -> None:
         if kind == "svm":
             model, _ = fit(tv, src, svm, records=tr)
         else:
-            model = softmax_model(net_path(), PROPOSALS, FeatureConfig(mode="shared"))
+            model = softmax_model(net_path(), PROPOSALS, FeatureConfig(mode="shared", grid=GRID))
         train_s = time.time() - t0
         plain, spi = _evaluate(model, te, src, False)
         out = {"name": name, "train_images": len(tr), "test_images": len(te_recs), **plain,
@@ -218,26 +258,26 @@ def run(names: list[str] | None = None) -> None:
         print(f"{name}: mAP {plain['mAP']:.4f} {plain['ap']} ({train_s:.0f} s)", flush=True)
         results["rows"][name] = out
         save_json(OUT, results)
-        net = "fine-tuned" if name.startswith("FT") else "frozen"
-        reg_fc = ft_config("pool5") if net == "fine-tuned" else frozen_config("pool5")
-        if all(feature_path(r, PROPOSALS, replace(reg_fc, with_gt=True), DATA).exists() for r in tr + te_recs):
-            reg, reg_s = regressor(net)
+        if not reg_ready:
+            continue
+        for lam, suffix in ((1000.0, ""), (CV_LAMBDAS, " (λ CV on trainval)")):
+            reg, reg_s = regressor(lam)
             attach(model, reg)
             withreg, spi = _evaluate(model, te, src, True)
-            r2 = {**out, **withreg, "name": name + " + bbox reg", "train_seconds_from_cache": round(train_s + reg_s, 1),
-                  "test_seconds_per_image_from_cache": round(spi, 3)}
+            r2 = {**out, **withreg, "name": f"{name} + bbox reg{suffix}", "train_seconds_from_cache": round(train_s + reg_s, 1),
+                  "test_seconds_per_image_from_cache": round(spi, 3), "lambda": reg.lam}
             results["rows"][r2["name"]] = r2
-            print(f"{r2['name']}: mAP {withreg['mAP']:.4f} {withreg['ap']}", flush=True)
+            print(f"{r2['name']}: mAP {withreg['mAP']:.4f} {withreg['ap']} λ {reg.lam}", flush=True)
             save_json(OUT, results)
+            if name == "FT pool5 SVM" and not suffix:
+                model.save(RESULTS / "bccd_squeezenet_ft_pool5_shared_bboxreg.rcnn")  # git-ignored
 
 
 MAIN_MODEL = RESULTS / "bccd_squeezenet_pool5_shared.rcnn"  # bench/ablation.py's main row (git-ignored)
-#: samples per class for the main model's regressors: 4608-d pool5 (3×3 grid) → the primal
-#: D×D system; 20000 keeps every platelet/WBC sample and ~all RBC ones of the 292 images.
-MAIN_REG_SAMPLES = 20000
+MAIN_REG_SAMPLES = REG_SAMPLES
 
 
-def main_regression(grid: int = 3, samples: int = MAIN_REG_SAMPLES, lam: float = 1000.0) -> None:
+def main_regression(grid: int = 3, samples: int = MAIN_REG_SAMPLES, lam: float | tuple = 1000.0) -> None:
     """Box regression on the detector's main model (SqueezeNet pool5 shared, 3×3 grid, all 292
     trainval images; bench/ablation.py): regressors trained on every trainval image, on pool5
     features with RoI grid ``grid`` (3: the model's own cached features), evaluated on all of test
@@ -270,15 +310,17 @@ def main_regression(grid: int = 3, samples: int = MAIN_REG_SAMPLES, lam: float =
     reg_s = time.time() - t0
     attach(model, reg)
     withreg, spi = _evaluate(model, te, src, True)
-    suffix = "" if (grid, lam) == (3, 1000.0) else f" (grid {grid}, λ {lam:g})"
+    lam_txt = "CV on trainval" if isinstance(lam, tuple) else f"{lam:g}"
+    suffix = "" if (grid, lam) == (3, 1000.0) else f" (grid {grid}, λ {lam_txt})"
     rname = f"{name} + bbox reg{suffix}"
     results = load_results()
     results["rows"][rname] = {"name": rname, "train_images": len(tv.records), "test_images": len(te.records), **withreg,
                               "train_seconds_from_cache": round(reg_s, 1), "test_seconds_per_image_from_cache": round(spi, 3),
-                              "regressor": {"grid": grid, "lambda": lam, "min_iou": reg.min_iou, "samples": reg.training["samples"],
-                                            "seconds": round(reg_s, 1)}}
+                              "regressor": {"grid": grid, "lambda": reg.lam, "min_iou": reg.min_iou, "samples": reg.training["samples"],
+                                            "seconds": round(reg_s, 1), **({"cv_error": reg.training["cv_error"],
+                                            "lambda_candidates": list(lam)} if isinstance(lam, tuple) else {})}}
     save_json(OUT, results)
-    tag = "" if grid == 3 else f"_g{grid}"
+    tag = ("" if grid == 3 else f"_g{grid}") + ("_cv" if isinstance(lam, tuple) else "")
     model.save(RESULTS / f"bccd_squeezenet_pool5_shared_bboxreg{tag}.rcnn")
     print(f"{rname}: mAP {withreg['mAP']:.4f} {withreg['ap']} (regressor {reg_s:.0f} s)", flush=True)
 

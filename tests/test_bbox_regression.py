@@ -148,3 +148,28 @@ def test_model_file_roundtrip_and_per_class_nms(tmp_path):
     assert lab.tolist() == [0, 1, 1]
     np.testing.assert_allclose(s, [0.9, 0.8, 0.6])
     np.testing.assert_array_equal(b[2], [50, 50, 60, 60])
+
+
+def test_cv_lambda_picks_by_held_out_error_grouped_by_image():
+    from rcnn.bbox_regression import cv_lambda
+
+    rng = np.random.default_rng(3)
+    n, d = 600, 20
+    X = rng.normal(size=(n, d)).astype(np.float32)
+    groups = np.repeat(np.arange(60), 10)
+    W = rng.normal(size=(d, 4))
+    clean = X @ W + 0.01 * rng.normal(size=(n, 4))
+    lams = [1e-3, 1.0, 1e3, 1e6]
+    best, errs = cv_lambda(X, clean, groups, lams)
+    assert best <= 1.0 and errs[0] < errs[-1]  # a clean linear map: little shrinkage wins
+    noise = rng.normal(size=(n, 4))  # targets unrelated to the features: shrink everything
+    best, errs = cv_lambda(X, noise, groups, lams)
+    assert best >= 1e3 and errs[-1] < errs[0]
+    # train_box_regressor with a list of candidates records each class's choice
+    recs = []
+    for i in range(6):
+        r = _record([[20, 20, 60, 70], [5, 50, 40, 90]], [0, 1])
+        recs.append(ImageRecord(**{**r.__dict__, "image_id": f"im{i}"}))
+    reg = train_box_regressor(recs, ["a", "b"], _Source(recs, np.random.default_rng(1)), lam=[1e-3, 1e6], cv_folds=2)
+    assert isinstance(reg.lam, list) and len(reg.lam) == 2 and set(reg.training["cv_error"]) == {"a", "b"}
+    assert reg.lam[0] == 1e-3  # the synthetic features determine the offsets exactly

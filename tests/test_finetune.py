@@ -221,3 +221,37 @@ def test_cli_finetune_resume_and_corrupt_checkpoint(toy, tmp_path):
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 1
     assert "corrupt" in r.output and str(ck) in r.output.replace("\n", "")
+
+
+def test_pool5_head_input_norm_bf16_resume_and_softmax(toy, tmp_path):
+    """The options used on BCCD: classifier on the 3×3 pool5 grid, tap scaled to mean norm 20,
+    bf16 autocast; a resumed run is still bit-identical and the softmax reads the same grid."""
+    from rcnn.backbones import get_backbone
+    from rcnn.data import load_image
+    from rcnn.features import FeatureConfig, extract_features
+
+    cfg = replace(TINY, tap="pool5", grid=3, input_norm=20.0, precision="bf16")
+    assert cfg.key() != TINY.key() and replace(TINY, tap="fc7").key() == TINY.key()  # defaults keep old keys
+    a = _run(toy, tmp_path / "a.safetensors", cfg=cfg)
+    _run(toy, tmp_path / "b.safetensors", cfg=cfg, stop_after=2)
+    b = _run(toy, tmp_path / "b.safetensors", cfg=cfg)
+    assert b.resumed_from == 2
+    ta, tb = _tensors(tmp_path / "a.safetensors"), _tensors(tmp_path / "b.safetensors")
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), k
+    assert ta["rcnn_finetune.cls.weight"].shape == (3, 512 * 9)
+    meta = read_meta(tmp_path / "a.safetensors")
+    # the constant brings the pre-trained net's pool5 norm to ~20 (SqueezeNet's raw norm is ≫ 20)
+    assert meta["tap"] == "pool5" and meta["grid"] == 3 and 0 < meta["input_scale"] < 1
+    assert a.history["input_scale"] == b.history["input_scale"] == meta["input_scale"]
+    _root, recs = toy
+    bb = get_backbone("squeezenet1_1", weights=tmp_path / "a.safetensors")
+    img = load_image(recs[0].path)
+    f = extract_features(img, recs[0].boxes, bb, [FT_TAP], mode="shared", scales=(1.0,), grid=3)
+    np.testing.assert_allclose(np.exp(f[FT_TAP]).sum(1), 1, atol=1e-5)
+    with pytest.raises(ValueError, match="grid"):
+        extract_features(img, recs[0].boxes, bb, [FT_TAP], mode="shared", scales=(1.0,), grid=6)
+    m = softmax_model(tmp_path / "a.safetensors", PC, FeatureConfig(mode="shared", scales=(1.0,)))
+    assert m.feature_options["grid"] == 3
+    with pytest.raises(ValueError, match="tap"):
+        FinetuneConfig(tap="logits")

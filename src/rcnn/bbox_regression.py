@@ -16,6 +16,12 @@ a ridge with one λ it does not change the predictions; its robust re-fit (dropp
 quantile) is not done. Samples per class are capped (reservoir sampling, seeded) so memory stays
 bounded; the dual (kernel) form is solved when there are fewer samples than feature dimensions.
 
+Optional, not the default: ``lam`` may be a list of candidates, and each class then takes the one
+with the lowest held-out squared error of its targets in a K-fold cross-validation *grouped by
+image* (overlapping proposals of one object are near-duplicates, so they must not straddle folds).
+The released λ = 1000 was set for AlexNet pool5 on VOC; other features and datasets may want
+another, and choosing it on the test set would be cheating.
+
 At detection the regressor is applied to every scored region, per class, after scoring and
 before NMS (released ``rcnn_test.m`` with ``bbox_reg``), so NMS runs on the refined boxes.
 """
@@ -108,7 +114,7 @@ class BoxRegressor:
     feature_scale: float
     layer: str
     feature_options: dict = field(default_factory=dict)
-    lam: float = LAMBDA
+    lam: float | list[float] = LAMBDA  # per class when chosen by cross-validation
     min_iou: float = MIN_IOU
     training: dict = field(default_factory=dict)
 
@@ -180,23 +186,29 @@ class BoxRegressor:
         return cls(classes=list(meta["classes"]), W=W.astype(np.float32), b=b.astype(np.float32),
                    trained=tensors.get(prefix + "trained", np.ones(C, np.uint8)).astype(bool),
                    feature_scale=float(meta["feature_scale"]), layer=meta["layer"],
-                   feature_options=meta.get("feature_options", {}), lam=float(meta.get("lambda", LAMBDA)),
+                   feature_options=meta.get("feature_options", {}), lam=_lam(meta.get("lambda", LAMBDA)),
                    min_iou=float(meta.get("min_iou", MIN_IOU)), training=meta.get("training", {}))
 
 
+def _lam(v) -> float | list[float]:
+    return [float(x) for x in v] if isinstance(v, list) else float(v)
+
+
 class _Reservoir:
-    """Uniform sample of at most ``cap`` rows from a stream (Algorithm R, seeded)."""
+    """Uniform sample of at most ``cap`` rows from a stream (Algorithm R, seeded), with each row's group (image)."""
 
     def __init__(self, cap: int, rng: np.random.Generator):
         self.cap, self.rng, self.seen = cap, rng, 0
         self.X: np.ndarray | None = None
         self.Y: np.ndarray | None = None
+        self.G: np.ndarray | None = None
 
-    def add(self, X: np.ndarray, Y: np.ndarray) -> None:
+    def add(self, X: np.ndarray, Y: np.ndarray, group: int = 0) -> None:
         for i in range(len(X)):
             if self.X is None:
                 self.X = np.empty((self.cap, X.shape[1]), np.float16)
                 self.Y = np.empty((self.cap, 4), np.float32)
+                self.G = np.empty(self.cap, np.int64)
             if self.seen < self.cap:
                 j = self.seen
             else:
@@ -204,7 +216,7 @@ class _Reservoir:
                 if j >= self.cap:
                     self.seen += 1
                     continue
-            self.X[j], self.Y[j] = X[i], Y[i]
+            self.X[j], self.Y[j], self.G[j] = X[i], Y[i], group
             self.seen += 1
 
     def data(self) -> tuple[np.ndarray, np.ndarray]:
@@ -212,6 +224,55 @@ class _Reservoir:
         if self.X is None:
             return np.zeros((0, 0), np.float32), np.zeros((0, 4), np.float32)
         return self.X[:n], self.Y[:n]
+
+    def groups(self) -> np.ndarray:
+        return np.zeros(0, np.int64) if self.G is None else self.G[: min(self.seen, self.cap)]
+
+
+def cv_lambda(X: np.ndarray, Y: np.ndarray, groups: np.ndarray, lams: Sequence[float], folds: int = 3,
+              block: int = 2048) -> tuple[float, list[float]]:
+    """The λ of ``lams`` with the lowest mean held-out squared error ``|X W + b - Y|²`` over
+    ``folds`` folds grouped by ``groups`` (image index mod ``folds``); returns ``(λ, errors)``.
+
+    Primal form from per-fold sufficient statistics (ΣxxT, ΣxyT, Σx, Σy: one pass over X), so
+    each (fold, λ) costs one D×D Cholesky solve; needs ``D`` small enough for a D×D matrix."""
+    from scipy.linalg import solve
+
+    X = np.asarray(X, np.float32)
+    Y = np.asarray(Y, np.float64)
+    fold = np.asarray(groups) % folds
+    d = X.shape[1]
+    stats = []
+    for k in range(folds):
+        m = fold == k
+        A = np.zeros((d, d), np.float64)
+        for s in range(0, int(m.sum()), block):  # float32 blocks, float64 accumulation
+            xb = X[m][s:s + block]
+            A += (xb.T @ xb).astype(np.float64)
+        stats.append((int(m.sum()), A, X[m].T.astype(np.float64) @ Y[m], X[m].sum(0, dtype=np.float64), Y[m].sum(0)))
+    errs = np.zeros(len(lams))
+    counted = 0
+    for k in range(folds):
+        n_te = stats[k][0]
+        n = sum(st[0] for j, st in enumerate(stats) if j != k)
+        if n_te == 0 or n < 2:
+            continue
+        A = sum(st[1] for j, st in enumerate(stats) if j != k)
+        B = sum(st[2] for j, st in enumerate(stats) if j != k)
+        sx = sum(st[3] for j, st in enumerate(stats) if j != k)
+        sy = sum(st[4] for j, st in enumerate(stats) if j != k)
+        xm, ym = sx / n, sy / n
+        Ac = A - n * np.outer(xm, xm)  # centred (unpenalised intercept, as ridge_fit)
+        Bc = B - n * np.outer(xm, ym)
+        Xte = X[fold == k].astype(np.float64) - xm
+        for li, lam in enumerate(lams):
+            Ar = Ac.copy()
+            Ar[np.diag_indices(d)] += lam
+            W = solve(Ar, Bc, assume_a="pos")
+            errs[li] += float(np.square(Xte @ W + ym - Y[fold == k]).sum())
+        counted += n_te
+    errs /= max(counted, 1)
+    return float(lams[int(np.argmin(errs))]), [round(float(e), 6) for e in errs]
 
 
 def training_pairs(record: ImageRecord, boxes: np.ndarray, min_iou: float = MIN_IOU) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -232,14 +293,18 @@ def train_box_regressor(
     records: Sequence[ImageRecord],
     classes: Sequence[str],
     source,
-    lam: float = LAMBDA,
+    lam: float | Sequence[float] = LAMBDA,
     min_iou: float = MIN_IOU,
     max_per_class: int = MAX_PER_CLASS,
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
+    cv_folds: int = 3,
 ) -> BoxRegressor:
     """Fit one ridge regressor per class on ``source``'s features (a :class:`rcnn.detect.CNNFeatures`,
-    pool5 layer by default for R-CNN) of the regions of ``records`` (proposals and ground truth)."""
+    pool5 layer by default for R-CNN) of the regions of ``records`` (proposals and ground truth).
+
+    ``lam``: the ridge penalty (released code: 1000), or a list of candidates from which each class
+    picks its own by ``cv_folds``-fold cross-validation grouped by image (:func:`cv_lambda`)."""
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
     res = [_Reservoir(max_per_class, rng) for _ in classes]
@@ -254,7 +319,7 @@ def train_box_regressor(
         sel, lab, tgt = training_pairs(r, allb, min_iou)
         for c in np.unique(lab):
             m = lab == c
-            res[c].add(allf[sel[m]], tgt[m])
+            res[c].add(allf[sel[m]], tgt[m], i)
         if progress:
             progress(i + 1, len(records))
     # one feature scale for all classes: mean L2 norm of the sampled features → 20
@@ -267,18 +332,26 @@ def train_box_regressor(
     b = np.zeros((C, 4), np.float32)
     trained = np.zeros(C, bool)
     counts = []
+    lams = [float(x) for x in np.atleast_1d(np.asarray(lam, np.float64))]
+    chosen = [lams[0]] * C
+    cv: dict[str, list[float]] = {}
     for c, rs in enumerate(res):
         X, Y = rs.data()
         counts.append({"seen": rs.seen, "used": len(X)})
         if len(X) < 2:
             continue
-        W[c], b[c] = ridge_fit(X.astype(np.float32) * np.float32(scale), Y, lam)
+        Xs = X.astype(np.float32) * np.float32(scale)
+        if len(lams) > 1:
+            chosen[c], cv[classes[c]] = cv_lambda(Xs, Y, rs.groups(), lams, cv_folds)
+        W[c], b[c] = ridge_fit(Xs, Y, chosen[c])
         trained[c] = True
+    lam_out: float | list[float] = lams[0] if len(lams) == 1 else chosen
     opts = source.options() if hasattr(source, "options") else {}
     return BoxRegressor(classes=list(classes), W=W, b=b, trained=trained, feature_scale=scale, layer=source.layer,
-                        feature_options=opts, lam=lam, min_iou=min_iou,
+                        feature_options=opts, lam=lam_out, min_iou=min_iou,
                         training={"images": len(records), "samples": dict(zip(classes, counts, strict=True)),
-                                  "seconds": round(time.perf_counter() - t0, 1), "max_per_class": max_per_class})
+                                  "seconds": round(time.perf_counter() - t0, 1), "max_per_class": max_per_class,
+                                  **({"lambda_candidates": lams, "cv_folds": cv_folds, "cv_error": cv} if cv else {})})
 
 
 def attach(model: Any, regressor: BoxRegressor) -> Any:
@@ -289,5 +362,6 @@ def attach(model: Any, regressor: BoxRegressor) -> Any:
     return model
 
 
-__all__ = ["LAMBDA", "MIN_IOU", "BoxRegressor", "apply_deltas", "attach", "box_targets", "ridge_fit", "train_box_regressor",
+__all__ = ["LAMBDA", "MIN_IOU", "BoxRegressor", "apply_deltas", "attach", "box_targets", "cv_lambda", "ridge_fit",
+           "train_box_regressor",
            "training_pairs"]

@@ -28,6 +28,10 @@ def finetune(
     freeze: Annotated[int, typer.Option("--freeze", help="Keep the first N trunk modules frozen (0: all trained, §2.3)")] = 0,
     context_pad: Annotated[int, typer.Option("--context-pad", help="warp: context pixels (must match the features)")] = 0,
     scales: Annotated[str | None, typer.Option("--scales", help="shared mode: image scale (default 1.5, as the features)")] = None,
+    grid: Annotated[int | None, typer.Option("--grid", help="RoI grid of pool5 (must match the features; default 6)")] = None,
+    tap: Annotated[str, typer.Option("--tap", help="What the new classifier reads: fc7 (paper §2.3) | pool5 (the RoI grid) | fc6")] = "fc7",
+    input_norm: Annotated[float | None, typer.Option("--input-norm", help="Scale the tap to this mean L2 norm (e.g. 20; default: as is)")] = None,
+    precision: Annotated[str, typer.Option("--precision", help="fp32 (faithful) | bf16 (CPU bfloat16 autocast, faster)")] = "fp32",
     val_images: Annotated[int, typer.Option("--val-images", help="Training images held out for the validation curve")] = 16,
     val_every: Annotated[int, typer.Option("--val-every", help="Validate every N iterations")] = 50,
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Checkpoint every N iterations")] = 50,
@@ -56,8 +60,8 @@ def finetune(
         sc = tuple(float(s) for s in scales.split(",")) if scales else SHARED_SCALES
         cfg = FinetuneConfig(backbone=backbone, weights=str(weights) if weights else None, mode=mode, iterations=iterations,
                              lr=lr, step_size=step_size, seed=seed, flip=flip, freeze=freeze, context_pad=context_pad,
-                             scales=sc, grid=SHARED_GRID, val_images=val_images, val_every=val_every,
-                             checkpoint_every=checkpoint_every)
+                             scales=sc, grid=grid or SHARED_GRID, tap=tap, input_norm=input_norm, precision=precision,
+                             val_images=val_images, val_every=val_every, checkpoint_every=checkpoint_every)
     except ValueError as e:
         raise fail(f"bad option: {e}", 2) from None
     console.print(f"fine-tuning {backbone} ({mode} mode) on {len(ds)} images of {dataset} ({split}); "
