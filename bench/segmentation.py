@@ -17,6 +17,7 @@ import os
 import platform
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -42,10 +43,29 @@ DATA = ROOT.parent / "shared" / "data" / "PennFudanPed"
 OUT = ROOT / "bench" / "results" / "segmentation.json"
 
 
-def _propose(path: str) -> float:
+def _propose(path: str, config: MaskProposalConfig = MaskProposalConfig()) -> float:
     t0 = time.perf_counter()
-    get_mask_proposals(path, MaskProposalConfig())
+    get_mask_proposals(path, config)
     return time.perf_counter() - t0
+
+
+def _recall(splits: dict, config: MaskProposalConfig) -> dict:
+    """Best region IoU per ground-truth instance, per split, among the top 25/50/100/150."""
+    recall = {}
+    for s, d in splits.items():
+        best = {k: [] for k in (25, 50, 100, 150)}
+        nreg = []
+        for r in d.records:
+            regions = get_mask_proposals(r.path, config)
+            gt, _ = class_masks(r, 1)
+            iou = regions.iou(gt)
+            nreg.append(len(regions))
+            for k in best:
+                best[k] += (iou[:k].max(0) if len(iou) else np.zeros(len(gt))).tolist()
+        recall[s] = {f"top{k}": mask_recall(v) for k, v in best.items()}
+        recall[s]["regions_per_image"] = float(np.mean(nreg))
+        print(config.method, s, recall[s]["top150"])
+    return recall
 
 
 def main() -> None:
@@ -53,7 +73,7 @@ def main() -> None:
     ap.add_argument("--mode", default="shared", choices=["shared", "warp"])
     ap.add_argument("--train-regions", type=int, default=50)
     ap.add_argument("--limit", type=int, default=0, help="images per split (0 = all), for quick checks")
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=1, help="proposal processes (1 = in this process)")
     ap.add_argument("--C", type=float, nargs="+", default=[0.0001, 0.001, 0.01, 0.1], help="LinearSVR C grid (chosen on val)")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
@@ -66,35 +86,27 @@ def main() -> None:
     mc, fc = MaskProposalConfig(), RegionFeatureConfig(mode=args.mode)
     result: dict = {"dataset": "PennFudanPed", "split_rule": "rcnn.data.fixed_split (test = every 4th by name; "
                     "val = every 4th of the rest)", "images": {s: len(d) for s, d in splits.items()},
-                    "mask_config": mc.__dict__, "feature_config": fc.__dict__,
+                    "mask_config": asdict(mc), "feature_config": asdict(fc),
                     "train_regions_per_image": args.train_regions, "machine": platform.machine(),
                     "cpus": os.cpu_count(), "load_average_start": os.getloadavg()[0]}
 
     # 1. region proposals (parallel, cached)
     paths = [str(r.path) for d in splits.values() for r in d.records]
     t0 = time.perf_counter()
-    with ProcessPoolExecutor(args.workers) as ex:
-        secs = list(ex.map(_propose, paths))
+    if args.workers > 1:
+        with ProcessPoolExecutor(args.workers) as ex:
+            secs = list(ex.map(_propose, paths))
+    else:
+        secs = [_propose(p) for p in paths]
     result["proposals"] = {"wall_seconds": time.perf_counter() - t0, "images": len(paths),
                            "seconds_per_image_mean": float(np.mean(secs))}
     print(f"proposals: {len(paths)} images, {result['proposals']['wall_seconds']:.0f}s")
 
-    # 2. mask recall per split (best region IoU per GT instance), at K = 150 and fewer
-    recall = {}
-    for s, d in splits.items():
-        best = {k: [] for k in (25, 50, 100, 150)}
-        nreg = []
-        for r in d.records:
-            regions = get_mask_proposals(r.path, mc)
-            gt, _ = class_masks(r, 1)
-            iou = regions.iou(gt)
-            nreg.append(len(regions))
-            for k in best:
-                best[k] += (iou[:k].max(0) if len(iou) else np.zeros(len(gt))).tolist()
-        recall[s] = {f"top{k}": mask_recall(v) for k, v in best.items()}
-        recall[s]["regions_per_image"] = float(np.mean(nreg))
-        print(s, recall[s]["top150"])
-    result["mask_recall"] = recall
+    # 2. mask recall per split (best region IoU per GT instance), at K = 150 and fewer; the
+    # ranker was trained on the train split only, so val and test are held out
+    result["mask_recall"] = _recall(splits, mc)
+    if mc.method != "grouping":  # the session-1 method (selective search's ranking), for comparison
+        result["mask_recall_grouping"] = _recall(splits, MaskProposalConfig(method="grouping"))
 
     # 3. features of every region (both strategies, all taps) once, cached
     t0 = time.perf_counter()

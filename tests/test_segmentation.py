@@ -80,7 +80,7 @@ def _scene(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 def test_mask_proposals_find_a_uniform_object():
     img, obj = _scene()
-    cfg = MaskProposalConfig(top_k=30)
+    cfg = MaskProposalConfig(top_k=30, method="grouping")  # the grouping itself (ranked: test_segmentation_proposals)
     regions = mask_proposals(img, cfg)
     assert 0 < len(regions) <= 30
     iou = regions.iou(obj[None])[:, 0]

@@ -55,11 +55,16 @@ def segment_proposals(
     dataset: DatasetArg,
     split: Annotated[str | None, typer.Option("--split", "-s")] = None,
     top_k: Annotated[int, typer.Option(help="Regions kept per image (paper §4: 150, as CPMC)")] = 150,
+    method: Annotated[str, typer.Option(help="ranked (learned CPMC-style ranking) | grouping (selective search's)")] = "ranked",
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the recall summary as JSON")] = None,
 ) -> None:
     """Compute (and cache) mask proposals; report mask recall: best region IoU per ground-truth instance."""
     ds = _open(dataset, split)
-    cfg = MaskProposalConfig(top_k=top_k)
+    try:
+        cfg = MaskProposalConfig(top_k=top_k, method=method)
+        cfg.key()
+    except (ValueError, FileNotFoundError) as e:
+        raise fail(str(e), 2) from None
     best, problems, nreg = [], [], []
     for r in _progress("mask proposals")(ds.records):
         try:

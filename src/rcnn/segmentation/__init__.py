@@ -1,7 +1,7 @@
 """Semantic segmentation with R-CNN features on region masks (paper §4).
 
 Pipeline: :func:`~rcnn.segmentation.regions.mask_proposals` (selective search's grouping,
-keeping masks) → :func:`~rcnn.segmentation.features.region_features` (``full`` / ``fg``
+keeping masks, plus unions of neighbouring regions, ranked by a learned CPMC-style regressor) → :func:`~rcnn.segmentation.features.region_features` (``full`` / ``fg``
 / ``full+fg``) → :func:`~rcnn.segmentation.model.train_segmenter` (per-class ``LinearSVR``
 on mask IoU) → :func:`~rcnn.segmentation.model.paste` (O2P inference) →
 :class:`~rcnn.segmentation.metrics.SegmentationEvaluator` (VOC measure).
@@ -31,6 +31,7 @@ from rcnn.segmentation.model import (
     segment_image,
     train_segmenter,
 )
+from rcnn.segmentation.ranking import ForestRanker
 from rcnn.segmentation.regions import (
     MaskProposalConfig,
     RegionMasks,
@@ -38,13 +39,14 @@ from rcnn.segmentation.regions import (
     hierarchical_grouping,
     mask_proposals,
     mask_recall,
+    train_mask_ranker,
 )
 
 __all__ = [
-    "STRATEGIES", "ImageRegions", "MaskError", "MaskProposalConfig", "RegionFeatureConfig", "RegionMasks",
+    "STRATEGIES", "ForestRanker", "ImageRegions", "MaskError", "MaskProposalConfig", "RegionFeatureConfig", "RegionMasks",
     "SegmentationEvaluator", "SegmentationModel", "choose_threshold", "class_label_map", "class_masks",
     "colorize", "combine", "evaluate_segmenter", "get_mask_proposals", "hierarchical_grouping",
     "instance_masks", "load_segmentation_dataset", "mask_proposals", "mask_recall", "overlay", "paste",
     "prepare_dataset", "prepare_image", "read_voc_segmentation", "region_features", "save_label_png",
-    "segment_image", "segmentation_iou", "train_segmenter", "warp_masks",
+    "segment_image", "segmentation_iou", "train_mask_ranker", "train_segmenter", "warp_masks",
 ]

@@ -236,10 +236,16 @@ class SegmentationModel:
         mc = meta["mask_config"]
         mc = {k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
               for k, v in mc.items()}
+        mc.setdefault("method", "grouping")  # models saved before the ranked method existed
         fc = meta["feature_config"]
         fc["taps"] = tuple(fc["taps"])
+        try:
+            mask_config = MaskProposalConfig(**mc)
+            mask_config.key()  # a ranked model needs its ranker file
+        except (TypeError, ValueError, FileNotFoundError) as e:
+            raise ValueError(f"{path}: unusable mask proposal settings ({str(e).splitlines()[0]})") from None
         return cls(meta["classes"], meta["strategy"], meta["tap"], W, b, meta["scales"], meta["threshold"],
-                   MaskProposalConfig(**mc), RegionFeatureConfig(**fc), meta.get("info", {}))
+                   mask_config, RegionFeatureConfig(**fc), meta.get("info", {}))
 
 
 def _norm_scales(items: Sequence[ImageRegions], strategy: str, tap: str) -> dict[str, float]:
