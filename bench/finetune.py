@@ -4,7 +4,7 @@
     python bench/finetune.py mainreg --cv          # ... λ per class by 3-fold CV on trainval (grouped by image)
     python bench/finetune.py speed [--threads 1]  # s/iteration of the main run's settings, fp32 vs bf16
     python bench/finetune.py train            # fine-tune SqueezeNet 1.1 in shared mode (resumable)
-    python bench/finetune.py warp-cost        # time a few warp-mode iterations
+    python bench/finetune.py warp-cost        # the same for warp mode
     python bench/finetune.py features         # fine-tuned pool5/fc6/fc7/softmax caches of all BCCD (one pass)
     python bench/finetune.py run              # FT pool5/fc6/fc7 SVM, FT softmax, each ± box regression
     python bench/finetune.py table            # markdown table
@@ -91,58 +91,39 @@ def train() -> None:
     print(json.dumps(results["finetune"], indent=1)[:2000])
 
 
-def warp_cost(n: int = 3) -> None:
-    """Seconds per warp-mode iteration (128 warped 227² regions, forward + backward)."""
-    tv = load_dataset(DATA, "trainval")
-    cfg = FinetuneConfig(backbone="squeezenet1_1", mode="warp", iterations=n, val_images=0, checkpoint_every=10**6)
-    tmp = cache_dir() / "finetune" / "warp-cost" / "net.safetensors"
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    for f in tmp.parent.glob("*"):
-        f.unlink()
-    import resource
+def speed(n: int = 4, threads: int = 1, modes: tuple[str, ...] = ("shared",)) -> None:
+    """Seconds per iteration of the main run's settings in each of ``modes`` (shared: 2 images at
+    ×1.5, 128 RoIs; warp: 128 warped 227² crops), fp32 vs bf16 autocast: wall and CPU (process)
+    time over ``n`` iterations after a one-iteration warm-up, on 8 trainval images, ``threads``
+    torch threads. Writes ``speed["<mode> <precision>"]``."""
+    import os
 
-    def cpu() -> float:
-        ru = resource.getrusage(resource.RUSAGE_SELF)
-        return ru.ru_utime + ru.ru_stime
-
-    c0 = cpu()
-    res = finetune(tv.records[:8], tv.classes, tmp, cfg, PROPOSALS, DATA, val_records=[], progress=True)
-    results = load_results()
-    # CPU seconds include the one-off region labelling of 8 images (~0.5 s each): an upper bound
-    results["warp_cost"] = {"iterations": n, "seconds_per_iteration": round(res.seconds_per_iteration, 2),
-                            "cpu_seconds_per_iteration_upper_bound": round((cpu() - c0) / n, 2),
-                            "regions_per_iteration": 128, "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
-    save_json(OUT, results)
-    print(results["warp_cost"])
-
-
-def speed(n: int = 4, threads: int = 1) -> None:
-    """Seconds per shared-mode iteration (the main run's settings), fp32 vs bf16 autocast: wall
-    and CPU (process) time over ``n`` iterations after one warm-up, on 8 trainval images."""
     tv = load_dataset(DATA, "trainval")
     results = load_results()
     out = results.setdefault("speed", {})
-    for precision in ("fp32", "bf16"):
-        cfg = replace(CONFIG, iterations=n + 1, precision=precision, val_images=0, checkpoint_every=10**6)
-        tmp = cache_dir() / "finetune" / "speed" / "net.safetensors"
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        for f in tmp.parent.glob("*"):
-            f.unlink()
-        finetune(tv.records[:8], tv.classes, tmp, replace(cfg, iterations=1), PROPOSALS, DATA, val_records=[],
-                 progress=False, threads=threads)  # warm-up (allocator, oneDNN kernels)
-        for f in tmp.parent.glob("*"):
-            f.unlink()
-        c0, t0 = time.process_time(), time.perf_counter()
-        res = finetune(tv.records[:8], tv.classes, tmp, cfg, PROPOSALS, DATA, val_records=[], progress=False,
-                       threads=threads)
-        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-        out[precision] = {"iterations": n, "threads": threads, "seconds_per_iteration": round(res.seconds_per_iteration, 2),
-                          "cpu_seconds_per_iteration": round(cpu / n, 2), "wall_incl_setup_s": round(wall, 1),
-                          "load_avg_1min": round(__import__("os").getloadavg()[0], 1),
-                          "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
-        print(precision, out[precision], flush=True)
-    results["speed"] = out
-    save_json(OUT, results)
+    for mode in modes:
+        for precision in ("fp32", "bf16"):
+            cfg = replace(CONFIG, mode=mode, iterations=n + 1, precision=precision, val_images=0, checkpoint_every=10**6)
+            tmp = cache_dir() / "finetune" / "speed" / "net.safetensors"
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            for f in tmp.parent.glob("*"):
+                f.unlink()
+            finetune(tv.records[:8], tv.classes, tmp, replace(cfg, iterations=1), PROPOSALS, DATA, val_records=[],
+                     progress=False, threads=threads)  # warm-up (allocator, oneDNN kernels)
+            for f in tmp.parent.glob("*"):
+                f.unlink()
+            c0 = time.process_time()
+            res = finetune(tv.records[:8], tv.classes, tmp, cfg, PROPOSALS, DATA, val_records=[], progress=False,
+                           threads=threads)
+            cpu = time.process_time() - c0  # includes labelling 8 images' regions once (~0.1 s each)
+            out[f"{mode} {precision}"] = {
+                "iterations": n + 1, "threads": threads, "seconds_per_iteration": round(res.seconds_per_iteration, 2),
+                "cpu_seconds_per_iteration": round(cpu / (n + 1), 2), "load_avg_1min": round(os.getloadavg()[0], 1),
+                "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+            print(mode, precision, out[f"{mode} {precision}"], flush=True)
+            results = load_results()
+            results["speed"] = out
+            save_json(OUT, results)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -150,6 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("cmd", choices=["train", "warp-cost", "features", "run", "table", "mainreg", "speed"])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--iterations", type=int, default=9, help="speed: timed iterations (after 1 warm-up)")
     ap.add_argument("--grid", type=int, default=3, help="mainreg: RoI grid of the regression features (3 = the model's)")
     ap.add_argument("--samples", type=int, default=MAIN_REG_SAMPLES, help="mainreg: regression samples per class")
     ap.add_argument("--lam", type=float, default=1000.0, help="mainreg: ridge penalty (released code: 1000)")
@@ -162,13 +144,13 @@ def main(argv: list[str] | None = None) -> None:
     if a.cmd == "train":
         train()
     elif a.cmd == "warp-cost":
-        warp_cost()
+        speed(n=2, threads=a.threads, modes=("warp",))
     elif a.cmd == "features":
         features(a.worker, a.workers, a.frozen)
     elif a.cmd == "run":
         run(a.rows)
     elif a.cmd == "speed":
-        speed(threads=a.threads)
+        speed(n=a.iterations, threads=a.threads)
     elif a.cmd == "mainreg":
         main_regression(a.grid, a.samples, CV_LAMBDAS if a.cv else a.lam)
     else:
