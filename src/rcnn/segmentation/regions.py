@@ -20,8 +20,8 @@ Two rankings (``MaskProposalConfig.method``):
   ``bench/segmentation_ranker.py``). CPMC's seeded min-cut *generation* was tried
   (OpenCV ``grabCut`` from box proposals, and a superpixel parametric min-cut with colour
   models): on Penn-Fudan it reached a mean best IoU of only ~0.41 from 200 selective-search
-  boxes and ~0.55-0.59 even from the ground-truth boxes, below the grouping pool, so it is
-  not used.
+  boxes, and even from the ground-truth boxes 0.51-0.59 (grabCut) / <= 0.55 (min-cut),
+  below the grouping pool, so it is not used (README, Semantic segmentation).
 * ``"grouping"``: selective search's own ranking (hierarchy level x random), session 1's.
 
 Masks are stored compactly: one ``(H,W)`` segment map that refines every strategy's
