@@ -37,7 +37,7 @@ from rcnn.detect import (
     fill_layers,
     fit,
 )
-from rcnn.features import FeatureConfig
+from rcnn.features import SHARED_SCALES, FeatureConfig
 from rcnn.proposals import ProposalConfig
 from rcnn.svm import SVMConfig
 
@@ -60,6 +60,7 @@ N_SUBSET = 6
 #: prototype measured 0.67 vs 0.69 mAP for 3x3 vs 6x6).
 GRID = 3
 FULL_LAYERS = ["pool5", "fc6", "fc7"]
+MULTI_SCALES = (1.5, 3.0)
 
 
 def subsets(trainval, test):
@@ -128,6 +129,9 @@ def row_specs() -> list[dict]:
                      "layer": layer, "mode": "warp", "precision": "bf16"})
     rows.append({"name": "squeezenet1_1 pool5 shared (half)", "set": "half", "backbone": "squeezenet1_1",
                  "layer": "pool5", "mode": "shared"})
+    # the feature module's default 6x6 RoI grid (18432-d) instead of 3x3, bf16 to afford it
+    rows.append({"name": "squeezenet1_1 pool5 6x6 shared bf16 (all)", "set": "full", "backbone": "squeezenet1_1",
+                 "layer": "pool5", "mode": "shared", "grid": 6, "precision": "bf16"})
     rows.append({"name": "HOG (subset)", "set": "subset", "backbone": "hog", "layer": "hog", "mode": "warp"})
     rows.append({"name": "HOG (all)", "set": "full", "backbone": "hog", "layer": "hog", "mode": "warp"})
     rows.append({"name": "squeezenet1_1 fc6 shared grayscale (subset)", "set": "subset", "backbone": "squeezenet1_1",
@@ -136,8 +140,9 @@ def row_specs() -> list[dict]:
 
 
 def feature_config(row: dict, with_gt: bool = False) -> FeatureConfig:
-    return FeatureConfig(backbone=row["backbone"], layer=row["layer"], mode=row["mode"], grid=GRID,
-                         precision=row.get("precision", "fp32"), with_gt=with_gt)
+    return FeatureConfig(backbone=row["backbone"], layer=row["layer"], mode=row["mode"], grid=row.get("grid", GRID),
+                         scales=row.get("scales", SHARED_SCALES), precision=row.get("precision", "fp32"),
+                         with_gt=with_gt)
 
 
 def source_for(row: dict, root: Path):
@@ -156,6 +161,12 @@ def prepare(worker: int, workers: int, what: str) -> None:
         subset_ids = {r.image_id for r in s_tr + s_te}
         recs = s_tr + s_te + [r for r in te.records + tv.records if r.image_id not in subset_ids]
         jobs = [(r, FeatureConfig(backbone="squeezenet1_1", mode="shared", grid=GRID), FULL_LAYERS) for r in recs]
+    elif what == "multiscale":
+        fc = FeatureConfig(backbone="squeezenet1_1", mode="shared", grid=GRID, scales=MULTI_SCALES, precision="bf16")
+        jobs = [(r, fc, ["pool5"]) for r in te.records + tv.records]
+    elif what == "grid6":
+        fc = FeatureConfig(backbone="squeezenet1_1", mode="shared", grid=6, precision="bf16")
+        jobs = [(r, fc, ["pool5"]) for r in te.records + tv.records]
     elif what == "warp-half":  # test images first: a partial run can already be evaluated
         h_tr, h_te = half_sets(tv, te)
         fc = FeatureConfig(backbone="squeezenet1_1", mode="warp", grid=GRID, precision="bf16")
@@ -185,6 +196,30 @@ def prepare(worker: int, workers: int, what: str) -> None:
     for i, (r, fc, layers) in enumerate(jobs[worker::workers]):
         n = fill_layers(r, PROPOSALS, fc, layers, DATA, compress=False)
         print(f"{what} {i}/{len(jobs[worker::workers])} {r.image_id} computed {n} {time.time() - t0:.0f}s", flush=True)
+
+
+#: SPP-net's multi-scale rule (each box at the scale closest to the 227 px input): small cells
+#: (platelets, ~30 px) are pooled from the x3 map, ~5 stride-16 cells wide instead of ~3 at x1.5
+MULTI_ROW = {"name": "squeezenet1_1 pool5 shared x1.5+x3 bf16", "set": "full", "backbone": "squeezenet1_1",
+             "layer": "pool5", "mode": "shared", "scales": MULTI_SCALES, "precision": "bf16"}
+
+
+def scale_check() -> None:
+    """Main row (x1.5) vs x1.5+x3 trained on the same trainval images (those whose x1.5+x3 features
+    are cached: the extraction was stopped when this measured worse), tested on all of test."""
+    tv, te = load_dataset(DATA, "trainval"), load_dataset(DATA, "test")
+    one = next(r for r in row_specs() if r["name"] == "squeezenet1_1 pool5 shared (all)")
+    recs = [r for r in tv.records if _cached(MULTI_ROW, DATA, r)]
+    out = {"train_images": len(recs), "test_images": len(te.records), "rows": {}}
+    for row in (one, MULTI_ROW):
+        src = source_for(row, DATA)
+        model, _ = fit(tv, src, SVMConfig(), records=recs)
+        res, _ = evaluate_model(model, te, detect_dataset(model, te, src), "voc07")
+        out["rows"][row["name"]] = {"mAP": round(res.mean_ap, 4), "ap": {c.name: round(c.ap, 4) for c in res.classes}}
+        print(row["name"], out["rows"][row["name"]], flush=True)
+    results = load_results()
+    results["scale_check"] = out
+    save_json(OUT, results)
 
 
 def load_results() -> dict:
@@ -377,7 +412,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("prepare")
-    p.add_argument("what", help="full | warp-half | subset-<backbone>-<shared|warp> | hog | gray")
+    p.add_argument("what", help="full | warp-half | multiscale | grid6 | subset-<backbone>-<shared|warp> | hog | gray")
     p.add_argument("--worker", type=int, default=0)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
@@ -388,6 +423,7 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("table")
     sub.add_parser("timing")
     sub.add_parser("nms")
+    sub.add_parser("scalecheck")
     a = ap.parse_args(argv)
     if a.cmd == "prepare":
         from rcnn.backbones import set_threads
@@ -400,6 +436,8 @@ def main(argv: list[str] | None = None) -> None:
         timing()
     elif a.cmd == "nms":
         nms_sweep()
+    elif a.cmd == "scalecheck":
+        scale_check()
     else:
         print(table())
     sys.stdout.flush()
