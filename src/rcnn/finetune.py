@@ -18,7 +18,11 @@ runs per region, §2.1) and ``shared`` (Fast R-CNN style: the trunk runs once pe
 feature extractor's scale, each region is RoIAligned onto the head's grid and gradients flow back
 through RoIAlign into the trunk). The new classifier reads the backbone's ``fc7`` tap (AlexNet:
 fc7 → fc8; SqueezeNet: the global mean of fire9, i.e. what conv10 reads; EfficientNet: the
-pooled conv_head embedding), after dropout 0.5.
+pooled conv_head embedding), after dropout 0.5. Options (not the paper's defaults):
+``tap="pool5"`` (the classifier reads the flattened RoI grid, Fast R-CNN style), ``input_norm``
+(the tap times a constant measured on the pre-trained net so its mean L2 norm is e.g. 20 —
+SqueezeNet's raw norm of ~100–400 makes SGD on the new layer oscillate) and ``precision="bf16"``
+(CPU bfloat16 autocast of forward and backward).
 
 Robustness: a checkpoint (parameters, SGD momentum buffers, torch RNG state, history, config) is
 written atomically every ``checkpoint_every`` iterations and carries a sha256 of its tensors; a
