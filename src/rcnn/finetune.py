@@ -59,6 +59,7 @@ from rcnn.backbones import Backbone, build_backbone, set_threads
 from rcnn.boxes import box_area, box_iou
 from rcnn.cache import atomic_write, save_json, settings_hash
 from rcnn.data import ImageRecord, load_image
+from rcnn.device import PRECISIONS, autocast
 
 log = logging.getLogger(__name__)
 
@@ -145,8 +146,8 @@ class FinetuneConfig:
             raise ValueError(f"tap must be fc7, fc6 or pool5, not {self.tap!r}")
         if self.input_norm is not None and not self.input_norm > 0:
             raise ValueError(f"input_norm must be positive, not {self.input_norm}")
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be fp32 or bf16, not {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, not {self.precision!r}")
         object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
 
     @property
@@ -253,8 +254,6 @@ class FinetuneNet(nn.Module):
 
     def forward_regions(self, images: Sequence[np.ndarray], boxes: Sequence[np.ndarray]) -> torch.Tensor:
         """Logits ``(sum M_i, N+1)`` (float32) of the regions ``boxes[i]`` (M_i,4) of RGB uint8 ``images[i]``."""
-        from rcnn.device import autocast
-
         with autocast(torch.device("cpu"), self.config.precision):
             feat = self.tap_features(images, boxes)
             logits = self.cls(self.drop(feat * self.input_scale))
