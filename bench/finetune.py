@@ -269,15 +269,9 @@ def main_regression(grid: int = 3, samples: int = MAIN_REG_SAMPLES, lam: float |
 
     tv, te = load_dataset(DATA, "trainval"), load_dataset(DATA, "test")
     model = RCNNModel.load(MAIN_MODEL) if MAIN_MODEL.exists() else None
-    want = replace(frozen_config("pool5"), with_gt=True)
-    if model is None or model.feature_source(DATA).feature_config != want:
-        # bench/ablation.py rewrites that file for other rows; the 0.724 model is refitted from its cache
-        own = RESULTS / "bccd_squeezenet_pool5_shared_main.rcnn"
-        if own.exists():
-            model = RCNNModel.load(own)
-        else:
-            model, _ = fit(tv, CNNFeatures(PROPOSALS, want, DATA), SVMConfig())
-            model.save(own)
+    if model is None or model.feature_source(DATA).feature_config != replace(frozen_config("pool5"), with_gt=True):
+        raise SystemExit(f"{MAIN_MODEL} is missing or has other settings: python bench/ablation.py run "
+                         f"--rows 'pool5 shared (all)' --force")
     src = model.feature_source(DATA)
     reg_fc = replace(src.feature_config, grid=grid)
     missing = [r for r in tv.records + te.records if not feature_path(r, PROPOSALS, reg_fc, DATA).exists()]
