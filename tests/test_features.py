@@ -147,6 +147,28 @@ def test_shared_multiscale_keeps_box_order(squeeze):
     np.testing.assert_allclose(capped, ref, rtol=1e-4, atol=1e-4)
 
 
+def test_shared_context_pad_pools_the_warp_window(squeeze):
+    from rcnn.features import crop_geometry, dilate_boxes
+
+    box = np.array([[100, 50, 150, 90]], np.float32)
+    big = dilate_boxes(box, 227, 16)
+    # the window warp mode crops: 16 px of context at 227 px, same centre, per axis
+    x1, y1, x2, y2 = big[0]
+    assert (x1 + x2) / 2 == pytest.approx(125) and (y1 + y2) / 2 == pytest.approx(70)
+    assert (x2 - x1) * (227 - 32) / 227 == pytest.approx(50, rel=1e-5)
+    (a, b, c, d), _ = crop_geometry(box[0], 227, 16, "warp", 1000, 1000)
+    np.testing.assert_allclose([a, b, c, d], big[0], atol=1)
+    img = data.coffee()[::2, ::2].copy()
+    padded = extract_features(img, box, squeeze, "pool5", "shared", context_pad=16, grid=3)
+    np.testing.assert_allclose(padded, extract_features(img, big, squeeze, "pool5", "shared", grid=3), rtol=1e-5)
+    assert not np.allclose(padded, extract_features(img, box, squeeze, "pool5", "shared", grid=3))
+    with pytest.raises(ValueError, match="context_pad"):
+        dilate_boxes(box, 227, 114)
+    # shared keys: context 0 keeps the old key, context 16 is a different cache
+    assert FeatureConfig(mode="shared", context_pad=16).key() != FeatureConfig(mode="shared").key()
+    assert FeatureConfig(mode="shared", method="square").key() == FeatureConfig(mode="shared").key()
+
+
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 

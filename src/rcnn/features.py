@@ -87,6 +87,20 @@ def crop_geometry(box: Sequence[float], size: int, context_pad: int, method: str
     return (a, b, c, d), (px, py, cw, ch)
 
 
+def dilate_boxes(boxes: np.ndarray, size: int, context_pad: int) -> np.ndarray:
+    """``(N,4)`` xyxy boxes grown about their centres so that, warped to ``size``², ``context_pad``
+    pixels of context surround the original box — the window :func:`crop_geometry` crops, before
+    clipping; shared mode pools it (RoIAlign samples outside the image read zero, the mean after
+    mean subtraction, as the warp fills them with the mean)."""
+    if not 0 <= 2 * context_pad < size:
+        raise ValueError(f"context_pad must be in [0, {(size - 1) // 2}], not {context_pad}")
+    b = np.asarray(boxes, np.float32).reshape(-1, 4)
+    scale = size / (size - 2 * context_pad)
+    half = np.maximum(b[:, 2:] - b[:, :2], 1.0) / 2
+    centre = b[:, :2] + half
+    return np.concatenate([centre - half * scale, centre + half * scale], axis=1).astype(np.float32)
+
+
 def warp_regions(
     image: np.ndarray,
     boxes: np.ndarray,
@@ -206,6 +220,8 @@ def _extract(image, boxes, bb: Backbone, layer, layers, mode, batch_size, contex
         scales = tuple(float(x) for x in scales)
         if not scales or min(scales) <= 0:
             raise ValueError(f"scales must be positive, not {scales}")
+        if context_pad:
+            boxes = dilate_boxes(boxes, bb.input_size, context_pad)
         area = np.maximum(boxes[:, 2] - boxes[:, 0], 1) * np.maximum(boxes[:, 3] - boxes[:, 1], 1)
         # SPP-net's rule: each box at the scale where its area is closest to the input's
         pick = np.argmin(np.abs(area[:, None] * np.square(scales)[None] - bb.input_size**2), axis=1)
@@ -304,8 +320,10 @@ class FeatureConfig:
             d.pop("scales"), d.pop("pool")
             if self.layer != "pool5":  # ...and the grid only matters for pool5 in warp mode
                 d.pop("grid")
-        else:
-            d.pop("context_pad"), d.pop("method")
+        else:  # the crop method is warp-only; context_pad = 0 keeps the keys of older caches
+            d.pop("method")
+            if self.context_pad == 0:
+                d.pop("context_pad")
         return settings_hash("features", FEATURE_VERSION, d, self.weights_hash())
 
     def extract_options(self) -> dict:
@@ -319,6 +337,7 @@ class FeatureConfig:
     def describe(self) -> str:
         extra = (f"scales {list(self.scales)}, grid {self.grid}" if self.mode == "shared"
                  else f"{self.method}, context {self.context_pad}")
+        extra += f", context {self.context_pad}" if self.mode == "shared" and self.context_pad else ""
         extra += ", bf16" if self.precision == "bf16" else ""
         return f"{self.backbone} {self.layer} {self.mode} ({extra})"
 

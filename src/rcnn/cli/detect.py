@@ -85,7 +85,7 @@ def train(
     mode: Annotated[str, typer.Option("--mode", "-m", help="warp (faithful, §2.1) | shared (one trunk pass + RoI pooling)")] = "warp",
     scales: Annotated[str | None, typer.Option("--scales", help="shared mode: image scale(s), comma-separated")] = None,
     grid: Annotated[int | None, typer.Option("--grid", help="shared mode RoI grid / pool5 grid")] = None,
-    context_pad: Annotated[int, typer.Option("--context-pad", help="warp: context pixels (released code: 16)")] = 0,
+    context_pad: Annotated[int, typer.Option("--context-pad", help="context pixels around each box in the warped frame (released code: 16; shared mode pools the same enlarged window)")] = 0,
     proposals: Annotated[str, typer.Option("--proposals", help="Proposal mode (rcnn-fast | fast | quality)")] = "rcnn-fast",
     ks: KsOpt = None,
     max_boxes: MaxBoxesOpt = None,

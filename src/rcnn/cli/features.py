@@ -36,8 +36,8 @@ def features(
     layer: Annotated[str, typer.Option("--layer", "-l", help="pool5 | fc6 | fc7 | logits")] = "fc7",
     mode: Annotated[str, typer.Option("--mode", "-m", help=f"{MODES}: warp = faithful (§2.1), "
                                       "shared = one trunk pass per image + RoI pooling")] = "warp",
-    context_pad: Annotated[int, typer.Option("--context-pad", help="warp: context pixels in the warped "
-                                             "frame (released code: 16)")] = 0,
+    context_pad: Annotated[int, typer.Option("--context-pad", help="context pixels in the warped frame "
+                                             "(released code: 16; shared mode pools the same window)")] = 0,
     method: Annotated[str, typer.Option("--method", help=f"warp: one of {METHODS}")] = "warp",
     scales: Annotated[str, typer.Option("--scales", help="shared: image scale(s), comma-separated")] = ",".join(
         str(s) for s in SHARED_SCALES),
