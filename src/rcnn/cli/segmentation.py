@@ -55,7 +55,8 @@ def segment_proposals(
     dataset: DatasetArg,
     split: Annotated[str | None, typer.Option("--split", "-s")] = None,
     top_k: Annotated[int, typer.Option(help="Regions kept per image (paper §4: 150, as CPMC)")] = 150,
-    method: Annotated[str, typer.Option(help="ranked (learned CPMC-style ranking) | grouping (selective search's)")] = "ranked",
+    method: Annotated[str, typer.Option(help="cnn (ranked + learned mask head on CNN features) | ranked (learned "
+                                        "CPMC-style ranking) | grouping (selective search's)")] = MaskProposalConfig().method,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the recall summary as JSON")] = None,
 ) -> None:
     """Compute (and cache) mask proposals; report mask recall: best region IoU per ground-truth instance."""

@@ -42,6 +42,7 @@ from scipy import ndimage
 
 from rcnn.cache import atomic_write, cache_dir, file_sha256, settings_hash
 from rcnn.data import ImageRecord, load_image
+from rcnn.segmentation.maskhead import load_mask_head, maskhead_path, snap
 from rcnn.segmentation.ranking import FEATURES, ForestRanker, SegmentStats, describe, train_ranker
 
 SIMILARITIES = ("colour", "texture", "size", "fill")
@@ -76,11 +77,20 @@ class MaskProposalConfig:
     method: str = "ranked"
     ranker: str = "pennfudan"  # a packaged ranker name or an .npz from train_mask_ranker
     pair_top: int = 100  # unions of neighbouring pairs among this many best singles join the pool
+    # method "cnn" only: a learned mask head (rcnn.segmentation.maskhead) predicts a mask in
+    # each of the cnn_boxes best candidate boxes, snapped to the cells at each threshold
+    mask_head: str = "pennfudan"  # a packaged head name or a .safetensors from train_mask_head
+    cnn_boxes: int = 100
+    cnn_thresholds: tuple[float, ...] = (0.3, 0.5, 0.7)
+    cnn_box_nms: float = 0.7  # candidate boxes this similar to a better-ranked one are skipped
+    cnn_score: str = "ranker"  # how snapped masks are ranked: "ranker" | "objectness" | "product"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"mask proposal method must be one of {METHODS}, not {self.method!r}")
-        for f in ("color_spaces", "ks"):
+        if self.cnn_score not in CNN_SCORES:
+            raise ValueError(f"cnn_score must be one of {CNN_SCORES}, not {self.cnn_score!r}")
+        for f in ("color_spaces", "ks", "cnn_thresholds"):
             object.__setattr__(self, f, tuple(getattr(self, f)))
         object.__setattr__(self, "similarity_sets", tuple(tuple(x) for x in self.similarity_sets))
 
@@ -96,10 +106,18 @@ class MaskProposalConfig:
             d = {k: v for k, v in asdict(self).items() if k not in ("method", "ranker", "pair_top")}
             d["min_area_frac"] = self.min_area
             return settings_hash("mask-proposals-v1", d)
-        return settings_hash("mask-proposals-v2", asdict(self), file_sha256(ranker_path(self.ranker)))
+        d = asdict(self)
+        if self.method == "ranked":  # the session-2 key: the cnn settings do not apply
+            for k in CNN_FIELDS:
+                d.pop(k)
+            return settings_hash("mask-proposals-v2", d, file_sha256(ranker_path(self.ranker)))
+        return settings_hash("mask-proposals-v3", d, file_sha256(ranker_path(self.ranker)),
+                             file_sha256(maskhead_path(self.mask_head)))
 
 
-METHODS = ("ranked", "grouping")
+METHODS = ("cnn", "ranked", "grouping")
+CNN_SCORES = ("ranker", "objectness", "product")
+CNN_FIELDS = ("mask_head", "cnn_boxes", "cnn_thresholds", "cnn_box_nms", "cnn_score")
 RANKERS = Path(__file__).resolve().parent / "rankers"
 
 
@@ -492,7 +510,11 @@ def mask_proposals(image: np.ndarray, config: MaskProposalConfig = MaskProposalC
     H, W = np.asarray(image).shape[:2]
     pool = _grouping_pool(work, config)
     areas = np.bincount(pool.segments.ravel()).astype(np.float64)
-    if config.method == "ranked":
+    if config.method == "cnn":
+        rows, score = cnn_candidates(image, work, pool, config)
+        order = np.argsort(-score, kind="stable")
+        kept = _select(lambda idx: rows[idx], order, areas, config)
+    elif config.method == "ranked":
         rows, score = ranked_candidates(work, pool, config)
         order = np.argsort(-score, kind="stable")
         kept = _select(lambda idx: rows[idx], order, areas, config)
@@ -586,6 +608,45 @@ def ranked_candidates(work: np.ndarray, pool: _Pool, config: MaskProposalConfig)
     """(R,S) bool candidate rows over ``pool.segments`` and their predicted IoU (R,)."""
     rows, _, score = candidate_pool(work, pool, config, load_ranker(config.ranker))
     return rows, score
+
+
+def cnn_candidates(image: np.ndarray, work: np.ndarray, pool: _Pool,
+                   config: MaskProposalConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The ranked pool plus masks predicted by the learned mask head (method ``"cnn"``).
+
+    The boxes of the ranked candidates, best first, skipping a box with IoU >=
+    ``cnn_box_nms`` to a better one, up to ``cnn_boxes``, go through
+    :class:`~rcnn.segmentation.maskhead.MaskPredictor` on the full-resolution ``image``;
+    each predicted mask is snapped to ``pool.segments`` at every ``cnn_thresholds`` value.
+    Snapped masks are scored by the forest ranker (``cnn_score="ranker"``), the head's
+    objectness, or their product. Returns rows (R,S) bool and scores (R,)."""
+    import torch
+    from torchvision.ops import nms
+
+    ranker = load_ranker(config.ranker)
+    rows, _, score = candidate_pool(work, pool, config, ranker)
+    if len(rows) == 0 or config.cnn_boxes <= 0:
+        return rows, score
+    boxes = RegionMasks(pool.segments, rows).boxes
+    keep = nms(torch.from_numpy(boxes), torch.from_numpy(score.astype(np.float32)), config.cnn_box_nms).numpy()
+    keep = keep[: config.cnn_boxes]
+    scale = work.shape[1] / np.asarray(image).shape[1], work.shape[0] / np.asarray(image).shape[0]
+    img_boxes = boxes[keep] / np.array([scale[0], scale[1], scale[0], scale[1]], np.float32)
+    probs, obj = load_mask_head(config.mask_head).predict(np.asarray(image), img_boxes)
+    crows = snap(probs, boxes[keep], pool.segments, config.cnn_thresholds)
+    cobj = np.repeat(obj, len(config.cnn_thresholds)).astype(np.float64)
+    nonempty = crows.any(1)
+    crows, cobj = crows[nonempty], cobj[nonempty]
+    if len(crows) == 0:
+        return rows, score
+    if config.cnn_score == "objectness":
+        cscore = cobj
+    else:
+        st = SegmentStats.from_labels(work, pool.segments)
+        cscore = ranker.predict(describe(crows, st, np.zeros(len(crows)), np.ones(len(crows))))
+        if config.cnn_score == "product":
+            cscore = cscore * cobj
+    return np.concatenate([rows, crows]), np.concatenate([score, cscore])
 
 
 def _training_image(image: np.ndarray, gt: np.ndarray, config: MaskProposalConfig):
