@@ -107,6 +107,8 @@ def main() -> None:
     result["mask_recall"] = _recall(splits, mc)
     if mc.method != "grouping":  # the session-1 method (selective search's ranking), for comparison
         result["mask_recall_grouping"] = _recall(splits, MaskProposalConfig(method="grouping"))
+    if mc.method == "cnn":  # the session-2 method (ranked grouping regions + pairs), for comparison
+        result["mask_recall_ranked"] = _recall(splits, MaskProposalConfig(method="ranked"))
 
     # 3. features of every region (both strategies, all taps) once, cached
     t0 = time.perf_counter()
@@ -155,6 +157,14 @@ def main() -> None:
     result["oracle"] = _oracle(test, val)
     print("oracle (regions scored by their true IoU):", result["oracle"])
     result["load_average_end"] = os.getloadavg()[0]
+    # earlier sessions' results stay in the file for comparison (README tables cite them)
+    for k, v in prev.items():
+        if k.startswith("session") or k.startswith("table3_train_regions"):
+            result.setdefault(k, v)
+    if prev.get("mask_config", {}).get("method") == "ranked" and mc.method != "ranked" and "session2_ranked" not in prev:
+        result["session2_ranked"] = {
+            "note": "session 2: method 'ranked' (grouping regions + pairs, forest ranker)",
+            **{k: prev[k] for k in ("mask_recall", "table3", "oracle", "cold_cache") if k in prev}}
     save_json(args.out, result)
     print(json.dumps(rows, indent=1))
 

@@ -31,6 +31,12 @@ def test_head_outputs_probabilities_of_the_right_shape():
     probs, obj = pred.predict(img, np.array([[10, 10, 60, 100], [90, 20, 140, 110], [0, 0, 160, 120]], np.float32))
     assert probs.shape == (3, OUT, OUT) and probs.dtype == np.float32 and obj.shape == (3,)
     assert (probs >= 0).all() and (probs <= 1).all() and (obj >= 0).all() and (obj <= 1).all()
+    # flip averaging: the mirrored image's prediction, mirrored back, is averaged in
+    maps = pred.maps(img, flip=True)
+    box = np.array([[10, 10, 60, 100]], np.float32)
+    pf, _ = pred.predict(maps, box, flip=True)
+    pm, _ = pred.predict(maps.mirrored, np.array([[160 - 60, 10, 160 - 10, 100]], np.float32))
+    np.testing.assert_allclose(pf[0], (probs[0] + pm[0, :, ::-1]) / 2, atol=1e-5)
     p0, o0 = pred.predict(img, np.zeros((0, 4), np.float32))
     assert p0.shape == (0, OUT, OUT) and o0.shape == (0,)
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -119,6 +120,20 @@ def _roi_feats(fmap: torch.Tensor, fine: torch.Tensor | None, rois: torch.Tensor
     return x, roi_align(fine, rois, OUT, 2.0 / stride, sampling_ratio=2, aligned=True)
 
 
+@dataclass
+class TrunkMaps:
+    """The maps :class:`MaskPredictor` reads for one image: ``coarse`` (1,C,h,w) stride 16,
+    ``fine`` (1,C',2h,2w) stride 8 or None, image->input factors, image width, and the
+    mirrored image's maps (or None)."""
+
+    coarse: torch.Tensor
+    fine: torch.Tensor | None
+    sx: float
+    sy: float
+    width: int
+    mirrored: TrunkMaps | None = None
+
+
 class MaskPredictor:
     """A trained :class:`MaskHead` with the backbone it reads (``predict`` boxes of an image)."""
 
@@ -134,27 +149,43 @@ class MaskPredictor:
             self._bb = get_backbone(self.backbone_name)
         return self._bb
 
-    def maps(self, image: np.ndarray) -> tuple:
-        """The trunk map(s) of an image that :meth:`predict` reads (compute once, predict often)."""
+    def maps(self, image: np.ndarray, flip: bool = False) -> TrunkMaps:
+        """The trunk map(s) of an image that :meth:`predict` reads (compute once, predict often);
+        with ``flip`` also those of the mirrored image (test-time flip averaging)."""
+        image = np.asarray(image)
         if self.head.fine_ch:
-            return trunk_map(image, self.backbone, fine=True)
-        fmap, sx, sy = trunk_map(image, self.backbone)
-        return fmap, None, sx, sy
+            coarse, fine, sx, sy = trunk_map(image, self.backbone, fine=True)
+        else:
+            (coarse, sx, sy), fine = trunk_map(image, self.backbone), None
+        mirrored = self.maps(image[:, ::-1].copy()) if flip else None
+        return TrunkMaps(coarse, fine, sx, sy, image.shape[1], mirrored)
 
     @torch.inference_mode()
-    def predict(self, image: np.ndarray | tuple, boxes: np.ndarray, batch: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    def predict(self, image: np.ndarray | TrunkMaps, boxes: np.ndarray, flip: bool = False,
+                batch: int = 128) -> tuple[np.ndarray, np.ndarray]:
         """Mask probabilities ``(N,28,28)`` float32 over each box (pixel-edge xyxy, image
         pixels) and objectness ``(N,)`` in [0,1] (predicted box IoU with an object).
-        ``image``: (H,W,3) RGB uint8, or its :meth:`maps`."""
+        ``image``: (H,W,3) RGB uint8, or its :meth:`maps`; ``flip``: average with the
+        prediction on the mirrored image (needs maps computed with ``flip``)."""
         boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
         if len(boxes) == 0:
             return np.zeros((0, OUT, OUT), np.float32), np.zeros(0, np.float32)
-        bb = self.backbone
-        fmap, fine, sx, sy = image if isinstance(image, tuple) else self.maps(image)
+        maps = image if isinstance(image, TrunkMaps) else self.maps(image, flip)
+        probs, obj = self._predict(maps, boxes, batch)
+        if flip:
+            if maps.mirrored is None:
+                raise ValueError("flip=True needs maps(image, flip=True)")
+            w = maps.width
+            pf, of = self._predict(maps.mirrored, np.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], 1),
+                                   batch)
+            probs, obj = (probs + pf[:, :, ::-1]) / 2, (obj + of) / 2
+        return probs, obj
+
+    def _predict(self, maps: TrunkMaps, boxes: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray]:
         ms, ss = [], []
         for s in range(0, len(boxes), batch):
-            rois = _rois(boxes[s:s + batch], sx, sy)
-            m, sc = self.head(*_roi_feats(fmap, fine, rois, bb.stride))
+            rois = _rois(boxes[s:s + batch], maps.sx, maps.sy)
+            m, sc = self.head(*_roi_feats(maps.coarse, maps.fine, rois, self.backbone.stride))
             ms.append(torch.sigmoid(m).numpy())
             ss.append(torch.sigmoid(sc).numpy())
         return np.concatenate(ms).astype(np.float32), np.concatenate(ss).astype(np.float32)

@@ -80,10 +80,14 @@ class MaskProposalConfig:
     # method "cnn" only: a learned mask head (rcnn.segmentation.maskhead) predicts a mask in
     # each of the cnn_boxes best candidate boxes, snapped to the cells at each threshold
     mask_head: str = "pennfudan"  # a packaged head name or a .safetensors from train_mask_head
-    cnn_boxes: int = 100
-    cnn_thresholds: tuple[float, ...] = (0.3, 0.5, 0.7)
+    cnn_boxes: int = 150
+    cnn_thresholds: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6)
     cnn_box_nms: float = 0.7  # candidate boxes this similar to a better-ranked one are skipped
-    cnn_score: str = "ranker"  # how snapped masks are ranked: "ranker" | "objectness" | "product"
+    # how snapped masks are ranked: "cnn-first" (by the head's objectness, all before the
+    # grouping candidates) | "objectness" (mixed with the forest's scores) | "ranker" | "product"
+    cnn_score: str = "cnn-first"
+    cnn_refine: bool = True  # a second pass from the boxes of the first pass's masks (at 0.4)
+    cnn_flip: bool = True  # average each mask with the one predicted on the mirrored image
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -116,8 +120,8 @@ class MaskProposalConfig:
 
 
 METHODS = ("cnn", "ranked", "grouping")
-CNN_SCORES = ("ranker", "objectness", "product")
-CNN_FIELDS = ("mask_head", "cnn_boxes", "cnn_thresholds", "cnn_box_nms", "cnn_score")
+CNN_SCORES = ("cnn-first", "objectness", "ranker", "product")
+CNN_FIELDS = ("mask_head", "cnn_boxes", "cnn_thresholds", "cnn_box_nms", "cnn_score", "cnn_refine", "cnn_flip")
 RANKERS = Path(__file__).resolve().parent / "rankers"
 
 
@@ -617,9 +621,12 @@ def cnn_candidates(image: np.ndarray, work: np.ndarray, pool: _Pool,
     The boxes of the ranked candidates, best first, skipping a box with IoU >=
     ``cnn_box_nms`` to a better one, up to ``cnn_boxes``, go through
     :class:`~rcnn.segmentation.maskhead.MaskPredictor` on the full-resolution ``image``;
-    each predicted mask is snapped to ``pool.segments`` at every ``cnn_thresholds`` value.
-    Snapped masks are scored by the forest ranker (``cnn_score="ranker"``), the head's
-    objectness, or their product. Returns rows (R,S) bool and scores (R,)."""
+    each predicted mask is snapped to ``pool.segments`` at every ``cnn_thresholds`` value;
+    with ``cnn_refine`` the boxes of the masks at 0.4 go through the head once more (snapped
+    at 0.3 and 0.5). Snapped masks are ranked by the head's objectness ahead of every
+    grouping candidate (``"cnn-first"``, default), by objectness mixed with the forest's
+    scores, by the forest ranker, or by forest x objectness. Returns rows (R,S) bool and
+    scores (R,)."""
     import torch
     from torchvision.ops import nms
 
@@ -629,17 +636,31 @@ def cnn_candidates(image: np.ndarray, work: np.ndarray, pool: _Pool,
         return rows, score
     boxes = RegionMasks(pool.segments, rows).boxes
     keep = nms(torch.from_numpy(boxes), torch.from_numpy(score.astype(np.float32)), config.cnn_box_nms).numpy()
-    keep = keep[: config.cnn_boxes]
-    scale = work.shape[1] / np.asarray(image).shape[1], work.shape[0] / np.asarray(image).shape[0]
-    img_boxes = boxes[keep] / np.array([scale[0], scale[1], scale[0], scale[1]], np.float32)
-    probs, obj = load_mask_head(config.mask_head).predict(np.asarray(image), img_boxes)
-    crows = snap(probs, boxes[keep], pool.segments, config.cnn_thresholds)
-    cobj = np.repeat(obj, len(config.cnn_thresholds)).astype(np.float64)
+    boxes = boxes[keep[: config.cnn_boxes]]
+    sx, sy = work.shape[1] / np.asarray(image).shape[1], work.shape[0] / np.asarray(image).shape[0]
+    to_image = np.array([sx, sy, sx, sy], np.float32)
+    head = load_mask_head(config.mask_head)
+    maps = head.maps(np.asarray(image), config.cnn_flip)  # the trunk runs once for both passes
+    probs, obj = head.predict(maps, boxes / to_image, config.cnn_flip)
+    th = config.cnn_thresholds
+    crows = snap(probs, boxes, pool.segments, th)
+    cobj = np.repeat(obj, len(th)).astype(np.float64)
+    if config.cnn_refine:
+        # the first pass's masks have tighter boxes than the grouping regions they came from
+        mid = snap(probs, boxes, pool.segments, (0.4,))
+        mid = mid[mid.any(1)]
+        if len(mid):
+            rb = RegionMasks(pool.segments, mid).boxes
+            p2, o2 = head.predict(maps, rb / to_image, config.cnn_flip)
+            crows = np.concatenate([crows, snap(p2, rb, pool.segments, (0.3, 0.5))])
+            cobj = np.concatenate([cobj, np.repeat(o2, 2).astype(np.float64)])
     nonempty = crows.any(1)
     crows, cobj = crows[nonempty], cobj[nonempty]
     if len(crows) == 0:
         return rows, score
-    if config.cnn_score == "objectness":
+    if config.cnn_score == "cnn-first":
+        cscore = cobj + 1.0 + max(float(score.max()), 0.0)  # above every forest score
+    elif config.cnn_score == "objectness":
         cscore = cobj
     else:
         st = SegmentStats.from_labels(work, pool.segments)
