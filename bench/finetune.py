@@ -60,8 +60,23 @@ CV_LAMBDAS = (10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0, 10000.0)
 GRID = 3  # the main model's RoI grid (bench/ablation.py GRID)
 
 
+#: Fine-tuned nets: ``main`` (the session-2 run above) and ``g6``, the same recipe with the
+#: classifier reading the 6×6 RoI grid (18432-d, the frozen detector's best grid); ``--net`` picks one.
+NETS = {"main": CONFIG, "g6": replace(CONFIG, grid=6)}
+NET = "main"
+
+
+def net_config() -> FinetuneConfig:
+    return NETS[NET]
+
+
 def net_path() -> Path:
-    return cache_dir() / "finetune" / CONFIG.key() / "squeezenet1_1-bccd.safetensors"
+    return cache_dir() / "finetune" / net_config().key() / "squeezenet1_1-bccd.safetensors"
+
+
+def result_key(base: str) -> str:
+    """Where the selected net's results go in the JSON: ``base`` for ``main``, ``base_g6`` else."""
+    return base if NET == "main" else f"{base}_{NET}"
 
 
 def load_results() -> dict:
@@ -73,22 +88,23 @@ def train() -> None:
     out = net_path()
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    res = finetune(tv.records, tv.classes, out, CONFIG, PROPOSALS, DATA, progress=True)
+    cfg = net_config()
+    res = finetune(tv.records, tv.classes, out, cfg, PROPOSALS, DATA, progress=True)
     hist = res.history
     base = out.with_suffix("")
     for ext in ("json", "png"):
         src = base.with_name(base.name + f".curve.{ext}")
         if src.exists():
-            shutil.copyfile(src, RESULTS / f"finetune_curve.{ext}")
+            shutil.copyfile(src, RESULTS / f"{result_key('finetune_curve')}.{ext}")
     results = load_results()
-    results["finetune"] = {
-        "config": asdict(CONFIG), "lr": CONFIG.base_lr, "iterations": res.iterations,
+    results[result_key("finetune")] = {
+        "config": asdict(cfg), "lr": cfg.base_lr, "iterations": res.iterations,
         "seconds_total": hist.get("seconds_total"), "seconds_per_iteration": round(hist.get("seconds_total", 0) / max(res.iterations, 1), 2),
         "data": hist.get("data"), "val": hist.get("val"), "net": str(out), "wall_this_process_s": round(time.time() - t0, 1),
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     }
     save_json(OUT, results)
-    print(json.dumps(results["finetune"], indent=1)[:2000])
+    print(json.dumps(results[result_key("finetune")], indent=1)[:2000])
 
 
 def speed(n: int = 4, threads: int = 1, modes: tuple[str, ...] = ("shared",)) -> None:
@@ -131,6 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("cmd", choices=["train", "warp-cost", "features", "run", "table", "mainreg", "speed"])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--net", choices=sorted(NETS), default="main", help="which fine-tuned net (train, features, run)")
     ap.add_argument("--iterations", type=int, default=9, help="speed: timed iterations (after 1 warm-up)")
     ap.add_argument("--grid", type=int, default=3, help="mainreg: RoI grid of the regression features (3 = the model's); "
                     "features: fine-tuned pool5 on this grid (6: the 'FT pool5 6x6 SVM' row)")
@@ -142,6 +159,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--frozen", action="store_true", help="features: ImageNet pool5 for the reference rows")
     ap.add_argument("--rows", nargs="*", help="substrings of row names (default: all)")
     a = ap.parse_args(argv)
+    global NET
+    NET = a.net
     if a.cmd == "train":
         train()
     elif a.cmd == "warp-cost":
@@ -188,6 +207,10 @@ def features(worker: int = 0, workers: int = 1, frozen: bool = False, grid: int 
     for i, r in enumerate(recs):
         if frozen:
             n = fill_layers(r, PROPOSALS, frozen_config("pool5"), ["pool5"], DATA, compress=False)
+        elif NET != "main":  # 3x3 pool5 for the box regressor, the classifier's own grid for SVM + softmax
+            g = net_config().grid
+            n = fill_layers(r, PROPOSALS, ft_config("pool5"), ["pool5"], DATA, compress=False)
+            n += fill_layers(r, PROPOSALS, ft_config("pool5", g), ["pool5", FT_TAP], DATA, compress=False)
         elif grid != GRID:
             n = fill_layers(r, PROPOSALS, ft_config("pool5", grid), ["pool5"], DATA, compress=False)
         else:  # plain .npz: zlib on a 1000-box pool5 block costs seconds per image
@@ -221,14 +244,20 @@ def run(names: list[str] | None = None) -> None:
             reg = train_box_regressor(tr, tv.classes, CNNFeatures(PROPOSALS, ft_config("pool5"), DATA), lam=lam,
                                       max_per_class=REG_SAMPLES)
             regs[key] = (reg, time.time() - t0)
-            results.setdefault("bbox_regression", {})[f"fine-tuned pool5, λ {key}"] = {
+            tag = "" if NET == "main" else f" (net {NET})"
+            results.setdefault("bbox_regression", {})[f"fine-tuned pool5{tag}, λ {key}"] = {
                 "lambda": reg.lam, "min_iou": reg.min_iou, "train_images": len(tr), "seconds": round(regs[key][1], 1),
                 "samples": reg.training["samples"], **({"cv_error": reg.training["cv_error"]} if key == "cv" else {})}
         return regs[key]
 
-    rows = [("FT pool5 SVM", "svm", ft_config("pool5")), ("FT pool5 6x6 SVM", "svm", ft_config("pool5", 6)),
-            ("FT softmax", "softmax", ft_config(FT_TAP)),
-            ("FT fc6 SVM", "svm", ft_config("fc6")), ("FT fc7 SVM", "svm", ft_config("fc7"))]
+    if NET == "main":
+        rows = [("FT pool5 SVM", "svm", ft_config("pool5")), ("FT pool5 6x6 SVM", "svm", ft_config("pool5", 6)),
+                ("FT softmax", "softmax", ft_config(FT_TAP)),
+                ("FT fc6 SVM", "svm", ft_config("fc6")), ("FT fc7 SVM", "svm", ft_config("fc7"))]
+    else:  # a net whose classifier reads another grid: SVM and softmax on that grid (bf16, as extracted)
+        g = net_config().grid
+        rows = [(f"FT-{NET} pool5 {g}x{g} SVM", "svm", ft_config("pool5", g)),
+                (f"FT-{NET} softmax", "softmax", ft_config(FT_TAP, g))]
     reg_ready = all(feature_path(r, PROPOSALS, replace(ft_config("pool5"), with_gt=True), DATA).exists() for r in tr + te_recs)
     for name, kind, fc in rows:
         if names and not any(n in name for n in names):
@@ -241,7 +270,7 @@ def run(names: list[str] | None = None) -> None:
         if kind == "svm":
             model, _ = fit(tv, src, svm, records=tr)
         else:
-            model = softmax_model(net_path(), PROPOSALS, FeatureConfig(mode="shared", grid=GRID))
+            model = softmax_model(net_path(), PROPOSALS, FeatureConfig(mode="shared", grid=fc.grid, precision=fc.precision))
         train_s = time.time() - t0
         plain, spi = _evaluate(model, te, src, False)
         out = {"name": name, "train_images": len(tr), "test_images": len(te_recs), **plain,
