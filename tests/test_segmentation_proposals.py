@@ -26,8 +26,8 @@ def _ellipse_scene(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 def test_ranked_proposals_find_an_ellipse_on_texture():
     img, obj = _ellipse_scene()
-    cfg = MaskProposalConfig(top_k=40)
-    assert cfg.method == "ranked"  # the default
+    cfg = MaskProposalConfig(top_k=40, method="ranked")
+    assert MaskProposalConfig().method == "cnn"  # the default: ranked + the learned mask head
     regions = mask_proposals(img, cfg)
     masks = regions.masks()
     assert masks.dtype == bool and masks.shape == (len(regions), *obj.shape)

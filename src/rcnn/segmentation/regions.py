@@ -72,9 +72,11 @@ class MaskProposalConfig:
     max_area_frac: float = 0.7  # near-whole-image regions carry no shape information
     seed: int = 0  # selective search ranks by hierarchy level x a random number
     max_side: int = 320  # images are grouped at most this large (masks are upsampled back)
-    # paper §4 (CPMC): candidates ranked by a regressor of their overlap with an object;
-    # "grouping" = selective search's own ranking (level x random), the method of session 1
-    method: str = "ranked"
+    # paper §4 (CPMC): figure-ground candidates ranked by a regressor of their overlap with
+    # an object. "cnn" = "ranked" + masks from a learned mask head on CNN features (session 3);
+    # "ranked" = grouping regions + pairs by the forest ranker (session 2); "grouping" =
+    # selective search's own ranking (level x random), the method of session 1
+    method: str = "cnn"
     ranker: str = "pennfudan"  # a packaged ranker name or an .npz from train_mask_ranker
     pair_top: int = 100  # unions of neighbouring pairs among this many best singles join the pool
     # method "cnn" only: a learned mask head (rcnn.segmentation.maskhead) predicts a mask in
