@@ -8,6 +8,7 @@
     python bench/finetune.py features         # fine-tuned pool5/fc6/fc7/softmax caches of all BCCD (one pass)
     python bench/finetune.py run              # FT pool5/fc6/fc7 SVM, FT softmax, each ± box regression
     python bench/finetune.py table            # markdown table
+    python bench/finetune.py rbc-fps          # contact sheet of the top RBC "background" false positives
 
 Writes ``bench/results/finetune.json`` and the curve ``bench/results/finetune_curve.{json,png}``.
 The fine-tuned network itself stays in the user cache (``<cache>/finetune/``), never in the repo.
@@ -145,7 +146,7 @@ def speed(n: int = 4, threads: int = 1, modes: tuple[str, ...] = ("shared",)) ->
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("cmd", choices=["train", "warp-cost", "features", "run", "table", "mainreg", "speed"])
+    ap.add_argument("cmd", choices=["train", "warp-cost", "features", "run", "table", "mainreg", "speed", "rbc-fps"])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--net", choices=sorted(NETS), default="main", help="which fine-tuned net (train, features, run)")
     ap.add_argument("--iterations", type=int, default=9, help="speed: timed iterations (after 1 warm-up)")
@@ -171,6 +172,8 @@ def main(argv: list[str] | None = None) -> None:
         run(a.rows)
     elif a.cmd == "speed":
         speed(n=a.iterations, threads=a.threads)
+    elif a.cmd == "rbc-fps":
+        rbc_background()
     elif a.cmd == "mainreg":
         main_regression(a.grid, a.samples, CV_LAMBDAS if a.cv else a.lam)
     else:
@@ -344,6 +347,54 @@ def main_regression(grid: int = 3, samples: int = MAIN_REG_SAMPLES, lam: float |
     tag = ("" if grid == 3 else f"_g{grid}") + ("_cv" if isinstance(lam, tuple) else "")
     model.save(RESULTS / f"bccd_squeezenet_pool5_shared_bboxreg{tag}.rcnn")
     print(f"{rname}: mAP {withreg['mAP']:.4f} {withreg['ap']} (regressor {reg_s:.0f} s)", flush=True)
+
+
+def rbc_background(every: int = 3, n: int = 24) -> None:
+    """The ``n`` highest-scoring RBC detections of the fine-tuned model (+ box regression) that overlap
+    no annotated box of any class (IoU < 0.1: the analysis' "BG" false positives) on every ``every``-th
+    test image, as one contact sheet (``docs/analysis/bccd_rbc_background_fps.png``): are they background,
+    or cells BCCD left unannotated?"""
+    import cv2
+    import numpy as np
+
+    from rcnn.boxes import box_iou
+    from rcnn.data import load_image
+    from rcnn.detect import RCNNModel
+
+    model = RCNNModel.load(RESULTS / "bccd_squeezenet_ft_pool5_shared_bboxreg.rcnn")
+    te = load_dataset(DATA, "test")
+    te.records = te.records[::every]
+    dets = detect_dataset(model, te)
+    rbc = te.classes.index("RBC")
+    items = []
+    for r in te.records:
+        sel = (np.asarray(dets.image_ids) == r.image_id) & (np.asarray(dets.labels) == rbc)
+        boxes, scores = np.asarray(dets.boxes)[sel], np.asarray(dets.scores)[sel]
+        iou = np.asarray(box_iou(boxes.astype(np.float32), r.boxes.astype(np.float32))).max(1) if len(r.boxes) else \
+            np.zeros(len(boxes))
+        items += [(float(s), r, b) for s, b in zip(scores[iou < 0.1], boxes[iou < 0.1], strict=True)]
+    items = sorted(items, key=lambda t: -t[0])[:n]
+    tiles = []
+    for score, r, b in items:
+        img = load_image(r.path)
+        x1, y1, x2, y2 = (int(v) for v in b)
+        X1, Y1, X2, Y2 = max(0, x1 - 30), max(0, y1 - 30), min(img.shape[1], x2 + 30), min(img.shape[0], y2 + 30)
+        crop = img[Y1:Y2, X1:X2].copy()
+        cv2.rectangle(crop, (x1 - X1, y1 - Y1), (x2 - X1, y2 - Y1), (255, 128, 0), 2)
+        crop = cv2.resize(crop, (160, 160))
+        cv2.putText(crop, f"{score:.2f}", (3, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1)
+        tiles.append(crop)
+    while len(tiles) % 6:
+        tiles.append(np.full((160, 160, 3), 255, np.uint8))
+    sheet = np.concatenate([np.concatenate(tiles[i:i + 6], 1) for i in range(0, len(tiles), 6)], 0)
+    out = ROOT / "docs" / "analysis" / "bccd_rbc_background_fps.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(out), cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 9])
+    results = load_results()
+    results["rbc_background_fps"] = {"test_images": len(te.records), "shown": len(items),
+                                     "scores": [round(t[0], 3) for t in items], "figure": str(out.relative_to(ROOT))}
+    save_json(OUT, results)
+    print(f"wrote {out} ({len(items)} detections, scores {items[0][0]:.2f}..{items[-1][0]:.2f})")
 
 
 def table() -> str:
