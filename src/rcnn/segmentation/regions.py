@@ -9,9 +9,14 @@ OpenCV's ``ximgproc.segmentation`` provides the superpixels
 (colour / texture / size / fill similarities, greedy merging of neighbours) is therefore
 written here, vectorised with numpy, so that each region's mask survives.
 
-Two rankings (``MaskProposalConfig.method``):
+Three methods (``MaskProposalConfig.method``):
 
-* ``"ranked"`` (default) follows CPMC's *ranking* stage: every grouping region, plus the
+* ``"cnn"`` (default): ``"ranked"`` below plus masks *generated* by a learned, class-agnostic
+  mask head on CNN features (:mod:`rcnn.segmentation.maskhead`, DeepMask / Mask R-CNN style)
+  in the boxes of the best ranked candidates, snapped to the superpixel cells and ranked by
+  the head's objectness ahead of the grouping candidates (:func:`cnn_candidates`). On
+  Penn-Fudan test it lifts the mean best IoU at K = 150 from 0.589 to 0.751.
+* ``"ranked"`` follows CPMC's *ranking* stage: every grouping region, plus the
   union of each neighbouring pair among the best ``pair_top`` of them (pedestrians' clothes
   and limbs are often separate regions until they merge with the background), is described
   by mid-level cues and scored by a regression forest trained to predict its best IoU with
