@@ -49,7 +49,9 @@ def main() -> None:
             "file": str(args.out.relative_to(ROOT)) if args.out.is_relative_to(ROOT) else str(args.out),
             "file_kb": args.out.stat().st_size / 1024,
             "parameters": sum(p.numel() for p in pred.head.parameters())}
-    save_json(ROOT / "bench" / "results" / "segmentation_maskhead.json", info)
+    # the packaged head's record goes to bench/results; a head written elsewhere gets <out>.json
+    packaged = args.out.resolve() == (MASKHEADS / "pennfudan.safetensors").resolve()
+    save_json(ROOT / "bench" / "results" / "segmentation_maskhead.json" if packaged else args.out.with_suffix(".json"), info)
     print({k: v for k, v in info.items() if k != "log"})
 
 
