@@ -21,3 +21,19 @@ def data_path(*parts: str) -> Path:
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Every test writes its caches under a per-session temporary directory, never ~/.cache."""
     monkeypatch.setenv("RCNN_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "rcnn-cache"))
+
+
+def write_old_segmentation_model(path: Path, mask_config: dict) -> Path:
+    """A segmentation model file as an earlier version wrote it, with ``mask_config`` as stored then."""
+    import json
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    fc = {"backbone": "squeezenet1_1", "weights": None, "taps": ["pool5", "fc6", "fc7"], "mode": "shared",
+          "context_pad": 0, "batch_size": 32}
+    meta = {"format": "rcnn-segmentation-v1", "classes": ["person"], "strategy": "full", "tap": "fc7",
+            "scales": {"full": 1.0}, "threshold": 0.3, "mask_config": mask_config, "feature_config": fc, "info": {}}
+    save_file({"W": np.zeros((1, 512), np.float32), "b": np.zeros(1, np.float32)}, str(path),
+              metadata={"rcnn": json.dumps(meta)})
+    return path

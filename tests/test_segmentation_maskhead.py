@@ -116,22 +116,15 @@ def test_cnn_proposals_on_a_pennfudan_test_image():
 
 
 def test_models_saved_with_ranked_proposals_keep_their_cache_key(tmp_path):
-    import json
     from dataclasses import asdict
 
-    from safetensors.numpy import save_file
-
+    from conftest import write_old_segmentation_model
     from rcnn.segmentation import SegmentationModel
     from rcnn.segmentation.regions import CNN_FIELDS
 
     # a session-2 model: its mask settings predate the cnn fields
     mc = {k: v for k, v in asdict(MaskProposalConfig(method="ranked")).items() if k not in CNN_FIELDS}
-    fc = {"backbone": "squeezenet1_1", "weights": None, "taps": ["pool5", "fc6", "fc7"], "mode": "shared",
-          "context_pad": 0, "batch_size": 32}
-    meta = {"format": "rcnn-segmentation-v1", "classes": ["person"], "strategy": "full", "tap": "fc7",
-            "scales": {"full": 1.0}, "threshold": 0.3, "mask_config": mc, "feature_config": fc, "info": {}}
-    save_file({"W": np.zeros((1, 512), np.float32), "b": np.zeros(1, np.float32)}, str(tmp_path / "m.safetensors"),
-              metadata={"rcnn": json.dumps(meta)})
+    write_old_segmentation_model(tmp_path / "m.safetensors", mc)
     m = SegmentationModel.load(tmp_path / "m.safetensors")
     assert m.mask_config.method == "ranked"
     assert m.mask_config.key() == MaskProposalConfig(method="ranked").key()

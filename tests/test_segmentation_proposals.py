@@ -115,21 +115,13 @@ def test_mask_proposal_config_bad_input(tmp_path):
 
 
 def test_models_saved_before_the_ranked_method_keep_the_grouping_proposals(tmp_path):
-    import json
-
-    from safetensors.numpy import save_file
-
+    from conftest import write_old_segmentation_model
     from rcnn.segmentation import SegmentationModel
 
     old_mc = {"color_spaces": ["hsv", "lab"], "ks": [30, 60], "sigma": 0.8, "min_size": 30,
               "similarity_sets": [["colour", "texture", "size", "fill"], ["texture", "size", "fill"]],
               "top_k": 150, "dedup_iou": 0.8, "min_area_frac": 0.005, "max_area_frac": 0.7, "seed": 0, "max_side": 320}
-    fc = {"backbone": "squeezenet1_1", "weights": None, "taps": ["pool5", "fc6", "fc7"], "mode": "shared",
-          "context_pad": 0, "batch_size": 32}
-    meta = {"format": "rcnn-segmentation-v1", "classes": ["person"], "strategy": "full", "tap": "fc7",
-            "scales": {"full": 1.0}, "threshold": 0.3, "mask_config": old_mc, "feature_config": fc, "info": {}}
-    save_file({"W": np.zeros((1, 512), np.float32), "b": np.zeros(1, np.float32)}, str(tmp_path / "old.safetensors"),
-              metadata={"rcnn": json.dumps(meta)})
+    write_old_segmentation_model(tmp_path / "old.safetensors", old_mc)
     m = SegmentationModel.load(tmp_path / "old.safetensors")
     assert m.mask_config.method == "grouping"
     assert m.mask_config.key() == MaskProposalConfig(method="grouping").key()  # the session-1 cache

@@ -40,6 +40,7 @@ from torchvision.ops import box_iou, roi_align
 from rcnn.backbones import Backbone, get_backbone, set_threads
 from rcnn.features import SHARED_MAX_SIDE, SHARED_SCALES
 from rcnn.segmentation.features import mask_boxes
+from rcnn.segmentation.packaged import load_once, packaged_file
 
 MASKHEADS = Path(__file__).resolve().parent / "maskheads"
 ROI = 14  # RoIAlign grid read for each box (Mask R-CNN's mask head)
@@ -221,25 +222,11 @@ class MaskPredictor:
 
 def maskhead_path(name: str) -> Path:
     """The file of ``name``: a packaged head (``maskheads/<name>.safetensors``) or a path."""
-    p = MASKHEADS / f"{name}.safetensors"
-    if p.is_file():
-        return p
-    p = Path(name)
-    if not p.is_file():
-        raise FileNotFoundError(f"{name}: no such mask head (packaged: "
-                                f"{', '.join(sorted(f.stem for f in MASKHEADS.glob('*.safetensors'))) or 'none'})")
-    return p
-
-
-_HEADS: dict[tuple[str, float], MaskPredictor] = {}
+    return packaged_file(MASKHEADS, name, ".safetensors", "mask head")
 
 
 def load_mask_head(name: str) -> MaskPredictor:
-    p = maskhead_path(name)
-    k = (str(p), p.stat().st_mtime)
-    if k not in _HEADS:
-        _HEADS[k] = MaskPredictor.load(p)
-    return _HEADS[k]
+    return load_once(maskhead_path(name), MaskPredictor.load)
 
 
 # ------------------------------------------------------------------------ snapping

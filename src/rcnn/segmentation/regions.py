@@ -48,6 +48,7 @@ from scipy import ndimage
 from rcnn.cache import atomic_write, cache_dir, file_sha256, settings_hash
 from rcnn.data import ImageRecord, load_image
 from rcnn.segmentation.maskhead import load_mask_head, maskhead_path, snap
+from rcnn.segmentation.packaged import load_once, packaged_file
 from rcnn.segmentation.ranking import FEATURES, ForestRanker, SegmentStats, describe, train_ranker
 
 SIMILARITIES = ("colour", "texture", "size", "fill")
@@ -134,25 +135,11 @@ RANKERS = Path(__file__).resolve().parent / "rankers"
 
 def ranker_path(name: str) -> Path:
     """The ranker file of ``name``: a packaged ranker (``rankers/<name>.npz``) or a path."""
-    p = RANKERS / f"{name}.npz"
-    if p.is_file():
-        return p
-    p = Path(name)
-    if not p.is_file():
-        raise FileNotFoundError(f"{name}: no such mask ranker (packaged: "
-                                f"{', '.join(sorted(f.stem for f in RANKERS.glob('*.npz'))) or 'none'})")
-    return p
-
-
-_RANKERS: dict[tuple[str, float], ForestRanker] = {}
+    return packaged_file(RANKERS, name, ".npz", "mask ranker")
 
 
 def load_ranker(name: str) -> ForestRanker:
-    p = ranker_path(name)
-    k = (str(p), p.stat().st_mtime)
-    if k not in _RANKERS:
-        _RANKERS[k] = ForestRanker.load(p)
-    return _RANKERS[k]
+    return load_once(ranker_path(name), ForestRanker.load)
 
 
 @dataclass
