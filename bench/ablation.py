@@ -148,6 +148,9 @@ def row_specs() -> list[dict]:
     rows.append({"name": "squeezenet1_1 pool5 6x6 shared bf16 2 mining passes (all)", "set": "full",
                  "backbone": "squeezenet1_1", "layer": "pool5", "mode": "shared", "grid": 6, "precision": "bf16",
                  "svm": {"passes": 2}})
+    # RoI *max* pooling (Fast R-CNN's RoIPool; AlexNet's pool5 is a max pool) instead of RoIAlign's average
+    rows.append({"name": "squeezenet1_1 pool5 6x6 max shared bf16 (all)", "set": "full", "backbone": "squeezenet1_1",
+                 "layer": "pool5", "mode": "shared", "grid": 6, "precision": "bf16", "pool": "max"})
     rows.append({"name": "HOG (subset)", "set": "subset", "backbone": "hog", "layer": "hog", "mode": "warp"})
     rows.append({"name": "HOG (all)", "set": "full", "backbone": "hog", "layer": "hog", "mode": "warp"})
     rows.append({"name": "squeezenet1_1 fc6 shared grayscale (subset)", "set": "subset", "backbone": "squeezenet1_1",
@@ -158,7 +161,7 @@ def row_specs() -> list[dict]:
 def feature_config(row: dict, with_gt: bool = False) -> FeatureConfig:
     return FeatureConfig(backbone=row["backbone"], layer=row["layer"], mode=row["mode"], grid=row.get("grid", GRID),
                          scales=row.get("scales", SHARED_SCALES), precision=row.get("precision", "fp32"),
-                         context_pad=row.get("context", 0), with_gt=with_gt)
+                         context_pad=row.get("context", 0), pool=row.get("pool"), with_gt=with_gt)
 
 
 def source_for(row: dict, root: Path):
@@ -182,6 +185,9 @@ def prepare(worker: int, workers: int, what: str) -> None:
         jobs = [(r, fc, ["pool5"]) for r in te.records + tv.records]
     elif what == "grid6":
         fc = FeatureConfig(backbone="squeezenet1_1", mode="shared", grid=6, precision="bf16")
+        jobs = [(r, fc, ["pool5"]) for r in te.records + tv.records]
+    elif what == "grid6max":
+        fc = FeatureConfig(backbone="squeezenet1_1", mode="shared", grid=6, precision="bf16", pool="max")
         jobs = [(r, fc, ["pool5"]) for r in te.records + tv.records]
     elif what in ("ctx3", "ctx6"):
         fc = FeatureConfig(backbone="squeezenet1_1", mode="shared", grid=int(what[-1]), precision="bf16",
@@ -464,7 +470,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("prepare")
-    p.add_argument("what", help="full | warp-half | multiscale | grid6 | ctx3 | ctx6 | subset-<backbone>-<shared|warp> | hog | gray")
+    p.add_argument("what", help="full | warp-half | multiscale | grid6 | grid6max | ctx3 | ctx6 | subset-<backbone>-<shared|warp> | hog | gray")
     p.add_argument("--worker", type=int, default=0)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)

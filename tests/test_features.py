@@ -122,6 +122,10 @@ def test_bf16_precision_close_to_fp32_and_in_the_key(squeeze):
         assert not np.array_equal(ref, fast)  # it really ran in another arithmetic
         rel = np.linalg.norm(fast - ref, axis=1) / np.linalg.norm(ref, axis=1)
         assert rel.max() < 0.03, (mode, rel)
+    # RoI max pooling under bf16 autocast (torchvision's roi_pool has no CPU autocast rule)
+    ref = extract_features(img, boxes, squeeze, "pool5", "shared", grid=3, pool="max")
+    fast = extract_features(img, boxes, squeeze, "pool5", "shared", grid=3, pool="max", precision="bf16")
+    assert (np.linalg.norm(fast - ref, axis=1) / np.linalg.norm(ref, axis=1)).max() < 0.03
     with pytest.raises(ValueError, match="precision"):
         extract_features(img, boxes, squeeze, "fc7", "warp", precision="fp8")
     with pytest.raises(ValueError, match="precision"):

@@ -242,8 +242,8 @@ def _extract(image, boxes, bb: Backbone, layer, layers, mode, batch_size, contex
                 # the resized image's true per-axis scale (its size was rounded to whole pixels)
                 rois = torch.from_numpy(boxes[sel] * np.array([sx, sy, sx, sy], np.float32))
                 rois = torch.cat([torch.zeros(len(sel), 1), rois], 1).to(fmap.device)
-                if pool == "max":
-                    pooled = roi_pool(fmap, rois, g, 1.0 / bb.stride)
+                if pool == "max":  # torchvision has no CPU autocast rule for roi_pool: pool in float32
+                    pooled = roi_pool(fmap.float(), rois.float(), g, 1.0 / bb.stride)
                 else:
                     pooled = roi_align(fmap, rois, g, 1.0 / bb.stride, sampling_ratio=2, aligned=True)
                 out = bb.head(pooled, layers, g)
