@@ -14,18 +14,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
-import cv2
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rcnn.cache import save_json
-from rcnn.data import load_dataset, load_image
-from rcnn.segmentation import class_masks
 from rcnn.segmentation.maskhead import MASKHEADS, train_mask_head
-
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "PennFudanPed"
+from segmentation_ranker import ROOT, train_split
 
 
 def main() -> None:
@@ -35,14 +32,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=MASKHEADS / "pennfudan.safetensors")
     args = ap.parse_args()
     torch.set_num_threads(1)  # shared CPU; the head is small
-    cv2.setNumThreads(1)
-    if not DATA.is_dir():
-        raise SystemExit(f"{DATA}: Penn-Fudan not found")
-    recs = load_dataset(DATA, "train").records
-    if args.limit:
-        recs = recs[: args.limit]
-    images = [load_image(r.path) for r in recs]
-    gts = [class_masks(r, 1)[0] for r in recs]
+    images, gts = train_split(args.limit)
     pred = train_mask_head(images, gts, epochs=args.epochs, log=print)
     pred.save(args.out)
     info = {"dataset": "PennFudanPed", "split": "train", **pred.info, "load_average": os.getloadavg()[0],

@@ -27,20 +27,25 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "PennFudanPed"
 
 
+def train_split(limit: int = 0) -> tuple[list, list]:
+    """Penn-Fudan's train split (the first ``limit`` images; 0 = all): RGB images and their person
+    instance masks — what the packaged ranker and mask head learn from (never val or test)."""
+    cv2.setNumThreads(1)
+    if not DATA.is_dir():
+        raise SystemExit(f"{DATA}: Penn-Fudan not found")
+    recs = load_dataset(DATA, "train").records
+    if limit:
+        recs = recs[:limit]
+    return [load_image(r.path) for r in recs], [class_masks(r, 1)[0] for r in recs]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--limit", type=int, default=0, help="training images (0 = the whole train split)")
     ap.add_argument("--trees", type=int, default=40)
     ap.add_argument("--out", type=Path, default=RANKERS / "pennfudan.npz")
     args = ap.parse_args()
-    cv2.setNumThreads(1)
-    if not DATA.is_dir():
-        raise SystemExit(f"{DATA}: Penn-Fudan not found")
-    recs = load_dataset(DATA, "train").records
-    if args.limit:
-        recs = recs[: args.limit]
-    images = [load_image(r.path) for r in recs]
-    gts = [class_masks(r, 1)[0] for r in recs]
+    images, gts = train_split(args.limit)
     cfg = MaskProposalConfig()
     t0 = time.perf_counter()
     ranker, summary = train_mask_ranker(images, gts, cfg, n_trees=args.trees)
