@@ -26,12 +26,15 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import numpy as np
+
 from rcnn.cache import cache_dir, save_json, settings_hash
 from rcnn.data import load_dataset, load_image
 from rcnn.detect import (
     CNNFeatures,
     DetectStats,
     HOGFeatures,
+    RegionFeatures,
     detect_dataset,
     evaluate_model,
     fill_layers,
@@ -148,6 +151,11 @@ def row_specs() -> list[dict]:
     rows.append({"name": "squeezenet1_1 pool5 6x6 shared bf16 2 mining passes (all)", "set": "full",
                  "backbone": "squeezenet1_1", "layer": "pool5", "mode": "shared", "grid": 6, "precision": "bf16",
                  "svm": {"passes": 2}})
+    # SPP-net's spatial pyramid: the 6x6 (bf16) and 3x3 (fp32, the main row's) grids concatenated, 23040-d;
+    # the negative cache bound doubled so RBC's ~6000 hard negatives fit
+    rows.append({"name": "squeezenet1_1 pool5 pyramid 6x6+3x3 shared (all)", "set": "full", "backbone": "squeezenet1_1",
+                 "layer": "pool5", "mode": "shared", "pyramid": [{"grid": 6, "precision": "bf16"}, {"grid": 3}],
+                 "svm": {"max_cache_mb": 1024.0}})
     # RoI *max* pooling (Fast R-CNN's RoIPool; AlexNet's pool5 is a max pool) instead of RoIAlign's average
     rows.append({"name": "squeezenet1_1 pool5 6x6 max shared bf16 (all)", "set": "full", "backbone": "squeezenet1_1",
                  "layer": "pool5", "mode": "shared", "grid": 6, "precision": "bf16", "pool": "max"})
@@ -164,9 +172,42 @@ def feature_config(row: dict, with_gt: bool = False) -> FeatureConfig:
                          context_pad=row.get("context", 0), pool=row.get("pool"), with_gt=with_gt)
 
 
+class PyramidFeatures(RegionFeatures):
+    """An experiment, not a model a user can run yet: the concatenated features of several cached RoI
+    grids of the same proposals (SPP-net's spatial pyramid, e.g. 6x6 + 3x3), read from their caches."""
+
+    def __init__(self, sources: list[CNNFeatures]):
+        self.sources = sources
+        first = sources[0]
+        self.name, self.layer, self.mode, self.proposal_config = first.name, first.layer, first.mode, PROPOSALS
+
+    @property
+    def weights_hash(self) -> str:  # type: ignore[override]
+        return self.sources[0].weights_hash
+
+    def options(self) -> dict:
+        return {"pyramid": [s.options() for s in self.sources]}
+
+    def regions(self, record):
+        parts = [s.regions(record) for s in self.sources]
+        if any(len(b) != len(parts[0][0]) or not np.allclose(b, parts[0][0]) for b, _ in parts):
+            raise ValueError(f"{record.path}: the pyramid levels' caches hold different proposals")
+        return parts[0][0], np.concatenate([f for _, f in parts], axis=1)
+
+    def gt_features(self, record):
+        return np.concatenate([s.gt_features(record) for s in self.sources], axis=1)
+
+
+def levels(row: dict) -> list[dict]:
+    """The single-grid rows whose caches a pyramid row reads (the row itself otherwise)."""
+    return [{**row, **lv, "pyramid": None} for lv in row["pyramid"]] if row.get("pyramid") else [row]
+
+
 def source_for(row: dict, root: Path):
     if row["backbone"] == "hog":
         return HOGFeatures(PROPOSALS, root)
+    if row.get("pyramid"):
+        return PyramidFeatures([CNNFeatures(PROPOSALS, feature_config(lv), root) for lv in levels(row)])
     return CNNFeatures(PROPOSALS, feature_config(row), root)
 
 
@@ -301,7 +342,7 @@ def _row_cache_mb(row: dict, root: Path, recs) -> float:
         src = HOGFeatures(PROPOSALS, root)
         paths = [_gt_cache_path(k, src.key, root, r) for r in recs for k in ("hog_features", "hog_gt_features")]
     else:
-        paths = [feature_path(r, PROPOSALS, feature_config(row, True), root) for r in recs]
+        paths = [feature_path(r, PROPOSALS, feature_config(lv, True), root) for lv in levels(row) for r in recs]
     return sum(p.stat().st_size for p in paths if p.exists()) / 1e6
 
 
@@ -358,8 +399,8 @@ def ready(row: dict, test_only: bool = False) -> bool:
         from rcnn.detect import _gt_cache_path
 
         return all(_gt_cache_path("hog_features", src.key, root, r).exists() for r in recs)
-    fc = feature_config(row, True)
-    return all(_load(feature_path(r, PROPOSALS, fc, root), file_sha256(r.path)) is not None for r in recs)
+    fcs = [feature_config(lv, True) for lv in levels(row)]
+    return all(_load(feature_path(r, PROPOSALS, fc, root), file_sha256(r.path)) is not None for fc in fcs for r in recs)
 
 
 def run(names: list[str] | None, force: bool, partial: bool = False) -> None:
