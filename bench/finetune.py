@@ -188,10 +188,8 @@ def train_test_records():
 def ft_config(layer: str, grid: int = GRID) -> FeatureConfig:
     """Fine-tuned features; ``grid=6`` (the SVM on a finer RoI grid of the same fine-tuned trunk, the
     frozen detector's best grid) in bf16, as the frozen 6×6 row (18432-d: ~15 GB for all of BCCD)."""
-    if grid == GRID:
-        return FeatureConfig(backbone="squeezenet1_1", weights=str(net_path()), layer=layer, mode="shared", grid=GRID)
     return FeatureConfig(backbone="squeezenet1_1", weights=str(net_path()), layer=layer, mode="shared", grid=grid,
-                         precision="bf16")
+                         precision="fp32" if grid == GRID else "bf16")
 
 
 def frozen_config(layer: str) -> FeatureConfig:

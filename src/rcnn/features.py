@@ -50,6 +50,13 @@ def _round(x: float) -> int:
     return int(np.floor(abs(x) + 0.5) * np.sign(x))
 
 
+def _context_scale(size: int, context_pad: int) -> float:
+    """How much a box grows so that ``context_pad`` of the ``size`` output pixels are context on each side."""
+    if not 0 <= 2 * context_pad < size:
+        raise ValueError(f"context_pad must be in [0, {(size - 1) // 2}], not {context_pad}")
+    return size / (size - 2 * context_pad)
+
+
 def crop_geometry(box: Sequence[float], size: int, context_pad: int, method: str, width: int, height: int):
     """Where a box's pixels go in the ``size``² crop (``rcnn_im_crop`` in 0-based pixel edges).
 
@@ -65,9 +72,7 @@ def crop_geometry(box: Sequence[float], size: int, context_pad: int, method: str
         a, b = max(0, _round(x1)), max(0, _round(y1))
         c, d = min(width, max(a + 1, _round(x2))), min(height, max(b + 1, _round(y2)))
         return (min(a, width - 1), min(b, height - 1), c, d), (0, 0, size, size)
-    if not 0 <= 2 * context_pad < size:
-        raise ValueError(f"context_pad must be in [0, {(size - 1) // 2}], not {context_pad}")
-    scale = size / (size - 2 * context_pad)
+    scale = _context_scale(size, context_pad)
     hw, hh = max(x2 - x1, 1.0) / 2, max(y2 - y1, 1.0) / 2
     cx, cy = x1 + hw, y1 + hh
     if method != "warp":  # tightest enclosing square
@@ -92,10 +97,8 @@ def dilate_boxes(boxes: np.ndarray, size: int, context_pad: int) -> np.ndarray:
     pixels of context surround the original box — the window :func:`crop_geometry` crops, before
     clipping; shared mode pools it (RoIAlign samples outside the image read zero, the mean after
     mean subtraction, as the warp fills them with the mean)."""
-    if not 0 <= 2 * context_pad < size:
-        raise ValueError(f"context_pad must be in [0, {(size - 1) // 2}], not {context_pad}")
     b = np.asarray(boxes, np.float32).reshape(-1, 4)
-    scale = size / (size - 2 * context_pad)
+    scale = _context_scale(size, context_pad)
     half = np.maximum(b[:, 2:] - b[:, :2], 1.0) / 2
     centre = b[:, :2] + half
     return np.concatenate([centre - half * scale, centre + half * scale], axis=1).astype(np.float32)
