@@ -71,6 +71,8 @@ def _recall(splits: dict, config: MaskProposalConfig) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mode", default="shared", choices=["shared", "warp"])
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                    help="CNN arithmetic (bf16: CPU bfloat16 autocast, a separate cache)")
     ap.add_argument("--train-regions", type=int, default=50)
     ap.add_argument("--limit", type=int, default=0, help="images per split (0 = all), for quick checks")
     ap.add_argument("--workers", type=int, default=1, help="proposal processes (1 = in this process)")
@@ -83,7 +85,7 @@ def main() -> None:
     if args.limit:
         for d in splits.values():
             d.records = d.records[: args.limit]
-    mc, fc = MaskProposalConfig(), RegionFeatureConfig(mode=args.mode)
+    mc, fc = MaskProposalConfig(), RegionFeatureConfig(mode=args.mode, precision=args.precision)
     result: dict = {"dataset": "PennFudanPed", "split_rule": "rcnn.data.fixed_split (test = every 4th by name; "
                     "val = every 4th of the rest)", "images": {s: len(d) for s, d in splits.items()},
                     "mask_config": asdict(mc), "feature_config": asdict(fc),
@@ -142,7 +144,7 @@ def main() -> None:
             print(f"{strategy:8s} {tap:6s} bg {row['background_iou']:.3f} person {row['person_iou']:.3f} "
                   f"mean {row['mean_iou']:.3f} train {row['train_seconds']:.1f}s th {th}")
             if strategy == "full+fg" and tap == "fc6":
-                _example(model, test, args.out.with_name("segmentation_example.png"))
+                _example(model, test, args.out.with_name(f"{args.out.stem}_example.png"))
     result["table3"] = rows
     # Timings of a run that filled the caches are kept when a later run only read them.
     prev = json.loads(args.out.read_text()) if args.out.is_file() else {}

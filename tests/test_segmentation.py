@@ -163,6 +163,33 @@ def test_fg_of_a_full_box_mask_equals_full(mode):
         region_features(img, np.ones((1, 10, 10), bool), None, cfg)
 
 
+def test_region_features_bf16_option():
+    img, _ = _scene()
+    masks = np.zeros((2, 120, 160), bool)
+    masks[0, 30:90, 50:100] = True
+    masks[1, 20:70, 10:60] = True
+    masks[1, 20:40, 10:30] = False
+    fp32 = RegionFeatureConfig(mode="warp", taps=("fc7",))
+    bf16 = RegionFeatureConfig(mode="warp", taps=("fc7",), precision="bf16")
+    # fp32 keeps the key caches had before the option existed; bf16 is a separate cache
+    from dataclasses import asdict
+
+    from rcnn.cache import settings_hash
+    from rcnn.segmentation.features import FEATURE_VERSION
+
+    d = asdict(fp32)
+    d.pop("batch_size"), d.pop("precision")
+    assert fp32.key() == settings_hash("region-features", FEATURE_VERSION, d)
+    assert bf16.key() != fp32.key()
+    a, b = region_features(img, masks, None, fp32), region_features(img, masks, None, bf16)
+    for s in ("full", "fg"):
+        assert b[s]["fc7"].dtype == np.float32
+        err = np.linalg.norm(a[s]["fc7"] - b[s]["fc7"]) / np.linalg.norm(a[s]["fc7"])
+        assert 0 < err < 0.05, (s, err)  # bf16 arithmetic really ran, and stays close
+    with pytest.raises(ValueError, match="precision"):
+        RegionFeatureConfig(precision="fp16")
+
+
 # ------------------------------------------------------------------ learning + pasting
 
 
@@ -229,6 +256,31 @@ def test_train_segmenter_learns_iou_and_round_trips(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"not a model")
     with pytest.raises(ValueError, match=r"bad\.safetensors"):
         SegmentationModel.load(tmp_path / "bad.safetensors")
+
+
+def test_train_segmenter_full_weight():
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=16)
+    train = _synthetic_items(rng, w)
+    # make the fg half uninformative: a large full weight must then fit better than a small one
+    for it in train:
+        it.feats["fg"]["fc6"] = rng.normal(size=it.feats["fg"]["fc6"].shape).astype(np.float32)
+    val = _synthetic_items(rng, w, 3)
+    base = train_segmenter(train, ["person"], "full+fg", "fc6", C=1.0)
+    assert base.info["full_weight"] == 1.0
+    corr = {}
+    for fw in (0.05, 3.0):
+        m = train_segmenter(train, ["person"], "full+fg", "fc6", C=0.001, full_weight=fw)
+        assert m.scales["full"] == pytest.approx(fw * base.scales["full"]) and m.scales["fg"] == base.scales["fg"]
+        pred = np.concatenate([m.score(it.feats)[:, 0] for it in val])
+        corr[fw] = np.corrcoef(pred, np.concatenate([it.targets[:, 0] for it in val]))[0, 1]
+    assert corr[3.0] > corr[0.05] + 0.05
+    # single-half strategies ignore the weight
+    assert train_segmenter(train, ["person"], "full", "fc6", full_weight=5.0).scales == \
+        train_segmenter(train, ["person"], "full", "fc6").scales
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="full_weight"):
+            train_segmenter(train, ["person"], "full+fg", "fc6", full_weight=bad)
 
 
 # ------------------------------------------------------------------------ VOC measure

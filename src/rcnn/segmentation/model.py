@@ -248,12 +248,16 @@ class SegmentationModel:
                    mask_config, RegionFeatureConfig(**fc), meta.get("info", {}))
 
 
-def _norm_scales(items: Sequence[ImageRegions], strategy: str, tap: str) -> dict[str, float]:
+def _norm_scales(items: Sequence[ImageRegions], strategy: str, tap: str, full_weight: float = 1.0) -> dict[str, float]:
+    """Per half, the factor that brings its mean L2 norm to ``FEATURE_NORM``; in ``full+fg``
+    the ``full`` half's factor is further multiplied by ``full_weight``."""
     parts = ["full", "fg"] if strategy == "full+fg" else [strategy]
     out = {}
     for p in parts:
         norms = np.concatenate([np.linalg.norm(it.feats[p][tap].astype(np.float32), axis=1) for it in items])
         out[p] = float(FEATURE_NORM / max(float(norms.mean()), 1e-6))
+    if strategy == "full+fg":
+        out["full"] *= full_weight
     return out
 
 
@@ -266,16 +270,24 @@ def train_segmenter(
     epsilon: float = 0.0,
     mask_config: MaskProposalConfig = MaskProposalConfig(),
     feature_config: RegionFeatureConfig = RegionFeatureConfig(),
+    full_weight: float = 1.0,  # paper §4 concatenates the two halves as they are (equal norms)
 ) -> SegmentationModel:
     """Fit one ``LinearSVR`` per class on all rows (regions + ground-truth masks) of ``train``,
-    regressing each row's IoU with that class."""
+    regressing each row's IoU with that class.
+
+    ``full_weight`` (``full+fg`` only; > 0): the ``full`` half's scale relative to the ``fg``
+    half, both first brought to mean norm ``FEATURE_NORM``. The SVR's L2 penalty then costs
+    ``1/full_weight²`` as much per unit of ``full`` weight, i.e. a per-block C; ignored for
+    the single-half strategies."""
     from sklearn.svm import LinearSVR
 
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, not {strategy!r}")
     if not train:
         raise ValueError("no training images")
-    scales = _norm_scales(train, strategy, tap)
+    if not (np.isfinite(full_weight) and full_weight > 0):
+        raise ValueError(f"full_weight must be a positive number, not {full_weight!r}")
+    scales = _norm_scales(train, strategy, tap, full_weight)
     model = SegmentationModel(classes, strategy, tap, np.zeros((len(classes), 0), np.float32),
                               np.zeros(len(classes), np.float32), scales, 0.0, mask_config, feature_config)
     X = np.concatenate([model.features(it.feats) for it in train])
@@ -292,7 +304,7 @@ def train_segmenter(
         W[c], b[c] = svr.coef_.astype(np.float32), np.float32(svr.intercept_[0])
     model.W, model.b = W, b
     model.info = {"train_rows": int(X.shape[0]), "dim": int(X.shape[1]), "train_seconds": time.perf_counter() - t0,
-                  "C": C, "epsilon": epsilon}
+                  "C": C, "epsilon": epsilon, "full_weight": full_weight if strategy == "full+fg" else None}
     return model
 
 
