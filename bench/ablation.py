@@ -227,6 +227,9 @@ def prepare(worker: int, workers: int, what: str) -> None:
     elif what == "grid6":
         fc = FeatureConfig(backbone="squeezenet1_1", mode="shared", grid=6, precision="bf16")
         jobs = [(r, fc, ["pool5"]) for r in te.records + tv.records]
+    elif what == "grid6flip-test":  # test-time flip averaging: test images only (the model is trained unflipped)
+        fc = FeatureConfig(backbone="squeezenet1_1", mode="shared", grid=6, precision="bf16", flip=True)
+        jobs = [(r, fc, ["pool5"]) for r in te.records]
     elif what == "grid6max":
         fc = FeatureConfig(backbone="squeezenet1_1", mode="shared", grid=6, precision="bf16", pool="max")
         jobs = [(r, fc, ["pool5"]) for r in te.records + tv.records]
@@ -511,7 +514,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("prepare")
-    p.add_argument("what", help="full | warp-half | multiscale | grid6 | grid6max | ctx3 | ctx6 | subset-<backbone>-<shared|warp> | hog | gray")
+    p.add_argument("what", help="full | warp-half | multiscale | grid6 | grid6flip-test | grid6max | ctx3 | ctx6 | subset-<backbone>-<shared|warp> | hog | gray")
     p.add_argument("--worker", type=int, default=0)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)

@@ -65,6 +65,9 @@ GRID = 3  # the main model's RoI grid (bench/ablation.py GRID)
 #: classifier reading the 6×6 RoI grid (18432-d, the frozen detector's best grid); ``--net`` picks one.
 NETS = {"main": CONFIG, "g6": replace(CONFIG, grid=6)}
 NET = "main"
+#: ``--flip-test``: test-time flip averaging (``FeatureConfig(flip=True)``, not in the paper) on the test
+#: images only; the SVMs / regressors are trained on the plain trainval features as before
+FLIP_TEST = False
 
 
 def net_config() -> FinetuneConfig:
@@ -159,9 +162,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--frozen", action="store_true", help="features: ImageNet pool5 for the reference rows")
     ap.add_argument("--rows", nargs="*", help="substrings of row names (default: all)")
+    ap.add_argument("--flip-test", action="store_true", help="features/run: test-time flip averaging (test images only)")
     a = ap.parse_args(argv)
-    global NET
-    NET = a.net
+    global NET, FLIP_TEST
+    NET, FLIP_TEST = a.net, a.flip_test
     if a.cmd == "train":
         train()
     elif a.cmd == "warp-cost":
@@ -203,10 +207,19 @@ def features(worker: int = 0, workers: int = 1, frozen: bool = False, grid: int 
 
     set_threads(1 if workers > 1 else None)
     _, _, tr, te = train_test_records()
-    recs = (te + tr)[worker::workers]
+    recs = (te if FLIP_TEST else te + tr)[worker::workers]
     t0 = time.time()
     for i, r in enumerate(recs):
-        if frozen:
+        if FLIP_TEST:  # what run() reads at test time: the regressor's 3x3 pool5 and the rows' taps
+            g = net_config().grid
+            n = fill_layers(r, PROPOSALS, replace(ft_config("pool5"), flip=True), ["pool5"], DATA, compress=False)
+            if g != GRID:
+                n += fill_layers(r, PROPOSALS, replace(ft_config("pool5", g), flip=True), ["pool5", FT_TAP], DATA,
+                                 compress=False)
+            else:
+                n += fill_layers(r, PROPOSALS, replace(ft_config("fc7"), flip=True), ["pool5", FT_TAP], DATA,
+                                 compress=False)
+        elif frozen:
             n = fill_layers(r, PROPOSALS, frozen_config("pool5"), ["pool5"], DATA, compress=False)
         elif NET != "main":  # 3x3 pool5 for the box regressor, the classifier's own grid for SVM + softmax
             g = net_config().grid
@@ -264,16 +277,19 @@ def run(names: list[str] | None = None) -> None:
         if names and not any(n in name for n in names):
             continue
         src = CNNFeatures(PROPOSALS, fc, DATA)
-        if not all(feature_path(r, PROPOSALS, src.feature_config, DATA).exists() for r in tr + te_recs):
+        test_src = CNNFeatures(PROPOSALS, replace(fc, flip=True), DATA) if FLIP_TEST else src
+        if not all(feature_path(r, PROPOSALS, src.feature_config, DATA).exists() for r in tr) or \
+                not all(feature_path(r, PROPOSALS, test_src.feature_config, DATA).exists() for r in te_recs):
             print(f"skip (feature cache not filled): {name}", flush=True)  # never hours of extraction here
             continue
+        name = f"{name} + test flip" if FLIP_TEST else name
         t0 = time.time()
         if kind == "svm":
             model, _ = fit(tv, src, svm, records=tr)
         else:
             model = softmax_model(net_path(), PROPOSALS, FeatureConfig(mode="shared", grid=fc.grid, precision=fc.precision))
         train_s = time.time() - t0
-        plain, spi = _evaluate(model, te, src, False)
+        plain, spi = _evaluate(model, te, test_src, False)
         out = {"name": name, "train_images": len(tr), "test_images": len(te_recs), **plain,
                "train_seconds_from_cache": round(train_s, 1), "test_seconds_per_image_from_cache": round(spi, 3)}
         print(f"{name}: mAP {plain['mAP']:.4f} {plain['ap']} ({train_s:.0f} s)", flush=True)
@@ -284,13 +300,13 @@ def run(names: list[str] | None = None) -> None:
         for lam, suffix in ((1000.0, ""), (CV_LAMBDAS, " (λ CV on trainval)")):
             reg, reg_s = regressor(lam)
             attach(model, reg)
-            withreg, spi = _evaluate(model, te, src, True)
+            withreg, spi = _evaluate(model, te, test_src, True)
             r2 = {**out, **withreg, "name": f"{name} + bbox reg{suffix}", "train_seconds_from_cache": round(train_s + reg_s, 1),
                   "test_seconds_per_image_from_cache": round(spi, 3), "lambda": reg.lam}
             results["rows"][r2["name"]] = r2
             print(f"{r2['name']}: mAP {withreg['mAP']:.4f} {withreg['ap']} λ {reg.lam}", flush=True)
             save_json(OUT, results)
-            if name == "FT pool5 SVM" and not suffix:
+            if name == "FT pool5 SVM" and not suffix and not FLIP_TEST:
                 model.save(RESULTS / "bccd_squeezenet_ft_pool5_shared_bboxreg.rcnn")  # git-ignored
 
 

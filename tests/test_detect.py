@@ -210,3 +210,25 @@ def test_cnn_features_gt_rows_and_one_pass_fill(tmp_path):
     np.testing.assert_allclose(all_boxes[: len(rec.boxes)], rec.boxes)
     direct = src.extract(load_image(rec.path), rec.boxes)
     np.testing.assert_allclose(gt.astype(np.float32), direct, rtol=2e-2, atol=2e-2)
+
+
+def test_feature_source_flip_override_reaches_the_box_regressor():
+    """``feature_source(flip=True)``: test-time flip averaging for a model trained without it (a
+    different cache key), also for the box regressor's features; HOG has no such option."""
+    from rcnn.bbox_regression import BoxRegressor
+
+    class BB:
+        name = "squeezenet1_1"
+        weights_hash = "ab" * 32
+
+    m = _model()
+    plain, flipped = m.feature_source(backbone=BB()), m.feature_source(backbone=BB(), flip=True)
+    assert not plain.feature_config.flip and flipped.feature_config.flip
+    assert plain.feature_config.key() != flipped.feature_config.key()
+    reg = BoxRegressor(classes=m.classes, W=np.zeros((3, 8, 4), np.float32), b=np.zeros((3, 4), np.float32),
+                       trained=np.ones(3, bool), feature_scale=1.0, layer="pool5",
+                       feature_options={"backbone": "squeezenet1_1", "layer": "pool5", "mode": "shared", "grid": 3})
+    assert reg.source_like(flipped).feature_config.flip and not reg.source_like(plain).feature_config.flip
+    hog = RCNNModel(**{**m.__dict__, "backbone": "hog", "feature_options": {}})
+    with pytest.raises(ModelError, match="HOG"):
+        hog.feature_source(flip=True)

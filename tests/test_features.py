@@ -173,6 +173,25 @@ def test_shared_context_pad_pools_the_warp_window(squeeze):
     assert FeatureConfig(mode="shared", method="square").key() == FeatureConfig(mode="shared").key()
 
 
+def test_flip_averaging_is_mirror_equivariant(squeeze):
+    """Flip-averaged features of the mirrored image at the mirrored box are the original's with
+    the pool5 grid mirrored (fc7, a global mean, unchanged) — in both modes."""
+    img = data.coffee()[::2, ::2].copy()  # 300×200
+    w = img.shape[1]
+    boxes = np.array([[10, 10, 120, 90], [100, 50, 250, 190], [5, 5, 45, 60]], np.float32)
+    mirrored = np.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], 1)
+    for mode in ("warp", "shared"):
+        a = extract_features(img, boxes, squeeze, ["pool5", "fc7"], mode, grid=3, flip=True)
+        b = extract_features(np.ascontiguousarray(img[:, ::-1]), mirrored, squeeze, ["pool5", "fc7"], mode, grid=3, flip=True)
+        np.testing.assert_allclose(b["fc7"], a["fc7"], rtol=1e-3, atol=1e-3)
+        grid_a = a["pool5"].reshape(3, 512, 3, 3)[..., ::-1].reshape(3, -1)
+        np.testing.assert_allclose(b["pool5"], grid_a, rtol=1e-3, atol=2e-3)
+        plain = extract_features(img, boxes, squeeze, "pool5", mode, grid=3)
+        assert not np.allclose(plain, a["pool5"], atol=1e-2)  # it really averaged another view
+    assert FeatureConfig(flip=True).key() != FeatureConfig().key()
+    assert "flip-averaged" in FeatureConfig(flip=True).describe()
+
+
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 

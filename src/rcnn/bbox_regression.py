@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -148,6 +148,8 @@ class BoxRegressor:
         from rcnn.detect import CNNFeatures
 
         fc = self.feature_config()
+        if getattr(getattr(source, "feature_config", None), "flip", False):  # test-time flip averaging throughout
+            fc = replace(fc, flip=True)
         same = getattr(source, "feature_config", None) is not None and \
             (source.feature_config.backbone, source.feature_config.weights) == (fc.backbone, fc.weights)
         src = CNNFeatures(source.proposal_config, fc, getattr(source, "dataset_root", None),

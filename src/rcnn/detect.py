@@ -170,11 +170,15 @@ class RCNNModel:
             opts["ks"] = tuple(opts["ks"])
         return ProposalConfig(**{k: v for k, v in opts.items() if k in {f.name for f in fields(ProposalConfig)}})
 
-    def feature_source(self, dataset_root: str | Path | None = None, backbone=None) -> RegionFeatures:
-        """The feature source this model was trained on, checked against the installed backbone."""
+    def feature_source(self, dataset_root: str | Path | None = None, backbone=None, flip: bool | None = None) -> RegionFeatures:
+        """The feature source this model was trained on, checked against the installed backbone.
+        ``flip``: override test-time flip averaging (:class:`rcnn.features.FeatureConfig`; CNN only)."""
         if self.backbone == HOG_BACKBONE:
+            if flip:
+                raise ModelError("flip averaging needs CNN features, not HOG")
             return HOGFeatures(self.proposal_config(), dataset_root, **self.feature_options)
-        src = CNNFeatures.from_options(self.proposal_config(), self.feature_options, dataset_root, backbone=backbone)
+        opts = self.feature_options if flip is None else {**self.feature_options, "flip": flip}
+        src = CNNFeatures.from_options(self.proposal_config(), opts, dataset_root, backbone=backbone)
         check_backbone(self, src.backbone)
         return src
 

@@ -176,6 +176,7 @@ def extract_features(
     max_side: int = SHARED_MAX_SIDE,
     device: str | torch.device | None = None,
     precision: str = "fp32",
+    flip: bool = False,
 ) -> np.ndarray | dict[str, np.ndarray]:
     """CNN features of each box of an (H,W,3) RGB uint8 image.
 
@@ -190,6 +191,9 @@ def extract_features(
     ``device`` (``auto``/``cpu``/``cuda``, see :mod:`rcnn.device`; None = where the network is):
     on CUDA, float16 autocast and pinned-memory input batches; results are float32 on the host.
     ``precision="bf16"``: bfloat16 autocast on the CPU (:func:`rcnn.device.autocast`).
+    ``flip``: test-time augmentation (not in the paper) — each region's pooled map is the mean of
+    the region's and its mirror's (mirrored image, mirrored box, pooled grid mirrored back), so
+    every tap sees both; twice the trunk work.
     """
     bb = get_backbone(backbone) if isinstance(backbone, str) else backbone
     layers = _layers(layer)
@@ -202,11 +206,11 @@ def extract_features(
     dev = place_backbone(bb, device)
     with autocast(dev, precision):
         return _extract(image, boxes, bb, layer, layers, mode, batch_size, context_pad, method, scales, grid, pool,
-                        max_side, dev)
+                        max_side, dev, flip)
 
 
 def _extract(image, boxes, bb: Backbone, layer, layers, mode, batch_size, context_pad, method, scales, grid, pool,
-             max_side, dev: torch.device) -> np.ndarray | dict[str, np.ndarray]:
+             max_side, dev: torch.device, flip: bool = False) -> np.ndarray | dict[str, np.ndarray]:
     boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
     fixed = bb.name == "alexnet" or bb.name.startswith("vgg")  # fc6 needs exactly 6×6
     g = 6 if fixed else int(grid or bb.pool5_grid)
@@ -215,7 +219,11 @@ def _extract(image, boxes, bb: Backbone, layer, layers, mode, batch_size, contex
         for s in range(0, len(boxes), batch_size):
             crops = warp_regions(image, boxes[s : s + batch_size], bb.input_size, context_pad, method,
                                  fill=bb.mean_rgb(), interpolation=bb.interpolation)
-            out = bb.head(bb.to_grid(bb.trunk(host_to(bb.preprocess(crops), dev))), layers, g)
+            grid_maps = bb.to_grid(bb.trunk(host_to(bb.preprocess(crops), dev)))
+            if flip:  # the mirrored crop is the warp of the mirrored box in the mirrored image
+                mirrored = bb.to_grid(bb.trunk(host_to(bb.preprocess(np.ascontiguousarray(crops[:, :, ::-1])), dev)))
+                grid_maps = (grid_maps + mirrored.flip(-1)) * 0.5
+            out = bb.head(grid_maps, layers, g)
             for k in layers:
                 chunks[k].append(to_host(out[k]))
     else:
@@ -239,16 +247,18 @@ def _extract(image, boxes, bb: Backbone, layer, layers, mode, batch_size, contex
             sx, sy = size[0] / w, size[1] / h
             flag = cv2.INTER_CUBIC if bb.interpolation == "bicubic" or sc > 1 else cv2.INTER_AREA
             img = image if size == (w, h) else cv2.resize(image, size, interpolation=flag)
-            fmap = bb.trunk(host_to(bb.preprocess(img[None]), dev))
+            fmaps = [bb.trunk(host_to(bb.preprocess(img[None]), dev))]
+            if flip:
+                fmaps.append(bb.trunk(host_to(bb.preprocess(np.ascontiguousarray(img[None, :, ::-1])), dev)))
             for s in range(0, len(idx), batch_size):
                 sel = idx[s : s + batch_size]
                 # the resized image's true per-axis scale (its size was rounded to whole pixels)
-                rois = torch.from_numpy(boxes[sel] * np.array([sx, sy, sx, sy], np.float32))
-                rois = torch.cat([torch.zeros(len(sel), 1), rois], 1).to(fmap.device)
-                if pool == "max":  # torchvision has no CPU autocast rule for roi_pool: pool in float32
-                    pooled = roi_pool(fmap.float(), rois.float(), g, 1.0 / bb.stride)
-                else:
-                    pooled = roi_align(fmap, rois, g, 1.0 / bb.stride, sampling_ratio=2, aligned=True)
+                scaled = boxes[sel] * np.array([sx, sy, sx, sy], np.float32)
+                pooled = _roi_pool(fmaps[0], scaled, g, bb.stride, pool)
+                if flip:  # the mirrored box [W-x2, W-x1) in the mirrored map, its grid mirrored back
+                    mirrored = scaled[:, [2, 1, 0, 3]] * np.array([-1, 1, -1, 1], np.float32) + np.array(
+                        [size[0], 0, size[0], 0], np.float32)
+                    pooled = (pooled + _roi_pool(fmaps[1], mirrored, g, bb.stride, pool).flip(-1)) * 0.5
                 out = bb.head(pooled, layers, g)
                 for k in layers:
                     chunks[k].append(to_host(out[k]))
@@ -262,6 +272,14 @@ def _extract(image, boxes, bb: Backbone, layer, layers, mode, batch_size, contex
         d = bb.dim(k, g)
         res[k] = torch.cat(chunks[k]).float().numpy() if chunks[k] else np.zeros((0, d), np.float32)
     return res[layers[0]] if isinstance(layer, str) else res
+
+
+def _roi_pool(fmap: torch.Tensor, boxes: np.ndarray, g: int, stride: int, pool: str) -> torch.Tensor:
+    """``(N,C,g,g)`` pooled cells of boxes ``(N,4)`` given in the map's input pixels."""
+    rois = torch.cat([torch.zeros(len(boxes), 1), torch.from_numpy(np.ascontiguousarray(boxes))], 1).to(fmap.device)
+    if pool == "max":  # torchvision has no CPU autocast rule for roi_pool: pool in float32
+        return roi_pool(fmap.float(), rois.float(), g, 1.0 / stride)
+    return roi_align(fmap, rois, g, 1.0 / stride, sampling_ratio=2, aligned=True)
 
 
 # ----------------------------------------------------------------------------- cache
@@ -287,6 +305,8 @@ class FeatureConfig:
     device: str = field(default="auto", compare=False)
     # CPU arithmetic: "fp32" (faithful) or "bf16" (~2x faster on AVX512-BF16 CPUs); in the key
     precision: str = "fp32"
+    # test-time augmentation (not in the paper): pooled maps averaged with the mirrored region's
+    flip: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -319,6 +339,8 @@ class FeatureConfig:
         d.pop("weights")
         if self.precision == "fp32":  # keeps the keys of caches written before the option existed
             d.pop("precision")
+        if not self.flip:  # likewise
+            d.pop("flip")
         if self.mode == "warp":  # shared-only options do not change warp features...
             d.pop("scales"), d.pop("pool")
             if self.layer != "pool5":  # ...and the grid only matters for pool5 in warp mode
@@ -332,7 +354,7 @@ class FeatureConfig:
     def extract_options(self) -> dict:
         """The keyword arguments of :func:`extract_features` these settings stand for."""
         return dict(mode=self.mode, batch_size=self.batch_size, context_pad=self.context_pad, method=self.method,
-                    scales=self.scales, grid=self.grid, pool=self.pool, precision=self.precision)
+                    scales=self.scales, grid=self.grid, pool=self.pool, precision=self.precision, flip=self.flip)
 
     def backbone_obj(self) -> Backbone:
         return get_backbone(self.backbone, self.weights)
@@ -342,6 +364,7 @@ class FeatureConfig:
                  else f"{self.method}, context {self.context_pad}")
         extra += f", context {self.context_pad}" if self.mode == "shared" and self.context_pad else ""
         extra += ", bf16" if self.precision == "bf16" else ""
+        extra += ", flip-averaged" if self.flip else ""
         return f"{self.backbone} {self.layer} {self.mode} ({extra})"
 
 

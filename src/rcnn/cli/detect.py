@@ -63,12 +63,16 @@ def _load_model(path: Path):
         raise fail(str(e), 2) from None
 
 
-def _source(model, root=None):
+FlipOpt = Annotated[bool, typer.Option("--flip", help="Test-time flip averaging: each region's pooled map averaged with its "
+                                       "mirror's (2x the CNN work; not in the paper, no gain measured on BCCD)")]
+
+
+def _source(model, root=None, flip: bool = False):
     from rcnn.backbones import WeightsError
     from rcnn.detect import ModelError
 
     try:
-        return model.feature_source(root)
+        return model.feature_source(root, flip=True if flip else None)
     except (ModelError, WeightsError, ValueError) as e:
         raise fail(f"cannot use this model here: {e}", 2) from None
 
@@ -190,6 +194,7 @@ def detect(
     top_k: Annotated[int | None, typer.Option("--top-k", help="At most this many detections per image")] = None,
     no_png: Annotated[bool, typer.Option("--no-png", help="Skip the annotated PNGs")] = False,
     no_bbox_reg: Annotated[bool, typer.Option("--no-bbox-reg", help="Do not refine boxes with the model's box regressor")] = False,
+    flip: FlipOpt = False,
     engine: EngineOpt = "local",
     address: AddressOpt = None,
     workers: WorkersOpt = None,
@@ -211,7 +216,7 @@ def detect(
     check_engine(engine, address)
     _log_warnings()
     model = _load_model(model_path)
-    source = _source(model)
+    source = _source(model, flip=flip)
     # --engine ray: proposals + features on Ray workers into the cache first (rcnn.distributed)
     cached = ray_fill_images(images, source, address, workers) if engine == "ray" else None
 
@@ -277,6 +282,7 @@ def evaluate(
     metric: Annotated[str, typer.Option("--metric", help=f"One of {METRICS}")] = "voc07",
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Folder for results JSON, PR curves, detections")] = None,
     no_bbox_reg: Annotated[bool, typer.Option("--no-bbox-reg", help="Do not refine boxes with the model's box regressor")] = False,
+    flip: FlipOpt = False,
     workers: WorkersOpt = None,
     engine: EngineOpt = "local",
     address: AddressOpt = None,
@@ -295,7 +301,7 @@ def evaluate(
     missing = [c for c in ds.classes if c not in model.classes]
     if missing:
         err_console.print(f"[yellow]warning:[/] dataset classes not in the model (AP undefined): {missing}")
-    source = _source(model, ds.root)
+    source = _source(model, ds.root, flip)
     if engine == "ray":  # rcnn.distributed: proposals + features on Ray workers, same caches
         if not isinstance(source, CNNFeatures):
             raise fail("--engine ray needs a CNN-feature model (HOG features are computed in this process)", 2)
