@@ -34,6 +34,7 @@ from rcnn.detect import (
     CNNFeatures,
     DetectStats,
     HOGFeatures,
+    MirrorAugmented,
     RegionFeatures,
     detect_dataset,
     evaluate_model,
@@ -157,6 +158,10 @@ def row_specs() -> list[dict]:
                  "layer": "pool5", "mode": "shared", "pyramid": [{"grid": 6, "precision": "bf16"}, {"grid": 3}],
                  "svm": {"max_cache_mb": 1024.0}})
     # RoI *max* pooling (Fast R-CNN's RoIPool; AlexNet's pool5 is a max pool) instead of RoIAlign's average
+    # training-set augmentation (not in the paper): each trainval image also mirrored (MirrorAugmented)
+    rows.append({"name": "squeezenet1_1 pool5 6x6 shared bf16 + mirrored training images (all)", "set": "full",
+                 "backbone": "squeezenet1_1", "layer": "pool5", "mode": "shared", "grid": 6, "precision": "bf16",
+                 "augment": "mirror"})
     rows.append({"name": "squeezenet1_1 pool5 6x6 max shared bf16 (all)", "set": "full", "backbone": "squeezenet1_1",
                  "layer": "pool5", "mode": "shared", "grid": 6, "precision": "bf16", "pool": "max"})
     rows.append({"name": "HOG (subset)", "set": "subset", "backbone": "hog", "layer": "hog", "mode": "warp"})
@@ -208,7 +213,8 @@ def source_for(row: dict, root: Path):
         return HOGFeatures(PROPOSALS, root)
     if row.get("pyramid"):
         return PyramidFeatures([CNNFeatures(PROPOSALS, feature_config(lv), root) for lv in levels(row)])
-    return CNNFeatures(PROPOSALS, feature_config(row), root)
+    src = CNNFeatures(PROPOSALS, feature_config(row), root)
+    return MirrorAugmented(src) if row.get("augment") == "mirror" else src
 
 
 def prepare(worker: int, workers: int, what: str) -> None:
@@ -230,6 +236,9 @@ def prepare(worker: int, workers: int, what: str) -> None:
     elif what == "grid6flip-test":  # test-time flip averaging: test images only (the model is trained unflipped)
         fc = FeatureConfig(backbone="squeezenet1_1", mode="shared", grid=6, precision="bf16", flip=True)
         jobs = [(r, fc, ["pool5"]) for r in te.records]
+    elif what == "grid6mirror":  # training-set augmentation: the mirrored trainval images' features
+        fc = FeatureConfig(backbone="squeezenet1_1", mode="shared", grid=6, precision="bf16", mirror=True)
+        jobs = [(r, fc, ["pool5"]) for r in tv.records]
     elif what == "grid6max":
         fc = FeatureConfig(backbone="squeezenet1_1", mode="shared", grid=6, precision="bf16", pool="max")
         jobs = [(r, fc, ["pool5"]) for r in te.records + tv.records]
@@ -403,7 +412,9 @@ def ready(row: dict, test_only: bool = False) -> bool:
 
         return all(_gt_cache_path("hog_features", src.key, root, r).exists() for r in recs)
     fcs = [feature_config(lv, True) for lv in levels(row)]
-    return all(_load(feature_path(r, PROPOSALS, fc, root), file_sha256(r.path)) is not None for fc in fcs for r in recs)
+    mirrored = [replace(fc, mirror=True) for fc in fcs] if row.get("augment") == "mirror" and not test_only else []
+    return all(_load(feature_path(r, PROPOSALS, fc, root), file_sha256(r.path)) is not None for fc in fcs for r in recs) \
+        and all(_load(feature_path(r, PROPOSALS, fc, root), file_sha256(r.path)) is not None for fc in mirrored for r in tr_recs)
 
 
 def run(names: list[str] | None, force: bool, partial: bool = False) -> None:
@@ -514,7 +525,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("prepare")
-    p.add_argument("what", help="full | warp-half | multiscale | grid6 | grid6flip-test | grid6max | ctx3 | ctx6 | subset-<backbone>-<shared|warp> | hog | gray")
+    p.add_argument("what", help="full | warp-half | multiscale | grid6 | grid6flip-test | grid6mirror | grid6max | ctx3 | ctx6 | subset-<backbone>-<shared|warp> | hog | gray")
     p.add_argument("--worker", type=int, default=0)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)

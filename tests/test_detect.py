@@ -232,3 +232,32 @@ def test_feature_source_flip_override_reaches_the_box_regressor():
     hog = RCNNModel(**{**m.__dict__, "backbone": "hog", "feature_options": {}})
     with pytest.raises(ModelError, match="HOG"):
         hog.feature_source(flip=True)
+
+
+def test_mirror_augmented_training_sees_both_views(tmp_path):
+    """MirrorAugmented: each training image twice (itself, then mirrored: same boxes, the mirrored
+    image's features); the model it trains scores plain features and says it was augmented."""
+    from rcnn.data import load_dataset, load_image
+    from rcnn.detect import CNNFeatures, MirrorAugmented
+    from rcnn.features import FeatureConfig, extract_features
+    from rcnn.proposals import ProposalConfig
+    from test_cli_detect import _tiny_voc
+
+    data = _tiny_voc(tmp_path / "voc", n=5)
+    ds = load_dataset(data, "trainval")
+    pc = ProposalConfig(mode="fast", resize_width=0, max_boxes=20)
+    src = MirrorAugmented(CNNFeatures(pc, FeatureConfig(backbone="squeezenet1_1", layer="fc6", mode="shared", grid=3), data))
+    recs = src.augment(ds.records[:2])
+    assert [r.image_id for r in recs] == [ds.records[0].image_id] * 2 + [ds.records[1].image_id] * 2
+    (b0, f0), (b1, f1) = src.regions(recs[0]), src.regions(recs[1])
+    np.testing.assert_allclose(b0, b1)  # same labelled boxes...
+    assert not np.allclose(f0, f1, atol=1e-2)  # ...described by another view
+    img = load_image(recs[1].path)
+    w = img.shape[1]
+    gt = recs[1].boxes
+    mirrored = np.stack([w - gt[:, 2], gt[:, 1], w - gt[:, 0], gt[:, 3]], 1)
+    ref = extract_features(np.ascontiguousarray(img[:, ::-1]), mirrored, src.plain.backbone, "fc6", "shared", grid=3)
+    np.testing.assert_allclose(src.gt_features(recs[1]).astype(np.float32), ref, rtol=2e-2, atol=2e-2)
+    model, _ = fit(ds, src, SVMConfig(retrain_limit=50, stats_images=4))
+    assert model.training["augment"] == "mirror" and model.training["images"] == len(ds.records)
+    assert "mirror" not in {k for k, v in model.feature_options.items() if v}  # tested on plain features

@@ -188,7 +188,12 @@ def test_flip_averaging_is_mirror_equivariant(squeeze):
         np.testing.assert_allclose(b["pool5"], grid_a, rtol=1e-3, atol=2e-3)
         plain = extract_features(img, boxes, squeeze, "pool5", mode, grid=3)
         assert not np.allclose(plain, a["pool5"], atol=1e-2)  # it really averaged another view
-    assert FeatureConfig(flip=True).key() != FeatureConfig().key()
+        # mirror: the mirrored image's features at the mirrored boxes
+        m = extract_features(img, boxes, squeeze, "pool5", mode, grid=3, mirror=True)
+        ref = extract_features(np.ascontiguousarray(img[:, ::-1]), mirrored, squeeze, "pool5", mode, grid=3)
+        np.testing.assert_allclose(m, ref, rtol=1e-4, atol=1e-4)
+        assert not np.allclose(m, plain, atol=1e-2)
+    assert FeatureConfig(flip=True).key() != FeatureConfig().key() != FeatureConfig(mirror=True).key()
     assert "flip-averaged" in FeatureConfig(flip=True).describe()
 
 

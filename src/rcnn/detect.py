@@ -332,6 +332,57 @@ class CNNFeatures(RegionFeatures):
         return dir_size_mb(feature_dir(self.proposal_config, self.feature_config, self.dataset_root or "."))
 
 
+class MirrorAugmented(RegionFeatures):
+    """Training-set augmentation (not in the paper; the released code trains on the images as
+    they are): every training image is seen twice, as itself and mirrored. The mirrored view
+    (``FeatureConfig(mirror=True)``) keeps the original image's boxes, so positives, negatives
+    and IoUs are those of the original; only the features differ. ``augment(records)`` returns
+    the records to train on (each followed by its mirrored view); the model it trains scores
+    plain features (:meth:`options` are the plain source's)."""
+
+    def __init__(self, source: CNNFeatures):
+        self.plain = source
+        self.mirror = CNNFeatures(source.proposal_config, replace(source.feature_config, mirror=True),
+                                  source.dataset_root, backbone=source._backbone)
+        self.name, self.layer, self.mode = source.name, source.layer, source.mode
+        self.proposal_config, self.dataset_root = source.proposal_config, source.dataset_root
+        self._views: dict[int, ImageRecord] = {}  # id(mirrored copy) -> the copy (kept alive)
+
+    @property
+    def weights_hash(self) -> str:  # type: ignore[override]
+        return self.plain.weights_hash
+
+    @property
+    def feature_config(self):
+        return self.plain.feature_config
+
+    def options(self) -> dict:
+        return self.plain.options()
+
+    def augment(self, records: Sequence[ImageRecord]) -> list[ImageRecord]:
+        out = []
+        for r in records:
+            view = replace(r)
+            self._views[id(view)] = view
+            out += [r, view]
+        return out
+
+    def _src(self, record: ImageRecord) -> CNNFeatures:
+        return self.mirror if id(record) in self._views else self.plain
+
+    def regions(self, record: ImageRecord) -> tuple[np.ndarray, np.ndarray]:
+        return self._src(record).regions(record)
+
+    def gt_features(self, record: ImageRecord) -> np.ndarray:
+        return self._src(record).gt_features(record)
+
+    def image_regions(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.plain.image_regions(image)
+
+    def cache_mb(self) -> float:
+        return self.plain.cache_mb() + self.mirror.cache_mb()
+
+
 def fill_layers(
     record: ImageRecord, proposal_config, feature_config, layers: Sequence[str], dataset_root, compress: bool = True
 ) -> int:
@@ -453,7 +504,8 @@ def fit(
 ) -> tuple[RCNNModel, TrainResult]:
     """Train the per-class SVMs on ``dataset`` (or a subset ``records``) and wrap them as a model."""
     recs = list(dataset.records if records is None else records)
-    res = train_detector(recs, dataset.classes, source, svm, progress)
+    res = train_detector(source.augment(recs) if isinstance(source, MirrorAugmented) else recs, dataset.classes, source,
+                         svm, progress)
     model = RCNNModel(
         classes=list(dataset.classes), W=res.W, b=res.b, trained=res.trained, feature_scale=res.feature_scale,
         backbone=source.name, weights_hash=source.weights_hash, layer=source.layer, mode=source.mode,
@@ -464,6 +516,7 @@ def fit(
             "image_ids_hash": settings_hash([r.image_id for r in recs]), "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "svm": svm.key(), "mean_feature_norm": res.mean_norm, "num_pos": dict(zip(dataset.classes, res.num_pos, strict=True)),
             "seconds": round(res.seconds, 2), "warnings": res.warnings,
+            **({"augment": "mirror"} if isinstance(source, MirrorAugmented) else {}),
             "objective": {c: [round(h["objective"], 6) for h in hist] for c, hist in zip(dataset.classes, res.history, strict=True)},
             "final_cache": {c: (hist[-1]["num_neg_after_evict"] if hist else 0) for c, hist in zip(dataset.classes, res.history, strict=True)},
         },
@@ -660,6 +713,7 @@ def save_pr_curves(result: EvalResult, out_dir: str | Path) -> list[Path]:
 
 
 __all__ = [
-    "FORMAT_VERSION", "CNNFeatures", "DetectStats", "HOGFeatures", "HOGOptions", "ModelError", "RCNNModel", "RegionFeatures",
+    "FORMAT_VERSION", "CNNFeatures", "DetectStats", "HOGFeatures", "HOGOptions", "MirrorAugmented", "ModelError", "RCNNModel",
+    "RegionFeatures",
     "check_backbone", "detect_dataset", "detect_image", "evaluate_model", "fit", "hog_features", "postprocess", "save_pr_curves",
 ]

@@ -177,6 +177,7 @@ def extract_features(
     device: str | torch.device | None = None,
     precision: str = "fp32",
     flip: bool = False,
+    mirror: bool = False,
 ) -> np.ndarray | dict[str, np.ndarray]:
     """CNN features of each box of an (H,W,3) RGB uint8 image.
 
@@ -193,7 +194,8 @@ def extract_features(
     ``precision="bf16"``: bfloat16 autocast on the CPU (:func:`rcnn.device.autocast`).
     ``flip``: test-time augmentation (not in the paper) — each region's pooled map is the mean of
     the region's and its mirror's (mirrored image, mirrored box, pooled grid mirrored back), so
-    every tap sees both; twice the trunk work.
+    every tap sees both; twice the trunk work. ``mirror``: the features of the mirrored image at
+    the mirrored boxes (training-set augmentation: a second sample of the same labelled region).
     """
     bb = get_backbone(backbone) if isinstance(backbone, str) else backbone
     layers = _layers(layer)
@@ -202,6 +204,10 @@ def extract_features(
         raise ValueError(f"unknown layer(s) {bad} for backbone {bb.name}; choose from {list(bb.taps)}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+    if mirror:
+        image = np.ascontiguousarray(np.asarray(image)[:, ::-1])
+        b = np.asarray(boxes, np.float32).reshape(-1, 4)
+        boxes = np.stack([image.shape[1] - b[:, 2], b[:, 1], image.shape[1] - b[:, 0], b[:, 3]], 1)
     set_threads(threads)
     dev = place_backbone(bb, device)
     with autocast(dev, precision):
@@ -307,6 +313,9 @@ class FeatureConfig:
     precision: str = "fp32"
     # test-time augmentation (not in the paper): pooled maps averaged with the mirrored region's
     flip: bool = False
+    # training-set augmentation (not in the paper): features of the mirrored image at the mirrored
+    # boxes; the stored boxes stay the original image's, so labels and IoUs are unchanged
+    mirror: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -339,8 +348,9 @@ class FeatureConfig:
         d.pop("weights")
         if self.precision == "fp32":  # keeps the keys of caches written before the option existed
             d.pop("precision")
-        if not self.flip:  # likewise
-            d.pop("flip")
+        for opt in ("flip", "mirror"):  # likewise
+            if not d[opt]:
+                d.pop(opt)
         if self.mode == "warp":  # shared-only options do not change warp features...
             d.pop("scales"), d.pop("pool")
             if self.layer != "pool5":  # ...and the grid only matters for pool5 in warp mode
@@ -354,7 +364,8 @@ class FeatureConfig:
     def extract_options(self) -> dict:
         """The keyword arguments of :func:`extract_features` these settings stand for."""
         return dict(mode=self.mode, batch_size=self.batch_size, context_pad=self.context_pad, method=self.method,
-                    scales=self.scales, grid=self.grid, pool=self.pool, precision=self.precision, flip=self.flip)
+                    scales=self.scales, grid=self.grid, pool=self.pool, precision=self.precision, flip=self.flip,
+                    mirror=self.mirror)
 
     def backbone_obj(self) -> Backbone:
         return get_backbone(self.backbone, self.weights)
@@ -365,6 +376,7 @@ class FeatureConfig:
         extra += f", context {self.context_pad}" if self.mode == "shared" and self.context_pad else ""
         extra += ", bf16" if self.precision == "bf16" else ""
         extra += ", flip-averaged" if self.flip else ""
+        extra += ", mirrored" if self.mirror else ""
         return f"{self.backbone} {self.layer} {self.mode} ({extra})"
 
 
