@@ -3,7 +3,8 @@
 Writes ``bench/results/segmentation.json``: mask recall of the region proposals (best
 region IoU per ground-truth instance, test split), then for each (strategy, tap) the
 background / person / mean IoU on the test split, the pasting threshold chosen on val and
-the SVR training time. Every image's regions and features (all taps, both strategies) are
+the SVR training time, and per tap a paired bootstrap over the test images of ``full+fg``
+against ``full`` and ``fg``. Every image's regions and features (all taps, both strategies) are
 computed once and cached, so re-runs and the nine rows read the same cache.
 
     python bench/segmentation.py [--mode shared|warp] [--train-regions 50] [--limit N]
@@ -32,8 +33,10 @@ from rcnn.segmentation import (
     class_masks,
     evaluate_segmenter,
     get_mask_proposals,
+    image_confusions,
     mask_recall,
     overlay,
+    paired_bootstrap,
     prepare_dataset,
     train_segmenter,
 )
@@ -41,6 +44,7 @@ from rcnn.segmentation import (
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "PennFudanPed"
 OUT = ROOT / "bench" / "results" / "segmentation.json"
+TRAIN_REGIONS = 50  # top regions per training image in the main table (plus the GT masks)
 
 
 def _propose(path: str, config: MaskProposalConfig = MaskProposalConfig()) -> float:
@@ -73,7 +77,7 @@ def main() -> None:
     ap.add_argument("--mode", default="shared", choices=["shared", "warp"])
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                     help="CNN arithmetic (bf16: CPU bfloat16 autocast, a separate cache)")
-    ap.add_argument("--train-regions", type=int, default=50)
+    ap.add_argument("--train-regions", type=int, default=TRAIN_REGIONS)
     ap.add_argument("--limit", type=int, default=0, help="images per split (0 = all), for quick checks")
     ap.add_argument("--workers", type=int, default=1, help="proposal processes (1 = in this process)")
     ap.add_argument("--C", type=float, nargs="+", default=[0.0001, 0.001, 0.01, 0.1], help="LinearSVR C grid (chosen on val)")
@@ -123,6 +127,7 @@ def main() -> None:
 
     # 4. Table 3: per (strategy, tap) train on train, threshold on val, evaluate on test
     rows = []
+    confs: dict[tuple[str, str], np.ndarray] = {}
     for strategy in STRATEGIES:
         for tap in fc.taps:
             # LinearSVR's C and the pasting threshold are both chosen on val
@@ -135,6 +140,8 @@ def main() -> None:
             model, th, table = best
             model.threshold = th
             ev = evaluate_segmenter(model, test)
+            confs[(strategy, tap)] = image_confusions(
+                [it.label_map for it in test], [model.predict(it.regions, it.feats) for it in test], 2)
             row = {"strategy": strategy, "tap": tap, "C": model.info["C"], "dim": model.info["dim"],
                    "train_rows": model.info["train_rows"],
                    "train_seconds": model.info["train_seconds"], "threshold": th, "val_mean_iou": table[th],
@@ -143,11 +150,27 @@ def main() -> None:
             rows.append(row)
             print(f"{strategy:8s} {tap:6s} bg {row['background_iou']:.3f} person {row['person_iou']:.3f} "
                   f"mean {row['mean_iou']:.3f} train {row['train_seconds']:.1f}s th {th}")
-            if strategy == "full+fg" and tap == "fc6":
+            if strategy == "full+fg" and tap == "fc6" and args.train_regions == TRAIN_REGIONS:
                 _example(model, test, args.out.with_name(f"{args.out.stem}_example.png"))
     result["table3"] = rows
+    # paired bootstrap over the test images: is full+fg's difference to full / fg more than noise?
+    boot = {tap: {f"full+fg_vs_{b}": paired_bootstrap(confs[("full+fg", tap)], confs[(b, tap)]) for b in ("full", "fg")}
+            for tap in fc.taps}
+    for tap, v in boot.items():
+        print("bootstrap", tap, {k: (round(x["difference"], 4), [round(y, 4) for y in x["ci95"]], x["p_a_better"])
+                                 for k, x in v.items()})
+    result["test_bootstrap"] = boot
     # Timings of a run that filled the caches are kept when a later run only read them.
     prev = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    if args.train_regions != TRAIN_REGIONS and prev.get("feature_config", {}).get("mode") == args.mode:
+        # another number of training regions: kept beside the main table, which stays as it is
+        prev[f"table3_train_regions_{args.train_regions}"] = {
+            "note": f"same run with --train-regions {args.train_regions} (top regions of each training image + GT "
+                    "masks); C and threshold chosen on val", "C_grid": args.C,
+            "features_wall_seconds": result["features"]["wall_seconds"], "rows": rows, "test_bootstrap": boot}
+        save_json(args.out, prev)
+        print(json.dumps(rows, indent=1))
+        return
     # (per mask-proposal setting: a cold run of another method says nothing about this one)
     cold = prev.get("cold_cache")
     if cold is not None and cold.get("mask_key") != mc.key():

@@ -6,7 +6,9 @@ split, same training rows) and, per tap, trains ``full+fg`` with the ``full`` ha
 both halves at mean norm 20), for every LinearSVR C of a grid. The single-half rows
 (``full``, ``fg``) are trained on the same grid for reference. Everything is selected on
 the val split — per row the pasting threshold and C; for the ``full+fg (w on val)`` row
-also w — and each selected row is evaluated on test once. Writes
+also w — and each selected row is evaluated on test once; a paired bootstrap over the test
+images (``rcnn.segmentation.paired_bootstrap``) says how far ``full+fg``'s difference to
+``full`` and to ``fg`` is from noise. Writes
 ``bench/results/segmentation_fullfg.json`` under the key ``<mode>[-<precision>]``.
 
     python bench/segmentation_fullfg.py [--mode shared|warp] [--taps fc6 fc7] [--weights 0.25 0.5 1 2]
@@ -19,6 +21,8 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
+
 from rcnn.cache import save_json
 from rcnn.data import load_dataset
 from rcnn.segmentation import (
@@ -26,6 +30,8 @@ from rcnn.segmentation import (
     RegionFeatureConfig,
     choose_threshold,
     evaluate_segmenter,
+    image_confusions,
+    paired_bootstrap,
     prepare_dataset,
     train_segmenter,
 )
@@ -68,8 +74,13 @@ def main() -> None:
         m.threshold = th
         return {"model": m, "C": c, "w": w, "threshold": th, "val_mean_iou": table[th]}
 
+    confs: dict[tuple[str, str], np.ndarray] = {}
+
     def report(label: str, tap: str, best: dict, grid: list[dict]) -> dict:
         ev = evaluate_segmenter(best["model"], test)
+        m = best["model"]
+        confs[(label, tap)] = image_confusions([it.label_map for it in test],
+                                               [m.predict(it.regions, it.feats) for it in test], len(classes) + 1)
         row = {"row": label, "tap": tap, "C": best["C"], "full_weight": best["w"], "threshold": best["threshold"],
                "val_mean_iou": best["val_mean_iou"], "background_iou": ev["iou"]["background"],
                "person_iou": ev["iou"]["person"], "mean_iou": ev["mean_iou"],
@@ -92,6 +103,12 @@ def main() -> None:
                 rows.append(report("full+fg (w=1)", tap, max(by_w[w], key=lambda g: g["val_mean_iou"]), by_w[w]))
         grid = [g for v in by_w.values() for g in v]
         rows.append(report("full+fg (w on val)", tap, max(grid, key=lambda g: g["val_mean_iou"]), grid))
+        # paired bootstrap over the test images: is full+fg's lead (or deficit) more than noise?
+        for r in rows[-2:]:
+            r["test_bootstrap"] = {f"vs_{b}": paired_bootstrap(confs[(r["row"], tap)], confs[(b, tap)])
+                                   for b in ("full", "fg")}
+            print("   ", r["row"], {k: (round(v["difference"], 4), [round(x, 4) for x in v["ci95"]], v["p_a_better"])
+                                     for k, v in r["test_bootstrap"].items()})
     key = args.mode + ("" if args.precision == "fp32" else f"-{args.precision}")
     prev = json.loads(args.out.read_text()) if args.out.is_file() else {}
     prev[key] = {"feature_config": {"mode": args.mode, "precision": args.precision, "backbone": fc.backbone},

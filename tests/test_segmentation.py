@@ -306,6 +306,27 @@ def test_voc_segmentation_measure_known_confusion():
     assert np.isnan(empty.iou()[1]) and empty.evaluate()["mean_iou"] == 1.0
 
 
+def test_image_confusions_and_paired_bootstrap():
+    from rcnn.segmentation import image_confusions, mean_iou, paired_bootstrap
+
+    rng = np.random.default_rng(0)
+    gts = [(rng.random((6, 8)) < 0.4).astype(np.uint8) for _ in range(12)]
+    good = [np.where(rng.random(g.shape) < 0.9, g, 1 - g).astype(np.uint8) for g in gts]  # 10 % pixels flipped
+    bad = [np.where(rng.random(g.shape) < 0.6, g, 1 - g).astype(np.uint8) for g in gts]  # 40 % flipped
+    ca, cb = image_confusions(gts, good, 2), image_confusions(gts, bad, 2)
+    assert ca.shape == (12, 2, 2) and ca.sum() == 12 * 48
+    ev = SegmentationEvaluator(2)
+    for g, p in zip(gts, good, strict=True):
+        ev.process(g, p)
+    assert mean_iou(ca.sum(0)) == pytest.approx(ev.evaluate()["mean_iou"])
+    r = paired_bootstrap(ca, cb, n_boot=300)
+    assert r["difference"] > 0 and r["ci95"][0] > 0 and r["p_a_better"] == 1.0
+    same = paired_bootstrap(ca, ca, n_boot=50)
+    assert same["difference"] == 0 and same["p_a_better"] == 0 and same["ci95"] == [0.0, 0.0]
+    with pytest.raises(ValueError, match="same images"):
+        paired_bootstrap(ca, cb[:3])
+
+
 # ------------------------------------------------------------------- masks / bad input
 
 
@@ -401,6 +422,10 @@ def test_cli_errors(tmp_path):
     assert r.exit_code == 2
     r = runner.invoke(app, ["segment-train", str(tmp_path), "-o", str(tmp_path / "m.st"), "--strategy", "bogus"])
     assert r.exit_code == 2 and "strategy" in r.output
+    r = runner.invoke(app, ["segment-train", str(tmp_path), "-o", str(tmp_path / "m.st"), "--full-weight", "0"])
+    assert r.exit_code == 2 and "full-weight" in r.output
+    r = runner.invoke(app, ["segment-train", str(tmp_path), "-o", str(tmp_path / "m.st"), "--precision", "fp16"])
+    assert r.exit_code == 2 and "precision" in r.output
 
 
 @pytest.mark.slow

@@ -102,14 +102,19 @@ def segment_train(
     mode: Annotated[str, typer.Option(help="warp (paper: pixels masked) | shared (fast: feature-map masking)")] = "warp",
     train_regions: Annotated[int, typer.Option(help="Top regions per training image (plus its ground-truth masks)")] = 150,
     c: Annotated[float, typer.Option("--C", help="LinearSVR regularisation C")] = 0.01,
+    full_weight: Annotated[float, typer.Option(help="full+fg: the full half's scale relative to fg (1 = equal norms)")] = 1.0,
+    precision: Annotated[str, typer.Option(help="fp32 (faithful) | bf16 (CPU bfloat16 autocast, ~2x faster)")] = "fp32",
 ) -> None:
     """Train per-class linear SVRs predicting region mask IoU; choose the pasting threshold on the val split."""
     if strategy not in STRATEGIES:
         raise fail(f"--strategy must be one of {', '.join(STRATEGIES)}, not {strategy!r}", 2)
+    if not (full_weight > 0 and full_weight < float("inf")):
+        raise fail(f"--full-weight must be a positive number, not {full_weight}", 2)
     try:
         # every tap of Table 3 is cached in the same pass, so other (strategy, tap) runs reuse it
         taps = tuple(dict.fromkeys((*RegionFeatureConfig().taps, tap)))
-        fc = RegionFeatureConfig(backbone=backbone, weights=str(weights) if weights else None, taps=taps, mode=mode)
+        fc = RegionFeatureConfig(backbone=backbone, weights=str(weights) if weights else None, taps=taps, mode=mode,
+                                 precision=precision)
     except ValueError as e:
         raise fail(str(e), 2) from None
     mc = MaskProposalConfig()
@@ -124,7 +129,8 @@ def segment_train(
     _report_problems(problems)
     if not train:
         raise fail(f"{dataset}: no usable training images in split {split!r}", 2)
-    model = train_segmenter(train, train_ds.classes, strategy, tap, C=c, mask_config=mc, feature_config=fc)
+    model = train_segmenter(train, train_ds.classes, strategy, tap, C=c, mask_config=mc, feature_config=fc,
+                            full_weight=full_weight)
     if val:
         model.threshold, table = choose_threshold(model, val)
         model.info["val_mean_iou"] = table[model.threshold]

@@ -21,7 +21,13 @@ from rcnn.segmentation.masks import (
     read_voc_segmentation,
     save_label_png,
 )
-from rcnn.segmentation.metrics import SegmentationEvaluator, segmentation_iou
+from rcnn.segmentation.metrics import (
+    SegmentationEvaluator,
+    image_confusions,
+    mean_iou,
+    paired_bootstrap,
+    segmentation_iou,
+)
 from rcnn.segmentation.model import (
     ImageRegions,
     SegmentationModel,
@@ -48,7 +54,8 @@ __all__ = [
     "STRATEGIES", "ForestRanker", "ImageRegions", "MaskError", "MaskHead", "MaskPredictor", "MaskProposalConfig", "RegionFeatureConfig", "RegionMasks",
     "SegmentationEvaluator", "SegmentationModel", "choose_threshold", "class_label_map", "class_masks",
     "colorize", "combine", "evaluate_segmenter", "get_mask_proposals", "hierarchical_grouping",
-    "instance_masks", "load_mask_head", "load_segmentation_dataset", "mask_proposals", "mask_recall", "overlay", "paste",
+    "image_confusions", "instance_masks", "load_mask_head", "load_segmentation_dataset", "mask_proposals", "mask_recall", "mean_iou", "overlay",
+    "paired_bootstrap", "paste",
     "prepare_dataset", "prepare_image", "read_voc_segmentation", "region_features", "save_label_png",
     "segment_image", "segmentation_iou", "train_mask_head", "train_mask_ranker", "train_segmenter", "warp_masks",
 ]

@@ -61,6 +61,46 @@ class SegmentationEvaluator:
         }
 
 
+def mean_iou(confusion: np.ndarray) -> float:
+    """VOC mean IoU of a (C,C) confusion matrix (rows truth, columns prediction); classes
+    without any pixel are left out."""
+    c = np.asarray(confusion, np.float64)
+    tp = np.diag(c)
+    denom = c.sum(0) + c.sum(1) - tp
+    ok = denom > 0
+    return float((tp[ok] / denom[ok]).mean()) if ok.any() else float("nan")
+
+
+def image_confusions(gts: list[np.ndarray], preds: list[np.ndarray], num_classes: int) -> np.ndarray:
+    """(N,C,C) int64 confusion matrix of each (ground truth, prediction) pair of label maps."""
+    out = []
+    for g, p in zip(gts, preds, strict=True):
+        ev = SegmentationEvaluator(num_classes)
+        ev.process(g, p)
+        out.append(ev.confusion)
+    return np.stack(out) if out else np.zeros((0, num_classes, num_classes), np.int64)
+
+
+def paired_bootstrap(conf_a: np.ndarray, conf_b: np.ndarray, n_boot: int = 2000, seed: int = 0) -> dict:
+    """How sure is "method a beats method b" on this set of images? ``conf_a`` / ``conf_b``:
+    (N,C,C) per-image confusions of the two methods on the *same* N images. Images are
+    resampled with replacement (the same draw for both, so the comparison is paired) and the
+    VOC mean IoU recomputed over each draw. Returns the difference on the full set
+    (``a - b``), its 95 % percentile interval, and the fraction of draws where a > b."""
+    conf_a, conf_b = np.asarray(conf_a), np.asarray(conf_b)
+    if conf_a.shape != conf_b.shape or conf_a.ndim != 3 or len(conf_a) == 0:
+        raise ValueError(f"need two (N,C,C) confusion stacks of the same images, got {conf_a.shape} and {conf_b.shape}")
+    rng = np.random.default_rng(seed)
+    n = len(conf_a)
+    diffs = np.empty(n_boot)
+    for i in range(n_boot):
+        idx = rng.integers(0, n, n)
+        diffs[i] = mean_iou(conf_a[idx].sum(0)) - mean_iou(conf_b[idx].sum(0))
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    return {"difference": mean_iou(conf_a.sum(0)) - mean_iou(conf_b.sum(0)), "ci95": [float(lo), float(hi)],
+            "p_a_better": float((diffs > 0).mean()), "images": n, "draws": n_boot}
+
+
 def segmentation_iou(gts: list[np.ndarray], preds: list[np.ndarray], num_classes: int) -> dict:
     """VOC measure over a list of (ground truth, prediction) label maps."""
     ev = SegmentationEvaluator(num_classes)
