@@ -144,3 +144,9 @@ def test_detect_without_model_uses_imagenet_demo_detector(tmp_path):
     assert "cat" in out.output
     rows = json.loads((tmp_path / "out" / "detections_coco.json").read_text())
     assert rows and (tmp_path / "out" / "chelsea.png").is_file()
+
+
+def test_relocalize_needs_a_box_regressor(tmp_path):
+    r = runner.invoke(app, ["detect", str(_hog_model(tmp_path)), str(_image(tmp_path)), "-o", str(tmp_path / "o"),
+                            "--relocalize", "1"])
+    assert r.exit_code == 2 and "box regressor" in r.output

@@ -261,3 +261,50 @@ def test_mirror_augmented_training_sees_both_views(tmp_path):
     model, _ = fit(ds, src, SVMConfig(retrain_limit=50, stats_images=4))
     assert model.training["augment"] == "mirror" and model.training["images"] == len(ds.records)
     assert "mirror" not in {k for k, v in model.feature_options.items() if v}  # tested on plain features
+
+
+def test_relocalize_rescores_and_regresses_the_regressed_boxes():
+    """Iterative localisation: each candidate's own-class regressed box is re-scored (its score is
+    the score of the box it came from, as for proposals) and regressed again; 0 rounds changes nothing."""
+    from rcnn.detect import relocalize
+    from rcnn.scoring import score_topk
+
+    class Source:  # features of a box = its coordinates
+        feature_config = None
+
+        def extract(self, image, boxes):
+            return np.asarray(boxes, np.float32).reshape(-1, 4)
+
+    class Reg:  # class c moves every box c + 1 px right
+        def source_like(self, source):
+            return source
+
+        def refine(self, boxes, feats, w, h):
+            out = np.repeat(np.asarray(boxes, np.float32)[:, None], 2, 1)
+            out[:, :, [0, 2]] += np.array([1.0, 2.0], np.float32)[None, :, None]
+            return out
+
+    W = np.array([[1, 0], [0, 1], [0, 0], [0, 0]], np.float32)  # class 0 scores x1, class 1 scores y1
+    m = RCNNModel(classes=["a", "b"], W=W, b=np.zeros(2, np.float32), trained=np.ones(2, bool), feature_scale=1.0,
+                  backbone="x", weights_hash="x", layer="x", mode="shared", bbox_reg=Reg())
+    props = np.array([[0, 0, 10, 10], [20, 5, 30, 15], [40, 1, 50, 11]], np.float32)
+    cand = score_topk(props, W, np.zeros(2, np.float32), k=None)
+    per_class = Reg().refine(props, props, 100, 100)  # (N,C,4) after the first regression
+    img = np.zeros((100, 100, 3), np.uint8)
+    boxes, top = relocalize(m, img, Source(), per_class, cand, rounds=1)
+    ri, ci, sv = top.flat()
+    assert len(ri) == 6 and sorted(ci.tolist()) == [0, 0, 0, 1, 1, 1]  # every (proposal, class) candidate once
+    for r, c, v in zip(ri, ci, sv, strict=True):
+        b1 = per_class[:, c]  # the candidates of class c after the first regression
+        k = int(np.argmin(np.abs(b1 + np.array([c + 1, 0, c + 1, 0], np.float32) - boxes[r]).sum(1)))
+        np.testing.assert_allclose(boxes[r], b1[k] + np.array([c + 1, 0, c + 1, 0]))  # regressed once more
+        assert v == pytest.approx(b1[k, c])  # scored as the box b1 (class 0 scores x1, class 1 y1)
+    assert top.scores[0].tolist() == sorted(top.scores[0].tolist(), reverse=True)
+    b0, t0 = relocalize(m, img, Source(), per_class, cand, rounds=0)
+    ref = postprocess(per_class, cand)
+    got = postprocess(b0, t0)
+    for x, y in zip(ref, got, strict=True):
+        np.testing.assert_allclose(x, y)
+    m.bbox_reg = None
+    with pytest.raises(ModelError, match="box regressor"):
+        relocalize(m, img, Source(), per_class, cand)

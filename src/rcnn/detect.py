@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 #: Released ``rcnn_test.m``: ``max_per_image = 100`` boxes per class and image.
 MAX_PER_CLASS = 100
+#: iterative localisation (``relocalize``): each class's best this-many candidates are re-scored
+RELOCALIZE_TOP = 200
 #: Detection scores every region for every class while ``N × C`` is at most this (64 MB of
 #: float32); with more classes only the best ``PRE_NMS_FACTOR × max_per_class`` regions per class
 #: reach NMS (rcnn.scoring keeps them on the fly), so memory stays bounded for 100k classes.
@@ -584,13 +586,46 @@ def postprocess(
     return b, s, lab
 
 
+def relocalize(
+    model: RCNNModel, image: np.ndarray, source: RegionFeatures, boxes: np.ndarray, cand: TopK, rounds: int = 1,
+    top: int = RELOCALIZE_TOP,
+) -> tuple[np.ndarray, TopK]:
+    """Iterative localisation (Gidaris & Komodakis 2015; not in the R-CNN paper, whose detections
+    keep the proposal's score for the regressed box): each class's ``top`` best candidates in
+    ``cand`` take their regressed box (``boxes`` ``(N,C,4)``, per class), which is *re-scored* and
+    regressed again, ``rounds`` times; a detection's score is then the score of the box that was
+    regressed last, as for the proposals. The new boxes' features are extracted from ``image``
+    (not cached). Returns ``(boxes (M,4), TopK over those M boxes)`` for :func:`postprocess`."""
+    reg = model.bbox_reg
+    if reg is None:
+        raise ModelError("iterative localisation needs a box regressor in the model (rcnn bbox-reg)")
+    pos = cand.indices[:, :top]
+    ci, slot = np.nonzero(pos >= 0)
+    own = np.arange(len(ci))
+    cur = np.asarray(boxes, np.float32)[pos[ci, slot], ci]  # (M,4): each candidate's box for its class
+    scores = cand.scores[ci, slot]
+    reg_src = reg.source_like(source)
+    same = getattr(reg_src, "feature_config", None) == getattr(source, "feature_config", None)
+    h, w = image.shape[:2]
+    for _ in range(int(rounds) if len(cur) else 0):
+        feats = source.extract(image, cur)
+        scores = model.score(feats)[own, ci]
+        cur = reg.refine(cur, feats if same else reg_src.extract(image, cur), w, h)[own, ci]
+    idx = np.full(pos.shape, -1, np.int64)
+    sc = np.full(pos.shape, -np.inf, np.float32)
+    idx[ci, slot], sc[ci, slot] = own, scores
+    order = np.argsort(-sc, axis=1, kind="stable")  # TopK rows are sorted by decreasing score
+    return cur, TopK(np.take_along_axis(idx, order, 1), np.take_along_axis(sc, order, 1))
+
+
 def detect_image(
     model: RCNNModel, image: np.ndarray, source: RegionFeatures | None = None, threshold: float | None = None,
-    top_k: int | None = None, max_per_class: int | None = MAX_PER_CLASS, bbox_reg: bool = True,
+    top_k: int | None = None, max_per_class: int | None = MAX_PER_CLASS, bbox_reg: bool = True, relocalize_rounds: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Detect in one RGB uint8 image: ``(boxes (K,4) xyxy, scores (K,), labels (K,))``.
     An image without proposals gives no detections (and a warning). ``bbox_reg``: refine boxes
-    with the model's box regressor (if it has one) after scoring, before NMS."""
+    with the model's box regressor (if it has one) after scoring, before NMS.
+    ``relocalize_rounds``: rounds of iterative localisation (:func:`relocalize`; 0 = the paper)."""
     source = source or model.feature_source()
     boxes, feats = source.image_regions(image)
     if len(boxes) == 0:
@@ -599,6 +634,8 @@ def detect_image(
     cand = model.score_topk(feats, model.candidates_per_class(len(boxes), max_per_class), threshold)
     if bbox_reg and model.bbox_reg is not None:
         boxes = model.bbox_reg.refine_image(image, boxes, source)
+        if relocalize_rounds:
+            boxes, cand = relocalize(model, image, source, boxes, cand, relocalize_rounds)
     return postprocess(boxes, cand, model.nms_iou, threshold, top_k, max_per_class, model.trained)
 
 
@@ -618,9 +655,11 @@ def detect_dataset(
     model: RCNNModel, dataset: Dataset, source: RegionFeatures | None = None, threshold: float | None = None,
     top_k: int | None = None, max_per_class: int | None = MAX_PER_CLASS, records: Sequence[ImageRecord] | None = None,
     progress: Callable[[int, int], None] | None = None, stats: DetectStats | None = None, bbox_reg: bool = True,
+    relocalize_rounds: int = 0,
 ) -> Detections:
     """Detections over a dataset split, reading proposals/features from the caches (computing
-    and storing missing ones). Labels index ``model.classes``."""
+    and storing missing ones). Labels index ``model.classes``. ``relocalize_rounds``: see
+    :func:`relocalize` (the new boxes' features are computed from the image, not cached)."""
     from rcnn.data import ImageReadError
 
     source = source or model.feature_source(dataset.root)
@@ -642,6 +681,8 @@ def detect_dataset(
             cand = model.score_topk(feats, model.candidates_per_class(len(boxes), max_per_class), threshold)
             if bbox_reg and model.bbox_reg is not None:  # after scoring, before NMS (released rcnn_test.m)
                 boxes = model.bbox_reg.refine_record(r, boxes, source)
+                if relocalize_rounds:
+                    boxes, cand = relocalize(model, load_image(r.path), source, boxes, cand, relocalize_rounds)
             b, s, lab = postprocess(boxes, cand, model.nms_iou, threshold, top_k, max_per_class, model.trained)
             parts.append(Detections(np.array([r.image_id] * len(s), dtype=object), b, s, lab))
         stats.images += 1
@@ -715,5 +756,6 @@ def save_pr_curves(result: EvalResult, out_dir: str | Path) -> list[Path]:
 __all__ = [
     "FORMAT_VERSION", "CNNFeatures", "DetectStats", "HOGFeatures", "HOGOptions", "MirrorAugmented", "ModelError", "RCNNModel",
     "RegionFeatures",
-    "check_backbone", "detect_dataset", "detect_image", "evaluate_model", "fit", "hog_features", "postprocess", "save_pr_curves",
+    "check_backbone", "detect_dataset", "detect_image", "evaluate_model", "fit", "hog_features", "postprocess", "relocalize",
+    "save_pr_curves",
 ]

@@ -67,6 +67,11 @@ FlipOpt = Annotated[bool, typer.Option("--flip", help="Test-time flip averaging:
                                        "mirror's (2x the CNN work; not in the paper, no gain measured on BCCD)")]
 
 
+RelocalizeOpt = Annotated[int, typer.Option("--relocalize", min=0, help="Rounds of iterative localisation after box "
+                                           "regression: each class's best boxes are re-scored and regressed again (not in "
+                                           "the paper; BCCD fine-tuned: +5 mAP with 1 round)")]
+
+
 def _source(model, root=None, flip: bool = False):
     from rcnn.backbones import WeightsError
     from rcnn.detect import ModelError
@@ -195,6 +200,7 @@ def detect(
     no_png: Annotated[bool, typer.Option("--no-png", help="Skip the annotated PNGs")] = False,
     no_bbox_reg: Annotated[bool, typer.Option("--no-bbox-reg", help="Do not refine boxes with the model's box regressor")] = False,
     flip: FlipOpt = False,
+    relocalize: RelocalizeOpt = 0,
     engine: EngineOpt = "local",
     address: AddressOpt = None,
     workers: WorkersOpt = None,
@@ -216,13 +222,17 @@ def detect(
     check_engine(engine, address)
     _log_warnings()
     model = _load_model(model_path)
+    if relocalize and (no_bbox_reg or model.bbox_reg is None):
+        raise fail(f"--relocalize needs box regression: {model_path} has no box regressor (add one with rcnn bbox-reg)"
+                   if model.bbox_reg is None else "--relocalize needs box regression, not --no-bbox-reg", 2)
     source = _source(model, flip=flip)
     # --engine ray: proposals + features on Ray workers into the cache first (rcnn.distributed)
     cached = ray_fill_images(images, source, address, workers) if engine == "ray" else None
 
     def detect_one(img: np.ndarray, p: Path):
         src = source if cached is None or p.resolve() not in cached else CachedRegions(source, cached[p.resolve()])
-        return detect_image(model, img, src, threshold=threshold, top_k=top_k, bbox_reg=not no_bbox_reg)
+        return detect_image(model, img, src, threshold=threshold, top_k=top_k, bbox_reg=not no_bbox_reg,
+                            relocalize_rounds=relocalize)
 
     _detect_images(images, detect_one, model.classes, output, no_png)
 
@@ -283,6 +293,7 @@ def evaluate(
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Folder for results JSON, PR curves, detections")] = None,
     no_bbox_reg: Annotated[bool, typer.Option("--no-bbox-reg", help="Do not refine boxes with the model's box regressor")] = False,
     flip: FlipOpt = False,
+    relocalize: RelocalizeOpt = 0,
     workers: WorkersOpt = None,
     engine: EngineOpt = "local",
     address: AddressOpt = None,
@@ -297,6 +308,9 @@ def evaluate(
     check_engine(engine, address)
     _log_warnings()
     model = _load_model(model_path)
+    if relocalize and (no_bbox_reg or model.bbox_reg is None):
+        raise fail(f"--relocalize needs box regression: {model_path} has no box regressor (add one with rcnn bbox-reg)"
+                   if model.bbox_reg is None else "--relocalize needs box regression, not --no-bbox-reg", 2)
     ds = open_dataset(dataset, split)
     missing = [c for c in ds.classes if c not in model.classes]
     if missing:
@@ -319,7 +333,7 @@ def evaluate(
     with _progress() as bar:
         task = bar.add_task("detect", total=len(ds.records), info="")
         dets = detect_dataset(model, ds, source, progress=lambda i, n: bar.update(task, completed=i), stats=stats,
-                              bbox_reg=not no_bbox_reg)
+                              bbox_reg=not no_bbox_reg, relocalize_rounds=relocalize)
     result, warns = evaluate_model(model, ds, dets, metric)
     for w in warns:
         err_console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
