@@ -175,7 +175,8 @@ def main() -> None:
     cold = prev.get("cold_cache")
     if cold is not None and cold.get("mask_key") != mc.key():
         cold = None
-    if result["proposals"]["wall_seconds"] > (cold or {}).get("proposals", {}).get("wall_seconds", 0):
+    cold_total = (cold or {}).get("proposals", {}).get("wall_seconds", 0) + (cold or {}).get("features_wall_seconds", 0)
+    if result["proposals"]["wall_seconds"] + result["features"]["wall_seconds"] > cold_total:
         cold = {"proposals": result["proposals"], "features_wall_seconds": result["features"]["wall_seconds"],
                 "load_average_start": result["load_average_start"], "mask_key": mc.key()}
     result["cold_cache"] = cold

@@ -258,6 +258,28 @@ def test_train_segmenter_learns_iou_and_round_trips(tmp_path):
         SegmentationModel.load(tmp_path / "bad.safetensors")
 
 
+def test_out_of_fold_threshold_pooled_with_val():
+    from rcnn.segmentation.model import choose_threshold_pooled, out_of_fold_items
+
+    rng = np.random.default_rng(2)
+    w = rng.normal(size=16)
+    train, val = _synthetic_items(rng, w, 8), _synthetic_items(rng, w, 3)
+    oof = out_of_fold_items(train, ["person"], "full+fg", "fc6", C=1.0, folds=4)
+    assert len(oof) == 8 and all(o.feats["oof"]["fc6"].shape == (40, 1) for o in oof)
+    # a held-out image's scores come from a model trained without it, yet still track its IoU
+    pred = np.concatenate([o.feats["oof"]["fc6"][:, 0] for o in oof])
+    truth = np.concatenate([it.targets[:, 0] for it in train])
+    assert np.corrcoef(pred, truth)[0, 1] > 0.9
+    full = train_segmenter(train, ["person"], "full+fg", "fc6", C=1.0)
+    assert not np.allclose(full.score(train[0].feats), oof[0].feats["oof"]["fc6"])
+    th, table = choose_threshold_pooled(full, val, oof)
+    assert table[th] == max(table.values())
+    # with no training images it is choose_threshold on val
+    assert choose_threshold_pooled(full, val, [])[1] == choose_threshold(full, val)[1]
+    with pytest.raises(ValueError, match="folds"):
+        out_of_fold_items(train[:2], ["person"], "fg", "fc6", C=1.0, folds=4)
+
+
 def test_train_segmenter_full_weight():
     rng = np.random.default_rng(1)
     w = rng.normal(size=16)

@@ -323,6 +323,55 @@ def choose_threshold(model: SegmentationModel, val: Sequence[ImageRegions],
     return float(best), table
 
 
+def out_of_fold_items(
+    train: Sequence[ImageRegions],
+    classes: list[str],
+    strategy: str,
+    tap: str,
+    C: float,
+    folds: int = 4,
+    **train_kw,
+) -> list[ImageRegions]:
+    """Each training image with its features replaced by *scores* from a model that did not
+    see it (``folds``-fold split by image, ``train_segmenter`` on the other folds): (N,C)
+    under ``feats["oof"][tap]``. Used by :func:`choose_threshold` with ``extra`` to pick the
+    pasting threshold on train + val instead of val alone (32 images here: noisy)."""
+    if folds < 2 or len(train) < folds:
+        raise ValueError(f"need at least {folds} training images and folds >= 2")
+    out: list[ImageRegions | None] = [None] * len(train)
+    fold_of = np.arange(len(train)) % folds
+    for f in range(folds):
+        m = train_segmenter([it for it, g in zip(train, fold_of, strict=True) if g != f], classes, strategy, tap,
+                            C=C, **train_kw)
+        for i in np.flatnonzero(fold_of == f):
+            it = train[i]
+            n = len(it.regions)  # pasting uses the proposal rows, not the GT rows after them
+            sc = m.score({k: {tap: v[tap][:n]} for k, v in it.feats.items() if tap in v})
+            out[i] = ImageRegions(it.record, it.regions, {"oof": {tap: sc}}, None, 0, it.label_map)
+    return out  # type: ignore[return-value]
+
+
+def _scored_threshold_table(items: Sequence[tuple[RegionMasks, np.ndarray, np.ndarray]], n: int,
+                            thresholds: Sequence[float]) -> dict[float, float]:
+    evs = {t: SegmentationEvaluator(n) for t in thresholds}
+    for regions, s, lm in items:
+        for t in thresholds:
+            evs[t].process(lm, paste(regions, s, t))
+    return {t: float(np.nanmean(ev.iou())) for t, ev in evs.items()}
+
+
+def choose_threshold_pooled(model: SegmentationModel, val: Sequence[ImageRegions], oof: Sequence[ImageRegions],
+                            thresholds: Sequence[float] = THRESHOLDS) -> tuple[float, dict[float, float]]:
+    """Like :func:`choose_threshold`, over ``val`` scored by ``model`` *plus* the training
+    images' out-of-fold scores (:func:`out_of_fold_items`), one confusion matrix over all."""
+    items = [(it.regions, model.score({k: {model.tap: v[model.tap][:len(it.regions)]} for k, v in it.feats.items()}),
+              it.label_map) for it in val]
+    items += [(it.regions, it.feats["oof"][model.tap], it.label_map) for it in oof]
+    table = _scored_threshold_table(items, len(model.classes) + 1, thresholds)
+    best = max(table, key=lambda t: (table[t], -abs(t)))
+    return float(best), table
+
+
 def evaluate_segmenter(model: SegmentationModel, items: Sequence[ImageRegions]) -> dict:
     """VOC segmentation measure of ``model`` over prepared ``items`` (their label maps)."""
     ev = SegmentationEvaluator(len(model.classes) + 1)
