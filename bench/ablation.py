@@ -80,7 +80,9 @@ def subsets(trainval, test):
 #: rows whose trained model is kept (bench/results, git-ignored); the first is the main model that
 #: `timing`, `nms`, bench/finetune.py and the analysis report load
 MODEL_FILES = {"squeezenet1_1 pool5 shared (all)": "bccd_squeezenet_pool5_shared.rcnn",
-               "squeezenet1_1 pool5 6x6 shared bf16 (all)": "bccd_squeezenet_pool5_6x6_shared.rcnn"}
+               "squeezenet1_1 pool5 6x6 shared bf16 (all)": "bccd_squeezenet_pool5_6x6_shared.rcnn",
+               "squeezenet1_1 pool5 6x6 shared bf16 + mirrored training images (all)":
+                   "bccd_squeezenet_pool5_6x6_mirror_shared.rcnn"}
 
 
 def half_sets(trainval, test):
@@ -158,6 +160,11 @@ def row_specs() -> list[dict]:
                  "layer": "pool5", "mode": "shared", "pyramid": [{"grid": 6, "precision": "bf16"}, {"grid": 3}],
                  "svm": {"max_cache_mb": 1024.0}})
     # RoI *max* pooling (Fast R-CNN's RoIPool; AlexNet's pool5 is a max pool) instead of RoIAlign's average
+    # test-time flip averaging (not in the paper): the 6x6 model scores each test region's pooled map averaged
+    # with its mirror's (FeatureConfig(flip=True); training features unchanged)
+    rows.append({"name": "squeezenet1_1 pool5 6x6 shared bf16 + test flip (all)", "set": "full",
+                 "backbone": "squeezenet1_1", "layer": "pool5", "mode": "shared", "grid": 6, "precision": "bf16",
+                 "test_flip": True})
     # training-set augmentation (not in the paper): each trainval image also mirrored (MirrorAugmented)
     rows.append({"name": "squeezenet1_1 pool5 6x6 shared bf16 + mirrored training images (all)", "set": "full",
                  "backbone": "squeezenet1_1", "layer": "pool5", "mode": "shared", "grid": 6, "precision": "bf16",
@@ -379,7 +386,8 @@ def run_row(row: dict, svm: SVMConfig, partial: bool = False) -> dict:
         model.save(ROOT / "bench" / "results" / MODEL_FILES[row["name"]])  # *.rcnn is git-ignored
     stats = DetectStats()
     te.records = list(te_recs)
-    dets = detect_dataset(model, te, src, stats=stats)
+    test_src = CNNFeatures(PROPOSALS, replace(feature_config(row), flip=True), root) if row.get("test_flip") else src
+    dets = detect_dataset(model, te, test_src, stats=stats)
     result, warns = evaluate_model(model, te, dets, "voc07")
     result10, _ = evaluate_model(model, te, dets, "voc2010")
     return {
@@ -413,8 +421,10 @@ def ready(row: dict, test_only: bool = False) -> bool:
         return all(_gt_cache_path("hog_features", src.key, root, r).exists() for r in recs)
     fcs = [feature_config(lv, True) for lv in levels(row)]
     mirrored = [replace(fc, mirror=True) for fc in fcs] if row.get("augment") == "mirror" and not test_only else []
+    flipped = [replace(fc, flip=True) for fc in fcs] if row.get("test_flip") else []
     return all(_load(feature_path(r, PROPOSALS, fc, root), file_sha256(r.path)) is not None for fc in fcs for r in recs) \
-        and all(_load(feature_path(r, PROPOSALS, fc, root), file_sha256(r.path)) is not None for fc in mirrored for r in tr_recs)
+        and all(_load(feature_path(r, PROPOSALS, fc, root), file_sha256(r.path)) is not None for fc in mirrored for r in tr_recs) \
+        and all(_load(feature_path(r, PROPOSALS, fc, root), file_sha256(r.path)) is not None for fc in flipped for r in te_recs)
 
 
 def run(names: list[str] | None, force: bool, partial: bool = False) -> None:

@@ -338,7 +338,8 @@ def evaluate(
     for w in warns:
         err_console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
     print_ap_table(result, title=f"{model_path.name} on {dataset} ({split}, {metric})")
-    console.print(f"{stats.images} images, {stats.seconds_per_image:.2f} s/image from cached features")
+    how = f" + {relocalize} round(s) of iterative localisation" if relocalize else ""
+    console.print(f"{stats.images} images, {stats.seconds_per_image:.2f} s/image from cached features{how}")
     if output:
         output.mkdir(parents=True, exist_ok=True)
         doc = {**result.as_dict(), "model": str(model_path), "dataset": str(dataset), "split": split, "warnings": warns,
