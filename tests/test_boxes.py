@@ -6,6 +6,7 @@ from rcnn.boxes import (
     box_area,
     box_iou,
     clip_boxes,
+    flip_boxes,
     nms,
     remove_small_boxes,
     unique_boxes,
@@ -66,3 +67,10 @@ def test_nms_default_is_paper_03_and_per_class():
     assert list(nms(boxes, scores)) == [0]
     # different classes never suppress each other
     assert sorted(batched_nms(boxes, scores, np.array([0, 1, 1]))) == [0, 1]
+
+
+def test_flip_boxes_mirrors_and_is_an_involution():
+    b = np.array([[10, 20, 30, 40]], np.float32)
+    np.testing.assert_array_equal(flip_boxes(b, 100), [[70, 20, 90, 40]])
+    np.testing.assert_array_equal(flip_boxes(flip_boxes(b, 100), 100), b)
+    assert flip_boxes(np.zeros((0, 4)), 10).shape == (0, 4)

@@ -79,6 +79,12 @@ def batched_nms(
     return _back(keep, boxes)
 
 
+def flip_boxes(boxes: np.ndarray, width: float) -> np.ndarray:
+    """Boxes ``(N,4)`` xyxy pixel-edge mirrored left–right in an image ``width`` px wide: ``[W-x2, y1, W-x1, y2]``."""
+    b = np.asarray(boxes, np.float32).reshape(-1, 4)
+    return np.stack([width - b[:, 2], b[:, 1], width - b[:, 0], b[:, 3]], 1).astype(np.float32)
+
+
 def voc_to_xyxy(voc: ArrayLike) -> np.ndarray:
     """VOC 1-based inclusive ``[xmin, ymin, xmax, ymax]`` -> library pixel-edge ``xyxy``."""
     b = np.asarray(voc, dtype=np.float32).reshape(-1, 4).copy()

@@ -26,6 +26,7 @@ import torch
 from torchvision.ops import roi_align, roi_pool
 
 from rcnn.backbones import Backbone, get_backbone, set_threads
+from rcnn.boxes import flip_boxes
 from rcnn.cache import atomic_write, cache_dir, dir_size_mb, file_sha256, settings_hash
 from rcnn.data import ImageReadError, ImageRecord, load_image
 from rcnn.device import PRECISIONS, autocast, host_to, place_backbone, to_host
@@ -206,8 +207,7 @@ def extract_features(
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
     if mirror:
         image = np.ascontiguousarray(np.asarray(image)[:, ::-1])
-        b = np.asarray(boxes, np.float32).reshape(-1, 4)
-        boxes = np.stack([image.shape[1] - b[:, 2], b[:, 1], image.shape[1] - b[:, 0], b[:, 3]], 1)
+        boxes = flip_boxes(boxes, image.shape[1])
     set_threads(threads)
     dev = place_backbone(bb, device)
     with autocast(dev, precision):
@@ -262,8 +262,7 @@ def _extract(image, boxes, bb: Backbone, layer, layers, mode, batch_size, contex
                 scaled = boxes[sel] * np.array([sx, sy, sx, sy], np.float32)
                 pooled = _roi_pool(fmaps[0], scaled, g, bb.stride, pool)
                 if flip:  # the mirrored box [W-x2, W-x1) in the mirrored map, its grid mirrored back
-                    mirrored = scaled[:, [2, 1, 0, 3]] * np.array([-1, 1, -1, 1], np.float32) + np.array(
-                        [size[0], 0, size[0], 0], np.float32)
+                    mirrored = flip_boxes(scaled, size[0])
                     pooled = (pooled + _roi_pool(fmaps[1], mirrored, g, bb.stride, pool).flip(-1)) * 0.5
                 out = bb.head(pooled, layers, g)
                 for k in layers:

@@ -56,7 +56,7 @@ from torch import nn
 from torchvision.ops import roi_align
 
 from rcnn.backbones import Backbone, build_backbone, set_threads
-from rcnn.boxes import box_area, box_iou
+from rcnn.boxes import box_area, box_iou, flip_boxes
 from rcnn.cache import atomic_write, save_json, settings_hash
 from rcnn.data import ImageRecord, load_image
 from rcnn.device import PRECISIONS, autocast
@@ -208,14 +208,6 @@ def sample_regions(labels: np.ndarray, n: int, fg_fraction: float, rng: np.rando
     elif n_bg and len(fg):  # no background at all: fill with positives
         pick.append(rng.choice(fg, n_bg, replace=True))
     return np.concatenate(pick).astype(np.int64) if pick else np.zeros(0, np.int64)
-
-
-def flip_boxes(boxes: np.ndarray, width: int) -> np.ndarray:
-    """Mirror xyxy pixel-edge boxes of an image ``width`` px wide."""
-    out = boxes.copy()
-    out[:, 0] = width - boxes[:, 2]
-    out[:, 2] = width - boxes[:, 0]
-    return out
 
 
 # ----------------------------------------------------------------------------- the network

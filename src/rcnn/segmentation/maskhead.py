@@ -38,6 +38,7 @@ from torch import nn
 from torchvision.ops import box_iou, roi_align
 
 from rcnn.backbones import Backbone, get_backbone, set_threads
+from rcnn.boxes import flip_boxes
 from rcnn.features import SHARED_MAX_SIDE, SHARED_SCALES
 from rcnn.segmentation.features import mask_boxes
 from rcnn.segmentation.packaged import load_once, packaged_file
@@ -177,7 +178,7 @@ class MaskPredictor:
             if maps.mirrored is None:
                 raise ValueError("flip=True needs maps(image, flip=True)")
             w = maps.width
-            pf, of = self._predict(maps.mirrored, np.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], 1),
+            pf, of = self._predict(maps.mirrored, flip_boxes(boxes, w),
                                    batch)
             probs, obj = (probs + pf[:, :, ::-1]) / 2, (obj + of) / 2
         return probs, obj
