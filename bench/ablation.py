@@ -160,6 +160,9 @@ def row_specs() -> list[dict]:
                  "layer": "pool5", "mode": "shared", "pyramid": [{"grid": 6, "precision": "bf16"}, {"grid": 3}],
                  "svm": {"max_cache_mb": 1024.0}})
     # RoI *max* pooling (Fast R-CNN's RoIPool; AlexNet's pool5 is a max pool) instead of RoIAlign's average
+    # the trunk on the image x2 instead of x1.5 (one scale): small cells get more stride-16 cells
+    rows.append({"name": "squeezenet1_1 pool5 6x6 shared x2 bf16 (all)", "set": "full", "backbone": "squeezenet1_1",
+                 "layer": "pool5", "mode": "shared", "grid": 6, "precision": "bf16", "scales": (2.0,)})
     # test-time flip averaging (not in the paper): the 6x6 model scores each test region's pooled map averaged
     # with its mirror's (FeatureConfig(flip=True); training features unchanged)
     rows.append({"name": "squeezenet1_1 pool5 6x6 shared bf16 + test flip (all)", "set": "full",
@@ -243,6 +246,9 @@ def prepare(worker: int, workers: int, what: str) -> None:
     elif what == "grid6flip-test":  # test-time flip averaging: test images only (the model is trained unflipped)
         fc = FeatureConfig(backbone="squeezenet1_1", mode="shared", grid=6, precision="bf16", flip=True)
         jobs = [(r, fc, ["pool5"]) for r in te.records]
+    elif what == "grid6x2":  # one finer scale: the image x2 (platelets ~4 RoI cells wide instead of ~3)
+        fc = FeatureConfig(backbone="squeezenet1_1", mode="shared", grid=6, precision="bf16", scales=(2.0,))
+        jobs = [(r, fc, ["pool5"]) for r in te.records + tv.records]
     elif what == "grid6mirror":  # training-set augmentation: the mirrored trainval images' features
         fc = FeatureConfig(backbone="squeezenet1_1", mode="shared", grid=6, precision="bf16", mirror=True)
         jobs = [(r, fc, ["pool5"]) for r in tv.records]
@@ -535,7 +541,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("prepare")
-    p.add_argument("what", help="full | warp-half | multiscale | grid6 | grid6flip-test | grid6mirror | grid6max | ctx3 | ctx6 | subset-<backbone>-<shared|warp> | hog | gray")
+    p.add_argument("what", help="full | warp-half | multiscale | grid6 | grid6x2 | grid6flip-test | grid6mirror | grid6max | ctx3 | ctx6 | subset-<backbone>-<shared|warp> | hog | gray")
     p.add_argument("--worker", type=int, default=0)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
