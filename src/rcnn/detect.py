@@ -312,12 +312,14 @@ class CNNFeatures(RegionFeatures):
         _, feats, n_gt = self._stored(record)
         return feats[:n_gt]
 
-    def extract(self, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-        """``(N, D)`` float32 features of boxes of a new image (no cache)."""
+    def extract(self, image: np.ndarray, boxes: np.ndarray, layers: Sequence[str] | None = None):
+        """``(N, D)`` float32 features of boxes of a new image (no cache); with ``layers``,
+        ``{layer: (N, D)}`` of those taps from one forward pass."""
         from rcnn.features import extract_features
 
         fc = self.feature_config
-        return extract_features(image, boxes, self.backbone, fc.layer, **fc.extract_options())
+        return extract_features(image, boxes, self.backbone, fc.layer if layers is None else list(layers),
+                                **fc.extract_options())
 
     def image_regions(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         from rcnn.proposals import selective_search
@@ -605,12 +607,19 @@ def relocalize(
     cur = np.asarray(boxes, np.float32)[pos[ci, slot], ci]  # (M,4): each candidate's box for its class
     scores = cand.scores[ci, slot]
     reg_src = reg.source_like(source)
-    same = getattr(reg_src, "feature_config", None) == getattr(source, "feature_config", None)
+    fc, rfc = getattr(source, "feature_config", None), getattr(reg_src, "feature_config", None)
+    # the scoring and regression taps differ only by layer (e.g. softmax + pool5): one forward pass
+    one_pass = fc is not None and rfc is not None and replace(rfc, layer=fc.layer) == fc
     h, w = image.shape[:2]
     for _ in range(int(rounds) if len(cur) else 0):
-        feats = source.extract(image, cur)
+        if one_pass:
+            out = source.extract(image, cur, list(dict.fromkeys([fc.layer, rfc.layer])))
+            feats, reg_feats = out[fc.layer], out[rfc.layer]
+        else:
+            feats = source.extract(image, cur)
+            reg_feats = reg_src.extract(image, cur)
         scores = model.score(feats)[own, ci]
-        cur = reg.refine(cur, feats if same else reg_src.extract(image, cur), w, h)[own, ci]
+        cur = reg.refine(cur, reg_feats, w, h)[own, ci]
     idx = np.full(pos.shape, -1, np.int64)
     sc = np.full(pos.shape, -np.inf, np.float32)
     idx[ci, slot], sc[ci, slot] = own, scores
