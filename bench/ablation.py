@@ -41,7 +41,7 @@ from rcnn.detect import (
     fill_layers,
     fit,
 )
-from rcnn.features import SHARED_SCALES, FeatureConfig
+from rcnn.features import SHARED_SCALES, FeatureConfig, tap_configs
 from rcnn.proposals import ProposalConfig
 from rcnn.svm import SVMConfig
 
@@ -82,7 +82,8 @@ def subsets(trainval, test):
 MODEL_FILES = {"squeezenet1_1 pool5 shared (all)": "bccd_squeezenet_pool5_shared.rcnn",
                "squeezenet1_1 pool5 6x6 shared bf16 (all)": "bccd_squeezenet_pool5_6x6_shared.rcnn",
                "squeezenet1_1 pool5 6x6 shared bf16 + mirrored training images (all)":
-                   "bccd_squeezenet_pool5_6x6_mirror_shared.rcnn"}
+                   "bccd_squeezenet_pool5_6x6_mirror_shared.rcnn",
+               "squeezenet1_1 pool5+fire5 6x6 shared bf16 (all)": "bccd_squeezenet_pool5_fire5_shared.rcnn"}
 
 
 def half_sets(trainval, test):
@@ -172,6 +173,12 @@ def row_specs() -> list[dict]:
     rows.append({"name": "squeezenet1_1 pool5 6x6 shared bf16 + mirrored training images (all)", "set": "full",
                  "backbone": "squeezenet1_1", "layer": "pool5", "mode": "shared", "grid": 6, "precision": "bf16",
                  "augment": "mirror"})
+    # a hypercolumn (not in the paper): the 6x6 pool5 grid joined with the stride-8 fire5 map pooled to the
+    # same 6x6 cells (layer "pool5+fire5", each tap scaled to mean norm 20/sqrt(2)); the pool5 tap is the
+    # 6x6 row's cache. Platelets (~40 px) span ~4 stride-16 cells at x1.5 but ~8 stride-8 cells
+    rows.append({"name": "squeezenet1_1 pool5+fire5 6x6 shared bf16 (all)", "set": "full", "backbone": "squeezenet1_1",
+                 "layer": "pool5+fire5", "mode": "shared", "grid": 6, "precision": "bf16",
+                 "svm": {"max_cache_mb": 1536.0}})
     rows.append({"name": "squeezenet1_1 pool5 6x6 max shared bf16 (all)", "set": "full", "backbone": "squeezenet1_1",
                  "layer": "pool5", "mode": "shared", "grid": 6, "precision": "bf16", "pool": "max"})
     rows.append({"name": "HOG (subset)", "set": "subset", "backbone": "hog", "layer": "hog", "mode": "warp"})
@@ -252,6 +259,9 @@ def prepare(worker: int, workers: int, what: str) -> None:
     elif what == "grid6mirror":  # training-set augmentation: the mirrored trainval images' features
         fc = FeatureConfig(backbone="squeezenet1_1", mode="shared", grid=6, precision="bf16", mirror=True)
         jobs = [(r, fc, ["pool5"]) for r in tv.records]
+    elif what == "grid6fire5":  # the hypercolumn row's fire5 tap (its pool5 tap is grid6's cache)
+        fc = FeatureConfig(backbone="squeezenet1_1", mode="shared", grid=6, precision="bf16")
+        jobs = [(r, fc, ["pool5", "fire5"]) for r in te.records + tv.records]
     elif what == "grid6max":
         fc = FeatureConfig(backbone="squeezenet1_1", mode="shared", grid=6, precision="bf16", pool="max")
         jobs = [(r, fc, ["pool5"]) for r in te.records + tv.records]
@@ -323,17 +333,11 @@ def c_select(row_name: str = "squeezenet1_1 pool5 6x6 shared bf16 (all)") -> Non
     rcnn_train.m's for VOC's 5000 images and 9216-d features; nothing here looks at test to choose."""
     row = next(r for r in row_specs() if r["name"] == row_name)
     tv, te = load_dataset(DATA, "trainval"), load_dataset(DATA, "test")
-    val = tv.records[::4]
-    val_ids = {r.image_id for r in val}
-    tr = [r for r in tv.records if r.image_id not in val_ids]
     src = source_for(row, DATA)
+    tr, val = val_split(tv)
     out = {"row": row_name, "val_images": len(val), "train_images": len(tr), "val_mAP": {}}
     for C in C_GRID:
-        model, _ = fit(tv, src, SVMConfig(C=C), records=tr)
-        vds = load_dataset(DATA, "trainval")
-        vds.records = val
-        res, _ = evaluate_model(model, vds, detect_dataset(model, vds, src), "voc07")
-        out["val_mAP"][str(C)] = round(res.mean_ap, 4)
+        out["val_mAP"][str(C)] = val_map(src, SVMConfig(C=C))["mAP"]
         print("C", C, "val mAP", out["val_mAP"][str(C)], flush=True)
     best = max(C_GRID, key=lambda c: out["val_mAP"][str(c)])
     model, _ = fit(tv, src, SVMConfig(C=best), records=tv.records)
@@ -342,6 +346,39 @@ def c_select(row_name: str = "squeezenet1_1 pool5 6x6 shared bf16 (all)") -> Non
     print(out, flush=True)
     results = load_results()
     results["c_select"] = out
+    save_json(OUT, results)
+
+
+def val_split(tv):
+    """(train, val) records of trainval: every 4th image is validation (nothing here looks at test)."""
+    val = tv.records[::4]
+    val_ids = {r.image_id for r in val}
+    return [r for r in tv.records if r.image_id not in val_ids], val
+
+
+def val_map(src, svm: SVMConfig) -> dict:
+    """VOC07 mAP and APs on the validation images of a model trained on the other 3/4 of trainval."""
+    tv = load_dataset(DATA, "trainval")
+    tr, val = val_split(tv)
+    model, _ = fit(tv, src, svm, records=tr)
+    tv.records = val
+    res, _ = evaluate_model(model, tv, detect_dataset(model, tv, src), "voc07")
+    return {"mAP": round(res.mean_ap, 4), "ap": {c.name: round(c.ap, 4) for c in res.classes}}
+
+
+#: rows compared on the validation split before a non-paper option is reported as the best row
+VAL_ROWS = ("squeezenet1_1 pool5 6x6 shared bf16 (all)", "squeezenet1_1 pool5+fire5 6x6 shared bf16 (all)")
+
+
+def val_compare(names: tuple[str, ...] = VAL_ROWS) -> None:
+    """Each row trained on 3/4 of trainval and scored on the other 1/4 (``val_compare`` in the JSON)."""
+    results, out = load_results(), {}
+    for name in names:
+        row = next(r for r in row_specs() if r["name"] == name)
+        out[name] = val_map(source_for(row, DATA), replace(SVMConfig(), **row.get("svm", {})))
+        print(name, out[name], flush=True)
+    results = load_results()
+    results["val_compare"] = out
     save_json(OUT, results)
 
 
@@ -355,7 +392,8 @@ def _cached(row: dict, root: Path, r) -> bool:
     from rcnn.cache import file_sha256
     from rcnn.features import _load, feature_path
 
-    return _load(feature_path(r, PROPOSALS, feature_config(row, True), root), file_sha256(r.path)) is not None
+    sha = file_sha256(r.path)
+    return all(_load(feature_path(r, PROPOSALS, fc, root), sha) is not None for fc in tap_configs(feature_config(row, True)))
 
 
 def _row_cache_mb(row: dict, root: Path, recs) -> float:
@@ -367,7 +405,8 @@ def _row_cache_mb(row: dict, root: Path, recs) -> float:
         src = HOGFeatures(PROPOSALS, root)
         paths = [_gt_cache_path(k, src.key, root, r) for r in recs for k in ("hog_features", "hog_gt_features")]
     else:
-        paths = [feature_path(r, PROPOSALS, feature_config(lv, True), root) for lv in levels(row) for r in recs]
+        paths = [feature_path(r, PROPOSALS, fc, root) for lv in levels(row) for fc in tap_configs(feature_config(lv, True))
+                 for r in recs]
     return sum(p.stat().st_size for p in paths if p.exists()) / 1e6
 
 
@@ -425,7 +464,7 @@ def ready(row: dict, test_only: bool = False) -> bool:
         from rcnn.detect import _gt_cache_path
 
         return all(_gt_cache_path("hog_features", src.key, root, r).exists() for r in recs)
-    fcs = [feature_config(lv, True) for lv in levels(row)]
+    fcs = [fc for lv in levels(row) for fc in tap_configs(feature_config(lv, True))]
     mirrored = [replace(fc, mirror=True) for fc in fcs] if row.get("augment") == "mirror" and not test_only else []
     flipped = [replace(fc, flip=True) for fc in fcs] if row.get("test_flip") else []
     return all(_load(feature_path(r, PROPOSALS, fc, root), file_sha256(r.path)) is not None for fc in fcs for r in recs) \
@@ -463,22 +502,21 @@ def run(names: list[str] | None, force: bool, partial: bool = False) -> None:
         print(f"  mAP {out['mAP']:.4f} {out['ap']} train {out['train_minutes_from_cache']} min", flush=True)
 
 
-def timing(n: int = 3) -> None:
+def timing(n: int = 3, row_name: str = "squeezenet1_1 pool5 shared (all)", key: str = "timing_cpu_s_per_image") -> None:
     """CPU seconds (process time, 1 thread: robust to the shared machine's load) per test image
-    of end-to-end detection with the main model: proposals, features, scoring + NMS."""
+    of end-to-end detection with a row's saved model (default: the main model): proposals,
+    features, scoring + NMS."""
     from rcnn.backbones import set_threads
     from rcnn.detect import postprocess
     from rcnn.proposals import selective_search
 
     set_threads(1)
-    results = load_results()
-    row = next(r for r in row_specs() if r["set"] == "full" and r["layer"] == "pool5")
+    row = next(r for r in row_specs() if r["name"] == row_name)
     te = load_dataset(DATA, "test")
     src = source_for(row, DATA)
     from rcnn.detect import RCNNModel
 
-    model_path = ROOT / "bench" / "results" / "bccd_squeezenet_pool5_shared.rcnn"
-    model = RCNNModel.load(model_path)
+    model = RCNNModel.load(ROOT / "bench" / "results" / MODEL_FILES[row_name])
     t = {"proposals": 0.0, "features": 0.0, "score_nms": 0.0}
     for r in te.records[:n]:
         img = load_image(r.path)
@@ -496,7 +534,9 @@ def timing(n: int = 3) -> None:
     out["total"] = round(sum(out.values()), 3)
     out["images"] = n
     out["note"] = "CPU seconds per 640x480 image, one thread (process_time), machine shared with other jobs"
-    results["timing_cpu_s_per_image"] = out
+    out["row"] = row_name
+    results = load_results()
+    results[key] = out
     save_json(OUT, results)
     print(out)
 
@@ -541,7 +581,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("prepare")
-    p.add_argument("what", help="full | warp-half | multiscale | grid6 | grid6x2 | grid6flip-test | grid6mirror | grid6max | ctx3 | ctx6 | subset-<backbone>-<shared|warp> | hog | gray")
+    p.add_argument("what", help="full | warp-half | multiscale | grid6 | grid6fire5 | grid6x2 | grid6flip-test | grid6mirror | grid6max | ctx3 | ctx6 | subset-<backbone>-<shared|warp> | hog | gray")
     p.add_argument("--worker", type=int, default=0)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
@@ -550,10 +590,12 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--force", action="store_true")
     r.add_argument("--partial", action="store_true", help="full rows: train on the trainval images cached so far")
     sub.add_parser("table")
-    sub.add_parser("timing")
+    t = sub.add_parser("timing")
+    t.add_argument("--hypercolumn", action="store_true", help="time the pool5+fire5 row's model instead of the main one")
     sub.add_parser("nms")
     sub.add_parser("scalecheck")
     sub.add_parser("cselect")
+    sub.add_parser("valcompare")
     a = ap.parse_args(argv)
     if a.cmd == "prepare":
         from rcnn.backbones import set_threads
@@ -563,13 +605,18 @@ def main(argv: list[str] | None = None) -> None:
     elif a.cmd == "run":
         run(a.rows, a.force, a.partial)
     elif a.cmd == "timing":
-        timing()
+        if a.hypercolumn:
+            timing(row_name="squeezenet1_1 pool5+fire5 6x6 shared bf16 (all)", key="timing_cpu_s_per_image_hypercolumn")
+        else:
+            timing()
     elif a.cmd == "nms":
         nms_sweep()
     elif a.cmd == "scalecheck":
         scale_check()
     elif a.cmd == "cselect":
         c_select()
+    elif a.cmd == "valcompare":
+        val_compare()
     else:
         print(table())
     sys.stdout.flush()

@@ -30,17 +30,23 @@ def test_builtin_classifies_real_photos(name):
     assert CATS & set(cat), cat
     cup = [n for n, _ in bb.classify(data.coffee(), topk=5)]
     assert COFFEE & set(cup[:2]), cup
-    assert set(bb.taps) == {"pool5", "fc6", "fc7", "logits"}
+    assert set(bb.taps) - set(bb.side_taps) == {"pool5", "fc6", "fc7", "logits"}
 
 
 @pytest.mark.parametrize("name", ["squeezenet1_1", "efficientnet_lite0"])
 def test_tap_dims_match_declared(name):
     bb = get_backbone(name)
     x = torch.zeros(2, 3, bb.input_size, bb.input_size).contiguous(memory_format=torch.channels_last)
+    heads = [k for k in bb.taps if k not in bb.side_taps]
     with torch.inference_mode():
-        out = bb.head(bb.to_grid(bb.trunk(x)), list(bb.taps))
-    for k, d in bb.taps.items():
-        assert out[k].shape == (2, d), (k, out[k].shape)
+        fmap, sides = bb.run_trunk(x, list(bb.side_taps))
+        out = bb.head(bb.to_grid(fmap), heads)
+        torch.testing.assert_close(fmap, bb.trunk(x))  # the split trunk is the same network
+    for k in heads:
+        assert out[k].shape == (2, bb.taps[k]), (k, out[k].shape)
+    for k, (_, stride) in bb.side_taps.items():  # a side tap: its map's channels × G² cells
+        assert sides[k].shape[1] * bb.pool5_grid**2 == bb.taps[k] == bb.dim(k)
+        assert abs(sides[k].shape[-1] * stride - bb.input_size) < stride  # the declared stride
 
 
 def test_squeezenet_safetensors_written_once_and_reused(monkeypatch):

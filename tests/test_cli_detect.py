@@ -150,3 +150,25 @@ def test_relocalize_needs_a_box_regressor(tmp_path):
     r = runner.invoke(app, ["detect", str(_hog_model(tmp_path)), str(_image(tmp_path)), "-o", str(tmp_path / "o"),
                             "--relocalize", "1"])
     assert r.exit_code == 2 and "box regressor" in r.output
+
+
+def test_train_and_detect_with_a_hypercolumn_layer(tmp_path):
+    """`--layer pool5+fire5`: the joined taps train, save per-block scales, and detect on a new image."""
+    data = _tiny_voc(tmp_path / "voc")
+    model = tmp_path / "m.rcnn"
+    common = ["--proposals", "fast", "--resize-width", "0", "--min-size", "0", "-j", "1"]
+    r = runner.invoke(app, ["train", str(data), "--backbone", "squeezenet1_1", "--layer", "pool5+conv9", "--mode",
+                            "shared", "-o", str(model), *common])
+    assert r.exit_code == 2 and "unknown layer(s) ['conv9']" in r.output, r.output
+    r = runner.invoke(app, ["train", str(data), "--backbone", "squeezenet1_1", "--layer", "pool5+fire5", "--mode",
+                            "shared", "--grid", "2", "-o", str(model), *common])
+    assert r.exit_code == 0, r.output
+    m = RCNNModel.load(model)
+    assert m.layer == "pool5+fire5" and m.W.shape[0] == 512 * 4 + 256 * 4
+    blocks = m.metadata()["feature_scale"]
+    assert [d for d, _ in blocks] == [512 * 4, 256 * 4] and blocks[0][1] != blocks[1][1]
+    out = tmp_path / "det"
+    img = data / "JPEGImages" / "0005.jpg"
+    r = runner.invoke(app, ["detect", str(model), str(img), "-o", str(out), "--threshold", "-10"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "detections_coco.json").read_text())

@@ -54,6 +54,20 @@ def test_model_roundtrip_and_scoring(tmp_path):
         m2.score(np.zeros((2, 7), np.float32))
 
 
+def test_model_with_per_block_scale_roundtrips(tmp_path):
+    """Joined taps (pool5+fire5) store one scale per block: [[dim, scale], ...] in the metadata."""
+    from rcnn.svm import block_scale
+
+    scale = block_scale([4.0, 40.0], (5, 3))
+    assert scale.shape == (8,) and scale[0] == pytest.approx(20 / np.sqrt(2) / 4) and scale[-1] == pytest.approx(20 / np.sqrt(2) / 40)
+    m = RCNNModel(**{**_model().__dict__, "feature_scale": scale, "layer": "pool5+fire5"})
+    m2 = RCNNModel.load(m.save(tmp_path / "m.rcnn"))
+    assert m2.metadata()["feature_scale"] == [[5, pytest.approx(scale[0])], [3, pytest.approx(scale[-1])]]
+    np.testing.assert_array_equal(m2.feature_scale, scale)
+    f = np.random.default_rng(1).normal(size=(5, 8)).astype(np.float32)
+    np.testing.assert_allclose(m2.score(f), (f * scale) @ m.W + m.b, rtol=1e-5, atol=1e-5)
+
+
 def test_model_load_rejects_bad_files(tmp_path):
     from safetensors.numpy import save_file
 

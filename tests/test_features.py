@@ -257,3 +257,76 @@ def test_cli_clear_errors(tmp_path):
     assert r.exit_code == 2 and "--weights" in r.output
     r = CliRunner().invoke(app, ["features", str(voc), "--split", "test", "--mode", "fast"])
     assert r.exit_code == 2 and "mode" in r.output
+
+
+def test_hypercolumn_joins_taps_from_one_pass(squeeze):
+    """``pool5+fire5`` is pool5 and SqueezeNet's stride-8 fire5 map pooled to the same grid,
+    concatenated; the split trunk leaves pool5 unchanged; shared-mode fire5 cells are RoIAlign
+    on the stride-8 map; flip averaging mirrors its grid like pool5's."""
+    import cv2
+    import torch
+    from torchvision.ops import roi_align
+
+    from rcnn.features import check_layer, layer_dim, split_layer
+
+    img = data.coffee()[::2, ::2].copy()  # 300×200
+    h, w = img.shape[:2]
+    boxes = np.array([[10, 10, 120, 90], [100, 50, 250, 190], [5, 5, 45, 60]], np.float32)
+    for mode in ("warp", "shared"):
+        got = extract_features(img, boxes, squeeze, ["pool5", "fire5", "pool5+fire5"], mode, grid=3)
+        assert got["fire5"].shape == (3, 256 * 9) and layer_dim(squeeze, "pool5+fire5", 3) == 512 * 9 + 256 * 9
+        np.testing.assert_array_equal(got["pool5+fire5"], np.concatenate([got["pool5"], got["fire5"]], 1))
+        alone = extract_features(img, boxes, squeeze, "pool5", mode, grid=3)
+        np.testing.assert_allclose(got["pool5"], alone, rtol=1e-5, atol=1e-5)
+        assert got["fire5"].std() > 0 and not np.allclose(got["fire5"][0], got["fire5"][1])
+    # shared mode: the image ×1.5 (SHARED_SCALES), fire5 = trunk[:8], stride 8
+    big = cv2.resize(img, (round(w * 1.5), round(h * 1.5)), interpolation=cv2.INTER_CUBIC)
+    with torch.inference_mode():
+        fmap = squeeze.trunk[:8](squeeze.preprocess(big[None]))
+        ref = roi_align(fmap, [torch.from_numpy(boxes * 1.5)], 3, 1 / 8, sampling_ratio=2, aligned=True).flatten(1)
+    np.testing.assert_allclose(got["fire5"], ref.numpy(), rtol=1e-4, atol=1e-4)
+    mirrored = np.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], 1)
+    a = extract_features(img, boxes, squeeze, "fire5", "shared", grid=3, flip=True)
+    b = extract_features(np.ascontiguousarray(img[:, ::-1]), mirrored, squeeze, "fire5", "shared", grid=3, flip=True)
+    np.testing.assert_allclose(b, a.reshape(3, 256, 3, 3)[..., ::-1].reshape(3, -1), rtol=1e-3, atol=2e-3)
+    # bad names: one clear line
+    with pytest.raises(ValueError, match=r"unknown layer\(s\) \['conv9'\].*joined by"):
+        check_layer(squeeze, "pool5+conv9")
+    with pytest.raises(ValueError, match="each once"):
+        split_layer("pool5++fire5")
+    with pytest.raises(ValueError, match="unknown layer"):
+        extract_features(img, boxes, squeeze, "fc6+fire9", "shared")
+    # the grid is in the key of every gridded tap, also in warp mode
+    assert FeatureConfig(layer="fire5", grid=3).key() != FeatureConfig(layer="fire5", grid=6).key()
+    assert FeatureConfig(layer="fc7", grid=3).key() == FeatureConfig(layer="fc7", grid=6).key()
+
+
+def test_joined_layer_cached_tap_by_tap(tmp_path, monkeypatch, squeeze):
+    """A joined layer reads each tap's own cache; a missing tap is computed alone and the other reused."""
+    import cv2
+
+    from rcnn import features, proposals
+    from rcnn.data import ImageRecord
+    from rcnn.features import feature_path, tap_configs
+
+    path = tmp_path / "a.png"
+    cv2.imwrite(str(path), data.coffee()[::3, ::3, ::-1])
+    rec = ImageRecord("a", path, 200, 134, np.array([[20, 20, 90, 80]], np.float32), np.zeros(1, np.int64),
+                      np.zeros(1, bool))
+    monkeypatch.setattr(proposals, "get_proposals", lambda r, c, root: np.array([[0, 0, 50, 40], [60, 30, 190, 120]],
+                                                                                    np.float32))
+    fc = FeatureConfig(layer="pool5+fire5", mode="shared", grid=3, with_gt=True)
+    pool5, fire5 = tap_configs(fc)
+    assert (pool5.layer, fire5.layer) == ("pool5", "fire5")
+    boxes, feats = get_features(rec, None, fc, tmp_path)
+    assert feats.shape == (3, 512 * 9 + 256 * 9) and feats.dtype == np.float16
+    np.testing.assert_array_equal(boxes[0], rec.boxes[0])
+    _, p5 = get_features(rec, None, pool5, tmp_path)  # the pool5 tap alone: its cache, no recompute
+    np.testing.assert_array_equal(p5, feats[:, : 512 * 9])
+    feature_path(rec, proposals.ProposalConfig(), fire5, tmp_path).unlink()
+    calls = []
+    real = features.extract_features
+    monkeypatch.setattr(features, "extract_features", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    _, again = get_features(rec, None, fc, tmp_path)
+    assert calls == [["fire5"]]  # only the missing tap
+    np.testing.assert_allclose(again.astype(np.float32), feats.astype(np.float32), atol=1e-2)

@@ -79,6 +79,50 @@ def test_feature_stats_fixed_seed_and_scale():
     assert m1 == m2 and m1 != m3 and m1 > 0
 
 
+class _Joined:
+    """The synthetic features plus a second block 100x larger and uninformative (a joined tap)."""
+
+    name, layer, mode, weights_hash = "synthetic", "fc7+big", "shared", "0" * 64
+
+    def __init__(self):
+        self.src = SyntheticSource()
+        self.blocks = (self.src.mu.shape[1], 4)
+
+    def _big(self, n: int, seed: int) -> np.ndarray:
+        return (100 + np.random.default_rng(seed).normal(size=(n, 4))).astype(np.float32)
+
+    def regions(self, r):
+        b, f = self.src.regions(r)
+        return b, np.concatenate([f, self._big(len(f), int(r.image_id))], 1)
+
+    def gt_features(self, r):
+        f = self.src.gt_features(r)
+        return np.concatenate([f, self._big(len(f), 1000 + int(r.image_id))], 1)
+
+
+def test_joined_taps_scaled_block_by_block():
+    """Each block of a joined layer is brought to a mean norm of 20/sqrt(B), so the large
+    uninformative block does not swamp the other (with one scalar it would: 99.9 % of the norm)."""
+    src, recs = _Joined(), synthetic_records(30)
+    norms = feature_stats(recs, src, n_images=10, blocks=src.blocks)
+    assert norms.shape == (2,) and norms[1] > 50 * norms[0]
+    res = train_detector(recs, CLASSES, src, SVMConfig(retrain_limit=20, stats_images=10))
+    assert res.feature_scale.shape == (sum(src.blocks),)
+    _, f = src.regions(recs[0])
+    scaled = f * res.feature_scale
+    d = src.blocks[0]
+    for part in (scaled[:, :d], scaled[:, d:]):
+        assert np.linalg.norm(part, axis=1).mean() == pytest.approx(20 / math.sqrt(2), rel=0.2)
+    # the informative block still separates: held-out class-0 objects outscore background regions
+    from rcnn.boxes import box_iou
+
+    r = next(x for x in synthetic_records(10, start=500) if (x.labels == 0).any())
+    boxes, f = src.regions(r)
+    bg = score_regions(f * res.feature_scale, res.W, res.b)[box_iou(boxes, r.boxes).max(1) < 0.1, 0]
+    obj = score_regions(src.gt_features(r) * res.feature_scale, res.W, res.b)[r.labels == 0, 0]
+    assert len(bg) and obj.min() > bg.mean() + 1
+
+
 def test_negative_overlaps_grey_zone():
     from rcnn.data import ImageRecord
 

@@ -23,6 +23,11 @@ efficientnet_lite0 last block (320 ch, stride 32) max-pooled to    conv_head spa
                    G×G: 320·G² (**11520** at G=6)                  conv_head global mean **1280**
 ================== =============================================== =============================== ======
 
+*Side taps* (``Backbone.side_taps``; hypercolumns, not in the paper): an earlier, finer map of the
+trunk pooled to the same G×G grid, channel-major like ``pool5``. ``squeezenet1_1`` has ``fire5``
+(256 ch, stride 8: 256·G², **9216** at G=6). :mod:`rcnn.features` concatenates taps named
+``"pool5+fire5"`` (small objects span few stride-16 cells; the stride-8 map sees their edges).
+
 SqueezeNet and EfficientNet have no fully-connected hidden layers; their ``fc7`` is the
 pooled embedding the ImageNet classifier reads (the same role as AlexNet's fc7) and
 ``fc6`` the spatially max-pooled version of the same activations. ``logits`` are the
@@ -92,22 +97,35 @@ class Backbone:
     head_fn: Callable[[torch.Tensor, Sequence[str], int], dict[str, torch.Tensor]]
     stride: int  # trunk map stride in input pixels (for RoI pooling in shared mode)
     pool5_grid: int = 6  # G: the grid the head reads in shared mode
+    # side taps: name -> (index into ``trunk`` after which the map is taken, its stride in input pixels)
+    side_taps: dict[str, tuple[int, int]] = field(default_factory=dict)
     interpolation: str = "bilinear"  # resize used when warping ("bilinear" | "bicubic")
     modules: nn.Module = field(default=None, repr=False)  # type: ignore[assignment]
 
     def head(self, grid: torch.Tensor, layers: Sequence[str], pool5_grid: int | None = None) -> dict[str, torch.Tensor]:
         """Taps ``layers`` from pooled maps ``grid`` (B,C,g,g) → {tap: (B,D) float32}."""
-        bad = [x for x in layers if x not in self.taps]
+        bad = [x for x in layers if x not in self.taps or x in self.side_taps]
         if bad:
-            raise ValueError(f"unknown layer(s) {bad} for backbone {self.name}; choose from {list(self.taps)}")
+            heads = [t for t in self.taps if t not in self.side_taps]
+            raise ValueError(f"unknown head layer(s) {bad} for backbone {self.name}; choose from {heads} "
+                             "(side taps are pooled from run_trunk's maps)")
         return self.head_fn(grid, layers, pool5_grid or self.pool5_grid)
 
     def dim(self, layer: str, pool5_grid: int | None = None) -> int:
-        """Feature dimension of ``layer`` (pool5 depends on the grid for conv-only nets)."""
-        if layer == "pool5" and self.name != "alexnet":
+        """Feature dimension of ``layer`` (pool5 and side taps depend on the grid for conv-only nets)."""
+        if (layer == "pool5" and self.name != "alexnet") or layer in self.side_taps:
             g = pool5_grid or self.pool5_grid
-            return self.taps["pool5"] // (self.pool5_grid**2) * g * g
+            return self.taps[layer] // (self.pool5_grid**2) * g * g
         return self.taps[layer]
+
+    def run_trunk(self, x: torch.Tensor, sides: Sequence[str] = ()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The trunk map of input ``x`` and the maps of the side taps ``sides``, in one pass."""
+        maps, start = {}, 0
+        for name in sorted(sides, key=lambda t: self.side_taps[t][0]):
+            k = self.side_taps[name][0]
+            x = self.trunk[start:k](x)
+            maps[name], start = x, k
+        return (self.trunk[start:](x) if start else self.trunk(x)), maps
 
     def preprocess(self, crops: np.ndarray) -> torch.Tensor:
         """(N,S,S,3) RGB uint8 → normalised (N,3,S,S) float32 tensor, channels-last memory."""
@@ -293,9 +311,11 @@ def _squeezenet(weights: str | Path | None) -> Backbone:
 
     return Backbone(
         name="squeezenet1_1", input_size=size, color=color, mean=mean, std=std,
-        taps={"pool5": 512 * 36, "fc6": 512, "fc7": 512, "logits": 1000},
+        taps={"pool5": 512 * 36, "fc6": 512, "fc7": 512, "logits": 1000, "fire5": 256 * 36},
         weights_hash=h, categories=imagenet_categories(), trunk=m.features, to_grid=lambda x: x,
         head_fn=head, stride=16, modules=m,
+        # features[7] = fire5, the last stride-8 map (features[8] is the third max pool)
+        side_taps={"fire5": (8, 8)},
     )
 
 

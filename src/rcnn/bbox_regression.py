@@ -37,6 +37,7 @@ import numpy as np
 
 from rcnn.boxes import box_area, box_iou, clip_boxes
 from rcnn.data import ImageRecord
+from rcnn.svm import block_scale, scale_from_json, scale_to_json, source_blocks
 
 #: released rcnn_train_bbox_regressor.m: lambda = 1000, min_overlap = 0.6
 LAMBDA = 1000.0
@@ -111,7 +112,7 @@ class BoxRegressor:
     W: np.ndarray
     b: np.ndarray
     trained: np.ndarray
-    feature_scale: float
+    feature_scale: float | np.ndarray  # per dimension for joined taps (rcnn.svm.block_scale)
     layer: str
     feature_options: dict = field(default_factory=dict)
     lam: float | list[float] = LAMBDA  # per class when chosen by cross-validation
@@ -176,7 +177,7 @@ class BoxRegressor:
                 prefix + "trained": self.trained.astype(np.uint8)}
 
     def metadata(self) -> dict:
-        return {"classes": list(self.classes), "feature_scale": self.feature_scale, "layer": self.layer,
+        return {"classes": list(self.classes), "feature_scale": scale_to_json(self.feature_scale), "layer": self.layer,
                 "feature_options": self.feature_options, "lambda": self.lam, "min_iou": self.min_iou, "training": self.training}
 
     @classmethod
@@ -187,7 +188,7 @@ class BoxRegressor:
             raise ValueError(f"box regressor tensors do not match its {C} classes")
         return cls(classes=list(meta["classes"]), W=W.astype(np.float32), b=b.astype(np.float32),
                    trained=tensors.get(prefix + "trained", np.ones(C, np.uint8)).astype(bool),
-                   feature_scale=float(meta["feature_scale"]), layer=meta["layer"],
+                   feature_scale=scale_from_json(meta["feature_scale"]), layer=meta["layer"],
                    feature_options=meta.get("feature_options", {}), lam=_lam(meta.get("lambda", LAMBDA)),
                    min_iou=float(meta.get("min_iou", MIN_IOU)), training=meta.get("training", {}))
 
@@ -324,10 +325,13 @@ def train_box_regressor(
             res[c].add(allf[sel[m]], tgt[m], i)
         if progress:
             progress(i + 1, len(records))
-    # one feature scale for all classes: mean L2 norm of the sampled features → 20
+    # one feature scale for all classes: mean L2 norm of the sampled features → 20 (per block for joined taps)
     samples = [x.data()[0] for x in res if x.seen]
-    norms = np.concatenate([np.linalg.norm(x.astype(np.float32), axis=1) for x in samples]) if samples else np.ones(1)
-    scale = float(TARGET_NORM / max(float(norms.mean()), 1e-12))
+    blocks = source_blocks(source)
+    cuts = np.cumsum(blocks)[:-1] if blocks else []
+    norms = (np.concatenate([np.stack([np.linalg.norm(p, axis=1) for p in np.split(x.astype(np.float32), cuts, axis=1)], 1)
+                             for x in samples]) if samples else np.ones((1, len(blocks or [1]))))
+    scale = block_scale(np.maximum(norms.mean(0), 1e-12), blocks, TARGET_NORM)
     D = int(samples[0].shape[1]) if samples else source.dim
     C = len(classes)
     W = np.zeros((C, D, 4), np.float32)

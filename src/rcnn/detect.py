@@ -29,7 +29,7 @@ from rcnn.cache import cache_dir, file_sha256, load_npz, save_npz, settings_hash
 from rcnn.data import Dataset, ImageRecord, load_image
 from rcnn.evaluate import ClassResult, Detections, EvalResult, evaluate_detections
 from rcnn.scoring import TopK, score_topk
-from rcnn.svm import SVMConfig, TrainResult, score_regions, train_detector
+from rcnn.svm import SVMConfig, TrainResult, scale_from_json, scale_to_json, score_regions, train_detector
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +58,15 @@ class ModelError(ValueError):
 class RCNNModel:
     """Per-class linear SVMs over one kind of region feature.
 
-    ``W`` ``(D,C)`` float32 and ``b`` ``(C,)`` act on features multiplied by ``feature_scale``;
+    ``W`` ``(D,C)`` float32 and ``b`` ``(C,)`` act on features multiplied by ``feature_scale``
+    (a scalar; per dimension for joined taps, :func:`rcnn.svm.block_scale`);
     ``trained[c]`` is False for classes that had no positives (never detected)."""
 
     classes: list[str]
     W: np.ndarray
     b: np.ndarray
     trained: np.ndarray
-    feature_scale: float
+    feature_scale: float | np.ndarray
     backbone: str
     weights_hash: str
     layer: str
@@ -107,7 +108,7 @@ class RCNNModel:
             "format": "rcnn-model", "format_version": self.format_version, "classes": list(self.classes),
             "backbone": self.backbone, "weights_hash": self.weights_hash, "layer": self.layer, "mode": self.mode,
             "feature_options": self.feature_options, "proposal_options": self.proposal_options,
-            "feature_scale": self.feature_scale, "nms_iou": self.nms_iou, "training": self.training,
+            "feature_scale": scale_to_json(self.feature_scale), "nms_iou": self.nms_iou, "training": self.training,
         }
 
     def save(self, path: str | Path) -> Path:
@@ -158,7 +159,7 @@ class RCNNModel:
             except (ValueError, KeyError) as e:
                 raise ModelError(f"{path}: bad box regressor ({e})") from None
         return cls(classes=list(meta["classes"]), W=W.astype(np.float32), b=b.astype(np.float32), trained=trained,
-                   feature_scale=float(meta["feature_scale"]), backbone=meta["backbone"], weights_hash=meta["weights_hash"],
+                   feature_scale=scale_from_json(meta["feature_scale"]), backbone=meta["backbone"], weights_hash=meta["weights_hash"],
                    layer=meta["layer"], mode=meta["mode"], feature_options=meta.get("feature_options", {}),
                    proposal_options=meta.get("proposal_options", {}), nms_iou=float(meta.get("nms_iou", NMS_IOU)),
                    training=meta.get("training", {}), format_version=v, bbox_reg=bbox_reg)
@@ -288,7 +289,17 @@ class CNNFeatures(RegionFeatures):
 
     @property
     def dim(self) -> int:
-        return self.backbone.dim(self.layer, self.feature_config.grid)
+        from rcnn.features import layer_dim
+
+        return layer_dim(self.backbone, self.layer, self.feature_config.grid)
+
+    @property
+    def blocks(self) -> tuple[int, ...] | None:
+        """Each tap's dimension when the layer joins several (``pool5+fire5``): scaled separately."""
+        from rcnn.features import split_layer
+
+        taps = split_layer(self.layer)
+        return tuple(self.backbone.dim(t, self.feature_config.grid) for t in taps) if len(taps) > 1 else None
 
     def _stored(self, record: ImageRecord) -> tuple[np.ndarray, np.ndarray, int]:
         from rcnn.features import get_features
@@ -396,10 +407,11 @@ def fill_layers(
     ``compress=False`` stores plain ``.npz`` (same arrays, readable by ``get_features``): zlib on
     a 1000-box pool5 block costs seconds per image on a loaded CPU. Returns the number of
     layers computed (0 when all were cached)."""
-    from rcnn.features import _load, _save, extract_features, feature_path
+    from rcnn.features import _load, _save, extract_features, feature_path, split_layer
     from rcnn.proposals import get_proposals
 
-    fcs = {layer: replace(feature_config, layer=layer, with_gt=True) for layer in layers}
+    taps = dict.fromkeys(t for layer in layers for t in split_layer(layer))  # joined taps are cached tap by tap
+    fcs = {t: replace(feature_config, layer=t, with_gt=True) for t in taps}
     sha = file_sha256(record.path)
     todo = [k for k, fc in fcs.items() if _load(feature_path(record, proposal_config, fc, dataset_root), sha) is None]
     if not todo:
@@ -518,7 +530,7 @@ def fit(
         training={
             "dataset": str(Path(dataset.root).resolve()), "split": dataset.split, "images": len(recs),
             "image_ids_hash": settings_hash([r.image_id for r in recs]), "date": datetime.now(UTC).isoformat(timespec="seconds"),
-            "svm": svm.key(), "mean_feature_norm": res.mean_norm, "num_pos": dict(zip(dataset.classes, res.num_pos, strict=True)),
+            "svm": svm.key(), "mean_feature_norm": np.asarray(res.mean_norm).tolist(), "num_pos": dict(zip(dataset.classes, res.num_pos, strict=True)),
             "seconds": round(res.seconds, 2), "warnings": res.warnings,
             **({"augment": "mirror"} if isinstance(source, MirrorAugmented) else {}),
             "objective": {c: [round(h["objective"], 6) for h in hist] for c, hist in zip(dataset.classes, res.history, strict=True)},

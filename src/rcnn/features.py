@@ -7,7 +7,9 @@
 * :func:`extract_features` — ``mode="warp"`` runs the whole network on each warped crop
   (faithful); ``mode="shared"`` runs the convolutional trunk once over the whole image and
   RoI-pools each box onto the grid the head reads (SPP-net / Fast R-CNN), then the rest of
-  the network on the pooled maps. Both return ``(N, D)`` for the same layer.
+  the network on the pooled maps. Both return ``(N, D)`` for the same layer. A layer named
+  ``"pool5+fire5"`` is the concatenation of those taps from one forward pass (a hypercolumn:
+  the backbone's finer side tap pooled to the same grid; see :mod:`rcnn.backbones`).
 * :class:`FeatureConfig`, :func:`get_features`, :func:`features_for_dataset` — per-image
   float16 features stored with the boxes they describe, content-keyed and atomic.
 """
@@ -17,12 +19,13 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torchvision.ops import roi_align, roi_pool
 
 from rcnn.backbones import Backbone, get_backbone, set_threads
@@ -41,6 +44,16 @@ SHARED_GRID = 6
 #: shared mode: longest side of the resized image (keeps trunk activations bounded on huge photos)
 SHARED_MAX_SIDE = 2000
 FEATURE_VERSION = 2  # bump when stored features would change for the same settings
+#: taps read after the spatial pooling: the RoI grid does not change them in warp mode
+GRID_FREE_TAPS = frozenset({"fc6", "fc7", "logits", "ft_logprob"})
+
+
+def split_layer(layer: str) -> list[str]:
+    """The taps of a layer name: ``"pool5+fire5"`` → ``["pool5", "fire5"]`` (concatenated in that order)."""
+    parts = [p.strip() for p in str(layer).split("+")]
+    if not all(parts) or len(set(parts)) != len(parts):
+        raise ValueError(f"bad layer {layer!r}: name taps joined by '+', each once (e.g. pool5+fire5)")
+    return parts
 
 
 # ----------------------------------------------------------------------------- warping
@@ -159,6 +172,19 @@ def _layers(layer: str | Sequence[str]) -> list[str]:
     return [layer] if isinstance(layer, str) else list(layer)
 
 
+def check_layer(bb: Backbone, layer: str) -> None:
+    """Raise ``ValueError`` (one line) unless every tap of ``layer`` is one of the backbone's."""
+    bad = [t for t in split_layer(layer) if t not in bb.taps]
+    if bad:
+        hint = " (taps can be joined by '+', e.g. pool5+fire5)" if bb.side_taps else ""
+        raise ValueError(f"unknown layer(s) {bad} for backbone {bb.name}; choose from {list(bb.taps)}{hint}")
+
+
+def layer_dim(bb: Backbone, layer: str, grid: int | None = None) -> int:
+    """Feature dimension of ``layer`` (a tap or taps joined by ``+``) at RoI grid ``grid``."""
+    return sum(bb.dim(t, grid) for t in split_layer(layer))
+
+
 @torch.inference_mode()
 def extract_features(
     image: np.ndarray,
@@ -200,9 +226,9 @@ def extract_features(
     """
     bb = get_backbone(backbone) if isinstance(backbone, str) else backbone
     layers = _layers(layer)
-    bad = [x for x in layers if x not in bb.taps]
-    if bad:
-        raise ValueError(f"unknown layer(s) {bad} for backbone {bb.name}; choose from {list(bb.taps)}")
+    for x in layers:
+        check_layer(bb, x)
+    taps = list(dict.fromkeys(t for x in layers for t in split_layer(x)))  # each tap computed once
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
     if mirror:
@@ -211,25 +237,33 @@ def extract_features(
     set_threads(threads)
     dev = place_backbone(bb, device)
     with autocast(dev, precision):
-        return _extract(image, boxes, bb, layer, layers, mode, batch_size, context_pad, method, scales, grid, pool,
-                        max_side, dev, flip)
+        res = _extract(image, boxes, bb, taps, mode, batch_size, context_pad, method, scales, grid, pool,
+                       max_side, dev, flip)
+    out = {x: res[x] if x in res else np.concatenate([res[t] for t in split_layer(x)], axis=1) for x in layers}
+    return out[layers[0]] if isinstance(layer, str) else out
 
 
-def _extract(image, boxes, bb: Backbone, layer, layers, mode, batch_size, context_pad, method, scales, grid, pool,
-             max_side, dev: torch.device, flip: bool = False) -> np.ndarray | dict[str, np.ndarray]:
+def _extract(image, boxes, bb: Backbone, layers, mode, batch_size, context_pad, method, scales, grid, pool,
+             max_side, dev: torch.device, flip: bool = False) -> dict[str, np.ndarray]:
     boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
     fixed = bb.name == "alexnet" or bb.name.startswith("vgg")  # fc6 needs exactly 6×6
     g = 6 if fixed else int(grid or bb.pool5_grid)
     chunks: dict[str, list[torch.Tensor]] = {k: [] for k in layers}
+    sides = [k for k in layers if k in bb.side_taps]
+    heads = [k for k in layers if k not in bb.side_taps]
     if mode == "warp":
         for s in range(0, len(boxes), batch_size):
             crops = warp_regions(image, boxes[s : s + batch_size], bb.input_size, context_pad, method,
                                  fill=bb.mean_rgb(), interpolation=bb.interpolation)
-            grid_maps = bb.to_grid(bb.trunk(host_to(bb.preprocess(crops), dev)))
+            fmap, smaps = bb.run_trunk(host_to(bb.preprocess(crops), dev), sides)
+            grid_maps = bb.to_grid(fmap)
             if flip:  # the mirrored crop is the warp of the mirrored box in the mirrored image
-                mirrored = bb.to_grid(bb.trunk(host_to(bb.preprocess(np.ascontiguousarray(crops[:, :, ::-1])), dev)))
-                grid_maps = (grid_maps + mirrored.flip(-1)) * 0.5
-            out = bb.head(grid_maps, layers, g)
+                fm, sm = bb.run_trunk(host_to(bb.preprocess(np.ascontiguousarray(crops[:, :, ::-1])), dev), sides)
+                grid_maps = (grid_maps + bb.to_grid(fm).flip(-1)) * 0.5
+                smaps = {k: (v + sm[k].flip(-1)) * 0.5 for k, v in smaps.items()}
+            out = bb.head(grid_maps, heads, g) if heads else {}
+            # a side tap of a warped crop: its whole map (the crop is the box) averaged to g×g cells
+            out.update({k: F.adaptive_avg_pool2d(v, g).flatten(1) for k, v in smaps.items()})
             for k in layers:
                 chunks[k].append(to_host(out[k]))
     else:
@@ -253,18 +287,18 @@ def _extract(image, boxes, bb: Backbone, layer, layers, mode, batch_size, contex
             sx, sy = size[0] / w, size[1] / h
             flag = cv2.INTER_CUBIC if bb.interpolation == "bicubic" or sc > 1 else cv2.INTER_AREA
             img = image if size == (w, h) else cv2.resize(image, size, interpolation=flag)
-            fmaps = [bb.trunk(host_to(bb.preprocess(img[None]), dev))]
+            views = [bb.run_trunk(host_to(bb.preprocess(img[None]), dev), sides)]
             if flip:
-                fmaps.append(bb.trunk(host_to(bb.preprocess(np.ascontiguousarray(img[None, :, ::-1])), dev)))
+                views.append(bb.run_trunk(host_to(bb.preprocess(np.ascontiguousarray(img[None, :, ::-1])), dev), sides))
             for s in range(0, len(idx), batch_size):
                 sel = idx[s : s + batch_size]
                 # the resized image's true per-axis scale (its size was rounded to whole pixels)
                 scaled = boxes[sel] * np.array([sx, sy, sx, sy], np.float32)
-                pooled = _roi_pool(fmaps[0], scaled, g, bb.stride, pool)
-                if flip:  # the mirrored box [W-x2, W-x1) in the mirrored map, its grid mirrored back
-                    mirrored = flip_boxes(scaled, size[0])
-                    pooled = (pooled + _roi_pool(fmaps[1], mirrored, g, bb.stride, pool).flip(-1)) * 0.5
-                out = bb.head(pooled, layers, g)
+                mirrored = flip_boxes(scaled, size[0]) if flip else None
+                grid_maps = _pool_views([fm for fm, _ in views], scaled, mirrored, g, bb.stride, pool)
+                out = bb.head(grid_maps, heads, g) if heads else {}
+                for k in sides:  # the finer map pooled to the same g×g cells of the box
+                    out[k] = _pool_views([sm[k] for _, sm in views], scaled, mirrored, g, bb.side_taps[k][1], pool).flatten(1)
                 for k in layers:
                     chunks[k].append(to_host(out[k]))
         inv = np.empty_like(order)
@@ -276,7 +310,17 @@ def _extract(image, boxes, bb: Backbone, layer, layers, mode, batch_size, contex
     for k in layers:
         d = bb.dim(k, g)
         res[k] = torch.cat(chunks[k]).float().numpy() if chunks[k] else np.zeros((0, d), np.float32)
-    return res[layers[0]] if isinstance(layer, str) else res
+    return res
+
+
+def _pool_views(maps: list[torch.Tensor], boxes: np.ndarray, mirrored: np.ndarray | None, g: int, stride: int,
+                pool: str) -> torch.Tensor:
+    """``(N,C,g,g)`` cells of ``boxes`` in ``maps[0]``; with a second map (the mirrored image), averaged
+    with the mirrored boxes' cells there, their grid mirrored back (``flip``)."""
+    out = _roi_pool(maps[0], boxes, g, stride, pool)
+    if len(maps) > 1:  # the mirrored box [W-x2, W-x1) in the mirrored map
+        out = (out + _roi_pool(maps[1], mirrored, g, stride, pool).flip(-1)) * 0.5
+    return out
 
 
 def _roi_pool(fmap: torch.Tensor, boxes: np.ndarray, g: int, stride: int, pool: str) -> torch.Tensor:
@@ -352,7 +396,7 @@ class FeatureConfig:
                 d.pop(opt)
         if self.mode == "warp":  # shared-only options do not change warp features...
             d.pop("scales"), d.pop("pool")
-            if self.layer != "pool5":  # ...and the grid only matters for pool5 in warp mode
+            if set(split_layer(self.layer)) <= GRID_FREE_TAPS:  # ...nor the grid those read after pooling
                 d.pop("grid")
         else:  # the crop method is warp-only; context_pad = 0 keeps the keys of older caches
             d.pop("method")
@@ -394,6 +438,11 @@ def feature_dir(proposal_config, feature_config: FeatureConfig, dataset_root: st
     return cache_dir() / "features" / feature_config.key() / f"{proposal_config.key()}-{settings_hash('dataset', root)}"
 
 
+def tap_configs(feature_config: FeatureConfig) -> list[FeatureConfig]:
+    """One config per tap of a joined layer (``pool5+fire5``): each tap has its own cache folder."""
+    return [replace(feature_config, layer=t) for t in split_layer(feature_config.layer)]
+
+
 def feature_path(record: ImageRecord, proposal_config, feature_config: FeatureConfig, dataset_root) -> Path:
     from rcnn.proposals import _safe_name
 
@@ -431,6 +480,8 @@ def get_features(
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(boxes (N,4) float32, feats (N,D) float16)`` of one image: cached, else computed and stored.
 
+    A joined layer (``pool5+fire5``) is read from (and stored in) each tap's own cache, computed in one
+    pass for the taps not cached yet, and returned concatenated.
     ``boxes`` are the image's proposals (:func:`rcnn.proposals.get_proposals`), preceded by its
     ground-truth boxes when ``feature_config.with_gt``. The entry is keyed by dataset root,
     image id, the proposal config, every feature setting and the weights' sha256, and stores
@@ -441,24 +492,34 @@ def get_features(
     pc = proposal_config or ProposalConfig()
     fc = feature_config or FeatureConfig()
     root = Path(dataset_root) if dataset_root is not None else Path(record.path).parent
-    path = feature_path(record, pc, fc, root)
     try:
         sha = file_sha256(record.path)
     except OSError as e:
         raise ImageReadError(f"{record.path}: cannot read ({e.strerror or e})") from None
-    hit = _load(path, sha)
-    if hit is not None:
-        return hit
-    boxes = get_proposals(record, pc, root).astype(np.float32)
-    n_gt = 0
-    if fc.with_gt and len(record.boxes):
-        boxes = np.concatenate([np.asarray(record.boxes, np.float32).reshape(-1, 4), boxes])
-        n_gt = len(record.boxes)
-    image = load_image(record.path)
-    feats = extract_features(image, boxes, fc.backbone_obj(), fc.layer, device=fc.device, **fc.extract_options())
-    feats = feats.astype(np.float16)
-    _save(path, boxes, feats, sha, n_gt)
-    return boxes, feats
+    # joined taps (pool5+fire5) are cached tap by tap: a tap shared by several rows is stored once
+    parts = {c.layer: c for c in tap_configs(fc)}
+    hits = {t: _load(feature_path(record, pc, c, root), sha) for t, c in parts.items()}
+    todo = [t for t, h in hits.items() if h is None]
+    if todo:
+        boxes = get_proposals(record, pc, root).astype(np.float32)
+        n_gt = 0
+        if fc.with_gt and len(record.boxes):
+            boxes = np.concatenate([np.asarray(record.boxes, np.float32).reshape(-1, 4), boxes])
+            n_gt = len(record.boxes)
+        image = load_image(record.path)
+        out = extract_features(image, boxes, fc.backbone_obj(), todo, device=fc.device, **fc.extract_options())
+        for t in todo:
+            hits[t] = boxes, out[t].astype(np.float16)
+            _save(feature_path(record, pc, parts[t], root), boxes, hits[t][1], sha, n_gt)
+    boxes = hits[next(iter(parts))][0]
+    if any(len(b) != len(boxes) or not np.array_equal(b, boxes) for b, _ in hits.values()):
+        # one tap cached with older proposals: recompute them all from the current ones
+        for t in parts:
+            feature_path(record, pc, parts[t], root).unlink(missing_ok=True)
+        return get_features(record, pc, fc, dataset_root)
+    if len(parts) == 1:
+        return hits[next(iter(parts))]
+    return boxes, np.concatenate([hits[t][1] for t in parts], axis=1)
 
 
 @dataclass
@@ -500,7 +561,9 @@ def features_for_dataset(
     pc = proposal_config or ProposalConfig()
     fc = feature_config or FeatureConfig()
     fc.backbone_obj()  # fail early (missing weights) before the loop
-    _remove_stale_tmp(feature_dir(pc, fc, dataset.root))
+    taps = tap_configs(fc)
+    for c in taps:
+        _remove_stale_tmp(feature_dir(pc, c, dataset.root))
     summary = FeatureSummary(images=len(dataset.records))
     got: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     bar = _progress() if progress else None
@@ -509,8 +572,7 @@ def features_for_dataset(
         bar.start()
     try:
         for rec in dataset.records:
-            path = feature_path(rec, pc, fc, dataset.root)
-            cached = path.is_file()
+            cached = all(feature_path(rec, pc, c, dataset.root).is_file() for c in taps)
             t0 = time.perf_counter()
             try:
                 boxes, feats = get_features(rec, pc, fc, dataset.root)
@@ -533,9 +595,9 @@ def features_for_dataset(
     finally:
         if bar:
             bar.stop()
-    d = feature_dir(pc, fc, dataset.root)
-    summary.cache_dir = str(d)
-    summary.cache_mb = dir_size_mb(d)
+    dirs = [feature_dir(pc, c, dataset.root) for c in taps]
+    summary.cache_dir = " + ".join(str(d) for d in dirs)
+    summary.cache_mb = sum(dir_size_mb(d) for d in dirs)
     return (summary, got) if collect else summary
 
 

@@ -9,7 +9,9 @@ Training data for class ``c`` (paper §2.3):
   ``< 0.3``; regions in the grey zone ``[0.3, 1)`` are ignored.
 
 Features are multiplied by one scalar so that their mean L2 norm is 20 (``rcnn_feature_stats`` /
-``rcnn_scale_features``), estimated on a fixed-seed sample of proposals.
+``rcnn_scale_features``), estimated on a fixed-seed sample of proposals. Joined taps (a source with
+``blocks``, e.g. ``pool5+fire5``) get one scalar per block, each block brought to a mean norm of
+20/√B, so no tap outweighs another by its raw magnitude (B = 1 is the released rule).
 
 The solver is liblinear (scikit-learn's ``LinearSVC``, ``-s 3``: L2-regularised L1-loss/hinge,
 dual coordinate descent) with the released settings ``-c 1e-3 -w1 2 -B 10``: the bias is an extra
@@ -82,6 +84,41 @@ class FeatureSource(Protocol):
     def gt_features(self, record: ImageRecord) -> np.ndarray:
         """Features ``(G,D)`` of ``record.boxes``, computed like the proposals' features."""
         ...
+
+
+#: A feature scale: one scalar (the released code) or a ``(D,)`` float32 vector, constant per block.
+Scale = float | np.ndarray
+
+
+def source_blocks(source) -> tuple[int, ...] | None:
+    """The dimensions of the blocks a source's features are made of (``None``: one block)."""
+    blocks = getattr(source, "blocks", None)
+    return tuple(int(d) for d in blocks) if blocks and len(blocks) > 1 else None
+
+
+def block_scale(mean_norms: float | Sequence[float], blocks: Sequence[int] | None, target_norm: float = TARGET_NORM) -> Scale:
+    """Scale bringing the mean L2 norm to ``target_norm``: one scalar, or with ``blocks`` a
+    ``(D,)`` vector bringing block ``i`` (mean norm ``mean_norms[i]``) to ``target_norm/√B``."""
+    if not blocks:
+        return float(target_norm / float(np.asarray(mean_norms).reshape(-1)[0]))
+    per = target_norm / math.sqrt(len(blocks))
+    return np.concatenate([np.full(d, per / m, np.float32) for d, m in zip(blocks, mean_norms, strict=True)])
+
+
+def scale_to_json(scale: Scale) -> float | list[list[float]]:
+    """A scale for JSON metadata: the scalar, or ``[[dim, scale], ...]`` runs of a block vector."""
+    if np.ndim(scale) == 0:
+        return float(scale)
+    v = np.asarray(scale, np.float32)
+    cuts = np.flatnonzero(np.diff(v)) + 1
+    return [[len(r), float(r[0])] for r in np.split(v, cuts)]
+
+
+def scale_from_json(value) -> Scale:
+    """Inverse of :func:`scale_to_json`."""
+    if isinstance(value, list):
+        return np.concatenate([np.full(int(d), float(x), np.float32) for d, x in value])
+    return float(value)
 
 
 # --------------------------------------------------------------------------- solver
@@ -177,25 +214,30 @@ def solve_dual_reference(
 
 
 def feature_stats(
-    records: Sequence[ImageRecord], source: FeatureSource, n_images: int = 200, boxes_per_image: int = 200, seed: int = 0
-) -> float:
+    records: Sequence[ImageRecord], source: FeatureSource, n_images: int = 200, boxes_per_image: int = 200, seed: int = 0,
+    blocks: Sequence[int] | None = None,
+) -> float | np.ndarray:
     """Mean L2 norm of proposal features on a fixed-seed sample (released ``rcnn_feature_stats``:
-    up to 200 random images x 200 random boxes each)."""
+    up to 200 random images x 200 random boxes each); with ``blocks``, a ``(B,)`` array of each
+    block's mean norm."""
     rng = np.random.default_rng(seed)
     idx = rng.permutation(len(records))[: min(n_images, len(records))]
+    cuts = np.cumsum(blocks)[:-1] if blocks else []
     norms = []
     for i in sorted(idx):
         _, feats = source.regions(records[i])
         if len(feats) == 0:
             continue
         sel = rng.permutation(len(feats))[: min(boxes_per_image, len(feats))]
-        norms.append(np.linalg.norm(np.asarray(feats[np.sort(sel)], np.float32), axis=1))
+        f = np.asarray(feats[np.sort(sel)], np.float32)
+        norms.append(np.stack([np.linalg.norm(x, axis=1) for x in np.split(f, cuts, axis=1)], 1))
     if not norms:
         raise ValueError("no proposal features to estimate the feature scale from (all images have no proposals)")
-    mean_norm = float(np.concatenate(norms).mean())
-    if not math.isfinite(mean_norm) or mean_norm <= 0:
-        raise ValueError(f"feature norms are degenerate (mean {mean_norm}); the features are all zero or not finite")
-    return mean_norm
+    mean_norm = np.concatenate(norms).mean(0)
+    if not np.all(np.isfinite(mean_norm)) or np.any(mean_norm <= 0):
+        raise ValueError(f"feature norms are degenerate (mean {mean_norm.tolist()}); the features (or a block of "
+                         "them) are all zero or not finite")
+    return mean_norm if blocks else float(mean_norm[0])
 
 
 # -------------------------------------------------------------------- hard negatives
@@ -243,8 +285,8 @@ class TrainResult:
 
     W: np.ndarray
     b: np.ndarray
-    feature_scale: float
-    mean_norm: float
+    feature_scale: Scale  # a scalar, or per dimension for joined taps (blocks)
+    mean_norm: float | np.ndarray  # per block for joined taps
     trained: np.ndarray
     num_pos: list[int]
     history: list[list[dict]]  # per class: one dict per retraining (objective terms, cache size, ...)
@@ -279,8 +321,9 @@ def train_detector(
 
     # 1. feature scale (rcnn_feature_stats on a fixed-seed sample)
     report(Progress("stats", 0, 1))
-    mean_norm = feature_stats(records, source, config.stats_images, config.stats_boxes, config.seed)
-    scale = config.target_norm / mean_norm
+    blocks = source_blocks(source)
+    mean_norm = feature_stats(records, source, config.stats_images, config.stats_boxes, config.seed, blocks)
+    scale = block_scale(mean_norm, blocks, config.target_norm)
 
     # 2. positives: non-difficult ground truth, features like the proposals' (released code:
     #    get_positive_pool5_features before mining)

@@ -90,7 +90,7 @@ def train(
     backbone: Annotated[str, typer.Option("--backbone", "-b", help="squeezenet1_1, efficientnet_lite0, alexnet, a "
                                           "torchvision classifier (needs --weights), or 'hog' (HOG baseline)")] = "squeezenet1_1",
     weights: Annotated[Path | None, typer.Option("--weights", "-w", help="Backbone state dict")] = None,
-    layer: Annotated[str, typer.Option("--layer", "-l", help="pool5 | fc6 | fc7 (paper §3.2: fc7)")] = "fc7",
+    layer: Annotated[str, typer.Option("--layer", "-l", help="pool5 | fc6 | fc7 (paper §3.2: fc7), or taps joined by + (pool5+fire5: a hypercolumn)")] = "fc7",
     mode: Annotated[str, typer.Option("--mode", "-m", help="warp (faithful, §2.1) | shared (one trunk pass + RoI pooling)")] = "warp",
     scales: Annotated[str | None, typer.Option("--scales", help="shared mode: image scale(s), comma-separated")] = None,
     grid: Annotated[int | None, typer.Option("--grid", help="shared mode RoI grid / pool5 grid")] = None,
@@ -113,7 +113,7 @@ def train(
     """Train per-class linear SVMs with hard-negative mining (paper §2.3); resumes from the caches."""
     from rcnn.backbones import WeightsError
     from rcnn.detect import CNNFeatures, HOGFeatures, fit
-    from rcnn.features import SHARED_GRID, SHARED_SCALES, FeatureConfig, features_for_dataset
+    from rcnn.features import SHARED_GRID, SHARED_SCALES, FeatureConfig, check_layer, features_for_dataset
     from rcnn.proposals import propose_dataset
     from rcnn.svm import SVMConfig
 
@@ -133,8 +133,7 @@ def train(
                                context_pad=context_pad, scales=sc, grid=grid or SHARED_GRID, with_gt=True,
                                precision=precision)
             bb = fc.backbone_obj()
-            if layer not in bb.taps:
-                raise fail(f"--layer must be one of {list(bb.taps)} for {backbone}, not {layer!r}", 2)
+            check_layer(bb, layer)  # a ValueError: "bad option: unknown layer(s) ..."
             source = CNNFeatures(pc, fc, ds.root, backbone=bb)
     except ValueError as e:
         raise fail(f"bad option: {e}", 2) from None

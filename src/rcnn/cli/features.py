@@ -20,7 +20,16 @@ from rcnn.cli.engine import (
     report_device,
 )
 from rcnn.cli.proposals import KsOpt, MaxBoxesOpt, WorkersOpt, make_config
-from rcnn.features import METHODS, MODES, SHARED_GRID, SHARED_SCALES, FeatureConfig, features_for_dataset
+from rcnn.features import (
+    METHODS,
+    MODES,
+    SHARED_GRID,
+    SHARED_SCALES,
+    FeatureConfig,
+    check_layer,
+    features_for_dataset,
+    layer_dim,
+)
 from rcnn.proposals import MODES as PROPOSAL_MODES
 from rcnn.proposals import propose_dataset
 
@@ -33,7 +42,7 @@ def features(
                                           "or any torchvision classifier (needs --weights)")] = "squeezenet1_1",
     weights: Annotated[Path | None, typer.Option("--weights", "-w", help="State dict (.safetensors or "
                                                  "torch.save) for the backbone")] = None,
-    layer: Annotated[str, typer.Option("--layer", "-l", help="pool5 | fc6 | fc7 | logits")] = "fc7",
+    layer: Annotated[str, typer.Option("--layer", "-l", help="pool5 | fc6 | fc7 | logits, or taps joined by + (pool5+fire5)")] = "fc7",
     mode: Annotated[str, typer.Option("--mode", "-m", help=f"{MODES}: warp = faithful (§2.1), "
                                       "shared = one trunk pass per image + RoI pooling")] = "warp",
     context_pad: Annotated[int, typer.Option("--context-pad", help="context pixels in the warped frame "
@@ -70,10 +79,12 @@ def features(
         raise fail(f"bad option: {e}", 2) from None
     except WeightsError as e:
         raise fail(str(e), 2) from None
-    if layer not in bb.taps:
-        raise fail(f"--layer must be one of {list(bb.taps)}, not {layer!r}", 2)
+    try:
+        check_layer(bb, layer)
+    except ValueError as e:
+        raise fail(f"--layer: {e}", 2) from None
     console.print(f"{len(ds)} images; proposals {pc.describe()}; features {fc.describe()} "
-                  f"({bb.dim(layer, grid)}-d float16)", highlight=False)
+                  f"({layer_dim(bb, layer, grid)}-d float16)", highlight=False)
     if engine == "ray":  # rcnn.distributed: proposals + features in Ray tasks, into the same cache
         s = ray_extract(ds, pc, fc, address, workers)
         proposal_failed = []

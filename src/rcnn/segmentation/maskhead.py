@@ -86,14 +86,14 @@ class MaskHead(nn.Module):
         return m, s
 
 
-# SqueezeNet 1.1's features: fire5 (index 7, 256 ch) is the last stride-8 map
-FINE_SPLIT = {"squeezenet1_1": 8}
+#: the backbones' stride-8 side tap (:attr:`rcnn.backbones.Backbone.side_taps`)
+FINE_TAP = {"squeezenet1_1": "fire5"}
 
 
 def trunk_map(image: np.ndarray, bb: Backbone, fine: bool = False):
     """The backbone's trunk map ``(1,C,h,w)`` of an RGB uint8 image at the shared-mode scale,
     and the x/y factors from image pixels to the scaled input's pixels. With ``fine`` (only
-    backbones in :data:`FINE_SPLIT`), returns ``(coarse, fine_map, sx, sy)`` with the
+    backbones in :data:`FINE_TAP`), returns ``(coarse, fine_map, sx, sy)`` with the
     stride-8 map as well."""
     h, w = image.shape[:2]
     sc = min(SHARED_SCALES[0], SHARED_MAX_SIDE / max(h, w))
@@ -103,9 +103,9 @@ def trunk_map(image: np.ndarray, bb: Backbone, fine: bool = False):
     with torch.inference_mode():
         x = bb.preprocess(img[None])
         if fine:
-            k = FINE_SPLIT[bb.name]
-            f = bb.trunk[:k](x)
-            return bb.trunk[k:](f).contiguous(), f.contiguous(), size[0] / w, size[1] / h
+            tap = FINE_TAP[bb.name]
+            coarse, side = bb.run_trunk(x, [tap])
+            return coarse.contiguous(), side[tap].contiguous(), size[0] / w, size[1] / h
         fmap = bb.trunk(x)
     return fmap.contiguous(), size[0] / w, size[1] / h
 
