@@ -257,6 +257,8 @@ def test_cli_clear_errors(tmp_path):
     assert r.exit_code == 2 and "--weights" in r.output
     r = CliRunner().invoke(app, ["features", str(voc), "--split", "test", "--mode", "fast"])
     assert r.exit_code == 2 and "mode" in r.output
+    r = CliRunner().invoke(app, ["features", str(voc), "--split", "test", "--layer", "pool5+fire9"])
+    assert r.exit_code == 2 and "unknown layer(s) ['fire9']" in r.output
 
 
 def test_hypercolumn_joins_taps_from_one_pass(squeeze):
