@@ -158,6 +158,7 @@ def main() -> None:
     folds = folds_of(ids)
     n = len(items)
     confs = {(s, t): np.zeros((n, len(classes) + 1, len(classes) + 1), np.int64) for s in STRATEGIES for t in args.taps}
+    diag = {key: np.zeros_like(v) for key, v in confs.items()}
     fold_rows = []
     for k, f in enumerate(folds):
         train = [train_view(items[i], TRAIN_REGIONS) for i in f["train"]]
@@ -179,8 +180,14 @@ def main() -> None:
                 conf = image_confusions([it.label_map for it in test],
                                         [model.predict(it.regions, it.feats) for it in test], len(classes) + 1)
                 confs[(strategy, tap)][f["test"]] = conf
+                # diagnostic only (the threshold picked on the fold's test images, never a result):
+                # how much of a row's score the val-chosen threshold loses
+                th_t, _ = choose_threshold(model, test)
+                diag[(strategy, tap)][f["test"]] = image_confusions(
+                    [it.label_map for it in test], [model.predict(it.regions, it.feats, th_t) for it in test],
+                    len(classes) + 1)
                 row = {"fold": k, "strategy": strategy, "tap": tap, "C": model.info["C"], "threshold": th,
-                       "val_mean_iou": val_iou, "train_rows": model.info["train_rows"],
+                       "val_mean_iou": val_iou, "train_rows": model.info["train_rows"], "diagnostic_test_threshold": th_t,
                        "images": {s: len(v) for s, v in f.items()}, **_iou_summary(conf),
                        "seconds": time.perf_counter() - t1, "val_grid": grid}
                 fold_rows.append(row)
@@ -189,26 +196,33 @@ def main() -> None:
                       f"({row['seconds']:.0f}s)", flush=True)
 
     # pooled over the 170 test predictions (each image tested once), and over the 74 held-out images
-    rows, boot = [], {}
+    rows, boot, winners = [], {}, {}
     for tap in args.taps:
         for strategy in STRATEGIES:
             c = confs[(strategy, tap)]
             per_fold = [r["mean_iou"] for r in fold_rows if r["tap"] == tap and r["strategy"] == strategy]
             rows.append({"strategy": strategy, "tap": tap, **_iou_summary(c),
                          "held_out_74": _iou_summary(c[held_out]),
+                         "diagnostic_test_threshold": _iou_summary(diag[(strategy, tap)]),
                          "per_fold_mean_iou": per_fold,
                          "chosen_C": [r["C"] for r in fold_rows if r["tap"] == tap and r["strategy"] == strategy],
                          "chosen_threshold": [r["threshold"] for r in fold_rows
                                               if r["tap"] == tap and r["strategy"] == strategy]})
             print(f"pooled {tap:6s} {strategy:8s} mean {rows[-1]['mean_iou']:.4f} (person {rows[-1]['person_iou']:.4f})"
-                  f" | held-out 74: {rows[-1]['held_out_74']['mean_iou']:.4f} | folds "
+                  f" | held-out 74: {rows[-1]['held_out_74']['mean_iou']:.4f} | test-chosen threshold (diagnostic) "
+                  f"{rows[-1]['diagnostic_test_threshold']['mean_iou']:.4f} | folds "
                   + " ".join(f"{v:.3f}" for v in per_fold), flush=True)
+        # per fold: which strategy has the best test mean IoU at this tap
+        winners[tap] = [
+            max(STRATEGIES, key=lambda s, k=k: next(r["mean_iou"] for r in fold_rows
+                                                     if (r["fold"], r["tap"], r["strategy"]) == (k, tap, s)))
+            for k in range(len(folds))]
         boot[tap] = {}
         for subset, sel in (("all_170", slice(None)), ("held_out_74", held_out)):
             boot[tap][subset] = {f"full+fg_vs_{b}": paired_bootstrap(confs[("full+fg", tap)][sel], confs[(b, tap)][sel],
                                                                       n_boot=args.boot)
                                  for b in ("full", "fg")}
-            print("bootstrap", tap, subset,
+            print("bootstrap", tap, subset, "fold winners", winners[tap],
                   {k: (round(v["difference"], 4), [round(x, 4) for x in v["ci95"]], v["p_a_better"])
                    for k, v in boot[tap][subset].items()}, flush=True)
 
@@ -245,7 +259,7 @@ def main() -> None:
         "features": {"load_seconds": load_s, "extracted": {"calls": len(extracted),
                      "masks": sum(e["masks"] for e in extracted), "seconds": sum(e["seconds"] for e in extracted),
                      "kinds": sorted({e["kind"] for e in extracted})}},
-        "pooled": rows, "bootstrap": boot, "fold3_consistency": consistency, "folds": fold_rows,
+        "pooled": rows, "bootstrap": boot, "fold_winners": winners, "fold3_consistency": consistency, "folds": fold_rows,
         "load_average": os.getloadavg()[0],
     }
     save_json(args.out, result)
