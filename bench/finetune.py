@@ -2,6 +2,7 @@
 
     python bench/finetune.py mainreg [--lam 1000] # box regression on the detector's main model (all trainval)
     python bench/finetune.py mainreg --cv          # ... λ per class by 3-fold CV on trainval (grouped by image)
+    python bench/finetune.py mainreg --hyper       # ... on the frozen best row (pool5+fire5 hypercolumn model)
     python bench/finetune.py speed [--threads 1]  # s/iteration of the main run's settings, fp32 vs bf16
     python bench/finetune.py train            # fine-tune SqueezeNet 1.1 in shared mode (resumable)
     python bench/finetune.py warp-cost        # the same for warp mode
@@ -162,6 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--samples", type=int, default=MAIN_REG_SAMPLES, help="mainreg: regression samples per class")
     ap.add_argument("--lam", type=float, default=1000.0, help="mainreg: ridge penalty (released code: 1000)")
     ap.add_argument("--cv", action="store_true", help="mainreg: λ per class by 3-fold CV over CV_LAMBDAS on trainval")
+    ap.add_argument("--hyper", action="store_true", help="mainreg: on the pool5+fire5 (hypercolumn) model instead")
     ap.add_argument("--worker", type=int, default=0)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--frozen", action="store_true", help="features: ImageNet pool5 for the reference rows")
@@ -183,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     elif a.cmd == "rbc-fps":
         rbc_background()
     elif a.cmd == "mainreg":
-        main_regression(a.grid, a.samples, CV_LAMBDAS if a.cv else a.lam)
+        main_regression(a.grid, a.samples, CV_LAMBDAS if a.cv else a.lam, a.hyper)
     else:
         print(table())
 
@@ -325,33 +327,44 @@ MAIN_MODEL = RESULTS / "bccd_squeezenet_pool5_shared.rcnn"  # bench/ablation.py'
 MAIN_REG_SAMPLES = REG_SAMPLES
 
 
-def main_regression(grid: int = 3, samples: int = MAIN_REG_SAMPLES, lam: float | tuple = 1000.0) -> None:
+#: the frozen detector's best row (bench/ablation.py "squeezenet1_1 pool5+fire5 6x6 shared bf16 (all)", git-ignored)
+HYPER_MODEL = RESULTS / "bccd_squeezenet_pool5_fire5_shared.rcnn"
+
+
+def main_regression(grid: int = 3, samples: int = MAIN_REG_SAMPLES, lam: float | tuple = 1000.0,
+                    hyper: bool = False) -> None:
     """Box regression on the detector's main model (SqueezeNet pool5 shared, 3×3 grid, all 292
     trainval images; bench/ablation.py): regressors trained on every trainval image, on pool5
     features with RoI grid ``grid`` (3: the model's own cached features), evaluated on all of test
     with and without. Writes ``rows["main pool5 (all)[ + bbox reg ...]"]`` and the model with its
-    regressor to ``bench/results/bccd_squeezenet_pool5_shared_bboxreg[_g6].rcnn`` (git-ignored)."""
+    regressor to ``bench/results/bccd_squeezenet_pool5_shared_bboxreg[_g6].rcnn`` (git-ignored).
+    ``hyper``: the same regressors (on the main model's pool5 grid) added to the frozen best row, the
+    ``pool5+fire5`` hypercolumn model (rows "hypercolumn pool5+fire5 (all)…")."""
     from rcnn.detect import RCNNModel
 
     tv, te = load_dataset(DATA, "trainval"), load_dataset(DATA, "test")
-    model = RCNNModel.load(MAIN_MODEL) if MAIN_MODEL.exists() else None
-    if model is None or model.feature_source(DATA).feature_config != replace(frozen_config("pool5"), with_gt=True):
+    path = HYPER_MODEL if hyper else MAIN_MODEL
+    model = RCNNModel.load(path) if path.exists() else None
+    if hyper and model is None:
+        raise SystemExit(f"{path} is missing: python bench/ablation.py run --rows 'pool5+fire5'")
+    if not hyper and (model is None or model.feature_source(DATA).feature_config != replace(frozen_config("pool5"),
+                                                                                          with_gt=True)):
         raise SystemExit(f"{MAIN_MODEL} is missing or has other settings: python bench/ablation.py run "
                          f"--rows 'pool5 shared (all)' --force")
     src = model.feature_source(DATA)
-    reg_fc = replace(src.feature_config, grid=grid)
+    reg_fc = replace(frozen_config("pool5"), grid=grid, with_gt=True)
     missing = [r for r in tv.records + te.records if not feature_path(r, PROPOSALS, reg_fc, DATA).exists()]
     if missing:
         raise SystemExit(f"{len(missing)} images lack pool5 grid-{grid} features: python bench/finetune.py "
                          f"regfeatures --grid {grid}")
     results = load_results()
-    name = "main pool5 (all)"
+    name = "hypercolumn pool5+fire5 (all)" if hyper else "main pool5 (all)"
     if name not in results["rows"]:
         plain, spi = _evaluate(model, te, src, False)
         results["rows"][name] = {"name": name, "train_images": len(tv.records), "test_images": len(te.records), **plain,
                                  "train_seconds_from_cache": round(float(model.training.get("seconds", 0.0)), 1),
                                  "test_seconds_per_image_from_cache": round(spi, 3),
-                                 "model": MAIN_MODEL.name}
+                                 "model": path.name}
         print(f"{name}: mAP {plain['mAP']:.4f} {plain['ap']}", flush=True)
         save_json(OUT, results)
     t0 = time.time()
@@ -377,7 +390,7 @@ def main_regression(grid: int = 3, samples: int = MAIN_REG_SAMPLES, lam: float |
         print(f"{r3['name']}: mAP {rel['mAP']:.4f} {rel['ap']} ({spi:.2f} s/image)", flush=True)
         save_json(OUT, results)
     tag = ("" if grid == 3 else f"_g{grid}") + ("_cv" if isinstance(lam, tuple) else "")
-    model.save(RESULTS / f"bccd_squeezenet_pool5_shared_bboxreg{tag}.rcnn")
+    model.save(RESULTS / f"bccd_squeezenet_pool5{'_fire5' if hyper else ''}_shared_bboxreg{tag}.rcnn")
     print(f"{rname}: mAP {withreg['mAP']:.4f} {withreg['ap']} (regressor {reg_s:.0f} s)", flush=True)
 
 
