@@ -448,6 +448,8 @@ def test_cli_errors(tmp_path):
     assert r.exit_code == 2 and "full-weight" in r.output
     r = runner.invoke(app, ["segment-train", str(tmp_path), "-o", str(tmp_path / "m.st"), "--precision", "fp16"])
     assert r.exit_code == 2 and "precision" in r.output
+    r = runner.invoke(app, ["segment-train", str(tmp_path), "-o", str(tmp_path / "m.st"), "--threshold-on", "test"])
+    assert r.exit_code == 2 and "threshold-on" in r.output
 
 
 @pytest.mark.slow
@@ -473,6 +475,11 @@ def test_cli_end_to_end_on_a_pennfudan_subset(tmp_path, monkeypatch):
     model = tmp_path / "m.safetensors"
     r = runner.invoke(app, ["segment-train", str(root), "-o", str(model), "--mode", "shared", "--train-regions", "30"])
     assert r.exit_code == 0, r.output
+    pooled = tmp_path / "pooled.safetensors"  # the threshold placed on val + the 5 training images' out-of-fold scores
+    r = runner.invoke(app, ["segment-train", str(root), "-o", str(pooled), "--mode", "shared", "--train-regions", "30",
+                            "--threshold-on", "pooled"])
+    assert r.exit_code == 0, r.output
+    assert "out-of-fold" in SegmentationModel.load(pooled).info["threshold_on"]
     r = runner.invoke(app, ["segment-evaluate", str(model), str(root), "--split", "val", "-o", str(tmp_path / "ev.json")])
     assert r.exit_code == 0, r.output
     import json

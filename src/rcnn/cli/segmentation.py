@@ -19,7 +19,9 @@ from rcnn.segmentation.masks import MaskError, class_masks, load_segmentation_da
 from rcnn.segmentation.model import (
     SegmentationModel,
     choose_threshold,
+    choose_threshold_pooled,
     evaluate_segmenter,
+    out_of_fold_items,
     prepare_dataset,
     segment_image,
     train_segmenter,
@@ -104,10 +106,14 @@ def segment_train(
     c: Annotated[float, typer.Option("--C", help="LinearSVR regularisation C")] = 0.01,
     full_weight: Annotated[float, typer.Option(help="full+fg: the full half's scale relative to fg (1 = equal norms)")] = 1.0,
     precision: Annotated[str, typer.Option(help="fp32 (faithful) | bf16 (CPU bfloat16 autocast, ~2x faster)")] = "fp32",
+    threshold_on: Annotated[str, typer.Option(help="val: the pasting threshold chosen on the val split | pooled: on "
+                                                   "val plus the training images' 4-fold out-of-fold scores")] = "val",
 ) -> None:
     """Train per-class linear SVRs predicting region mask IoU; choose the pasting threshold on the val split."""
     if strategy not in STRATEGIES:
         raise fail(f"--strategy must be one of {', '.join(STRATEGIES)}, not {strategy!r}", 2)
+    if threshold_on not in ("val", "pooled"):
+        raise fail(f"--threshold-on must be val or pooled, not {threshold_on!r}", 2)
     if not (full_weight > 0 and full_weight < float("inf")):
         raise fail(f"--full-weight must be a positive number, not {full_weight}", 2)
     try:
@@ -131,7 +137,12 @@ def segment_train(
         raise fail(f"{dataset}: no usable training images in split {split!r}", 2)
     model = train_segmenter(train, train_ds.classes, strategy, tap, C=c, mask_config=mc, feature_config=fc,
                             full_weight=full_weight)
-    if val:
+    if threshold_on == "pooled" and len(train) >= 4:  # 4x the images to place the threshold (less noisy)
+        oof = out_of_fold_items(train, train_ds.classes, strategy, tap, c, folds=4, full_weight=full_weight)
+        model.threshold, table = choose_threshold_pooled(model, val, oof)
+        model.info["val_mean_iou"] = table[model.threshold]
+        model.info["threshold_on"] = f"pooled: {len(val)} val + {len(oof)} out-of-fold training images"
+    elif val:
         model.threshold, table = choose_threshold(model, val)
         model.info["val_mean_iou"] = table[model.threshold]
     model.save(output)
