@@ -24,7 +24,12 @@ first 50 rows of that cache are bit-identical to the 50-region cache). Nothing i
 unless ``--allow-extract gt`` (ground-truth-mask features of images that were never training
 images before: one or two masks per image) or ``all``; the run stops otherwise.
 
-    python bench/segmentation_cv.py [--taps pool5 fc6 fc7] [--allow-extract none|gt|all]
+``--select pooled``: C and threshold chosen on the fold's val images *plus* its train images'
+4-fold out-of-fold scores (``out_of_fold_items`` + ``choose_threshold_pooled``, as
+``bench/segmentation_fullfg.py --select pooled``; C grid {1e-4, 1e-3, 1e-2} by default, so fold 3
+must reproduce that script's ``warp-pooled`` rows); written to ``segmentation_cv_pooled.json``.
+
+    python bench/segmentation_cv.py [--taps pool5 fc6 fc7] [--allow-extract none|gt|all] [--select pooled]
 """
 
 from __future__ import annotations
@@ -52,12 +57,13 @@ from rcnn.segmentation import (
     train_segmenter,
 )
 from rcnn.segmentation.metrics import mean_iou
-from rcnn.segmentation.model import ImageRegions, prepare_image
+from rcnn.segmentation.model import ImageRegions, choose_threshold_pooled, out_of_fold_items, prepare_image
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "PennFudanPed"
 OUT = ROOT / "bench" / "results" / "segmentation_cv.json"
 WARP = ROOT / "bench" / "results" / "segmentation_warp.json"
+FULLFG = ROOT / "bench" / "results" / "segmentation_fullfg.json"
 FOLDS = 4
 TRAIN_REGIONS = 50  # as bench/segmentation.py's main table: top 50 regions + GT masks per training image
 
@@ -116,12 +122,20 @@ def _iou_summary(conf: np.ndarray) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--taps", nargs="+", default=["pool5", "fc6", "fc7"])
-    ap.add_argument("--C", type=float, nargs="+", default=[0.0001, 0.001, 0.01, 0.1],
-                    help="LinearSVR C grid, chosen on each fold's val part (bench/segmentation.py's grid)")
+    ap.add_argument("--C", type=float, nargs="+", default=None,
+                    help="LinearSVR C grid, chosen on each fold's val part (default: bench/segmentation.py's "
+                         "1e-4..1e-1; with --select pooled bench/segmentation_fullfg.py's 1e-4..1e-2)")
+    ap.add_argument("--select", default="val", choices=["val", "pooled"],
+                    help="choose C and threshold on val, or on val + the train images' out-of-fold scores")
     ap.add_argument("--allow-extract", default="none", choices=["none", "gt", "all"])
     ap.add_argument("--boot", type=int, default=2000)
-    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    pooled_select = args.select == "pooled"
+    if args.C is None:
+        args.C = [0.0001, 0.001, 0.01] if pooled_select else [0.0001, 0.001, 0.01, 0.1]
+    if args.out is None:
+        args.out = OUT.with_name("segmentation_cv_pooled.json") if pooled_select else OUT
     if not DATA.is_dir():
         raise SystemExit(f"{DATA}: Penn-Fudan not found")
     data = load_dataset(DATA, "all")
@@ -171,7 +185,11 @@ def main() -> None:
                 grid = []
                 for c in args.C:
                     m = train_segmenter(train, classes, strategy, tap, C=c, mask_config=mc, feature_config=fc)
-                    th, table = choose_threshold(m, val)
+                    if pooled_select:
+                        oof = out_of_fold_items(train, classes, strategy, tap, c, folds=4)
+                        th, table = choose_threshold_pooled(m, val, oof)
+                    else:
+                        th, table = choose_threshold(m, val)
                     grid.append({"C": c, "threshold": th, "val_mean_iou": table[th]})
                     if chosen is None or table[th] > chosen[2]:
                         chosen = (m, th, table[th])
@@ -227,22 +245,29 @@ def main() -> None:
                    for k, v in boot[tap][subset].items()}, flush=True)
 
     # fold 3 is the official split: its rows must be bench/segmentation.py --mode warp's Table 3
-    consistency = {"reference": str(WARP.relative_to(ROOT)), "rows": [], "max_abs_diff": None, "ok": None}
-    if WARP.is_file():
-        ref = {(r["strategy"], r["tap"]): r for r in json.loads(WARP.read_text())["table3"]}
+    # (with --select pooled: bench/segmentation_fullfg.py --mode warp --select pooled's rows, same C grid)
+    ref_path = FULLFG if pooled_select else WARP
+    consistency = {"reference": str(ref_path.relative_to(ROOT)), "rows": [], "max_abs_diff": None, "ok": None}
+    if ref_path.is_file():
+        if pooled_select:
+            ref = {(r["row"].replace(" (w=1)", ""), r["tap"]): r
+                   for r in json.loads(ref_path.read_text())["warp-pooled"]["rows"] if r["row"] != "full+fg (w on val)"}
+        else:
+            ref = {(r["strategy"], r["tap"]): r for r in json.loads(ref_path.read_text())["table3"]}
         diffs = []
         for r in fold_rows:
             if r["fold"] != 3 or (r["strategy"], r["tap"]) not in ref:
                 continue
             q = ref[(r["strategy"], r["tap"])]
             d = max(abs(r[m] - q[m]) for m in ("background_iou", "person_iou", "mean_iou", "val_mean_iou"))
-            same = d < 1e-9 and r["C"] == q["C"] and r["threshold"] == q["threshold"] and r["train_rows"] == q["train_rows"]
+            same = d < 1e-9 and r["C"] == q["C"] and r["threshold"] == q["threshold"] and \
+                r["train_rows"] == q.get("train_rows", r["train_rows"])
             consistency["rows"].append({"strategy": r["strategy"], "tap": r["tap"], "mean_iou": r["mean_iou"],
                                         "reference_mean_iou": q["mean_iou"], "max_abs_diff": d, "identical": same})
             diffs.append(d)
         consistency["max_abs_diff"] = max(diffs) if diffs else None
         consistency["ok"] = bool(diffs) and all(x["identical"] for x in consistency["rows"])
-        print(f"fold 3 vs {WARP.name}: {len(diffs)} rows, max |diff| {consistency['max_abs_diff']}, "
+        print(f"fold 3 vs {ref_path.name}: {len(diffs)} rows, max |diff| {consistency['max_abs_diff']}, "
               f"identical: {consistency['ok']}", flush=True)
 
     result = {
@@ -253,7 +278,8 @@ def main() -> None:
         "protocol": "bench/segmentation.py --mode warp per fold: cnn mask proposals, warp fp32 features, "
                     f"top {TRAIN_REGIONS} regions + GT masks per train image, LinearSVR C and pasting threshold "
                     "chosen on the fold's val, test once",
-        "mask_config_key": mc.key(), "feature_config_key": fc.key(), "C_grid": args.C, "taps": args.taps,
+        "select": args.select, "mask_config_key": mc.key(), "feature_config_key": fc.key(), "C_grid": args.C,
+        "taps": args.taps,
         "held_out_images": int(held_out.sum()),
         "mask_recall_top150": recall,
         "features": {"load_seconds": load_s, "extracted": {"calls": len(extracted),
@@ -265,7 +291,7 @@ def main() -> None:
     save_json(args.out, result)
     print(f"wrote {args.out}")
     if consistency["ok"] is False:
-        raise SystemExit("fold 3 does not reproduce segmentation_warp.json's Table 3 (see fold3_consistency)")
+        raise SystemExit(f"fold 3 does not reproduce {ref_path.name}'s rows (see fold3_consistency)")
 
 
 if __name__ == "__main__":

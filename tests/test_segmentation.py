@@ -475,11 +475,13 @@ def test_cli_end_to_end_on_a_pennfudan_subset(tmp_path, monkeypatch):
     model = tmp_path / "m.safetensors"
     r = runner.invoke(app, ["segment-train", str(root), "-o", str(model), "--mode", "shared", "--train-regions", "30"])
     assert r.exit_code == 0, r.output
-    pooled = tmp_path / "pooled.safetensors"  # the threshold placed on val + the 5 training images' out-of-fold scores
-    r = runner.invoke(app, ["segment-train", str(root), "-o", str(pooled), "--mode", "shared", "--train-regions", "30",
-                            "--threshold-on", "pooled"])
+    # the default places the threshold on val + the 5 training images' out-of-fold scores; --threshold-on val: val only
+    assert "out-of-fold" in SegmentationModel.load(model).info["threshold_on"]
+    val_only = tmp_path / "val.safetensors"
+    r = runner.invoke(app, ["segment-train", str(root), "-o", str(val_only), "--mode", "shared", "--train-regions", "30",
+                            "--threshold-on", "val"])
     assert r.exit_code == 0, r.output
-    assert "out-of-fold" in SegmentationModel.load(pooled).info["threshold_on"]
+    assert "threshold_on" not in SegmentationModel.load(val_only).info
     r = runner.invoke(app, ["segment-evaluate", str(model), str(root), "--split", "val", "-o", str(tmp_path / "ev.json")])
     assert r.exit_code == 0, r.output
     import json

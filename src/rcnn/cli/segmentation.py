@@ -106,10 +106,14 @@ def segment_train(
     c: Annotated[float, typer.Option("--C", help="LinearSVR regularisation C")] = 0.01,
     full_weight: Annotated[float, typer.Option(help="full+fg: the full half's scale relative to fg (1 = equal norms)")] = 1.0,
     precision: Annotated[str, typer.Option(help="fp32 (faithful) | bf16 (CPU bfloat16 autocast, ~2x faster)")] = "fp32",
-    threshold_on: Annotated[str, typer.Option(help="val: the pasting threshold chosen on the val split | pooled: on "
-                                                   "val plus the training images' 4-fold out-of-fold scores")] = "val",
+    # pooled: 4x the images to place the threshold; over 170 Penn-Fudan images (4-fold CV) it raised 7 of the 9
+    # Table 3 rows (mean IoU 0.849 -> 0.853) and made full+fg the best strategy at every tap
+    threshold_on: Annotated[str, typer.Option(help="pooled: the pasting threshold chosen on the val split plus the "
+                                                   "training images' 4-fold out-of-fold scores | val: on the val "
+                                                   "split alone")] = "pooled",
 ) -> None:
-    """Train per-class linear SVRs predicting region mask IoU; choose the pasting threshold on the val split."""
+    """Train per-class linear SVRs predicting region mask IoU; choose the pasting threshold on the val split
+    plus the training images' out-of-fold scores (``--threshold-on val``: the val split alone)."""
     if strategy not in STRATEGIES:
         raise fail(f"--strategy must be one of {', '.join(STRATEGIES)}, not {strategy!r}", 2)
     if threshold_on not in ("val", "pooled"):
@@ -137,7 +141,7 @@ def segment_train(
         raise fail(f"{dataset}: no usable training images in split {split!r}", 2)
     model = train_segmenter(train, train_ds.classes, strategy, tap, C=c, mask_config=mc, feature_config=fc,
                             full_weight=full_weight)
-    if threshold_on == "pooled" and len(train) >= 4:  # 4x the images to place the threshold (less noisy)
+    if threshold_on == "pooled" and len(train) >= 4:
         oof = out_of_fold_items(train, train_ds.classes, strategy, tap, c, folds=4, full_weight=full_weight)
         model.threshold, table = choose_threshold_pooled(model, val, oof)
         model.info["val_mean_iou"] = table[model.threshold]
