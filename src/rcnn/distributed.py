@@ -167,7 +167,7 @@ def _features_shard(
     os.environ["RCNN_CACHE_DIR"] = cache_root
     os.environ["RCNN_THREADS"] = str(threads)  # rcnn.backbones.set_threads: one task = `threads` cores
     from rcnn.data import ImageReadError
-    from rcnn.features import feature_dir, feature_path, get_features
+    from rcnn.features import feature_dir, feature_path, get_features, tap_configs
 
     out = []
     # the driver checks this against its own: workers running another rcnn version (other
@@ -175,7 +175,7 @@ def _features_shard(
     where = str(feature_dir(proposal_config, feature_config, items[0][1])) if items else ""
     for rec, root in items:
         t0 = time.perf_counter()
-        cached = feature_path(rec, proposal_config, feature_config, root).is_file()
+        cached = all(feature_path(rec, proposal_config, c, root).is_file() for c in tap_configs(feature_config))
         try:
             if not cached:
                 _proposals_isolated(rec, proposal_config, root)
