@@ -342,9 +342,9 @@ class CNNFeatures(RegionFeatures):
 
     def cache_mb(self) -> float:
         from rcnn.cache import dir_size_mb
-        from rcnn.features import feature_dir
+        from rcnn.features import feature_dirs
 
-        return dir_size_mb(feature_dir(self.proposal_config, self.feature_config, self.dataset_root or "."))
+        return sum(dir_size_mb(d) for d in feature_dirs(self.proposal_config, self.feature_config, self.dataset_root or "."))
 
 
 class MirrorAugmented(RegionFeatures):

@@ -309,7 +309,7 @@ def extract_dataset(
     between 4 tasks; not exercised here: no GPU machine). Afterwards :func:`rcnn.features.get_features` is a cache
     read for every image that did not fail, whichever engine filled it.
     """
-    from rcnn.features import FeatureConfig, feature_dir
+    from rcnn.features import FeatureConfig, feature_dirs
     from rcnn.proposals import ProposalConfig
 
     _check_engine(engine)
@@ -340,9 +340,9 @@ def extract_dataset(
             _ray_features(recs, root, pc, fc, summary, images_per_task, threads_per_task, max_retries, progress,
                           gpus_per_task)
             summary.seconds = time.perf_counter() - t0 - (summary.startup_s - startup)
-    d = feature_dir(pc, fc, dataset.root)
-    summary.cache_dir = str(d)
-    summary.cache_mb = dir_size_mb(d)
+    dirs = feature_dirs(pc, fc, dataset.root)
+    summary.cache_dir = " + ".join(str(d) for d in dirs)
+    summary.cache_mb = sum(dir_size_mb(d) for d in dirs)
     return summary
 
 

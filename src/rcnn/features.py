@@ -443,6 +443,11 @@ def tap_configs(feature_config: FeatureConfig) -> list[FeatureConfig]:
     return [replace(feature_config, layer=t) for t in split_layer(feature_config.layer)]
 
 
+def feature_dirs(proposal_config, feature_config: FeatureConfig, dataset_root: str | Path) -> list[Path]:
+    """The cache folders a (possibly joined) layer's features live in: one per tap."""
+    return [feature_dir(proposal_config, c, dataset_root) for c in tap_configs(feature_config)]
+
+
 def feature_path(record: ImageRecord, proposal_config, feature_config: FeatureConfig, dataset_root) -> Path:
     from rcnn.proposals import _safe_name
 
@@ -595,7 +600,7 @@ def features_for_dataset(
     finally:
         if bar:
             bar.stop()
-    dirs = [feature_dir(pc, c, dataset.root) for c in taps]
+    dirs = feature_dirs(pc, fc, dataset.root)
     summary.cache_dir = " + ".join(str(d) for d in dirs)
     summary.cache_mb = sum(dir_size_mb(d) for d in dirs)
     return (summary, got) if collect else summary
