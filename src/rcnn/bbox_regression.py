@@ -37,7 +37,7 @@ import numpy as np
 
 from rcnn.boxes import box_area, box_iou, clip_boxes
 from rcnn.data import ImageRecord
-from rcnn.svm import block_scale, scale_from_json, scale_to_json, source_blocks
+from rcnn.svm import block_norms, block_scale, scale_from_json, scale_to_json, source_blocks
 
 #: released rcnn_train_bbox_regressor.m: lambda = 1000, min_overlap = 0.6
 LAMBDA = 1000.0
@@ -328,9 +328,7 @@ def train_box_regressor(
     # one feature scale for all classes: mean L2 norm of the sampled features → 20 (per block for joined taps)
     samples = [x.data()[0] for x in res if x.seen]
     blocks = source_blocks(source)
-    cuts = np.cumsum(blocks)[:-1] if blocks else []
-    norms = (np.concatenate([np.stack([np.linalg.norm(p, axis=1) for p in np.split(x.astype(np.float32), cuts, axis=1)], 1)
-                             for x in samples]) if samples else np.ones((1, len(blocks or [1]))))
+    norms = np.concatenate([block_norms(x, blocks) for x in samples]) if samples else np.ones((1, len(blocks or [1])))
     scale = block_scale(np.maximum(norms.mean(0), 1e-12), blocks, TARGET_NORM)
     D = int(samples[0].shape[1]) if samples else source.dim
     C = len(classes)

@@ -105,6 +105,13 @@ def block_scale(mean_norms: float | Sequence[float], blocks: Sequence[int] | Non
     return np.concatenate([np.full(d, per / m, np.float32) for d, m in zip(blocks, mean_norms, strict=True)])
 
 
+def block_norms(feats: np.ndarray, blocks: Sequence[int] | None) -> np.ndarray:
+    """``(N, B)`` L2 norm of each block of features ``(N, D)`` (``blocks=None``: one block)."""
+    f = np.asarray(feats, np.float32)
+    cuts = np.cumsum(blocks)[:-1] if blocks else []
+    return np.stack([np.linalg.norm(x, axis=1) for x in np.split(f, cuts, axis=1)], 1)
+
+
 def scale_to_json(scale: Scale) -> float | list[list[float]]:
     """A scale for JSON metadata: the scalar, or ``[[dim, scale], ...]`` runs of a block vector."""
     if np.ndim(scale) == 0:
@@ -222,15 +229,13 @@ def feature_stats(
     block's mean norm."""
     rng = np.random.default_rng(seed)
     idx = rng.permutation(len(records))[: min(n_images, len(records))]
-    cuts = np.cumsum(blocks)[:-1] if blocks else []
     norms = []
     for i in sorted(idx):
         _, feats = source.regions(records[i])
         if len(feats) == 0:
             continue
         sel = rng.permutation(len(feats))[: min(boxes_per_image, len(feats))]
-        f = np.asarray(feats[np.sort(sel)], np.float32)
-        norms.append(np.stack([np.linalg.norm(x, axis=1) for x in np.split(f, cuts, axis=1)], 1))
+        norms.append(block_norms(feats[np.sort(sel)], blocks))
     if not norms:
         raise ValueError("no proposal features to estimate the feature scale from (all images have no proposals)")
     mean_norm = np.concatenate(norms).mean(0)
