@@ -281,10 +281,10 @@ def test_hypercolumn_joins_taps_from_one_pass(squeeze):
         alone = extract_features(img, boxes, squeeze, "pool5", mode, grid=3)
         np.testing.assert_allclose(got["pool5"], alone, rtol=1e-5, atol=1e-5)
         assert got["fire5"].std() > 0 and not np.allclose(got["fire5"][0], got["fire5"][1])
-    # shared mode: the image ×1.5 (SHARED_SCALES), fire5 = trunk[:8], stride 8
+    # shared mode: the image ×1.5 (SHARED_SCALES), fire5 = trunk[:8], stride 8, kept as float16 (TRUNK_DTYPE)
     big = cv2.resize(img, (round(w * 1.5), round(h * 1.5)), interpolation=cv2.INTER_CUBIC)
     with torch.inference_mode():
-        fmap = squeeze.trunk[:8](squeeze.preprocess(big[None]))
+        fmap = squeeze.trunk[:8](squeeze.preprocess(big[None])).half().float()
         ref = roi_align(fmap, [torch.from_numpy(boxes * 1.5)], 3, 1 / 8, sampling_ratio=2, aligned=True).flatten(1)
     np.testing.assert_allclose(got["fire5"], ref.numpy(), rtol=1e-4, atol=1e-4)
     mirrored = np.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], 1)
@@ -303,13 +303,11 @@ def test_hypercolumn_joins_taps_from_one_pass(squeeze):
     assert FeatureConfig(layer="fc7", grid=3).key() == FeatureConfig(layer="fc7", grid=6).key()
 
 
-def test_joined_layer_cached_tap_by_tap(tmp_path, monkeypatch, squeeze):
-    """A joined layer reads each tap's own cache; a missing tap is computed alone and the other reused."""
+def _one_image(tmp_path, monkeypatch):
     import cv2
 
-    from rcnn import features, proposals
+    from rcnn import proposals
     from rcnn.data import ImageRecord
-    from rcnn.features import feature_path, tap_configs
 
     path = tmp_path / "a.png"
     cv2.imwrite(str(path), data.coffee()[::3, ::3, ::-1])
@@ -317,7 +315,16 @@ def test_joined_layer_cached_tap_by_tap(tmp_path, monkeypatch, squeeze):
                       np.zeros(1, bool))
     monkeypatch.setattr(proposals, "get_proposals", lambda r, c, root: np.array([[0, 0, 50, 40], [60, 30, 190, 120]],
                                                                                     np.float32))
-    fc = FeatureConfig(layer="pool5+fire5", mode="shared", grid=3, with_gt=True)
+    return rec
+
+
+def test_joined_layer_cached_tap_by_tap_in_warp_mode(tmp_path, monkeypatch, squeeze):
+    """Warp mode: a joined layer reads each tap's own cache; a missing tap is computed alone and the other reused."""
+    from rcnn import features, proposals
+    from rcnn.features import feature_path, tap_configs
+
+    rec = _one_image(tmp_path, monkeypatch)
+    fc = FeatureConfig(layer="pool5+fire5", mode="warp", grid=3, with_gt=True)
     pool5, fire5 = tap_configs(fc)
     assert (pool5.layer, fire5.layer) == ("pool5", "fire5")
     boxes, feats = get_features(rec, None, fc, tmp_path)
@@ -332,3 +339,36 @@ def test_joined_layer_cached_tap_by_tap(tmp_path, monkeypatch, squeeze):
     _, again = get_features(rec, None, fc, tmp_path)
     assert calls == [["fire5"]]  # only the missing tap
     np.testing.assert_allclose(again.astype(np.float32), feats.astype(np.float32), atol=1e-2)
+
+
+def test_shared_mode_caches_trunk_maps_not_regions(tmp_path, monkeypatch, squeeze):
+    """Shared mode stores each image's trunk maps once (float16 + zstd) and pools any boxes from
+    them: the same features as extracting from the image, every tap of one trunk pass, a side tap
+    missing from the cache added by one recompute, stale or damaged entries recomputed."""
+    from rcnn import features
+    from rcnn.data import load_image
+    from rcnn.features import feature_path, get_trunk_maps, pooled_features
+
+    rec = _one_image(tmp_path, monkeypatch)
+    runs = []
+    real = features.trunk_maps
+    monkeypatch.setattr(features, "trunk_maps", lambda *a, **k: runs.append(list(a[2])) or real(*a, **k))
+    p5 = FeatureConfig(layer="pool5", mode="shared", grid=3, with_gt=True)
+    joined = FeatureConfig(layer="pool5+fire5", mode="shared", grid=3, with_gt=True)
+    assert p5.trunk_key() == joined.trunk_key() != FeatureConfig(mode="shared", scales=(1.0,)).trunk_key()
+    boxes, f5 = get_features(rec, None, p5, tmp_path)
+    assert runs == [[]] and f5.shape == (3, 512 * 9) and f5.dtype == np.float16
+    path = feature_path(rec, None, p5, tmp_path)
+    assert path.is_file() and path.stat().st_size < 0.5 * (3 * 512 * 9 * 2 + 512 * 13 * 19 * 2)
+    boxes2, fj = get_features(rec, None, joined, tmp_path)  # fire5 missing from the cache: one pass adds it
+    assert runs == [[], ["fire5"]]
+    np.testing.assert_array_equal(boxes2, boxes)
+    np.testing.assert_array_equal(fj[:, : 512 * 9], f5)
+    get_features(rec, None, p5, tmp_path)
+    get_features(rec, None, joined, tmp_path)
+    assert len(runs) == 2  # both read the same cached maps
+    direct = extract_features(load_image(rec.path), boxes, squeeze, "pool5+fire5", "shared", grid=3)
+    np.testing.assert_allclose(direct, pooled_features(rec, boxes, joined, tmp_path), rtol=1e-6, atol=1e-6)
+    path.write_bytes(b"damaged")  # a damaged entry is recomputed, not an error
+    runs.clear()
+    assert get_trunk_maps(rec, joined, tmp_path).names() == {"trunk", "fire5"} and runs == [["fire5"]]

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Sequence
@@ -30,7 +31,7 @@ from torchvision.ops import roi_align, roi_pool
 
 from rcnn.backbones import Backbone, get_backbone, set_threads
 from rcnn.boxes import flip_boxes
-from rcnn.cache import atomic_write, cache_dir, dir_size_mb, file_sha256, settings_hash
+from rcnn.cache import atomic_write, cache_dir, dir_size_mb, file_sha256, load_npz, save_npz, settings_hash
 from rcnn.data import ImageReadError, ImageRecord, load_image
 from rcnn.device import PRECISIONS, autocast, host_to, place_backbone, to_host
 
@@ -44,6 +45,10 @@ SHARED_GRID = 6
 #: shared mode: longest side of the resized image (keeps trunk activations bounded on huge photos)
 SHARED_MAX_SIDE = 2000
 FEATURE_VERSION = 2  # bump when stored features would change for the same settings
+TRUNK_VERSION = 1  # bump when stored trunk maps would change for the same settings
+#: zstd level of the trunk-map cache: level 1 packs ReLU maps (~80-85 % zeros) about 6x at
+#: hundreds of MB/s, where zlib cost seconds per image
+TRUNK_ZSTD_LEVEL = 1
 #: taps read after the spatial pooling: the RoI grid does not change them in warp mode
 GRID_FREE_TAPS = frozenset({"fc6", "fc7", "logits", "ft_logprob"})
 
@@ -205,6 +210,7 @@ def extract_features(
     precision: str = "fp32",
     flip: bool = False,
     mirror: bool = False,
+    short_side: int | None = None,
 ) -> np.ndarray | dict[str, np.ndarray]:
     """CNN features of each box of an (H,W,3) RGB uint8 image.
 
@@ -223,6 +229,9 @@ def extract_features(
     the region's and its mirror's (mirrored image, mirrored box, pooled grid mirrored back), so
     every tap sees both; twice the trunk work. ``mirror``: the features of the mirrored image at
     the mirrored boxes (training-set augmentation: a second sample of the same labelled region).
+    ``short_side`` (shared mode): resize each image so its shorter side is this many pixels before
+    applying ``scales`` (one object scale for photos of any size; see :func:`image_scales`).
+    Shared mode pools float16 trunk maps (:func:`trunk_maps`), exactly what the trunk cache stores.
     """
     bb = get_backbone(backbone) if isinstance(backbone, str) else backbone
     layers = _layers(layer)
@@ -238,13 +247,13 @@ def extract_features(
     dev = place_backbone(bb, device)
     with autocast(dev, precision):
         res = _extract(image, boxes, bb, taps, mode, batch_size, context_pad, method, scales, grid, pool,
-                       max_side, dev, flip)
+                       max_side, dev, flip, short_side)
     out = {x: res[x] if x in res else np.concatenate([res[t] for t in split_layer(x)], axis=1) for x in layers}
     return out[layers[0]] if isinstance(layer, str) else out
 
 
 def _extract(image, boxes, bb: Backbone, layers, mode, batch_size, context_pad, method, scales, grid, pool,
-             max_side, dev: torch.device, flip: bool = False) -> dict[str, np.ndarray]:
+             max_side, dev: torch.device, flip: bool = False, short_side: int | None = None) -> dict[str, np.ndarray]:
     boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
     fixed = bb.name == "alexnet" or bb.name.startswith("vgg")  # fc6 needs exactly 6×6
     g = 6 if fixed else int(grid or bb.pool5_grid)
@@ -267,49 +276,138 @@ def _extract(image, boxes, bb: Backbone, layers, mode, batch_size, context_pad, 
             for k in layers:
                 chunks[k].append(to_host(out[k]))
     else:
-        pool = pool or ("max" if fixed else "align")
-        scales = tuple(float(x) for x in scales)
-        if not scales or min(scales) <= 0:
-            raise ValueError(f"scales must be positive, not {scales}")
-        if context_pad:
-            boxes = dilate_boxes(boxes, bb.input_size, context_pad)
-        area = np.maximum(boxes[:, 2] - boxes[:, 0], 1) * np.maximum(boxes[:, 3] - boxes[:, 1], 1)
-        # SPP-net's rule: each box at the scale where its area is closest to the input's
-        pick = np.argmin(np.abs(area[:, None] * np.square(scales)[None] - bb.input_size**2), axis=1)
-        order = np.argsort(pick, kind="stable")
-        h, w = image.shape[:2]
-        for si, sc in enumerate(scales):
-            idx = order[pick[order] == si]
-            if len(idx) == 0:
-                continue
-            sc = min(sc, max_side / max(h, w))  # the scale actually used
-            size = (max(1, round(w * sc)), max(1, round(h * sc)))
-            sx, sy = size[0] / w, size[1] / h
-            flag = cv2.INTER_CUBIC if bb.interpolation == "bicubic" or sc > 1 else cv2.INTER_AREA
-            img = image if size == (w, h) else cv2.resize(image, size, interpolation=flag)
-            views = [bb.run_trunk(host_to(bb.preprocess(img[None]), dev), sides)]
-            if flip:
-                views.append(bb.run_trunk(host_to(bb.preprocess(np.ascontiguousarray(img[None, :, ::-1])), dev), sides))
-            for s in range(0, len(idx), batch_size):
-                sel = idx[s : s + batch_size]
-                # the resized image's true per-axis scale (its size was rounded to whole pixels)
-                scaled = boxes[sel] * np.array([sx, sy, sx, sy], np.float32)
-                mirrored = flip_boxes(scaled, size[0]) if flip else None
-                grid_maps = _pool_views([fm for fm, _ in views], scaled, mirrored, g, bb.stride, pool)
-                out = bb.head(grid_maps, heads, g) if heads else {}
-                for k in sides:  # the finer map pooled to the same g×g cells of the box
-                    out[k] = _pool_views([sm[k] for _, sm in views], scaled, mirrored, g, bb.side_taps[k][1], pool).flatten(1)
-                for k in layers:
-                    chunks[k].append(to_host(out[k]))
-        inv = np.empty_like(order)
-        inv[order] = np.arange(len(order))
-        for k in layers:
-            if chunks[k]:
-                chunks[k] = [torch.cat(chunks[k])[torch.from_numpy(inv)]]
+        tm = trunk_maps(image, bb, sides, scales, max_side, dev, flip, short_side, boxes=boxes, context_pad=context_pad)
+        out = pool_regions(tm, boxes, bb, layers, g, pool, batch_size, context_pad)
+        chunks = {k: [to_host(out[k])] for k in layers}
     res = {}
     for k in layers:
         d = bb.dim(k, g)
         res[k] = torch.cat(chunks[k]).float().numpy() if chunks[k] else np.zeros((0, d), np.float32)
+    return res
+
+
+#: the trunk maps are kept (and cached) as float16: ReLU maps of ImageNet nets stay far below its
+#: range (SqueezeNet's fire9 peaks near 150), bfloat16 maps convert exactly, and pooling float16
+#: maps is what both training (from the cache) and detection (from the image) do, so they agree
+TRUNK_DTYPE = torch.float16
+
+
+def image_scales(height: int, width: int, scales: Sequence[float], short_side: int | None, max_side: int) -> list[float]:
+    """Per-axis-free resize factors of one ``height`` × ``width`` image, one per shared-mode scale:
+    ``scale × short_side / min(h, w)`` (``scale`` alone when ``short_side`` is None), each lowered so
+    the longer side stays within ``max_side`` pixels."""
+    base = 1.0 if short_side is None else float(short_side) / max(1, min(height, width))
+    return [min(float(sc) * base, max_side / max(height, width)) for sc in scales]
+
+
+def _scale_pick(boxes: np.ndarray, factors: Sequence[float], input_size: int) -> np.ndarray:
+    """Index of the factor that brings each box's area closest to the network input's (SPP-net's rule)."""
+    area = np.maximum(boxes[:, 2] - boxes[:, 0], 1) * np.maximum(boxes[:, 3] - boxes[:, 1], 1)
+    return np.argmin(np.abs(area[:, None] * np.square(factors)[None] - input_size**2), axis=1)
+
+
+@dataclass
+class TrunkMaps:
+    """One image's trunk maps in shared mode: everything of the extraction that does not depend on the boxes.
+
+    ``factors[i]``: the nominal resize factor of scale ``i`` (boxes pick a scale by it); ``sizes[i]``:
+    the resized image's ``(w, h)`` in pixels; ``maps[i]``: ``{name: (1,C,h',w') float16}`` with
+    ``"trunk"`` (the map the head reads, stride ``Backbone.stride``), each side tap by name, and the
+    same names suffixed ``"@flip"`` for the mirrored image when flip averaging is on. A scale no box
+    needed may be absent (``maps[i]`` empty)."""
+
+    image_size: tuple[int, int]
+    factors: tuple[float, ...]
+    sizes: tuple[tuple[int, int], ...]
+    maps: tuple[dict[str, torch.Tensor], ...]
+
+    def names(self) -> set[str]:
+        return {k for m in self.maps for k in m}
+
+
+def trunk_maps(image: np.ndarray, bb: Backbone, sides: Sequence[str], scales: Sequence[float], max_side: int,
+               dev: torch.device, flip: bool = False, short_side: int | None = None, boxes: np.ndarray | None = None,
+               context_pad: int = 0) -> TrunkMaps:
+    """Run the trunk over an (H,W,3) uint8 image at each shared-mode scale (:func:`image_scales`),
+    keeping the trunk map and the ``sides`` maps as float16. With ``boxes``, only the scales some box
+    picks are run (extraction of known boxes); without, all (the trunk cache)."""
+    scales = tuple(float(x) for x in scales)
+    if not scales or min(scales) <= 0:
+        raise ValueError(f"scales must be positive, not {scales}")
+    h, w = image.shape[:2]
+    nominal = [float(sc) * (1.0 if short_side is None else short_side / max(1, min(h, w))) for sc in scales]
+    used = image_scales(h, w, scales, short_side, max_side)
+    need = set(range(len(scales)))
+    if boxes is not None:
+        b = np.asarray(boxes, np.float32).reshape(-1, 4)
+        b = dilate_boxes(b, bb.input_size, context_pad) if context_pad else b
+        need = set(_scale_pick(b, nominal, bb.input_size).tolist())
+    sizes, maps = [], []
+    for i, sc in enumerate(used):
+        size = (max(1, round(w * sc)), max(1, round(h * sc)))
+        sizes.append(size)
+        if i not in need:
+            maps.append({})
+            continue
+        flag = cv2.INTER_CUBIC if bb.interpolation == "bicubic" or sc > 1 else cv2.INTER_AREA
+        img = image if size == (w, h) else cv2.resize(image, size, interpolation=flag)
+        views = {"": img[None]}
+        if flip:
+            views["@flip"] = np.ascontiguousarray(img[None, :, ::-1])
+        got = {}
+        for suffix, x in views.items():
+            fm, sm = bb.run_trunk(host_to(bb.preprocess(x), dev), sides)
+            got["trunk" + suffix] = fm.to(TRUNK_DTYPE)
+            got.update({k + suffix: v.to(TRUNK_DTYPE) for k, v in sm.items()})
+        maps.append(got)
+    return TrunkMaps((w, h), tuple(nominal), tuple(sizes), tuple(maps))
+
+
+def pool_regions(tm: TrunkMaps, boxes: np.ndarray, bb: Backbone, layers: Sequence[str], grid: int,
+                 pool: str | None = None, batch_size: int = 128, context_pad: int = 0) -> dict[str, torch.Tensor]:
+    """``{tap: (N, D)}`` features of boxes ``(N,4)`` (original image pixels) from an image's trunk maps:
+    each box RoI-pooled to ``grid``² cells at the scale that brings it closest to the network input
+    (``pool="align"``: RoIAlign with 2×2 samples per cell; ``"max"``: RoI max pooling), head taps
+    computed from the pooled trunk map, side taps pooled from their own maps; flip-averaged when
+    ``tm`` holds mirrored maps. Rows follow the order of ``boxes``."""
+    fixed = bb.name == "alexnet" or bb.name.startswith("vgg")
+    pool = pool or ("max" if fixed else "align")
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    if context_pad:
+        boxes = dilate_boxes(boxes, bb.input_size, context_pad)
+    sides = [k for k in layers if k in bb.side_taps]
+    heads = [k for k in layers if k not in bb.side_taps]
+    pick = _scale_pick(boxes, tm.factors, bb.input_size)
+    order = np.argsort(pick, kind="stable")
+    w, h = tm.image_size
+    chunks: dict[str, list[torch.Tensor]] = {k: [] for k in layers}
+    for si, size in enumerate(tm.sizes):
+        idx = order[pick[order] == si]
+        if len(idx) == 0:
+            continue
+        m = tm.maps[si]
+        flip = "trunk@flip" in m
+        sx, sy = size[0] / w, size[1] / h  # the resized image's true per-axis scale (rounded to whole pixels)
+        for s in range(0, len(idx), batch_size):
+            sel = idx[s : s + batch_size]
+            scaled = boxes[sel] * np.array([sx, sy, sx, sy], np.float32)
+            mirrored = flip_boxes(scaled, size[0]) if flip else None
+            views = ["trunk", "trunk@flip"] if flip else ["trunk"]
+            grid_maps = _pool_views([m[v] for v in views], scaled, mirrored, grid, bb.stride, pool)
+            out = bb.head(grid_maps, heads, grid) if heads else {}
+            for k in sides:  # the finer map pooled to the same grid cells of the box
+                sv = [k, k + "@flip"] if flip else [k]
+                out[k] = _pool_views([m[v] for v in sv], scaled, mirrored, grid, bb.side_taps[k][1], pool).flatten(1)
+            for k in layers:
+                chunks[k].append(out[k])
+    inv = np.empty_like(order)
+    inv[order] = np.arange(len(order))
+    res = {}
+    for k in layers:
+        if chunks[k]:
+            res[k] = torch.cat(chunks[k])[torch.from_numpy(inv)]
+        else:
+            res[k] = torch.zeros((0, bb.dim(k, grid)))
     return res
 
 
@@ -326,6 +424,8 @@ def _pool_views(maps: list[torch.Tensor], boxes: np.ndarray, mirrored: np.ndarra
 def _roi_pool(fmap: torch.Tensor, boxes: np.ndarray, g: int, stride: int, pool: str) -> torch.Tensor:
     """``(N,C,g,g)`` pooled cells of boxes ``(N,4)`` given in the map's input pixels."""
     rois = torch.cat([torch.zeros(len(boxes), 1), torch.from_numpy(np.ascontiguousarray(boxes))], 1).to(fmap.device)
+    if fmap.dtype == TRUNK_DTYPE:  # stored maps: pool in float32 (CPU roi ops have no float16 kernels)
+        fmap = fmap.float()
     if pool == "max":  # torchvision has no CPU autocast rule for roi_pool: pool in float32
         return roi_pool(fmap.float(), rois.float(), g, 1.0 / stride)
     return roi_align(fmap, rois, g, 1.0 / stride, sampling_ratio=2, aligned=True)
@@ -359,6 +459,9 @@ class FeatureConfig:
     # training-set augmentation (not in the paper): features of the mirrored image at the mirrored
     # boxes; the stored boxes stay the original image's, so labels and IoUs are unchanged
     mirror: bool = False
+    # shared mode: each image resized so its shorter side is this many pixels before ``scales``
+    # (None: ``scales`` multiply the original size, the SPP-net convention)
+    short_side: int | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -372,6 +475,8 @@ class FeatureConfig:
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, not {self.precision!r}")
+        if self.short_side is not None and int(self.short_side) < 16:
+            raise ValueError(f"short_side must be at least 16 pixels, not {self.short_side}")
 
     def weights_hash(self) -> str:
         """sha256 of the weights the features come from."""
@@ -391,11 +496,12 @@ class FeatureConfig:
         d.pop("weights")
         if self.precision == "fp32":  # keeps the keys of caches written before the option existed
             d.pop("precision")
-        for opt in ("flip", "mirror"):  # likewise
+        for opt in ("flip", "mirror", "short_side"):  # likewise
             if not d[opt]:
                 d.pop(opt)
         if self.mode == "warp":  # shared-only options do not change warp features...
             d.pop("scales"), d.pop("pool")
+            d.pop("short_side", None)
             if set(split_layer(self.layer)) <= GRID_FREE_TAPS:  # ...nor the grid those read after pooling
                 d.pop("grid")
         else:  # the crop method is warp-only; context_pad = 0 keeps the keys of older caches
@@ -408,13 +514,20 @@ class FeatureConfig:
         """The keyword arguments of :func:`extract_features` these settings stand for."""
         return dict(mode=self.mode, batch_size=self.batch_size, context_pad=self.context_pad, method=self.method,
                     scales=self.scales, grid=self.grid, pool=self.pool, precision=self.precision, flip=self.flip,
-                    mirror=self.mirror)
+                    mirror=self.mirror, short_side=self.short_side)
 
     def backbone_obj(self) -> Backbone:
         return get_backbone(self.backbone, self.weights)
 
+    def trunk_key(self) -> str:
+        """Hash of the settings that change a shared-mode image's trunk maps (not the boxes, grid or pooling)."""
+        d = {"backbone": self.backbone, "precision": self.precision, "scales": list(self.scales),
+             "short_side": self.short_side, "max_side": SHARED_MAX_SIDE, "flip": self.flip, "mirror": self.mirror}
+        return settings_hash("trunk", TRUNK_VERSION, d, self.weights_hash())
+
     def describe(self) -> str:
-        extra = (f"scales {list(self.scales)}, grid {self.grid}" if self.mode == "shared"
+        side = f", short side {self.short_side} px" if self.short_side else ""
+        extra = (f"scales {list(self.scales)}{side}, grid {self.grid}" if self.mode == "shared"
                  else f"{self.method}, context {self.context_pad}")
         extra += f", context {self.context_pad}" if self.mode == "shared" and self.context_pad else ""
         extra += ", bf16" if self.precision == "bf16" else ""
@@ -433,13 +546,20 @@ def _file_hash(path: str) -> str:
 
 
 def feature_dir(proposal_config, feature_config: FeatureConfig, dataset_root: str | Path) -> Path:
-    """``<cache>/features/<feature key>/<proposal key>-<dataset hash>``."""
+    """Where an image's features are cached: warp mode ``<cache>/features/<feature key>/<proposal
+    key>-<dataset hash>`` (per-region features); shared mode ``<cache>/trunk/<trunk key>/<dataset
+    hash>`` (the image's trunk maps, pooled for any boxes when read: :func:`get_trunk_maps`)."""
     root = str(Path(dataset_root).resolve())
+    if feature_config.mode == "shared":
+        return cache_dir() / "trunk" / feature_config.trunk_key() / settings_hash("dataset", root)
     return cache_dir() / "features" / feature_config.key() / f"{proposal_config.key()}-{settings_hash('dataset', root)}"
 
 
 def tap_configs(feature_config: FeatureConfig) -> list[FeatureConfig]:
-    """One config per tap of a joined layer (``pool5+fire5``): each tap has its own cache folder."""
+    """One config per cache folder of a (possibly joined) layer: one per tap in warp mode (each tap
+    has its own per-region cache), one in shared mode (every tap is pooled from the same trunk maps)."""
+    if feature_config.mode == "shared":
+        return [feature_config]
     return [replace(feature_config, layer=t) for t in split_layer(feature_config.layer)]
 
 
@@ -477,6 +597,106 @@ def _load(path: Path, image_sha: str) -> tuple[np.ndarray, np.ndarray] | None:
     return boxes, feats
 
 
+def _save_trunk(path: Path, tm: TrunkMaps, image_sha: str) -> None:
+    """Store trunk maps as float16 bytes, zstd level :data:`TRUNK_ZSTD_LEVEL`, atomically."""
+    import zstandard
+
+    zc = zstandard.ZstdCompressor(level=TRUNK_ZSTD_LEVEL)
+    arrays, shapes = {}, []
+    for i, m in enumerate(tm.maps):
+        shapes.append({k: list(v.shape) for k, v in m.items()})
+        for k, v in m.items():
+            raw = v.detach().to("cpu", TRUNK_DTYPE).contiguous().numpy().tobytes()
+            arrays[f"m{i}__{k}"] = np.frombuffer(zc.compress(raw), np.uint8)
+    meta = {"image_size": list(tm.image_size), "factors": list(tm.factors), "sizes": [list(x) for x in tm.sizes],
+            "shapes": shapes}
+    save_npz(path, meta=np.array(json.dumps(meta)), image_sha256=np.array(image_sha), **arrays)
+
+
+def _load_trunk(path: Path, image_sha: str) -> TrunkMaps | None:
+    """Trunk maps stored by :func:`_save_trunk` for this image's bytes, or None (absent, stale or corrupt)."""
+    import zstandard
+
+    z = load_npz(path)
+    if z is None or str(z.get("image_sha256", "")) != image_sha:
+        return None
+    try:
+        meta = json.loads(str(z["meta"]))
+        zd = zstandard.ZstdDecompressor()
+        maps = []
+        for i, shapes in enumerate(meta["shapes"]):
+            m = {}
+            for k, shape in shapes.items():
+                buf = zd.decompress(z[f"m{i}__{k}"].tobytes())
+                m[k] = torch.frombuffer(bytearray(buf), dtype=TRUNK_DTYPE).reshape(shape)
+            maps.append(m)
+        return TrunkMaps(tuple(meta["image_size"]), tuple(meta["factors"]), tuple(tuple(x) for x in meta["sizes"]),
+                         tuple(maps))
+    except (KeyError, ValueError, RuntimeError, zstandard.ZstdError):
+        return None  # written by another version or damaged: recompute
+
+
+def get_trunk_maps(record: ImageRecord, feature_config: FeatureConfig, dataset_root: str | Path | None = None,
+                   image_sha: str | None = None) -> TrunkMaps:
+    """A dataset image's shared-mode trunk maps (the trunk map and every side tap of
+    ``feature_config.layer``): cached, else computed over the whole image and stored
+    (``<cache>/trunk/...``, float16 + zstd, ~1–2 MB for a 640×480 image at ×1.5). Keyed by the
+    trunk settings (:meth:`FeatureConfig.trunk_key`), the dataset root, the image id and the image
+    file's sha256; a cached entry missing a requested side tap is recomputed with the union."""
+    fc = feature_config
+    if fc.mode != "shared":
+        raise ValueError("trunk maps are cached in shared mode only")
+    root = Path(dataset_root) if dataset_root is not None else Path(record.path).parent
+    sha = image_sha or _image_sha(record)
+    bb = fc.backbone_obj()
+    check_layer(bb, fc.layer)
+    sides = [t for t in split_layer(fc.layer) if t in bb.side_taps]
+    path = feature_path(record, None, fc, root)
+    tm = _load_trunk(path, sha)
+    want = {"trunk", *sides}
+    if tm is not None and want <= {k.removesuffix("@flip") for k in tm.names()}:
+        return tm
+    if tm is not None:  # keep the side taps cached earlier for other layers
+        sides = sorted(set(sides) | {k.removesuffix("@flip") for k in tm.names()} - {"trunk"})
+    image = load_image(record.path)
+    if fc.mirror:
+        image = np.ascontiguousarray(image[:, ::-1])
+    set_threads(None)
+    dev = place_backbone(bb, fc.device)
+    with torch.inference_mode(), autocast(dev, fc.precision):
+        tm = trunk_maps(image, bb, sides, fc.scales, SHARED_MAX_SIDE, dev, fc.flip, fc.short_side)
+    tm = TrunkMaps(tm.image_size, tm.factors, tm.sizes, tuple({k: v.cpu() for k, v in m.items()} for m in tm.maps))
+    _save_trunk(path, tm, sha)
+    return tm
+
+
+def _image_sha(record: ImageRecord) -> str:
+    try:
+        return file_sha256(record.path)
+    except OSError as e:
+        raise ImageReadError(f"{record.path}: cannot read ({e.strerror or e})") from None
+
+
+@torch.inference_mode()
+def pooled_features(record: ImageRecord, boxes: np.ndarray, feature_config: FeatureConfig,
+                    dataset_root: str | Path | None = None, image_sha: str | None = None) -> np.ndarray:
+    """``(N, D)`` float32 shared-mode features of a dataset image's ``boxes`` ``(N,4)`` (original
+    pixels), pooled from its cached trunk maps (:func:`get_trunk_maps`); joined taps concatenated."""
+    fc = feature_config
+    tm = get_trunk_maps(record, fc, dataset_root, image_sha)
+    bb = fc.backbone_obj()
+    taps = split_layer(fc.layer)
+    b = np.asarray(boxes, np.float32).reshape(-1, 4)
+    if fc.mirror:
+        b = flip_boxes(b, tm.image_size[0])
+    fixed = bb.name == "alexnet" or bb.name.startswith("vgg")
+    g = 6 if fixed else int(fc.grid or bb.pool5_grid)
+    dev = place_backbone(bb, fc.device)
+    with autocast(dev, fc.precision):
+        out = pool_regions(tm, b, bb, taps, g, fc.pool, fc.batch_size, fc.context_pad)
+    return np.concatenate([to_host(out[t]).float().numpy() for t in taps], axis=1)
+
+
 def get_features(
     record: ImageRecord,
     proposal_config=None,
@@ -488,7 +708,8 @@ def get_features(
     A joined layer (``pool5+fire5``) is read from (and stored in) each tap's own cache, computed in one
     pass for the taps not cached yet, and returned concatenated.
     ``boxes`` are the image's proposals (:func:`rcnn.proposals.get_proposals`), preceded by its
-    ground-truth boxes when ``feature_config.with_gt``. The entry is keyed by dataset root,
+    ground-truth boxes when ``feature_config.with_gt``. Shared mode caches the image's trunk maps
+    instead and pools the boxes from them on every call (:func:`pooled_features`). The entry is keyed by dataset root,
     image id, the proposal config, every feature setting and the weights' sha256, and stores
     the image file's sha256 so an edited image is never served stale features.
     """
@@ -497,10 +718,12 @@ def get_features(
     pc = proposal_config or ProposalConfig()
     fc = feature_config or FeatureConfig()
     root = Path(dataset_root) if dataset_root is not None else Path(record.path).parent
-    try:
-        sha = file_sha256(record.path)
-    except OSError as e:
-        raise ImageReadError(f"{record.path}: cannot read ({e.strerror or e})") from None
+    sha = _image_sha(record)
+    if fc.mode == "shared":  # the trunk maps are cached, the regions pooled on the fly
+        boxes = get_proposals(record, pc, root).astype(np.float32)
+        if fc.with_gt and len(record.boxes):
+            boxes = np.concatenate([np.asarray(record.boxes, np.float32).reshape(-1, 4), boxes])
+        return boxes, pooled_features(record, boxes, fc, root, sha).astype(np.float16)
     # joined taps (pool5+fire5) are cached tap by tap: a tap shared by several rows is stored once
     parts = {c.layer: c for c in tap_configs(fc)}
     hits = {t: _load(feature_path(record, pc, c, root), sha) for t, c in parts.items()}
@@ -535,8 +758,8 @@ class FeatureSummary:
     computed: int = 0
     cached: int = 0
     failed: list[str] = field(default_factory=list)
-    regions: int = 0  # regions computed in this run
-    seconds: float = 0.0
+    regions: int = 0  # regions computed in this run (0 in shared mode: trunk maps are cached, regions pooled later)
+    seconds: float = 0.0  # wall seconds spent on images computed in this run
     cache_dir: str = ""
     cache_mb: float = 0.0
 
@@ -544,8 +767,12 @@ class FeatureSummary:
     def regions_per_s(self) -> float:
         return self.regions / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def images_per_s(self) -> float:
+        return self.computed / self.seconds if self.seconds > 0 else 0.0
+
     def as_dict(self) -> dict:
-        return {**asdict(self), "regions_per_s": self.regions_per_s}
+        return {**asdict(self), "regions_per_s": self.regions_per_s, "images_per_s": self.images_per_s}
 
 
 def features_for_dataset(
@@ -580,7 +807,11 @@ def features_for_dataset(
             cached = all(feature_path(rec, pc, c, dataset.root).is_file() for c in taps)
             t0 = time.perf_counter()
             try:
-                boxes, feats = get_features(rec, pc, fc, dataset.root)
+                if fc.mode == "shared" and not collect:  # fill the trunk cache; regions are pooled when read
+                    get_trunk_maps(rec, fc, dataset.root)
+                    boxes = np.zeros((0, 4), np.float32)
+                else:
+                    boxes, feats = get_features(rec, pc, fc, dataset.root)
             except ImageReadError as e:
                 summary.failed.append(str(e))
                 if bar:
@@ -595,8 +826,9 @@ def features_for_dataset(
             if collect:
                 got[rec.image_id] = (boxes, feats)
             if bar:
-                rate = summary.regions_per_s
-                bar.update(task, advance=1, description=f"{fc.describe()} · {rate:.1f} regions/s")
+                rate = (f"{summary.images_per_s:.2f} images/s" if fc.mode == "shared"
+                        else f"{summary.regions_per_s:.1f} regions/s")
+                bar.update(task, advance=1, description=f"{fc.describe()} · {rate}")
     finally:
         if bar:
             bar.stop()
