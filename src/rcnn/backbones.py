@@ -236,7 +236,10 @@ def _eval(m: nn.Module) -> nn.Module:
 
 
 def _grid_pool5(grid: torch.Tensor, g: int) -> torch.Tensor:
-    # pool5 role: max-pool the last conv map to a g×g grid, flattened channel-major
+    # pool5 role: max-pool the last conv map to a g×g grid, flattened channel-major; a map that is
+    # already g×g (shared mode's RoI grid) is its own max pool, and the pooling op is slow on the CPU
+    if tuple(grid.shape[-2:]) == (g, g):
+        return grid.flatten(1)
     return F.adaptive_max_pool2d(grid, g).flatten(1)
 
 

@@ -312,6 +312,16 @@ def train_box_regressor(
     rng = np.random.default_rng(seed)
     res = [_Reservoir(max_per_class, rng) for _ in classes]
     for i, r in enumerate(records):
+        if getattr(source, "pools_boxes", False):  # shared mode: pool only the regions that train a regressor
+            allb = np.concatenate([np.asarray(r.boxes, np.float32).reshape(-1, 4), source.region_boxes(r)])
+            sel, lab, tgt = training_pairs(r, allb, min_iou)
+            f = source.box_features(r, allb[sel])
+            for c in np.unique(lab):
+                m = lab == c
+                res[c].add(f[m], tgt[m], i)
+            if progress:
+                progress(i + 1, len(records))
+            continue
         if hasattr(source, "_stored"):  # CNNFeatures: ground truth first, one read of the cache
             allb, allf, _ = source._stored(r)
         else:

@@ -548,3 +548,25 @@ def load_dataset(path: str | Path, split: str | None = None, classes: Sequence[s
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such dataset")
     raise ValueError(f"{path}: not a dataset (expected Annotations/ (VOC), Annotation/ (PASCAL v1.00) or a COCO .json)")
+
+
+def holdout_split(dataset: Dataset, fraction: float, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """Split ``dataset`` into ``(train, val)``: about ``fraction`` of the images go to ``val``,
+    chosen by a hash of each image id and ``seed`` (independent of file order, the same on every
+    run). The parts' split names are ``<split>-train`` / ``<split>-val``."""
+    import hashlib
+    from dataclasses import replace
+
+    if not 0 < fraction < 1:
+        raise ValueError(f"validation fraction must be between 0 and 1, not {fraction}")
+
+    def u(image_id: str) -> float:
+        return int(hashlib.sha256(f"{seed}:{image_id}".encode()).hexdigest()[:12], 16) / float(1 << 48)
+
+    val = [r for r in dataset.records if u(r.image_id) < fraction]
+    train = [r for r in dataset.records if u(r.image_id) >= fraction]
+    if not val or not train:
+        raise ValueError(f"{dataset.root}: holding out {fraction:g} of {len(dataset.records)} image(s) leaves a part empty")
+    name = dataset.split or "all"
+    return (replace(dataset, split=f"{name}-train", records=train, issues=list(dataset.issues)),
+            replace(dataset, split=f"{name}-val", records=val, issues=[]))

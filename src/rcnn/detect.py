@@ -320,8 +320,35 @@ class CNNFeatures(RegionFeatures):
         return boxes[n_gt:], feats[n_gt:]
 
     def gt_features(self, record: ImageRecord) -> np.ndarray:
+        memo = getattr(self, "_memo", None)
+        if self.pools_boxes and not (memo is not None and memo[0] is record):
+            return self.box_features(record, record.boxes)  # only the few ground-truth boxes
         _, feats, n_gt = self._stored(record)
         return feats[:n_gt]
+
+    @property
+    def pools_boxes(self) -> bool:
+        """Shared mode: any box of a dataset image is pooled from its cached trunk maps
+        (:meth:`box_features`), so a pass that needs a few boxes need not pool them all."""
+        return self.feature_config.mode == "shared"
+
+    def region_boxes(self, record: ImageRecord) -> np.ndarray:
+        """The image's proposals ``(N,4)``, in the order :meth:`regions` returns them (no features)."""
+        from rcnn.proposals import get_proposals
+
+        return get_proposals(record, self.proposal_config, self.dataset_root).astype(np.float32).reshape(-1, 4)
+
+    def box_features(self, record: ImageRecord, boxes: np.ndarray) -> np.ndarray:
+        """``(N, D)`` float16 features of any boxes ``(N,4)`` of a dataset image (shared mode only):
+        the values :meth:`regions` gives for the same boxes."""
+        from rcnn.features import pooled_features
+
+        if not self.pools_boxes:
+            raise ValueError("box_features needs shared mode (warp mode caches the proposals' features only)")
+        b = np.asarray(boxes, np.float32).reshape(-1, 4)
+        if len(b) == 0:
+            return np.zeros((0, self.dim), np.float16)
+        return pooled_features(record, b, self.feature_config, self.dataset_root).astype(np.float16)
 
     def extract(self, image: np.ndarray, boxes: np.ndarray, layers: Sequence[str] | None = None):
         """``(N, D)`` float32 features of boxes of a new image (no cache); with ``layers``,
@@ -639,6 +666,19 @@ def relocalize(
     return cur, TopK(np.take_along_axis(idx, order, 1), np.take_along_axis(sc, order, 1))
 
 
+def shares_features(regressor, source) -> bool:
+    """Whether a box regressor reads exactly the features ``source`` gives the scorer (same network,
+    layer and geometry), so the scored features can be regressed without a second extraction."""
+    fc = getattr(source, "feature_config", None)
+    if fc is None:
+        return False
+    try:
+        rfc = regressor.feature_config()
+    except (TypeError, ValueError):
+        return False
+    return replace(rfc, with_gt=fc.with_gt, flip=fc.flip, device=fc.device, batch_size=fc.batch_size) == fc
+
+
 def detect_image(
     model: RCNNModel, image: np.ndarray, source: RegionFeatures | None = None, threshold: float | None = None,
     top_k: int | None = None, max_per_class: int | None = MAX_PER_CLASS, bbox_reg: bool = True, relocalize_rounds: int = 0,
@@ -654,7 +694,10 @@ def detect_image(
         return np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64)
     cand = model.score_topk(feats, model.candidates_per_class(len(boxes), max_per_class), threshold)
     if bbox_reg and model.bbox_reg is not None:
-        boxes = model.bbox_reg.refine_image(image, boxes, source)
+        if shares_features(model.bbox_reg, source):  # the regressor reads the scored features: no second pass
+            boxes = model.bbox_reg.refine(boxes, feats, image.shape[1], image.shape[0])
+        else:
+            boxes = model.bbox_reg.refine_image(image, boxes, source)
         if relocalize_rounds:
             boxes, cand = relocalize(model, image, source, boxes, cand, relocalize_rounds)
     return postprocess(boxes, cand, model.nms_iou, threshold, top_k, max_per_class, model.trained)
@@ -701,7 +744,10 @@ def detect_dataset(
         else:
             cand = model.score_topk(feats, model.candidates_per_class(len(boxes), max_per_class), threshold)
             if bbox_reg and model.bbox_reg is not None:  # after scoring, before NMS (released rcnn_test.m)
-                boxes = model.bbox_reg.refine_record(r, boxes, source)
+                if shares_features(model.bbox_reg, source):
+                    boxes = model.bbox_reg.refine(boxes, feats, r.width, r.height)
+                else:
+                    boxes = model.bbox_reg.refine_record(r, boxes, source)
                 if relocalize_rounds:
                     boxes, cand = relocalize(model, load_image(r.path), source, boxes, cand, relocalize_rounds)
             b, s, lab = postprocess(boxes, cand, model.nms_iou, threshold, top_k, max_per_class, model.trained)
@@ -775,8 +821,23 @@ def save_pr_curves(result: EvalResult, out_dir: str | Path) -> list[Path]:
 
 
 __all__ = [
-    "FORMAT_VERSION", "CNNFeatures", "DetectStats", "HOGFeatures", "HOGOptions", "MirrorAugmented", "ModelError", "RCNNModel",
+    "FORMAT_VERSION",
+    "CNNFeatures",
+    "DetectStats",
+    "HOGFeatures",
+    "HOGOptions",
+    "MirrorAugmented",
+    "ModelError",
+    "RCNNModel",
     "RegionFeatures",
-    "check_backbone", "detect_dataset", "detect_image", "evaluate_model", "fit", "hog_features", "postprocess", "relocalize",
+    "check_backbone",
+    "detect_dataset",
+    "detect_image",
+    "evaluate_model",
+    "fit",
+    "hog_features",
+    "postprocess",
+    "relocalize",
     "save_pr_curves",
+    "shares_features",
 ]

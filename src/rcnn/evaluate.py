@@ -321,3 +321,41 @@ def write_coco_gt(dataset: Dataset, path: str | Path) -> Path:
     doc = {"images": images, "annotations": anns, "categories": [{"id": i, "name": c} for i, c in zip(cats, dataset.classes, strict=True)]}
     Path(path).write_text(json.dumps(doc))
     return Path(path)
+
+
+def coco_metrics(dataset: Dataset, dets: Detections) -> dict[str, float]:
+    """COCO box metrics of ``dets`` (labels index ``dataset.classes``) by ``pycocotools``:
+    ``AP`` (mAP@[.5:.95]), ``AP50``, ``AP75``, ``APs``/``APm``/``APl`` (NaN where undefined).
+    Difficult objects are ``iscrowd`` (neither matched nor missed, like VOC); boxes convert from
+    pixel-edge xyxy to COCO ``[x, y, w, h]``. pycocotools' console output is suppressed."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    ids = {r.image_id: i + 1 for i, r in enumerate(dataset.records)}
+    images = [{"id": ids[r.image_id], "width": int(r.width), "height": int(r.height)} for r in dataset.records]
+    anns = []
+    for r in dataset.records:
+        for b, c, d in zip(np.asarray(r.boxes, np.float64).reshape(-1, 4), r.labels, r.difficult, strict=True):
+            w, h = float(b[2] - b[0]), float(b[3] - b[1])
+            anns.append({"id": len(anns) + 1, "image_id": ids[r.image_id], "category_id": int(c) + 1,
+                         "bbox": [float(b[0]), float(b[1]), w, h], "area": w * h, "iscrowd": int(bool(d))})
+    keys = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+    keep = np.array([i in ids for i in dets.image_ids], bool) if len(dets) else np.zeros(0, bool)
+    if not anns or not keep.any():
+        return dict.fromkeys(keys, float("nan") if not anns else 0.0)
+    gt = COCO()
+    gt.dataset = {"images": images, "annotations": anns,
+                  "categories": [{"id": k + 1, "name": n} for k, n in enumerate(dataset.classes)]}
+    b = dets.boxes[keep].astype(np.float64)
+    res = np.column_stack([[ids[i] for i in dets.image_ids[keep]], b[:, 0], b[:, 1], b[:, 2] - b[:, 0],
+                           b[:, 3] - b[:, 1], dets.scores[keep], dets.labels[keep] + 1])
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+        ev = COCOeval(gt, gt.loadRes(res), "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return {k: (float(v) if v >= 0 else float("nan")) for k, v in zip(keys, ev.stats[:6], strict=True)}

@@ -364,7 +364,7 @@ def trunk_maps(image: np.ndarray, bb: Backbone, sides: Sequence[str], scales: Se
 
 
 def pool_regions(tm: TrunkMaps, boxes: np.ndarray, bb: Backbone, layers: Sequence[str], grid: int,
-                 pool: str | None = None, batch_size: int = 128, context_pad: int = 0) -> dict[str, torch.Tensor]:
+                 pool: str | None = None, batch_size: int = 512, context_pad: int = 0) -> dict[str, torch.Tensor]:
     """``{tap: (N, D)}`` features of boxes ``(N,4)`` (original image pixels) from an image's trunk maps:
     each box RoI-pooled to ``grid``² cells at the scale that brings it closest to the network input
     (``pool="align"``: RoIAlign with 2×2 samples per cell; ``"max"``: RoI max pooling), head taps
@@ -378,14 +378,14 @@ def pool_regions(tm: TrunkMaps, boxes: np.ndarray, bb: Backbone, layers: Sequenc
     sides = [k for k in layers if k in bb.side_taps]
     heads = [k for k in layers if k not in bb.side_taps]
     pick = _scale_pick(boxes, tm.factors, bb.input_size)
-    order = np.argsort(pick, kind="stable")
     w, h = tm.image_size
-    chunks: dict[str, list[torch.Tensor]] = {k: [] for k in layers}
+    res = {k: None for k in layers}
     for si, size in enumerate(tm.sizes):
-        idx = order[pick[order] == si]
+        idx = np.flatnonzero(pick == si)
         if len(idx) == 0:
             continue
-        m = tm.maps[si]
+        # float16 maps → float32 once per image (CPU RoI ops have no float16 kernels)
+        m = {k: (v.float() if v.dtype == TRUNK_DTYPE else v) for k, v in tm.maps[si].items()}
         flip = "trunk@flip" in m
         sx, sy = size[0] / w, size[1] / h  # the resized image's true per-axis scale (rounded to whole pixels)
         for s in range(0, len(idx), batch_size):
@@ -399,16 +399,10 @@ def pool_regions(tm: TrunkMaps, boxes: np.ndarray, bb: Backbone, layers: Sequenc
                 sv = [k, k + "@flip"] if flip else [k]
                 out[k] = _pool_views([m[v] for v in sv], scaled, mirrored, grid, bb.side_taps[k][1], pool).flatten(1)
             for k in layers:
-                chunks[k].append(out[k])
-    inv = np.empty_like(order)
-    inv[order] = np.arange(len(order))
-    res = {}
-    for k in layers:
-        if chunks[k]:
-            res[k] = torch.cat(chunks[k])[torch.from_numpy(inv)]
-        else:
-            res[k] = torch.zeros((0, bb.dim(k, grid)))
-    return res
+                if res[k] is None:  # one output buffer per tap, rows written in place (no concatenation copies)
+                    res[k] = torch.empty((len(boxes), out[k].shape[1]), dtype=out[k].dtype, device=out[k].device)
+                res[k][torch.from_numpy(sel)] = out[k]
+    return {k: (v if v is not None else torch.zeros((len(boxes), bb.dim(k, grid)))) for k, v in res.items()}
 
 
 def _pool_views(maps: list[torch.Tensor], boxes: np.ndarray, mirrored: np.ndarray | None, g: int, stride: int,
@@ -424,8 +418,6 @@ def _pool_views(maps: list[torch.Tensor], boxes: np.ndarray, mirrored: np.ndarra
 def _roi_pool(fmap: torch.Tensor, boxes: np.ndarray, g: int, stride: int, pool: str) -> torch.Tensor:
     """``(N,C,g,g)`` pooled cells of boxes ``(N,4)`` given in the map's input pixels."""
     rois = torch.cat([torch.zeros(len(boxes), 1), torch.from_numpy(np.ascontiguousarray(boxes))], 1).to(fmap.device)
-    if fmap.dtype == TRUNK_DTYPE:  # stored maps: pool in float32 (CPU roi ops have no float16 kernels)
-        fmap = fmap.float()
     if pool == "max":  # torchvision has no CPU autocast rule for roi_pool: pool in float32
         return roi_pool(fmap.float(), rois.float(), g, 1.0 / stride)
     return roi_align(fmap, rois, g, 1.0 / stride, sampling_ratio=2, aligned=True)
@@ -693,8 +685,10 @@ def pooled_features(record: ImageRecord, boxes: np.ndarray, feature_config: Feat
     g = 6 if fixed else int(fc.grid or bb.pool5_grid)
     dev = place_backbone(bb, fc.device)
     with autocast(dev, fc.precision):
-        out = pool_regions(tm, b, bb, taps, g, fc.pool, fc.batch_size, fc.context_pad)
-    return np.concatenate([to_host(out[t]).float().numpy() for t in taps], axis=1)
+        out = pool_regions(tm, b, bb, taps, g, fc.pool, max(fc.batch_size, 512), fc.context_pad)
+    if len(taps) == 1:
+        return to_host(out[taps[0]]).float().numpy()
+    return torch.cat([to_host(out[t]).float() for t in taps], 1).numpy()
 
 
 def get_features(

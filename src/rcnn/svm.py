@@ -230,7 +230,15 @@ def feature_stats(
     rng = np.random.default_rng(seed)
     idx = rng.permutation(len(records))[: min(n_images, len(records))]
     norms = []
+    subset = getattr(source, "pools_boxes", False)  # pool only the sampled boxes (shared mode)
     for i in sorted(idx):
+        if subset:
+            boxes = source.region_boxes(records[i])
+            if len(boxes) == 0:
+                continue
+            sel = rng.permutation(len(boxes))[: min(boxes_per_image, len(boxes))]
+            norms.append(block_norms(source.box_features(records[i], boxes[np.sort(sel)]), blocks))
+            continue
         _, feats = source.regions(records[i])
         if len(feats) == 0:
             continue

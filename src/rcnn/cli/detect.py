@@ -21,12 +21,11 @@ from rcnn.cli.engine import (
     AddressOpt,
     CachedRegions,
     EngineOpt,
-    PrecisionOpt,
     check_engine,
     ray_extract,
     ray_fill_images,
 )
-from rcnn.cli.proposals import KsOpt, MaxBoxesOpt, MinSizeOpt, WidthOpt, WorkersOpt, make_config
+from rcnn.cli.proposals import KsOpt, MinSizeOpt, WidthOpt, WorkersOpt
 from rcnn.data import ImageReadError, load_image
 from rcnn.evaluate import METRICS, Detections, write_coco_results, write_comp4
 from rcnn.progress import progress_bar
@@ -87,71 +86,72 @@ def train(
     dataset: DatasetArg,
     output: Annotated[Path, typer.Option("--output", "-o", help="Model file to write")],
     split: Annotated[str, typer.Option("--split", "-s", help="Training split")] = "trainval",
-    backbone: Annotated[str, typer.Option("--backbone", "-b", help="squeezenet1_1, efficientnet_lite0, alexnet, a "
-                                          "torchvision classifier (needs --weights), or 'hog' (HOG baseline)")] = "squeezenet1_1",
-    weights: Annotated[Path | None, typer.Option("--weights", "-w", help="Backbone state dict")] = None,
-    layer: Annotated[str, typer.Option("--layer", "-l", help="pool5 | fc6 | fc7 (paper §3.2: fc7), or taps joined by + (pool5+fire5: a hypercolumn)")] = "fc7",
-    mode: Annotated[str, typer.Option("--mode", "-m", help="warp (faithful, §2.1) | shared (one trunk pass + RoI pooling)")] = "warp",
-    scales: Annotated[str | None, typer.Option("--scales", help="shared mode: image scale(s), comma-separated")] = None,
-    grid: Annotated[int | None, typer.Option("--grid", help="shared mode RoI grid / pool5 grid")] = None,
-    context_pad: Annotated[int, typer.Option("--context-pad", help="context pixels around each box in the warped frame (released code: 16; shared mode pools the same enlarged window)")] = 0,
-    proposals: Annotated[str, typer.Option("--proposals", help="Proposal mode (rcnn-fast | fast | quality)")] = "rcnn-fast",
+    preset: Annotated[str, typer.Option("--preset", help="default (validated recipe: shared trunk, pool5+fire5, box "
+                                        "regression, sizes from the data) | paper (warp, fc7, no box regression)")] = "default",
+    val_fraction: Annotated[float | None, typer.Option("--val-fraction", help="Hold out this fraction of the split "
+                                                       "(fixed seed) and report the model's AP on it")] = None,
+    bbox_reg: Annotated[bool | None, typer.Option("--bbox-reg/--no-bbox-reg", help="Train box regressors (paper "
+                                                  "appendix C) [preset: default yes, paper no]", show_default=False)] = None,
+    relocalize: Annotated[int | None, typer.Option("--relocalize", min=0, help="Rounds of iterative localisation the "
+                                                   "model applies at detection [preset: 0]", show_default=False)] = None,
+    backbone: Annotated[str | None, typer.Option("--backbone", "-b", help="squeezenet1_1, efficientnet_lite0, alexnet, a "
+                                                 "torchvision classifier (needs --weights), or 'hog' [preset: squeezenet1_1]",
+                                                 show_default=False)] = None,
+    weights: Annotated[Path | None, typer.Option("--weights", "-w", help="Backbone state dict (e.g. from rcnn finetune)")] = None,
+    layer: Annotated[str | None, typer.Option("--layer", "-l", help="pool5 | fc6 | fc7, or taps joined by + "
+                                              "[preset: default pool5+fire5, paper fc7]", show_default=False)] = None,
+    mode: Annotated[str | None, typer.Option("--mode", "-m", help="warp (faithful, §2.1) | shared (one trunk pass + RoI "
+                                             "pooling) [preset: default shared, paper warp]", show_default=False)] = None,
+    short_side: Annotated[int | None, typer.Option("--short-side", help="shared mode: resize images to this shorter side "
+                                                   "(px) for the trunk [preset: from the training objects' sizes]",
+                                                   show_default=False)] = None,
+    scales: Annotated[str | None, typer.Option("--scales", help="shared mode: scale(s) on top of --short-side, "
+                                               "comma-separated [preset: 1]", show_default=False)] = None,
+    grid: Annotated[int | None, typer.Option("--grid", help="shared mode RoI grid / pool5 grid [preset: 6]",
+                                             show_default=False)] = None,
+    context_pad: Annotated[int | None, typer.Option("--context-pad", help="context pixels around each box in the warped "
+                                                    "frame (released code: 16) [preset: 0]", show_default=False)] = None,
+    precision: Annotated[str | None, typer.Option("--precision", help="fp32 | bf16 (CPU bfloat16: faster only on CPUs "
+                                                  "with AVX512-BF16/AMX) [preset: fp32]", show_default=False)] = None,
+    proposals: Annotated[str | None, typer.Option("--proposals", help="Proposal mode (rcnn-fast | fast | quality) "
+                                                  "[preset: rcnn-fast]", show_default=False)] = None,
     ks: KsOpt = None,
-    max_boxes: MaxBoxesOpt = None,
     min_size: MinSizeOpt = None,
     resize_width: WidthOpt = None,
     workers: WorkersOpt = None,
-    C: Annotated[float, typer.Option("--C", help="SVM C (rcnn_train.m: 1e-3)")] = 1e-3,
-    pos_weight: Annotated[float, typer.Option("--pos-weight", help="Positive loss weight (rcnn_train.m: 2)")] = 2.0,
-    bias_mult: Annotated[float, typer.Option("--bias-mult", help="Bias feature value (rcnn_train.m: 10)")] = 10.0,
-    passes: Annotated[int, typer.Option("--passes", help="Hard-negative mining passes (paper §2.3: 1)")] = 1,
-    retrain_limit: Annotated[int, typer.Option("--retrain-limit", help="Retrain after this many new negatives")] = 2000,
-    max_new_neg: Annotated[int | None, typer.Option("--max-new-neg", help="Cap new negatives per class per image")] = None,
-    max_cache_mb: Annotated[float, typer.Option("--max-cache-mb", help="Bound of each class's negative cache")] = 512.0,
-    precision: PrecisionOpt = "fp32",
+    C: Annotated[float | None, typer.Option("--C", help="SVM C [preset: 1e-3, rcnn_train.m]", show_default=False)] = None,
+    pos_weight: Annotated[float | None, typer.Option("--pos-weight", help="Positive loss weight [preset: 2]",
+                                                     show_default=False)] = None,
+    passes: Annotated[int | None, typer.Option("--passes", help="Hard-negative mining passes [preset: 1, paper §2.3]",
+                                               show_default=False)] = None,
 ) -> None:
-    """Train per-class linear SVMs with hard-negative mining (paper §2.3); resumes from the caches."""
-    from rcnn.backbones import WeightsError
-    from rcnn.detect import CNNFeatures, HOGFeatures, fit
-    from rcnn.features import SHARED_GRID, SHARED_SCALES, FeatureConfig, check_layer, features_for_dataset
-    from rcnn.proposals import propose_dataset
-    from rcnn.svm import SVMConfig
+    """Train a detector: proposals → CNN features → per-class SVMs with hard-negative mining (paper
+    §2.3) → box regressors; resumes from the caches after a kill."""
+    from rcnn.data import holdout_split
+    from rcnn.pipeline import evaluate as run_evaluate
+    from rcnn.pipeline import recipe as make_recipe
+    from rcnn.pipeline import train as run_train
 
     _log_warnings()
     ds = open_dataset(dataset, split)
     if not ds.records:
         raise fail(f"{dataset}: split {split!r} has no images", 2)
-    pc = make_config(proposals, ks, max_boxes, min_size, resize_width, False)
     try:
-        svm = SVMConfig(C=C, bias_mult=bias_mult, pos_weight=pos_weight, passes=passes, retrain_limit=retrain_limit,
-                        max_new_neg_per_image=max_new_neg, max_cache_mb=max_cache_mb)
-        if backbone == "hog":
-            source = HOGFeatures(pc, ds.root)
-        else:
-            sc = tuple(float(s) for s in scales.split(",")) if scales else SHARED_SCALES
-            fc = FeatureConfig(backbone=backbone, weights=str(weights) if weights else None, layer=layer, mode=mode,
-                               context_pad=context_pad, scales=sc, grid=grid or SHARED_GRID, with_gt=True,
-                               precision=precision)
-            bb = fc.backbone_obj()
-            check_layer(bb, layer)  # a ValueError: "bad option: unknown layer(s) ..."
-            source = CNNFeatures(pc, fc, ds.root, backbone=bb)
+        rec = make_recipe(preset, backbone=backbone, weights=str(weights) if weights else None, layer=layer, mode=mode,
+                          short_side=short_side, grid=grid, context_pad=context_pad, precision=precision,
+                          scales=tuple(float(x) for x in scales.split(",")) if scales else None, proposals=proposals,
+                          ks=tuple(int(k) for k in ks.split(",")) if ks else None, min_size=min_size,
+                          resize_width=resize_width, bbox_reg=bbox_reg, relocalize=relocalize)
+        svm = {k: v for k, v in {"C": C, "pos_weight": pos_weight, "passes": passes}.items() if v is not None}
+        rec = replace(rec, svm=replace(rec.svm, **svm))
+        val = None
+        if val_fraction is not None:
+            ds, val = holdout_split(ds, val_fraction)
     except ValueError as e:
         raise fail(f"bad option: {e}", 2) from None
-    except WeightsError as e:
-        raise fail(str(e), 2) from None
-    console.print(f"{len(ds)} images of {dataset} ({split}); proposals {pc.describe()}; "
-                  f"features {source.name} {source.layer} {source.mode}", highlight=False)
-    t0 = time.perf_counter()
-    ps = propose_dataset(ds, pc, workers=workers, progress=True)
-    bad = {i for i, _ in ps.failed}
-    for _, msg in ps.failed:
-        err_console.print(f"[red]error:[/] {msg}", highlight=False, soft_wrap=True)
-    if bad:
-        ds.records = [r for r in ds.records if r.image_id not in bad]
-        err_console.print(f"[yellow]warning:[/] training without {len(bad)} unreadable image(s)")
-    if isinstance(source, CNNFeatures):
-        s = features_for_dataset(ds, pc, replace(source.feature_config), progress=True)
-        console.print(f"features: computed {s.computed}, reused {s.cached}; cache {s.cache_mb:.0f} MB", highlight=False)
+    console.print(f"{len(ds)} images of {dataset} ({split}{', ' + str(len(val)) + ' held out' if val else ''}); "
+                  f"recipe {rec.name}: {rec.backbone} {rec.layer} {rec.mode}"
+                  f"{', box regression' if rec.bbox_reg else ''}", highlight=False)
     with _progress() as bar:
         tasks: dict[str, int] = {}
 
@@ -166,20 +166,35 @@ def train(
             bar.update(tasks[p.stage], completed=p.done, total=p.total, info=info)
 
         try:
-            model, res = fit(ds, source, svm, progress=report)
+            det = run_train(ds, None, rec, workers=workers, progress=True, svm_progress=report)
         except (ValueError, ImageReadError) as e:
             raise fail(str(e), 1) from None
-    model.training["seconds_total"] = round(time.perf_counter() - t0, 1)
+    model = det.model
+    prep = model.training["prepare"]
+    if prep["failed"]:
+        err_console.print(f"[yellow]warning:[/] trained without {prep['failed']} unreadable image(s)")
+    if val is not None:
+        ev = run_evaluate(det, val, None, progress=True)
+        model.training["validation"] = {"images": len(val), "fraction": val_fraction, **ev.as_dict()}
+        console.print(f"validation ({len(val)} held-out images): mAP {ev.map:.3f} (VOC07), COCO AP "
+                      f"{ev.coco.get('AP', float('nan')):.3f}", highlight=False)
     model.save(output)
-    t = Table(title=f"SVMs ({svm.C=}, {svm.pos_weight=}, {svm.bias_mult=})")
+    t = Table(title="SVMs")
     for col in ("class", "positives", "retrains", "final negatives", "objective"):
         t.add_column(col, justify="left" if col == "class" else "right")
-    for c, name in enumerate(ds.classes):
-        h = res.history[c]
-        t.add_row(name, str(res.num_pos[c]), str(len(h)), str(h[-1]["num_neg_after_evict"] if h else 0),
-                  f"{h[-1]['objective']:.4f}" if h else "not trained")
+    for name in model.classes:
+        obj = model.training["objective"].get(name, [])
+        t.add_row(name, str(model.training["num_pos"].get(name, 0)), str(len(obj)),
+                  str(model.training["final_cache"].get(name, 0)), f"{obj[-1]:.4f}" if obj else "not trained")
     console.print(t)
-    console.print(f"wrote {output} (training {res.seconds / 60:.1f} min from cached features)")
+    res = model.training["recipe"].get("resolved", {})
+    if res:
+        console.print(f"sizes from {res['objects']} training objects: trunk images {res['short_side']} px (shorter "
+                      f"side), proposals from {res['min_size']:g} px", highlight=False)
+    st = model.training["seconds_by_stage"]
+    console.print(f"wrote {output} ({model.training['seconds_total'] / 60:.1f} min: caches {st['prepare']:.0f} s, "
+                  f"SVMs {st['svm']:.0f} s, box regression {st['bbox_reg']:.0f} s; feature cache "
+                  f"{prep['cache_mb']:.0f} MB)", highlight=False)
 
 
 def _write_outputs(dets: Detections, classes, out: Path, split: str) -> None:

@@ -1,0 +1,266 @@
+"""Own-dataset benchmark: the default recipe, chosen on validation splits of three datasets, scored once on test.
+
+    python bench/own_dataset.py validate   # each candidate: train on 3/4 of trainval, score on the held-out 1/4
+    python bench/own_dataset.py test       # the chosen recipe on full trainval → test, BCCD from a cold cache
+    python bench/own_dataset.py speed      # extraction: trunk cache vs per-region zlib cache; detection s/image
+
+Datasets: BCCD (small cells, 640×480), Penn-Fudan pedestrians (one class, mid-size people), and
+``closeup``, a stand-in for unseen photo collections built from Penn-Fudan: each image cropped to
+its people (large objects filling the frame) and resized to a random longer side in 240–1600 px
+(photos of very different sizes). Validation parts come from ``rcnn.data.holdout_split`` (fixed
+seed) of each trainval split; test splits are scored once, with the recipe the validation chose.
+Results: ``bench/results/own_dataset.json`` (merged run by run, so any phase can be re-run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+import rcnn
+from rcnn.cache import cache_dir, save_json
+from rcnn.data import holdout_split, load_dataset, load_image
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+OUT = ROOT / "bench" / "results" / "own_dataset.json"
+VAL_FRACTION = 0.25
+#: candidates compared on validation: the trained recipe (layer) × how it detects
+CANDIDATES = {"pool5": {"layer": "pool5"}, "pool5+fire5": {"layer": "pool5+fire5"}}
+DETECT_VARIANTS = {"no box regression": {"bbox_reg": False, "relocalize": 0},
+                   "box regression": {"bbox_reg": True, "relocalize": 0},
+                   "box regression + relocalize 1": {"bbox_reg": True, "relocalize": 1}}
+
+
+def closeup_root() -> Path:
+    """The ``closeup`` view of Penn-Fudan (VOC layout in the user cache, never in the repository)."""
+    return cache_dir() / "datasets" / "pennfudan-closeup"
+
+
+def make_closeup() -> Path:
+    """Build the ``closeup`` view: per Penn-Fudan image, the union of its people + 15 % margin,
+    resized to a longer side drawn log-uniformly from 240–1600 px (seeded by image id)."""
+    import cv2
+
+    root = closeup_root()
+    if (root / "ImageSets" / "Main" / "test.txt").is_file():
+        return root
+    (root / "JPEGImages").mkdir(parents=True, exist_ok=True)
+    (root / "Annotations").mkdir(parents=True, exist_ok=True)
+    (root / "ImageSets" / "Main").mkdir(parents=True, exist_ok=True)
+    for split in ("trainval", "test"):
+        ds = load_dataset(DATA / "PennFudanPed", split)
+        for r in ds.records:
+            img = load_image(r.path)
+            b = np.asarray(r.boxes, np.float64)
+            x1, y1 = b[:, :2].min(0)
+            x2, y2 = b[:, 2:].max(0)
+            mx, my = 0.15 * (x2 - x1), 0.15 * (y2 - y1)
+            cx1, cy1 = int(max(0, x1 - mx)), int(max(0, y1 - my))
+            cx2, cy2 = int(min(r.width, np.ceil(x2 + mx))), int(min(r.height, np.ceil(y2 + my)))
+            crop = img[cy1:cy2, cx1:cx2]
+            rng = np.random.default_rng(int(hashlib.sha256(r.image_id.encode()).hexdigest()[:8], 16))
+            side = float(np.exp(rng.uniform(np.log(240), np.log(1600))))
+            s = side / max(crop.shape[:2])
+            size = (max(1, round(crop.shape[1] * s)), max(1, round(crop.shape[0] * s)))
+            crop = cv2.resize(crop, size, interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_CUBIC)
+            cv2.imwrite(str(root / "JPEGImages" / f"{r.image_id}.jpg"), crop[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 92])
+            sx, sy = size[0] / (cx2 - cx1), size[1] / (cy2 - cy1)
+            objs = "".join(
+                f"<object><name>person</name><difficult>{int(d)}</difficult><bndbox>"
+                f"<xmin>{(bx1 - cx1) * sx + 1:.1f}</xmin><ymin>{(by1 - cy1) * sy + 1:.1f}</ymin>"
+                f"<xmax>{(bx2 - cx1) * sx:.1f}</xmax><ymax>{(by2 - cy1) * sy:.1f}</ymax></bndbox></object>"
+                for (bx1, by1, bx2, by2), d in zip(b, r.difficult, strict=True))
+            (root / "Annotations" / f"{r.image_id}.xml").write_text(
+                f"<annotation><filename>{r.image_id}.jpg</filename><size><width>{size[0]}</width>"
+                f"<height>{size[1]}</height><depth>3</depth></size>{objs}</annotation>")
+        (root / "ImageSets" / "Main" / f"{split}.txt").write_text("".join(f"{r.image_id}\n" for r in ds.records))
+    return root
+
+
+def datasets() -> dict[str, Path]:
+    for name in ("BCCD", "PennFudanPed"):
+        if not (DATA / name).is_dir():
+            sys.exit(f"error: {DATA / name} not found (the benchmark needs ../shared/data)")
+    return {"bccd": DATA / "BCCD", "pennfudan": DATA / "PennFudanPed", "closeup": make_closeup()}
+
+
+def load_results() -> dict:
+    return json.loads(OUT.read_text()) if OUT.is_file() else {}
+
+
+def save(update: dict) -> None:
+    doc = load_results()
+    for k, v in update.items():
+        doc[k] = {**doc.get(k, {}), **v} if isinstance(v, dict) and isinstance(doc.get(k), dict) else v
+    save_json(OUT, doc)
+
+
+def machine() -> dict:
+    return {"cores": os.cpu_count(), "load_avg_1_5_15": [round(x, 2) for x in os.getloadavg()],
+            "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+
+
+def scores(ev) -> dict:
+    return {"map_voc07": round(ev.map, 4), "coco_ap": round(ev.coco.get("AP", float("nan")), 4),
+            "coco_ap50": round(ev.coco.get("AP50", float("nan")), 4),
+            "per_class": {k: round(v, 4) for k, v in ev.per_class.items()}, "images": ev.images}
+
+
+def validate(names: list[str]) -> None:
+    """Every candidate on every dataset's validation part; the choice is the best mean over datasets."""
+    for name, root in datasets().items():
+        if names and name not in names:
+            continue
+        tr, val = holdout_split(load_dataset(root, "trainval"), VAL_FRACTION)
+        for cand, overrides in CANDIDATES.items():
+            t0 = time.perf_counter()
+            det = rcnn.train(tr, None, "default", workers=2, **overrides)
+            train_s = time.perf_counter() - t0
+            rows = {}
+            for variant, opts in DETECT_VARIANTS.items():
+                ev = rcnn.evaluate(det, val, None, **opts)
+                rows[variant] = scores(ev)
+                print(f"{name} {cand} {variant}: val mAP {ev.map:.4f}", flush=True)
+            save({"validation": {f"{name} | {cand}": {"dataset": name, "candidate": cand, "train_images": len(tr),
+                                                      "val_images": len(val), "train_seconds": round(train_s, 1),
+                                                      "resolved": det.recipe.get("resolved", {}), "variants": rows,
+                                                      "machine": machine()}}})
+    choose()
+
+
+def choose() -> dict:
+    """The candidate × variant with the best mean validation mAP over the datasets measured."""
+    val = load_results().get("validation", {})
+    table: dict[tuple[str, str], dict[str, float]] = {}
+    for row in val.values():
+        for variant, s in row["variants"].items():
+            table.setdefault((row["candidate"], variant), {})[row["dataset"]] = s["map_voc07"]
+    full = {k: v for k, v in table.items() if len(v) == max(len(x) for x in table.values())}
+    (cand, variant), per = max(full.items(), key=lambda kv: float(np.mean(list(kv[1].values()))))
+    chosen = {"candidate": cand, "variant": variant, "mean_val_map": round(float(np.mean(list(per.values()))), 4),
+              "val_map": per, "rule": "highest mean VOC07 mAP over the datasets' validation parts"}
+    save({"chosen": chosen})
+    print("chosen:", chosen)
+    return chosen
+
+
+def test(names: list[str]) -> None:
+    """The chosen recipe (the library's default preset) trained on each full trainval and scored once on
+    test. BCCD runs in a child process with an empty cache so its timings are cold-cache."""
+    for name in datasets():
+        if names and name not in names:
+            continue
+        if name == "bccd":
+            with tempfile.TemporaryDirectory() as tmp:
+                env = {**os.environ, "RCNN_CACHE_DIR": tmp}
+                subprocess.run([sys.executable, __file__, "test-one", name], env=env, check=True)
+        else:
+            test_one(name)
+
+
+def test_one(name: str) -> None:
+    root = datasets()[name]
+    tv = load_dataset(root, "trainval")
+    cold = not any(cache_dir().glob("trunk/*"))
+    t0, r0 = time.perf_counter(), _cpu()
+    det = rcnn.train(tv, None, "default", workers=2)
+    train_wall, train_cpu = time.perf_counter() - t0, _cpu() - r0
+    model_path = Path(tempfile.mkdtemp()) / f"{name}.rcnn"
+    det.save(model_path)
+    ev = rcnn.evaluate(det, root, "test")
+    prep = det.model.training["prepare"]
+    row = {"dataset": name, "recipe": det.recipe, "train_images": len(tv), "cold_cache": cold,
+           "train_wall_s": round(train_wall, 1), "train_cpu_s": round(train_cpu, 1),
+           "seconds_by_stage": det.model.training["seconds_by_stage"],
+           "feature_cache_mb": round(prep["cache_mb"], 1),
+           "feature_cache_mb_per_image": round(prep["cache_mb"] / max(1, prep["features_computed"] + prep["features_cached"]), 3),
+           "peak_rss_gb": round(max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                                    resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1e6, 2),
+           "model_mb": round(model_path.stat().st_size / 1e6, 2),
+           "test": scores(ev), "test_seconds_per_image_from_cache": round(ev.seconds_per_image, 3),
+           "machine": machine()}
+    save({"test": {name: row}})
+    print(json.dumps(row, indent=1, default=str), flush=True)
+
+
+def _cpu() -> float:
+    ru, rc = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime + rc.ru_utime + rc.ru_stime
+
+
+def speed(n: int = 8) -> None:
+    """Feature extraction per image, the same images in the same run: the per-region cache (pool5+fire5
+    features of every proposal, float16, ``np.savez_compressed``) vs the trunk cache (float16 maps,
+    zstd); and detection with the BCCD test model (proposals + trunk + pooling + SVMs + box regression)."""
+    import io
+
+    from rcnn.features import extract_features, feature_path, get_trunk_maps
+    from rcnn.proposals import get_proposals
+
+    ds = load_dataset(datasets()["bccd"], "trainval")
+    recs = ds.records[:: max(1, len(ds.records) // n)][:n]
+    det = rcnn.train(ds.__class__(ds.root, ds.split, ds.classes, recs[:2], format=ds.format), None, "default",
+                     bbox_reg=False, workers=2)  # resolves the default sizes and fills the proposal cache
+    fc = det.source(ds.root).feature_config
+    pc = det.model.proposal_config()
+    old = new = old_mb = new_mb = 0.0
+    for r in recs:
+        boxes = np.concatenate([r.boxes, get_proposals(r, pc, ds.root)]).astype(np.float32)
+        t0 = time.perf_counter()
+        feats = extract_features(load_image(r.path), boxes, fc.backbone_obj(), fc.layer, "shared", grid=fc.grid,
+                                 short_side=fc.short_side, scales=fc.scales)
+        buf = io.BytesIO()
+        np.savez_compressed(buf, boxes=boxes, feats=feats.astype(np.float16))
+        old += time.perf_counter() - t0
+        old_mb += buf.tell() / 1e6
+        path = feature_path(r, None, fc, ds.root)
+        path.unlink(missing_ok=True)  # time a cold entry
+        t0 = time.perf_counter()
+        get_trunk_maps(r, fc, ds.root)
+        new += time.perf_counter() - t0
+        new_mb += path.stat().st_size / 1e6
+    test = load_dataset(datasets()["bccd"], "test").records[:n]
+    t0, c0 = time.perf_counter(), _cpu()
+    for r in test:
+        det.detect(load_image(r.path))
+    det_wall, det_cpu = (time.perf_counter() - t0) / len(test), (_cpu() - c0) / len(test)
+    row = {"images": len(recs), "image_size": [recs[0].width, recs[0].height], "short_side": fc.short_side,
+           "region_cache_s_per_image": round(old / len(recs), 3), "trunk_cache_s_per_image": round(new / len(recs), 3),
+           "speedup": round(old / max(new, 1e-9), 2), "region_cache_mb_per_image": round(old_mb / len(recs), 2),
+           "trunk_cache_mb_per_image": round(new_mb / max(1, len(recs)), 2),
+           "detect_images": len(test), "detect_wall_s_per_image": round(det_wall, 3),
+           "detect_cpu_s_per_image": round(det_cpu, 3), "threads": 2, "machine": machine()}
+    save({"speed": row})
+    print(json.dumps(row, indent=1), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("phase", choices=["validate", "choose", "test", "test-one", "speed"])
+    ap.add_argument("datasets", nargs="*", help="subset of bccd, pennfudan, closeup (default: all)")
+    a = ap.parse_args()
+    if a.phase == "validate":
+        validate(a.datasets)
+    elif a.phase == "choose":
+        choose()
+    elif a.phase == "test":
+        test(a.datasets)
+    elif a.phase == "test-one":
+        test_one(a.datasets[0])
+    else:
+        speed()
+
+
+if __name__ == "__main__":
+    main()
