@@ -191,3 +191,22 @@ def test_bccd_as_yolo_matches_voc(tmp_path):
     for r in voc.records:
         y = by_id[r.image_id]
         assert y.labels.tolist() == r.labels.tolist() and np.allclose(y.boxes, r.boxes, atol=1e-2)
+
+
+def test_cli_info_yolo_with_val_fraction(tmp_path):
+    from typer.testing import CliRunner
+
+    from rcnn.cli import app
+
+    for i in range(10):
+        image(tmp_path / "images" / "train" / f"im{i}.jpg")
+        label(tmp_path / "labels" / "train" / f"im{i}.txt", "0 0.5 0.5 0.2 0.2\n" * (1 + i % 2))
+    label(tmp_path / "labels" / "train" / "im0.txt", "0 0.5 0.5 0.2 0.2\n7 0.5 0.5 0.2 0.2\n")
+    (tmp_path / "data.yaml").write_text("train: images/train\nnames: [cell]\n")
+    r = CliRunner().invoke(app, ["info", str(tmp_path), "--split", "train", "--val-fraction", "0.3"])
+    assert r.exit_code == 0, r.output
+    assert "(yolo, split train)" in r.output and "images: 10" in r.output
+    assert "train-train 7 images" in r.output and "train-val 3 images" in r.output
+    assert "im0.txt:2: class index 7 outside the 1 classes 0..0" in r.output
+    r = CliRunner().invoke(app, ["info", str(tmp_path), "--split", "train", "--val-fraction", "0.01"])
+    assert r.exit_code == 2 and "leaves no validation image" in r.output
