@@ -91,3 +91,16 @@ def test_voc_sample_perfect_and_cli(tmp_path):
     doc = json.loads((tmp_path / "r.json").read_text())
     assert doc["mAP"] == pytest.approx(1.0) and doc["coco"]["AP50"] == pytest.approx(1.0)
     assert 0.3 < doc["coco"]["mAP@[.5:.95]"] < 1.0 and doc["coco"]["AP75"] < 1.0
+
+
+def test_cli_evaluate_writes_coco_metrics(tmp_path):
+    from test_cli_detect import _hog_model, _tiny_voc
+
+    data = _tiny_voc(tmp_path / "voc")
+    model = _hog_model(tmp_path)  # untrained random SVMs: the numbers are low, the keys are what counts
+    out = tmp_path / "eval"
+    r = CliRunner().invoke(app, ["evaluate", str(model), str(data), "--split", "test", "-o", str(out), "-j", "1"])
+    assert r.exit_code == 0, r.output
+    assert "COCO mAP@[.5:.95]" in r.output
+    coco = json.loads((out / "results.json").read_text())["coco"]
+    assert {"mAP@[.5:.95]", "AP50", "AP75", "APs", "APm", "APl"} <= set(coco) and coco["images"] == 2
