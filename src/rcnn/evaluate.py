@@ -208,9 +208,10 @@ def evaluate_detections(dataset: Dataset, dets: Detections, metric: str = "voc07
 class CocoMetrics:
     """COCO box metrics from ``pycocotools.cocoeval.COCOeval``: AP averaged over IoU
     0.50:0.05:0.95 (``ap``, "mAP@[.5:.95]"), at IoU 0.50 and 0.75, and for small (area <
-    32² px), medium and large (> 96² px) objects; 101-point interpolated, at most 100
-    detections per image, averaged over the classes with ground truth. NaN where undefined
-    (no ground truth of that size). Difficult objects are crowd regions (ignored)."""
+    32² px), medium and large (> 96² px) objects; 101-point interpolated, the 100 best
+    detections per image and class (COCOeval's maxDets), averaged over the classes with
+    ground truth. NaN where undefined (no ground truth of that size). Difficult objects
+    are crowd regions (ignored)."""
 
     ap: float
     ap50: float
