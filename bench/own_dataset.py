@@ -112,8 +112,7 @@ def machine() -> dict:
 
 
 def scores(ev) -> dict:
-    return {"map_voc07": round(ev.map, 4), "coco_ap": round(ev.coco.get("AP", float("nan")), 4),
-            "coco_ap50": round(ev.coco.get("AP50", float("nan")), 4),
+    return {"map_voc07": round(ev.map, 4), "coco_map": ev.coco["mAP@[.5:.95]"], "coco_ap50": ev.coco["AP50"],
             "per_class": {k: round(v, 4) for k, v in ev.per_class.items()}, "images": ev.images}
 
 

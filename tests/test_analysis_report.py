@@ -89,3 +89,25 @@ def test_report_renders_in_chromium(tmp_path):
     (out / "dap.png").unlink()
     ok, total = _loaded_images(browser, check, tmp_path / "profile2")
     assert ok == total - 1
+
+
+def test_report_skips_an_unreadable_image(tmp_path, caplog):
+    import json
+    import logging
+
+    ds, dets = _dataset(tmp_path)
+    bad = ds.records[2].path
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)  # a PNG signature and nothing usable
+    out = tmp_path / "report"
+    with caplog.at_level(logging.WARNING, logger="rcnn.analysis.report"):
+        page = write_report(ReportInputs("toy", ds, dets, samples=3), out)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and str(bad) in warnings[0] and "\n" not in warnings[0]
+    html = page.read_text()
+    srcs = re.findall(r'<img src="([^"]+)"', html)
+    dets_shown = [s for s in srcs if s.startswith("det_")]
+    assert len(dets_shown) == 5 and all((out / s).is_file() for s in srcs)  # 3 best + the 2 other readable
+    assert "im2" not in "".join(re.findall(r"<figcaption>([^<]*)</figcaption>", html))
+    assert "1 unreadable image(s) left out of the pictures" in html
+    doc = json.loads((out / "report.json").read_text())
+    assert list(doc["skipped_images"]) == ["im2"] and doc["images"] == 6  # its boxes still count in the AP

@@ -68,3 +68,28 @@ def test_sensitivity_and_report_cli(voc):
     assert "diningtable" in html and "sensitivity.png" in html
     r = CliRunner().invoke(app, ["report", str(tmp / "missing.json"), str(DATA), "-o", str(tmp / "rep2")])
     assert r.exit_code == 2 and "missing.json" in r.output
+
+
+@pytest.mark.parametrize("source", ["detections", "model"])
+def test_report_cli_with_one_unreadable_image(tmp_path, source):
+    """One test image that cannot be read: one warning line naming it, the rest of the report written."""
+    from rcnn.evaluate import ground_truth_as_detections
+    from test_cli_detect import _hog_model, _tiny_voc
+
+    data = _tiny_voc(tmp_path / "voc", n=8)  # test split: the last 2 images
+    ds = load_dataset(data, "test")
+    if source == "detections":
+        model = write_coco_results(ground_truth_as_detections(ds), [1, 2], tmp_path / "dets.json")
+    else:
+        model = _hog_model(tmp_path)
+    bad = ds.records[0].path
+    bad.write_bytes(bad.read_bytes()[:200])  # cut inside the JPEG header: nothing to decode
+    out = tmp_path / "rep"
+    r = CliRunner().invoke(app, ["report", str(model), str(data), "--split", "test", "-o", str(out), "--units", "none",
+                                 "--samples", "1"])
+    assert r.exit_code == 0, r.output
+    lines = [ln for ln in r.output.splitlines() if "left out of the report" in ln]
+    assert len(lines) == 1 and bad.name in lines[0]
+    doc = json.loads((out / "report.json").read_text())
+    assert list(doc["skipped_images"]) == [ds.records[0].image_id]
+    assert (out / "index.html").is_file() and (out / "det_best_0.png").is_file()

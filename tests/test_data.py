@@ -95,13 +95,21 @@ def test_exif_rotation_applied(tmp_path):
     assert a[2, 5, 0] > 200 and a[2, 5, 1] < 80  # the red stripe is now on top
 
 
-@pytest.mark.parametrize("kind", ["truncated", "not_image", "missing", "empty"])
+@pytest.mark.parametrize("kind", ["header_only", "no_scan_data", "truncated_png", "not_image", "missing", "empty"])
 def test_bad_images_one_line_error(tmp_path, kind):
+    # a truncated JPEG with some image data decodes (tests/test_data_bad_input.py); these cannot
     p = tmp_path / f"{kind}.jpg"
-    if kind == "truncated":
-        buf = io.BytesIO()
-        Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 200, 3), dtype=np.uint8)).save(buf, "JPEG")
-        p.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 200, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    noise.save(buf, "PNG" if kind == "truncated_png" else "JPEG")
+    data = buf.getvalue()
+    if kind == "header_only":
+        p.write_bytes(data[:300])
+    elif kind == "no_scan_data":  # cut right after the start-of-scan header
+        sos = data.find(b"\xff\xda")
+        p.write_bytes(data[: sos + 2 + int.from_bytes(data[sos + 2 : sos + 4], "big")])
+    elif kind == "truncated_png":
+        p.write_bytes(data[: len(data) // 2])
     elif kind == "not_image":
         p.write_text("this is not a JPEG\n")
     elif kind == "empty":

@@ -12,10 +12,28 @@ The workflow in three calls (:mod:`rcnn.pipeline`)::
     res = rcnn.evaluate(model, "data/", split="test")
 """
 
+import types as _types
+
 __version__ = "0.2.0"
 
 #: the workflow functions, imported on first use so ``import rcnn`` stays light
-_PIPELINE = ("train", "load", "evaluate", "recipe", "Recipe", "PRESETS", "Detector")
+_PIPELINE = ("train", "load", "recipe", "Recipe", "PRESETS", "Detector")
+
+
+class _EvaluateModule(_types.ModuleType):
+    """``rcnn.evaluate`` is the VOC/COCO evaluation module (``rcnn.evaluate.coco_metrics``, …) and,
+    called, :func:`rcnn.pipeline.evaluate`: the name cannot be both a submodule attribute and a
+    function, so the module itself is made callable."""
+
+    def __call__(self, *args, **kwargs):
+        from rcnn.pipeline import evaluate
+
+        return evaluate(*args, **kwargs)
+
+
+from rcnn import evaluate as _evaluate_module  # noqa: E402  (after the class it is given)
+
+_evaluate_module.__class__ = _EvaluateModule
 
 
 def __getattr__(name: str):

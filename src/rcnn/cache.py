@@ -8,6 +8,7 @@ to a temporary name and renamed, so a killed run leaves either a whole entry or 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -43,19 +44,40 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+class CacheWriteError(OSError):
+    """A cache entry that could not be written because the disk (or the quota) is full. Its
+    message is one line naming the path; ``errno`` is kept (``ENOSPC`` / ``EDQUOT``)."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp_path)`` then rename ``tmp_path`` onto ``path`` (atomic on POSIX)."""
+    """Call ``write(tmp_path)`` then rename ``tmp_path`` onto ``path`` (atomic on POSIX).
+
+    On any failure the temporary file is removed and ``path`` is left as it was (absent, or
+    the previous whole entry), so the next run recomputes just this entry. A full disk raises
+    :class:`CacheWriteError` ("<path>: disk full ..."), whichever step hit it.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp: str | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
         write(Path(tmp))
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in _FULL:
+            raise CacheWriteError(e.errno, f"{path}: {_FULL[e.errno]} while writing this cache entry (nothing "
+                                           "partial was kept; free space and rerun: finished entries are reused)") from None
         raise
     return path
+
+
+_FULL = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded (disk full for this user)"}
 
 
 def save_npz(path: str | Path, **arrays: np.ndarray) -> Path:

@@ -1,7 +1,8 @@
 """Datasets as plain records, and robust image loading.
 
 Readers for the PASCAL VOC devkit layout (XML, via ``defusedxml``), the older PASCAL
-"Annotation Version 1.00" text format (Penn-Fudan) and COCO JSON. Every reader returns
+"Annotation Version 1.00" text format (Penn-Fudan), COCO JSON and YOLO text labels
+(``data.yaml`` via ``yaml.safe_load``). Every reader returns
 a :class:`Dataset` of :class:`ImageRecord` with boxes as ``(N,4)`` float32 pixel-edge
 ``xyxy`` (see :mod:`rcnn.boxes`); file conventions are converted here and nowhere else.
 
@@ -10,9 +11,12 @@ Annotation problems never crash a reader. The rule, applied to every format:
 * a box with ``xmax <= xmin`` or ``ymax <= ymin`` *in the file's own coordinates*
   (zero or negative extent) is **dropped**;
 * a box reaching outside the image is **clipped** to it; one entirely outside is dropped;
-* an object of a class outside the dataset's class list is **dropped**;
+* an object of a class outside the dataset's class list is **dropped**, as is a
+  malformed line of a text format (YOLO);
 * an annotation file that cannot be parsed (malformed or hostile XML, bad JSON, missing
-  image) drops **that image**.
+  image) drops **that image**, as does an id a split file lists without its files;
+* an image without a label file (YOLO) is kept with no objects; a label file without an
+  image is ignored.
 
 Each case is recorded as an :class:`AnnotationIssue` naming the file, so counts never
 change silently (``rcnn info`` lists them).
@@ -20,7 +24,11 @@ change silently (``rcnn info`` lists them).
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import logging
+import math
 import re
 import warnings
 from collections.abc import Sequence
@@ -29,11 +37,35 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import yaml
 from defusedxml import DefusedXmlException
 from defusedxml.ElementTree import parse as defused_parse
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from rcnn.boxes import voc_to_xyxy, xywh_to_xyxy, xyxy_to_voc
+
+log = logging.getLogger(__name__)
+
+
+class _OncePerMessage(logging.Filter):
+    """Lets each distinct message through once per process: a truncated image that several
+    stages load (proposals, features, drawing) warns once, not once per stage. Bounded."""
+
+    def __init__(self, limit: int = 10_000) -> None:
+        super().__init__()
+        self._seen: set[str] = set()
+        self._limit = limit
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if msg in self._seen:
+            return False
+        if len(self._seen) < self._limit:
+            self._seen.add(msg)
+        return True
+
+
+log.addFilter(_OncePerMessage())
 
 VOC_CLASSES: tuple[str, ...] = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -121,8 +153,10 @@ def load_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarr
     """Read an image file as an ``(H, W, 3)`` RGB uint8 array.
 
     Applies the EXIF orientation; converts grayscale, palette, CMYK, alpha (composited on
-    white) and 16-bit/float images. Raises :class:`ImageReadError` with one line naming
-    the file for non-images, truncated files and images over ``max_pixels``.
+    white) and 16-bit/float images. A JPEG missing its end (an interrupted copy) is decoded
+    as far as its data goes, the missing rows grey, with one warning naming the file (see
+    :func:`decode_truncated_jpeg`). Raises :class:`ImageReadError` with one line naming the
+    file for non-images, files with no decodable image data and images over ``max_pixels``.
     """
     path = Path(path)
     with image_errors(path), Image.open(path) as im:
@@ -131,9 +165,36 @@ def load_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarr
                 f"{path}: image is {im.width}x{im.height} pixels, over the "
                 f"{max_pixels}-pixel limit (possible decompression bomb)"
             )
-        im.load()
+        try:
+            im.load()
+        except OSError:
+            if im.format != "JPEG":
+                raise
+            data = path.read_bytes()
+            if data.rstrip(b"\x00").endswith(b"\xff\xd9"):
+                raise  # the file has its end marker: corrupt, not truncated
+            im = decode_truncated_jpeg(data, path)
+            log.warning("%s: truncated JPEG (%d bytes, no end marker); decoded the readable part, "
+                        "the missing rows are grey", path, len(data))
         im = ImageOps.exif_transpose(im)
         return to_rgb8(im)
+
+
+def decode_truncated_jpeg(data: bytes, path: str | Path = "<bytes>") -> Image.Image:
+    """Decode the JPEG bytes ``data`` that stop before the end-of-image marker.
+
+    This is what PIL does under its global ``ImageFile.LOAD_TRUNCATED_IMAGES`` flag
+    (``JpegImageFile.load_read`` feeds libjpeg an EOI marker at the premature end), done
+    for this call only: libjpeg then finishes the frame and fills the rows it has no data
+    for with grey. Raises :class:`ImageReadError` when the data stops before the first
+    scan's entropy-coded bytes (nothing of the image is there).
+    """
+    sos = data.find(b"\xff\xda")
+    if sos < 0 or len(data) <= sos + 2 + int.from_bytes(data[sos + 2 : sos + 4], "big"):
+        raise ImageReadError(f"{path}: truncated JPEG with no image data (nothing to decode)")
+    im = Image.open(io.BytesIO(data + b"\xff\xd9"))
+    im.load()
+    return im
 
 
 @contextmanager
@@ -285,8 +346,8 @@ def read_voc(
     the 20 VOC classes when every name in the split is one of them, else the sorted names."""
     root = Path(root)
     ann_dir, img_dir = root / "Annotations", root / "JPEGImages"
+    split_file = root / "ImageSets" / "Main" / f"{split}.txt"
     if split is not None:
-        split_file = root / "ImageSets" / "Main" / f"{split}.txt"
         if not split_file.is_file():
             raise FileNotFoundError(f"{split_file}: no such split file")
         ids = [ln.split()[0] for ln in split_file.read_text().splitlines() if ln.strip()]
@@ -296,6 +357,13 @@ def read_voc(
     parsed: list[tuple[str, dict]] = []
     for image_id in ids:
         xml = ann_dir / f"{image_id}.xml"
+        if split is not None and not xml.is_file():
+            # a split file naming an id without its files: skip it, say which files are missing
+            what = f"no annotation file Annotations/{xml.name}"
+            if _find_image(img_dir, image_id) is None:
+                what += f" and no image JPEGImages/{image_id}.jpg"
+            issues.append(AnnotationIssue(str(split_file), f"lists id {image_id}, which has {what}", "dropped image"))
+            continue
         try:
             parsed.append((image_id, parse_voc_xml(xml)))
         except (AnnotationError, FileNotFoundError) as e:
@@ -310,9 +378,13 @@ def read_voc(
         xml = str(ann_dir / f"{image_id}.xml")
         path = img_dir / (p["filename"] or f"{image_id}.jpg")
         if not path.is_file():
-            alt = next((img_dir / f"{image_id}{s}" for s in IMAGE_SUFFIXES if (img_dir / f"{image_id}{s}").is_file()), None)
+            alt = _find_image(img_dir, image_id)
             if alt is None:
-                issues.append(AnnotationIssue(xml, f"image {path} not found", "dropped image"))
+                if split is not None:
+                    issues.append(AnnotationIssue(str(split_file), f"lists id {image_id}, which has no image "
+                                                  f"JPEGImages/{path.name} (annotation {xml})", "dropped image"))
+                else:
+                    issues.append(AnnotationIssue(xml, f"image {path} not found", "dropped image"))
                 continue
             path = alt
         width, height = p["width"], p["height"]
@@ -354,6 +426,11 @@ def read_voc(
             source_id=p["flickrid"],
         ))
     return Dataset(root, split, classes, records, issues, "voc", annotated)
+
+
+def _find_image(folder: Path, stem: str) -> Path | None:
+    """``folder/<stem><suffix>`` for the first image suffix that exists, else ``None``."""
+    return next((folder / f"{stem}{s}" for s in IMAGE_SUFFIXES if (folder / f"{stem}{s}").is_file()), None)
 
 
 def write_voc_xml(record: ImageRecord, classes: Sequence[str], path: str | Path) -> None:
@@ -532,41 +609,356 @@ def _flickr_id(url: str | None) -> str | None:
     return m.group(1) if m else url
 
 
+# ------------------------------------------------------------------------------ YOLO
+
+#: Files that name a YOLO dataset's classes and splits, looked for in the dataset folder.
+YOLO_YAML_NAMES = ("data.yaml", "data.yml", "dataset.yaml", "dataset.yml")
+YOLO_SPLITS = ("train", "val", "test")
+
+
+def yolo_label_path(image: str | Path) -> Path:
+    """The label file YOLO tools pair with ``image``: the last folder called ``images`` in its
+    path replaced by ``labels`` and the suffix by ``.txt`` (``d/images/train/x.jpg`` ->
+    ``d/labels/train/x.txt``); beside the image when no folder is called ``images``."""
+    image = Path(image)
+    parts = list(image.parts)
+    for i in range(len(parts) - 2, -1, -1):
+        if parts[i] == "images":
+            parts[i] = "labels"
+            return Path(*parts).with_suffix(".txt")
+    return image.with_suffix(".txt")
+
+
+def _yolo_yaml(path: Path) -> dict:
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise AnnotationError(f"{path}: not a readable YAML file ({msg})") from None
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise AnnotationError(f"{path}: expected a mapping with names: and train:/val:/test: entries")
+    return doc
+
+
+def _yolo_names(doc: dict, path: Path) -> list[str] | None:
+    """Class names from a data.yaml: ``names:`` as a list or an {index: name} mapping (a gap
+    in the indices is named by its index), else ``nc:`` indices; ``None`` when neither."""
+    names = doc.get("names")
+    if names is None:
+        nc = doc.get("nc")
+        return [str(i) for i in range(nc)] if isinstance(nc, int) and nc > 0 else None
+    if isinstance(names, list):
+        return [str(n) for n in names]
+    if isinstance(names, dict):
+        try:
+            by_id = {int(k): str(v) for k, v in names.items()}
+        except (TypeError, ValueError):
+            by_id = {}
+        if not by_id or min(by_id) < 0:
+            raise AnnotationError(f"{path}: names: keys must be class indices 0, 1, 2, ...")
+        return [by_id.get(i, str(i)) for i in range(max(by_id) + 1)]
+    raise AnnotationError(f"{path}: names: must be a list or an {{index: name}} mapping")
+
+
+def _yolo_entry(base: Path, entry: str) -> Path | None:
+    """A data.yaml split entry resolved against ``base``. Like Ultralytics, ``../x`` that does
+    not exist is also tried as ``x`` (Roboflow exports write ``train: ../train/images``)."""
+    p = Path(entry).expanduser()
+    if p.is_absolute():
+        return p if p.exists() else None
+    cands = [base / p] + ([base / entry[3:]] if entry.startswith("../") else [])
+    return next((c for c in cands if c.exists()), None)
+
+
+def _yolo_entry_images(src: Path, base: Path, issues: list[AnnotationIssue]) -> list[Path]:
+    """Images of one split entry: a folder (searched recursively), a ``.txt`` list of image
+    paths (relative ones against the list's folder, then ``base``) or one image file."""
+    if src.is_dir():
+        return sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if src.suffix.lower() != ".txt":
+        return [src] if src.suffix.lower() in IMAGE_SUFFIXES else []
+    out = []
+    for n, ln in enumerate(src.read_text(errors="replace").splitlines(), start=1):
+        s = ln.strip()
+        if not s or s.startswith("#"):
+            continue
+        p = Path(s)
+        cands = [p] if p.is_absolute() else [src.parent / p, base / p]
+        hit = next((c for c in cands if c.is_file()), None)
+        if hit is None:
+            issues.append(AnnotationIssue(f"{src}:{n}", f"lists image {s}, which does not exist", "dropped image"))
+        else:
+            out.append(hit)
+    return out
+
+
+def _yolo_splits(root: Path, yaml_path: Path | None, doc: dict, split: str | None,
+                 issues: list[AnnotationIssue]) -> tuple[dict[str, list[Path]], list[Path]]:
+    """``({split: images}, extra label folders)``; ``{}`` for a flat ``images/`` folder."""
+    if yaml_path is not None and any(doc.get(k) for k in YOLO_SPLITS):
+        base = yaml_path.parent
+        if doc.get("path"):
+            p = Path(str(doc["path"])).expanduser()
+            p = p if p.is_absolute() else base / p
+            base = p if p.is_dir() else base
+        out: dict[str, list[Path]] = {}
+        for key in YOLO_SPLITS:
+            entries = doc.get(key)
+            if not entries:
+                continue
+            images: list[Path] = []
+            for e in entries if isinstance(entries, list) else [entries]:
+                src = _yolo_entry(base, str(e))
+                if src is None:
+                    if split == key:
+                        raise FileNotFoundError(f"{yaml_path}: {key}: {e} not found (relative to {base})")
+                    issues.append(AnnotationIssue(str(yaml_path), f"{key}: {e} not found (relative to {base})",
+                                                  "ignored split entry"))
+                    continue
+                images += _yolo_entry_images(src, base, issues)
+            out[key] = images
+        return _with_trainval(out), []
+    img_dir = root / "images"
+    subs = sorted(d for d in img_dir.iterdir() if d.is_dir()) if img_dir.is_dir() else []
+    if subs and not list_images(img_dir):  # images/<split>/..., labels/<split>/...
+        out = {d.name: sorted(p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+               for d in subs}
+        return _with_trainval(out), [root / "labels" / d.name for d in subs]
+    return {}, [root / "labels"]
+
+
+def _with_trainval(splits: dict[str, list[Path]]) -> dict[str, list[Path]]:
+    # VOC's naming, which `rcnn train` defaults to: trainval = train + val, unless defined
+    val = splits.get("val", splits.get("valid"))
+    if "trainval" not in splits and "train" in splits and val is not None:
+        splits["trainval"] = splits["train"] + val
+    return splits
+
+
+def _yolo_ids(images: Sequence[Path], root: Path) -> dict[Path, str]:
+    """Image id per image: the file stem, or the path under ``root`` when stems repeat."""
+    stems: dict[str, int] = {}
+    for p in images:
+        stems[p.stem] = stems.get(p.stem, 0) + 1
+    out = {}
+    for p in images:
+        if stems[p.stem] == 1:
+            out[p] = p.stem
+        else:
+            try:
+                out[p] = p.relative_to(root).as_posix()
+            except ValueError:
+                out[p] = p.as_posix()
+    return out
+
+
+def _read_yolo_label(path: Path, issues: list[AnnotationIssue]) -> tuple[list[tuple[int, str, int, list[float]]] | None, int]:
+    """Parsed lines ``(line number, text, class, [x1, y1, x2, y2] normalised)`` (``None`` when
+    the file cannot be read) and the count of object lines. A line is ``class cx cy w h`` or a polygon ``class x1 y1 x2 y2 ...``
+    (YOLO segmentation labels; its bounding box is used); anything else is malformed."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as e:
+        issues.append(AnnotationIssue(str(path), f"cannot read ({e.strerror or e})", "dropped image"))
+        return None, 0
+    rows, count = [], 0
+    for n, ln in enumerate(text.splitlines(), start=1):
+        s = ln.strip()
+        if not s or s.startswith("#"):
+            continue
+        count += 1
+        where = f"{path}:{n}"
+        try:
+            v = [float(x) for x in s.split()]
+        except ValueError:
+            v = []
+        ok = (len(v) == 5 or (len(v) >= 7 and len(v) % 2 == 1)) and all(math.isfinite(x) for x in v)
+        if not ok:
+            issues.append(AnnotationIssue(where, f"malformed line {s[:60]!r} (expected 'class cx cy w h', "
+                                          "numbers, coordinates normalised to 0..1)", "dropped object"))
+            continue
+        if not v[0].is_integer():
+            issues.append(AnnotationIssue(where, f"class index {s.split()[0]!r} is not an integer", "dropped object"))
+            continue
+        if len(v) == 5:
+            cx, cy, w, h = v[1:]
+            box = [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]
+        else:
+            xs, ys = v[1::2], v[2::2]
+            box = [min(xs), min(ys), max(xs), max(ys)]
+        rows.append((n, s, int(v[0]), box))
+    return rows, count
+
+
+def read_yolo(root: str | Path, split: str | None = None, classes: Sequence[str] | None = None) -> Dataset:
+    """Read a YOLO (Darknet / Ultralytics) detection layout; ``root`` is the dataset folder
+    or its ``data.yaml``.
+
+    Labels: one ``.txt`` per image (:func:`yolo_label_path`), one line ``class cx cy w h``
+    per object, centre and size normalised to 0..1 by the image's (EXIF-oriented) width and
+    height; a polygon line ``class x1 y1 x2 y2 ...`` (segmentation labels) gives its bounding
+    box. Class names: ``classes`` if given, else ``names:`` of ``data.yaml`` (a list or an
+    ``{index: name}`` mapping), else ``classes.txt`` (one name per line, in ``root`` or
+    ``labels/``), else the indices themselves. Splits: the ``train:``/``val:``/``test:``
+    entries of ``data.yaml`` (image folders, ``.txt`` lists of image paths, or lists of
+    these); else the sub-folders of ``images/`` (``images/train/`` with ``labels/train/``:
+    the split is the folder name); else, for one flat ``images/`` folder,
+    :func:`fixed_split`. ``split=None`` or ``"all"`` reads every image once. Image ids are
+    file stems (the path under ``root`` where stems repeat).
+
+    Bad input follows the module's rules, one issue per case naming the label file and
+    line: a class index outside the class list or a malformed line drops that object;
+    coordinates outside 0..1 are clipped (the box is dropped when nothing is left); an image
+    without a label file has no objects; a label file without an image is ignored.
+    """
+    root = Path(root)
+    yaml_path = root if root.is_file() else next((root / n for n in YOLO_YAML_NAMES if (root / n).is_file()), None)
+    root = root.parent if root.is_file() else root
+    doc = _yolo_yaml(yaml_path) if yaml_path is not None else {}
+    issues: list[AnnotationIssue] = []
+    splits, label_dirs = _yolo_splits(root, yaml_path, doc, split, issues)
+    if splits:
+        listed = [p for imgs in splits.values() for p in imgs]
+    else:
+        listed = list_images(root / "images") if (root / "images").is_dir() else []
+    seen: dict[Path, Path] = {}
+    for p in listed:  # each image once (yaml splits may overlap), in first-listed order
+        seen.setdefault(p.resolve(), p)
+    every = list(seen.values())
+    ids = _yolo_ids(every, root)
+    if split in (None, "all"):
+        chosen = every
+    elif splits:
+        if split not in splits:
+            raise ValueError(f"unknown split {split!r}; {yaml_path or root / 'images'} has {sorted(splits)}")
+        chosen = list(dict.fromkeys(seen[p.resolve()] for p in splits[split]))
+    else:
+        keep = set(fixed_split([ids[p] for p in every], split))
+        chosen = [p for p in every if ids[p] in keep]
+    names = list(classes) if classes is not None else (_yolo_names(doc, yaml_path) if yaml_path is not None else None)
+    if names is None:
+        txt = next((f for f in (root / "classes.txt", root / "labels" / "classes.txt",
+                                *(yolo_label_path(p).parent / "classes.txt" for p in chosen[:1])) if f.is_file()), None)
+        if txt is not None:
+            names = [ln.strip() for ln in txt.read_text(errors="replace").splitlines() if ln.strip()]
+    parsed, annotated = [], 0
+    for p in chosen:
+        lp = yolo_label_path(p)
+        rows: list = []
+        if lp.is_file():
+            rows, n = _read_yolo_label(lp, issues)
+            annotated += n
+            if rows is None:
+                continue
+        else:
+            issues.append(AnnotationIssue(str(p), f"no label file {lp}", "kept image without objects"))
+        try:
+            w, h = image_size(p)
+        except ImageReadError as e:
+            issues.append(AnnotationIssue(str(lp), str(e), "dropped image"))
+            continue
+        parsed.append((p, lp, w, h, rows))
+    if names is None:
+        top = max((r[2] for *_, rows in parsed for r in rows), default=-1)
+        names = [str(i) for i in range(top + 1)]
+        issues.append(AnnotationIssue(str(root), "no class names (data.yaml names: or classes.txt)",
+                                      "named classes by index"))
+    records = []
+    for p, lp, w, h, rows in parsed:
+        boxes, labels = [], []
+        for n, text, c, b in rows:
+            where = f"{lp}:{n}"
+            if not 0 <= c < len(names):
+                issues.append(AnnotationIssue(where, f"class index {c} outside the {len(names)} classes "
+                                              f"0..{len(names) - 1}", "dropped object"))
+                continue
+            raw = np.array(b, np.float64)
+            clipped = np.clip(raw, 0.0, 1.0)
+            if raw[2] <= raw[0] or raw[3] <= raw[1]:
+                issues.append(AnnotationIssue(where, f"box {text!r} has zero or negative size", "dropped box"))
+                continue
+            if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
+                issues.append(AnnotationIssue(where, f"box {text!r} lies outside the image (0..1)", "dropped box"))
+                continue
+            if np.abs(clipped - raw).max() > 1e-6:  # exporters' rounding (1.0000001) is not worth a line
+                issues.append(AnnotationIssue(where, f"box {text!r} reaches outside 0..1", "clipped box"))
+            boxes.append(clipped * (w, h, w, h))
+            labels.append(c)
+        records.append(ImageRecord(
+            image_id=ids[p], path=p, width=w, height=h, boxes=np.array(boxes, np.float32).reshape(-1, 4),
+            labels=np.array(labels, np.int64), difficult=np.zeros(len(labels), bool),
+        ))
+    # label files without an image: in the label folders of this split (all images count as owners)
+    expected = {yolo_label_path(p).resolve() for p in every}
+    dirs = {yolo_label_path(p).parent for p in chosen}
+    dirs |= {d for d in label_dirs if split in (None, "all") or not splits or d.name == split}
+    for d in sorted(x for x in dirs if x.is_dir()):
+        for t in sorted(d.glob("*.txt")):
+            if t.name != "classes.txt" and t.resolve() not in expected:
+                issues.append(AnnotationIssue(str(t), "label file without an image", "ignored label file"))
+    return Dataset(root, split, names, records, issues, "yolo", annotated)
+
+
+# ------------------------------------------------------------------------ validation
+
+
+def holdout_split(dataset: Dataset, fraction: float, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """Carve a validation part out of ``dataset``: returns ``(train, val)``.
+
+    Images are ranked by ``sha256("<seed>:<image id>")`` and the first
+    ``round(fraction * N)`` form the validation part, so the choice depends only on the ids
+    and the seed (not on file order) and adding images moves few others. The parts are named
+    ``"<split>-train"`` and ``"<split>-val"`` (``<split>`` is ``dataset.split``, or ``all``);
+    both keep the class list, root, format, category ids and issues of ``dataset``, share its
+    records (same objects, original order), and count their own usable objects as
+    ``annotated_objects``. Raises ``ValueError`` (one line) for a fraction outside (0, 1) or
+    when a part would be empty.
+    """
+    n = len(dataset.records)
+    if not 0.0 < fraction < 1.0:  # also refuses NaN
+        raise ValueError(f"validation fraction must be between 0 and 1 (exclusive), not {fraction}")
+    k = math.floor(fraction * n + 0.5)
+    if k == 0 or k == n:
+        part = "validation" if k == 0 else "training"
+        raise ValueError(f"a validation fraction of {fraction} of {n} image(s) leaves no {part} image; "
+                         "choose another fraction or use more images")
+
+    def rank(i: int) -> tuple[str, int]:
+        key = f"{seed}:{dataset.records[i].image_id}".encode()
+        return hashlib.sha256(key).hexdigest(), i
+
+    val = set(sorted(range(n), key=rank)[:k])
+    base = dataset.split or "all"
+
+    def part(name: str, idx: list[int]) -> Dataset:
+        recs = [dataset.records[i] for i in idx]
+        return Dataset(dataset.root, f"{base}-{name}", list(dataset.classes), recs, list(dataset.issues),
+                       dataset.format, int(sum(len(r.boxes) for r in recs)), dataset.category_ids)
+
+    return part("train", [i for i in range(n) if i not in val]), part("val", sorted(val))
+
+
 # ----------------------------------------------------------------------------- entry
 
 
 def load_dataset(path: str | Path, split: str | None = None, classes: Sequence[str] | None = None) -> Dataset:
-    """Open a dataset, detecting its format: a ``.json`` file is COCO, a folder with
-    ``Annotations/`` is VOC, one with ``Annotation/*.txt`` is PASCAL v1.00."""
+    """Open a dataset, detecting its format: a ``.json`` file is COCO, a ``.yaml`` file is
+    YOLO, a folder with ``Annotations/`` is VOC, one with ``Annotation/*.txt`` is PASCAL
+    v1.00, one with ``data.yaml`` (or ``images/`` beside ``labels/``) is YOLO."""
     path = Path(path)
     if path.is_file() and path.suffix.lower() == ".json":
         return read_coco(path, split=split)
+    if path.is_file() and path.suffix.lower() in (".yaml", ".yml"):
+        return read_yolo(path, split, classes)
     if (path / "Annotations").is_dir():
         return read_voc(path, split, classes)
     if (path / "Annotation").is_dir():
         return read_pascal_v1(path, split)
+    if any((path / n).is_file() for n in YOLO_YAML_NAMES) or ((path / "images").is_dir() and (path / "labels").is_dir()):
+        return read_yolo(path, split, classes)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such dataset")
-    raise ValueError(f"{path}: not a dataset (expected Annotations/ (VOC), Annotation/ (PASCAL v1.00) or a COCO .json)")
-
-
-def holdout_split(dataset: Dataset, fraction: float, seed: int = 0) -> tuple[Dataset, Dataset]:
-    """Split ``dataset`` into ``(train, val)``: about ``fraction`` of the images go to ``val``,
-    chosen by a hash of each image id and ``seed`` (independent of file order, the same on every
-    run). The parts' split names are ``<split>-train`` / ``<split>-val``."""
-    import hashlib
-    from dataclasses import replace
-
-    if not 0 < fraction < 1:
-        raise ValueError(f"validation fraction must be between 0 and 1, not {fraction}")
-
-    def u(image_id: str) -> float:
-        return int(hashlib.sha256(f"{seed}:{image_id}".encode()).hexdigest()[:12], 16) / float(1 << 48)
-
-    val = [r for r in dataset.records if u(r.image_id) < fraction]
-    train = [r for r in dataset.records if u(r.image_id) >= fraction]
-    if not val or not train:
-        raise ValueError(f"{dataset.root}: holding out {fraction:g} of {len(dataset.records)} image(s) leaves a part empty")
-    name = dataset.split or "all"
-    return (replace(dataset, split=f"{name}-train", records=train, issues=list(dataset.issues)),
-            replace(dataset, split=f"{name}-val", records=val, issues=[]))
+    raise ValueError(f"{path}: not a dataset (expected Annotations/ (VOC), Annotation/ (PASCAL v1.00), "
+                     "images/ + labels/ or data.yaml (YOLO), or a COCO .json)")

@@ -1,4 +1,4 @@
-"""PASCAL VOC average precision, exactly as the official devkit computes it.
+"""Detection scores: PASCAL VOC AP exactly as the official devkit computes it, and COCO's metrics.
 
 Per class: detections sorted by decreasing score (stable sort); each is matched to the
 ground truth box of its image with the highest IoU (VOC's "+1 pixel" IoU, which equals
@@ -6,7 +6,8 @@ plain IoU in this library's pixel-edge coordinates, see :mod:`rcnn.boxes`); a ma
 ``ovmax >= 0.5`` is a TP if that object is not difficult and not yet detected, a FP if it
 was already detected (duplicates are FPs), and neither if the object is difficult;
 everything else is a FP. ``voc07`` is the 11-point interpolated AP of VOC2007, ``voc2010``
-the area under the monotone PR envelope used from VOC2010 on.
+the area under the monotone PR envelope used from VOC2010 on. :func:`coco_metrics` adds
+the COCO numbers (mAP@[.5:.95], AP50, AP75, APs/APm/APl) computed by pycocotools.
 
 The evaluator follows detectron2's ``reset / process / evaluate`` shape.
 """
@@ -200,6 +201,105 @@ def evaluate_detections(dataset: Dataset, dets: Detections, metric: str = "voc07
     return ev.evaluate()
 
 
+# -------------------------------------------------------------------- COCO metrics
+
+
+@dataclass(frozen=True)
+class CocoMetrics:
+    """COCO box metrics from ``pycocotools.cocoeval.COCOeval``: AP averaged over IoU
+    0.50:0.05:0.95 (``ap``, "mAP@[.5:.95]"), at IoU 0.50 and 0.75, and for small (area <
+    32² px), medium and large (> 96² px) objects; 101-point interpolated, the 100 best
+    detections per image and class (COCOeval's maxDets), averaged over the classes with
+    ground truth. NaN where undefined (no ground truth of that size). Difficult objects
+    are crowd regions (ignored)."""
+
+    ap: float
+    ap50: float
+    ap75: float
+    ap_small: float
+    ap_medium: float
+    ap_large: float
+    images: int
+    detections: int
+
+    def as_dict(self) -> dict:
+        def num(x: float) -> float | None:
+            return None if math.isnan(x) else round(float(x), 6)
+
+        return {"mAP@[.5:.95]": num(self.ap), "AP50": num(self.ap50), "AP75": num(self.ap75),
+                "APs": num(self.ap_small), "APm": num(self.ap_medium), "APl": num(self.ap_large),
+                "images": self.images, "detections": self.detections, "evaluator": "pycocotools COCOeval (bbox)"}
+
+    def line(self) -> str:
+        """One line: ``COCO mAP@[.5:.95] 0.512 · AP50 0.801 · AP75 0.560 · APs – · APm 0.43 · APl 0.61``."""
+        def f(x: float) -> str:
+            return "–" if math.isnan(x) else f"{x:.3f}"
+
+        return (f"COCO mAP@[.5:.95] {f(self.ap)} · AP50 {f(self.ap50)} · AP75 {f(self.ap75)} · "
+                f"APs {f(self.ap_small)} · APm {f(self.ap_medium)} · APl {f(self.ap_large)}")
+
+
+def coco_metrics(dataset: Dataset, dets: Detections, det_classes: Sequence[str] | None = None) -> CocoMetrics:
+    """COCO mAP@[.5:.95], AP50, AP75, APs/APm/APl of ``dets`` against ``dataset`` with
+    pycocotools, the ground truth built in memory. Boxes (pixel-edge xyxy) become COCO
+    ``[x, y, w, h]`` and areas ``w * h`` (there are no masks). Difficult objects become
+    ``iscrowd=1`` so that, as in VOC, detecting them neither helps nor hurts (COCO matches a
+    crowd by the fraction of the detection inside it, where VOC uses IoU >= 0.5).
+
+    Labels of ``dets`` index ``dataset.classes``, or ``det_classes`` when given (matched by
+    name; then only the dataset classes among ``det_classes`` are averaged). Detections on
+    images not in ``dataset`` are ignored. pycocotools' progress prints are swallowed.
+    """
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    index = {r.image_id: n for n, r in enumerate(dataset.records, start=1)}
+    images = [{"id": n, "width": r.width, "height": r.height} for n, r in enumerate(dataset.records, start=1)]
+    cats = [{"id": k + 1, "name": c} for k, c in enumerate(dataset.classes)]
+    gt_anns = []
+    for n, r in enumerate(dataset.records, start=1):
+        for b, lab, d in zip(xyxy_to_xywh(r.boxes).tolist(), r.labels.tolist(), r.difficult.tolist(), strict=True):
+            gt_anns.append({"id": len(gt_anns) + 1, "image_id": n, "category_id": int(lab) + 1, "bbox": b,
+                            "area": b[2] * b[3], "iscrowd": int(d)})
+    labels = np.asarray(dets.labels, np.int64)
+    if det_classes is not None:
+        own = {c: i for i, c in enumerate(dataset.classes)}
+        remap = np.array([own.get(c, -1) for c in det_classes], np.int64)
+        ok = (labels >= 0) & (labels < len(remap))
+        mapped = np.full(len(labels), -1, np.int64)
+        mapped[ok] = remap[labels[ok]]
+        labels = mapped
+        cat_ids = [own[c] + 1 for c in dict.fromkeys(det_classes) if c in own]
+    else:
+        cat_ids = [c["id"] for c in cats]
+    keep = np.nonzero((labels >= 0) & (labels < len(dataset.classes)) &
+                      np.array([str(i) in index for i in dets.image_ids], bool))[0]
+    xywh = xyxy_to_xywh(np.asarray(dets.boxes, np.float32).reshape(-1, 4)).tolist()
+    dt_anns = [{"id": k + 1, "image_id": index[str(dets.image_ids[i])], "category_id": int(labels[i]) + 1,
+                "bbox": xywh[i], "area": xywh[i][2] * xywh[i][3], "score": float(dets.scores[i]), "iscrowd": 0}
+               for k, i in enumerate(keep)]
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress to stdout
+        gt, dt = COCO(), COCO()
+        gt.dataset = {"images": images, "annotations": gt_anns, "categories": cats}
+        dt.dataset = {"images": images, "annotations": dt_anns, "categories": cats}
+        gt.createIndex()
+        dt.createIndex()
+        ev = COCOeval(gt, dt, iouType="bbox")
+        ev.params.catIds = cat_ids
+        if cat_ids and images:
+            ev.evaluate()
+            ev.accumulate()
+            ev.summarize()
+            stats = [float(s) for s in ev.stats[:6]]
+        else:
+            stats = [-1.0] * 6
+    s = [math.nan if v < 0 else v for v in stats]  # COCOeval's -1: no ground truth in that range
+    return CocoMetrics(*s, images=len(images), detections=len(dt_anns))
+
+
 # ------------------------------------------------------------------ file formats
 
 
@@ -322,40 +422,3 @@ def write_coco_gt(dataset: Dataset, path: str | Path) -> Path:
     Path(path).write_text(json.dumps(doc))
     return Path(path)
 
-
-def coco_metrics(dataset: Dataset, dets: Detections) -> dict[str, float]:
-    """COCO box metrics of ``dets`` (labels index ``dataset.classes``) by ``pycocotools``:
-    ``AP`` (mAP@[.5:.95]), ``AP50``, ``AP75``, ``APs``/``APm``/``APl`` (NaN where undefined).
-    Difficult objects are ``iscrowd`` (neither matched nor missed, like VOC); boxes convert from
-    pixel-edge xyxy to COCO ``[x, y, w, h]``. pycocotools' console output is suppressed."""
-    import contextlib
-    import io
-
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
-    ids = {r.image_id: i + 1 for i, r in enumerate(dataset.records)}
-    images = [{"id": ids[r.image_id], "width": int(r.width), "height": int(r.height)} for r in dataset.records]
-    anns = []
-    for r in dataset.records:
-        for b, c, d in zip(np.asarray(r.boxes, np.float64).reshape(-1, 4), r.labels, r.difficult, strict=True):
-            w, h = float(b[2] - b[0]), float(b[3] - b[1])
-            anns.append({"id": len(anns) + 1, "image_id": ids[r.image_id], "category_id": int(c) + 1,
-                         "bbox": [float(b[0]), float(b[1]), w, h], "area": w * h, "iscrowd": int(bool(d))})
-    keys = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-    keep = np.array([i in ids for i in dets.image_ids], bool) if len(dets) else np.zeros(0, bool)
-    if not anns or not keep.any():
-        return dict.fromkeys(keys, float("nan") if not anns else 0.0)
-    gt = COCO()
-    gt.dataset = {"images": images, "annotations": anns,
-                  "categories": [{"id": k + 1, "name": n} for k, n in enumerate(dataset.classes)]}
-    b = dets.boxes[keep].astype(np.float64)
-    res = np.column_stack([[ids[i] for i in dets.image_ids[keep]], b[:, 0], b[:, 1], b[:, 2] - b[:, 0],
-                           b[:, 3] - b[:, 1], dets.scores[keep], dets.labels[keep] + 1])
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt.createIndex()
-        ev = COCOeval(gt, gt.loadRes(res), "bbox")
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    return {k: (float(v) if v >= 0 else float("nan")) for k, v in zip(keys, ev.stats[:6], strict=True)}

@@ -39,7 +39,7 @@ from rcnn.detect import (
     evaluate_model,
     fit,
 )
-from rcnn.evaluate import Detections, EvalResult
+from rcnn.evaluate import Detections, EvalResult, coco_metrics
 from rcnn.features import FeatureConfig, check_layer, features_for_dataset
 from rcnn.proposals import ProposalConfig, propose_dataset
 from rcnn.svm import SVMConfig
@@ -342,7 +342,8 @@ def train(data: Dataset | str | Path, split: str | None = "trainval", preset: st
 
 @dataclass
 class Evaluation:
-    """A detector scored on one split: VOC AP (``result``, ``map``), COCO metrics, the detections."""
+    """A detector scored on one split: VOC AP (``result``, ``map``), COCO metrics (``coco``:
+    ``mAP@[.5:.95]``, ``AP50``, ``AP75``, ``APs``/``APm``/``APl``), the detections."""
 
     result: EvalResult
     coco: dict
@@ -386,21 +387,8 @@ def evaluate(model: Detector | RCNNModel | str | Path, data: Dataset | str | Pat
     dets = detect_dataset(det.model, ds, src, threshold=threshold, stats=stats, bbox_reg=bbox_reg,
                           relocalize_rounds=rounds)
     result, warnings = evaluate_model(det.model, ds, dets, metric)
-    coco = coco_summary(det.model, ds, dets)
+    coco = coco_metrics(ds, dets, det.model.classes).as_dict()
     return Evaluation(result, coco, dets, stats.seconds_per_image, stats.images, prep.failed + stats.failed, warnings)
-
-
-def coco_summary(model: RCNNModel, ds: Dataset, dets: Detections) -> dict:
-    """COCO mAP@[.5:.95], AP50, AP75 of ``dets`` (labels index ``model.classes``) on ``ds``."""
-    from rcnn.evaluate import coco_metrics
-
-    index = {c: i for i, c in enumerate(ds.classes)}
-    remap = np.array([index.get(c, -1) for c in model.classes], np.int64)
-    if len(dets):
-        lab = remap[dets.labels]
-        keep = lab >= 0
-        dets = Detections(dets.image_ids[keep], dets.boxes[keep], dets.scores[keep], lab[keep])
-    return coco_metrics(ds, dets)
 
 
 __all__ = ["PRESETS", "Detector", "Evaluation", "Geometry", "ImageDetections", "ImageReadError", "PrepareSummary",

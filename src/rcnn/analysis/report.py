@@ -3,23 +3,28 @@ PR curves, detections on the best and worst images, the false-positive analysis 
 Figure 4), the sensitivity analysis (Figure 5) and pool5 unit grids (Figures 3/6).
 
 ``index.html`` references PNGs written beside it (relative paths, no network access).
+An image that cannot be read is left out of the pictures with one warning (``logging``)
+and listed in ``report.json``; the rest of the report is written.
 """
 
 from __future__ import annotations
 
 import html
 import json
+import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from rcnn.analysis.fp import FP_TYPES, LOC, TP, FPAnalysis, analyze_false_positives, dap_figure, fp_figure
 from rcnn.analysis.sensitivity import SensitivityResult, sensitivity, sensitivity_figure, subsets_figure
-from rcnn.data import Dataset, ImageRecord, load_image
+from rcnn.data import Dataset, ImageReadError, ImageRecord, load_image
 from rcnn.evaluate import Detections, EvalResult, evaluate_detections
+
+log = logging.getLogger(__name__)
 
 
 def _mpl():
@@ -127,6 +132,7 @@ class ReportInputs:
     unit_grids: list[tuple[str, Path]] = field(default_factory=list)  # (caption, PNG already in out_dir)
     notes: list[str] = field(default_factory=list)
     samples: int = 4
+    skipped: dict[str, str] = field(default_factory=dict)  # image id -> why the caller left it out (not drawn)
 
 
 def _img(src: str, alt: str, width: int | None = None) -> str:
@@ -134,11 +140,44 @@ def _img(src: str, alt: str, width: int | None = None) -> str:
     return f'<img src="{html.escape(src)}" alt="{html.escape(alt)}"{w}>'
 
 
-def write_report(inp: ReportInputs, out_dir: str | Path) -> Path:
-    """Write ``index.html`` and its PNGs into ``out_dir``; returns the HTML path. Also writes
-    ``report.json`` with every number shown."""
+def _draw_best_and_worst(inp: ReportInputs, scores: list[ImageScore], thr: float, out: Path,
+                         skipped: dict[str, str]) -> list[tuple[str, str, ImageScore]]:
+    """Draw the ``inp.samples`` best and worst images (by F1, best first) as PNGs in ``out``;
+    returns ``(tag, file name, score)`` per picture. An image that cannot be read is added to
+    ``skipped`` with one warning and the next one in the ranking stands in for it."""
     from rcnn.visualize import save_png
 
+    ds = inp.dataset
+    scores = [s for s in scores if s.image_id not in skipped]
+    k = min(inp.samples, max(len(scores) // 2, 1)) if scores else 0
+    by_id = {r.image_id: r for r in ds.records}
+    shots: list[tuple[str, str, ImageScore]] = []
+    drawn: set[str] = set()
+    for tag, ranked in (("best", scores), ("worst", scores[::-1])):
+        n = 0
+        for s in ranked:
+            if n == k:
+                break
+            if s.image_id in skipped or (tag == "worst" and s.image_id in drawn and len(scores) > 1):
+                continue
+            try:
+                picture = draw_image(by_id[s.image_id], inp.dets, ds.classes, thr)
+            except ImageReadError as e:
+                skipped[s.image_id] = str(e)
+                log.warning("%s; left out of the report's pictures", e)
+                continue
+            fn = f"det_{tag}_{len(shots)}.png"
+            save_png(out / fn, picture)
+            shots.append((tag, fn, s))
+            drawn.add(s.image_id)
+            n += 1
+    return shots
+
+
+def write_report(inp: ReportInputs, out_dir: str | Path) -> Path:
+    """Write ``index.html`` and its PNGs into ``out_dir``; returns the HTML path. Also writes
+    ``report.json`` with every number shown. Images that cannot be read (and those in
+    ``inp.skipped``) are not drawn; they are named in the page and in ``skipped_images``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ds = inp.dataset
@@ -154,16 +193,11 @@ def write_report(inp: ReportInputs, out_dir: str | Path) -> Path:
     if sens[0].characteristics:
         subsets_figure(sens[0], out / "sensitivity_subsets.png")
     thr = best_threshold(fa)
-    scores = image_scores(fa, ds.records, thr)
-    k = min(inp.samples, max(len(scores) // 2, 1)) if scores else 0
-    best, worst = scores[:k], scores[::-1][:k]
-    shots = []
-    for tag, group in (("best", best), ("worst", worst)):
-        for s in group:
-            rec = next(r for r in ds.records if r.image_id == s.image_id)
-            fn = f"det_{tag}_{len(shots)}.png"
-            save_png(out / fn, draw_image(rec, inp.dets, ds.classes, thr))
-            shots.append((tag, fn, s))
+    skipped = dict(inp.skipped)
+    shots = _draw_best_and_worst(inp, image_scores(fa, ds.records, thr), thr, out, skipped)
+    if skipped:
+        inp = replace(inp, notes=[*inp.notes, f"{len(skipped)} unreadable image(s) left out of the pictures: "
+                                  + "; ".join(skipped.values())])
     doc = _html(inp, ev, fa, sens, thr, shots, out)
     path = out / "index.html"
     path.write_text(doc, encoding="utf-8")
@@ -171,6 +205,7 @@ def write_report(inp: ReportInputs, out_dir: str | Path) -> Path:
         "model": inp.name, "dataset": str(ds.root), "split": ds.split, "images": len(ds.records),
         "evaluation": ev.as_dict(), "false_positives": fa.as_dict(), "sensitivity": [s.as_dict() for s in sens],
         "draw_threshold": None if math.isinf(thr) else thr,
+        "skipped_images": skipped,
     }, indent=1))
     return path
 

@@ -4,13 +4,16 @@
 from __future__ import annotations
 
 import json
+import logging
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
 import numpy as np
 import typer
 
-from rcnn.cli.app import app, console, fail
+from rcnn.cli.app import app, console, err_console, fail
 from rcnn.cli.dataset import open_dataset
 from rcnn.data import Dataset
 from rcnn.evaluate import METRICS, Detections, read_detections
@@ -18,6 +21,32 @@ from rcnn.evaluate import METRICS, Detections, read_detections
 DatasetArg = Annotated[Path, typer.Argument(help="Dataset root (VOC or PASCAL v1.00 layout) or COCO .json")]
 SplitOpt = Annotated[str | None, typer.Option("--split", "-s", help="Split name; default: all images")]
 MODEL_SUFFIXES = (".rcnn", ".safetensors")
+
+
+class _ConsoleWarnings(logging.Handler):
+    def __init__(self, errors: bool) -> None:
+        super().__init__(logging.WARNING)
+        self.errors = errors
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= logging.ERROR and not self.errors:
+            return
+        tag = "[red]error:[/]" if record.levelno >= logging.ERROR else "[yellow]warning:[/]"
+        err_console.print(f"{tag} {record.getMessage()}", highlight=False, soft_wrap=True)
+
+
+@contextmanager
+def _warnings_to_console(*loggers: str, errors: bool = True):
+    """Library warnings of ``loggers`` as one console line each, for the duration of a call;
+    ``errors=False`` drops their errors (the caller reports those itself)."""
+    handler = _ConsoleWarnings(errors)
+    for name in loggers:
+        logging.getLogger(name).addHandler(handler)
+    try:
+        yield
+    finally:
+        for name in loggers:
+            logging.getLogger(name).removeHandler(handler)
 
 
 def _progress():
@@ -41,9 +70,10 @@ def _load_model(path: Path):
         raise fail(str(e), 2) from None
 
 
-def detections_for(path: Path, ds: Dataset) -> tuple[Detections, object | None]:
-    """Detections of a model file (run over ``ds`` from the caches) or read from a COCO
-    results JSON / comp4 file(s); labels index ``ds.classes``."""
+def detections_for(path: Path, ds: Dataset, stats=None) -> tuple[Detections, object | None]:
+    """Detections of a model file (run over ``ds`` from the caches; ``stats``, a
+    :class:`rcnn.detect.DetectStats`, collects the images it could not read) or read from a
+    COCO results JSON / comp4 file(s); labels index ``ds.classes``."""
     if not path.exists():
         raise fail(f"{path}: no such model or detections file", 2)
     if _is_model(path):
@@ -52,7 +82,7 @@ def detections_for(path: Path, ds: Dataset) -> tuple[Detections, object | None]:
         model = _load_model(path)
         with _progress() as bar:
             task = bar.add_task(f"detecting with {path.name}", total=len(ds.records))
-            dets = detect_dataset(model, ds, progress=lambda i, n: bar.update(task, completed=i))
+            dets = detect_dataset(model, ds, progress=lambda i, n: bar.update(task, completed=i), stats=stats)
         index = {c: i for i, c in enumerate(ds.classes)}
         remap = np.array([index.get(c, -1) for c in model.classes], np.int64)
         if len(dets):
@@ -298,28 +328,69 @@ def report_cmd(
     metric: MetricOpt = "voc07",
     samples: Annotated[int, typer.Option(help="Best and worst images shown")] = 4,
 ) -> None:
-    """One self-contained HTML report: AP table, PR curves, best/worst detections, FP analysis, sensitivity, unit grids."""
+    """One self-contained HTML report: AP table, PR curves, best/worst detections, FP analysis, sensitivity, unit grids.
+
+    An unreadable image is left out (one warning line); the rest of the report is written."""
     from rcnn.analysis.report import ReportInputs, write_report
 
     if metric not in METRICS:
         raise fail(f"--metric must be one of {METRICS}, not {metric!r}", 2)
     ds = open_dataset(dataset, split)
-    dets, m = detections_for(model, ds)
-    others = []
-    for spec in compare or []:
-        name, path = _named(spec)
-        others.append((name, detections_for(path, ds)[0]))
-    output.mkdir(parents=True, exist_ok=True)
-    notes = [f"Detections: {model} ({len(dets)} boxes)."]
-    unit_grids = []
-    source = str(model) if m is not None else backbone
-    if units != "none" and source:
-        path, us, _ = run_units(source, ds, units, output / "units.png", 16, unit_images)
-        unit_grids.append((f"Top 16 activations of {len(us)} pool5 units over {min(len(ds.records), unit_images or len(ds.records))} images", path))
-    elif units != "none":
-        notes.append("No unit grids: MODEL is a detections file; pass --backbone to add them.")
-    try:
-        path = write_report(ReportInputs(model.stem, ds, dets, metric, _groups(group, no_voc_groups), others, unit_grids, notes, samples), output)
-    except ValueError as e:
-        raise fail(str(e), 2) from None
+    with _warnings_to_console("rcnn.analysis.report", "rcnn.data"):  # e.g. truncated JPEGs, undrawable images
+        ds, dets, m, skipped = _report_detections(model, ds)
+        others = []
+        for spec in compare or []:
+            name, path = _named(spec)
+            others.append((name, detections_for(path, ds)[0]))
+        output.mkdir(parents=True, exist_ok=True)
+        notes = [f"Detections: {model} ({len(dets)} boxes)."]
+        unit_grids = []
+        source = str(model) if m is not None else backbone
+        if units != "none" and source:
+            recs = _readable(ds.records[:unit_images] if unit_images else ds.records, skipped)
+            path, us, _ = run_units(source, replace(ds, records=recs), units, output / "units.png", 16, None)
+            unit_grids.append((f"Top 16 activations of {len(us)} pool5 units over {len(recs)} images", path))
+        elif units != "none":
+            notes.append("No unit grids: MODEL is a detections file; pass --backbone to add them.")
+        try:
+            path = write_report(ReportInputs(model.stem, ds, dets, metric, _groups(group, no_voc_groups), others,
+                                             unit_grids, notes, samples, skipped), output)
+        except ValueError as e:
+            raise fail(str(e), 2) from None
     console.print(f"wrote {path}")
+
+
+def _report_detections(model: Path, ds: Dataset) -> tuple[Dataset, Detections, object | None, dict[str, str]]:
+    """``rcnn report``'s detections; images a model cannot read are left out of the dataset
+    (as ``rcnn evaluate`` does: not counted as misses), each with one warning line, and
+    returned as ``{image id: reason}``."""
+    from rcnn.detect import DetectStats
+
+    stats = DetectStats()
+    with _warnings_to_console("rcnn.detect", errors=False):  # its read errors: one line each below
+        dets, m = detections_for(model, ds, stats)
+    skipped: dict[str, str] = {}
+    for r in ds.records:
+        msg = next((f for f in stats.failed if f.startswith(f"{r.path}:")), None)
+        if msg is not None:
+            skipped[r.image_id] = msg
+            err_console.print(f"[yellow]warning:[/] {msg}; left out of the report", highlight=False, soft_wrap=True)
+    if skipped:
+        ds = replace(ds, records=[r for r in ds.records if r.image_id not in skipped])
+    return ds, dets, m, skipped
+
+
+def _readable(records: list, skipped: dict[str, str]) -> list:
+    """The records whose image can be read; the others are added to ``skipped`` with one warning line."""
+    from rcnn.data import ImageReadError, load_image
+
+    out = []
+    for r in records:
+        try:
+            load_image(r.path)
+            out.append(r)
+        except ImageReadError as e:
+            skipped[r.image_id] = str(e)
+            err_console.print(f"[yellow]warning:[/] {e}; left out of the unit grids and pictures",
+                              highlight=False, soft_wrap=True)
+    return out

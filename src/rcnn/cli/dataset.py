@@ -12,11 +12,13 @@ from rich.table import Table
 
 from rcnn.cache import save_json
 from rcnn.cli.app import app, console, fail
-from rcnn.data import AnnotationError, load_dataset
-from rcnn.evaluate import METRICS, evaluate_detections, read_detections
+from rcnn.data import AnnotationError, holdout_split, load_dataset
+from rcnn.evaluate import METRICS, coco_metrics, evaluate_detections, read_detections
 
-DatasetArg = Annotated[Path, typer.Argument(help="Dataset root (VOC or PASCAL v1.00 layout) or COCO .json")]
-SplitOpt = Annotated[str | None, typer.Option("--split", "-s", help="Split name (ImageSets/Main/<split>.txt); default: all images")]
+DatasetArg = Annotated[Path, typer.Argument(help="Dataset root (VOC, PASCAL v1.00 or YOLO layout), a YOLO data.yaml, "
+                                            "or a COCO .json")]
+SplitOpt = Annotated[str | None, typer.Option("--split", "-s", help="Split name (VOC: ImageSets/Main/<split>.txt; YOLO: "
+                                              "data.yaml train/val/test or images/<split>/); default: all images")]
 
 
 def open_dataset(path: Path, split: str | None):
@@ -27,22 +29,46 @@ def open_dataset(path: Path, split: str | None):
         raise fail(str(e), 2) from None
 
 
+def _class_counts(records) -> Counter:
+    return Counter(int(c) for r in records for c in r.labels)
+
+
 @app.command()
-def info(dataset: DatasetArg, split: SplitOpt = None) -> None:
+def info(
+    dataset: DatasetArg,
+    split: SplitOpt = None,
+    val_fraction: Annotated[float | None, typer.Option(
+        "--val-fraction", help="Also show the two parts of carving this fraction of the split's images out as "
+        "validation data (rcnn.data.holdout_split, seed 0: what `rcnn train --val-fraction` holds out)")] = None,
+) -> None:
     """Summarise a dataset: images, objects per class, difficult, degenerate boxes, sizes."""
     ds = open_dataset(dataset, split)
-    counts = Counter(int(c) for r in ds.records for c in r.labels)
+    parts = None
+    if val_fraction is not None:
+        try:
+            parts = holdout_split(ds, val_fraction)
+        except ValueError as e:
+            raise fail(f"--val-fraction: {e}", 2) from None
+    counts = _class_counts(ds.records)
     diff = Counter(int(c) for r in ds.records for c, d in zip(r.labels, r.difficult, strict=True) if d)
     masks = sum(len(r.boxes) for r in ds.records if r.mask_path is not None)
     t = Table(title=f"{dataset} ({ds.format}, split {split or 'all'})")
     t.add_column("class")
     t.add_column("objects", justify="right")
     t.add_column("difficult", justify="right")
+    for p in parts or ():
+        t.add_column(f"in {p.split}", justify="right")
+    part_counts = [_class_counts(p.records) for p in parts or ()]
     for i, c in enumerate(ds.classes):
-        t.add_row(c, str(counts.get(i, 0)), str(diff.get(i, 0)))
-    t.add_row("[bold]total", f"[bold]{ds.num_objects}", f"[bold]{sum(diff.values())}")
+        t.add_row(c, str(counts.get(i, 0)), str(diff.get(i, 0)), *[str(pc.get(i, 0)) for pc in part_counts])
+    t.add_row("[bold]total", f"[bold]{ds.num_objects}", f"[bold]{sum(diff.values())}",
+              *[f"[bold]{p.num_objects}" for p in parts or ()])
     console.print(t)
     console.print(f"images: {len(ds)}")
+    if parts:
+        console.print(f"validation carve-out ({val_fraction:g} of the images, by hash of the image id): "
+                      + "; ".join(f"{p.split} {len(p)} images, {p.num_objects} objects" for p in parts),
+                      highlight=False, soft_wrap=True)
     console.print(
         f"objects in annotation files: {ds.annotated_objects}; usable: {ds.num_objects} "
         f"({ds.num_objects - sum(diff.values())} not difficult)"
@@ -71,7 +97,8 @@ def evaluate_dets(
     metric: Annotated[str, typer.Option(help=f"One of {METRICS}")] = "voc07",
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the results JSON here")] = None,
 ) -> None:
-    """Score detections against a dataset exactly as the PASCAL VOC devkit would."""
+    """Score detections against a dataset exactly as the PASCAL VOC devkit would, plus COCO's
+    mAP@[.5:.95], AP50, AP75 and APs/APm/APl (pycocotools)."""
     if metric not in METRICS:
         raise fail(f"--metric must be one of {METRICS}, not {metric!r}", 2)
     ds = open_dataset(data, split)
@@ -80,9 +107,11 @@ def evaluate_dets(
     except (FileNotFoundError, ValueError) as e:
         raise fail(str(e), 2) from None
     result = evaluate_detections(ds, dets, metric)
+    coco = coco_metrics(ds, dets)
     print_ap_table(result, title=f"{detections} on {data} ({split or 'all'}, {metric})")
+    console.print(coco.line(), highlight=False)
     if output:
-        save_json(output, result.as_dict())
+        save_json(output, {**result.as_dict(), "coco": coco.as_dict()})
         console.print(f"wrote {output}")
 
 

@@ -176,8 +176,8 @@ def train(
     if val is not None:
         ev = run_evaluate(det, val, None, progress=True)
         model.training["validation"] = {"images": len(val), "fraction": val_fraction, **ev.as_dict()}
-        console.print(f"validation ({len(val)} held-out images): mAP {ev.map:.3f} (VOC07), COCO AP "
-                      f"{ev.coco.get('AP', float('nan')):.3f}", highlight=False)
+        console.print(f"validation ({len(val)} held-out images): mAP {ev.map:.3f} (VOC07), COCO mAP@[.5:.95] "
+                      f"{ev.coco['mAP@[.5:.95]'] or float('nan'):.3f}", highlight=False)
     model.save(output)
     t = Table(title="SVMs")
     for col in ("class", "positives", "retrains", "final negatives", "objective"):
@@ -314,6 +314,7 @@ def evaluate(
 ) -> None:
     """Detect over a split (using the caches) and print the per-class VOC AP table and mAP."""
     from rcnn.detect import CNNFeatures, DetectStats, detect_dataset, evaluate_model, save_pr_curves
+    from rcnn.evaluate import coco_metrics
     from rcnn.features import features_for_dataset
     from rcnn.proposals import propose_dataset
 
@@ -352,11 +353,13 @@ def evaluate(
     for w in warns:
         err_console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
     print_ap_table(result, title=f"{model_path.name} on {dataset} ({split}, {metric})")
+    coco = coco_metrics(ds, dets, model.classes)
+    console.print(coco.line(), highlight=False)
     how = f" + {relocalize} round(s) of iterative localisation" if relocalize else ""
     console.print(f"{stats.images} images, {stats.seconds_per_image:.2f} s/image from cached features{how}")
     if output:
         output.mkdir(parents=True, exist_ok=True)
-        doc = {**result.as_dict(), "model": str(model_path), "dataset": str(dataset), "split": split, "warnings": warns,
+        doc = {**result.as_dict(), "coco": coco.as_dict(), "model": str(model_path), "dataset": str(dataset), "split": split, "warnings": warns,
                "images": stats.images, "seconds_per_image_cached": stats.seconds_per_image, "no_proposals": stats.no_proposals}
         save_json(output / "results.json", doc)
         pngs = save_pr_curves(result, output)
