@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import numpy as np
 import typer
@@ -16,7 +16,10 @@ from rcnn.data import AnnotationError, load_dataset
 from rcnn.evaluate import METRICS, evaluate_detections, read_detections
 
 DatasetArg = Annotated[Path, typer.Argument(help="Dataset root (VOC or PASCAL v1.00 layout) or COCO .json")]
-SplitOpt = Annotated[str | None, typer.Option("--split", "-s", help="Split name (ImageSets/Main/<split>.txt); default: all images")]
+SplitOpt = Annotated[str | None, typer.Option("--split", "-s", help="Split name (ImageSets/Main/<split>.txt)",
+                                              show_default="all images")]
+MetricOpt = Annotated[Literal[METRICS], typer.Option("--metric", help="AP metric of the VOC devkit "
+                                                     "(voc07: 11-point interpolated; voc2010: area under the curve)")]
 
 
 def open_dataset(path: Path, split: str | None):
@@ -66,21 +69,21 @@ def info(dataset: DatasetArg, split: SplitOpt = None) -> None:
 @app.command("evaluate-dets")
 def evaluate_dets(
     detections: Annotated[Path, typer.Argument(help="COCO results .json, or a comp4_det_*.txt file or folder")],
-    data: Annotated[Path, typer.Option("--data", "-d", help="Dataset with the ground truth")],
+    dataset: Annotated[Path, typer.Argument(help="Dataset with the ground truth (VOC or PASCAL v1.00 layout) "
+                                            "or COCO .json")],
     split: SplitOpt = None,
-    metric: Annotated[str, typer.Option(help=f"One of {METRICS}")] = "voc07",
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the results JSON here")] = None,
+    metric: MetricOpt = "voc07",
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the results JSON here",
+                                                show_default="not written")] = None,
 ) -> None:
     """Score detections against a dataset exactly as the PASCAL VOC devkit would."""
-    if metric not in METRICS:
-        raise fail(f"--metric must be one of {METRICS}, not {metric!r}", 2)
-    ds = open_dataset(data, split)
+    ds = open_dataset(dataset, split)
     try:
         dets = read_detections(detections, ds)
     except (FileNotFoundError, ValueError) as e:
         raise fail(str(e), 2) from None
     result = evaluate_detections(ds, dets, metric)
-    print_ap_table(result, title=f"{detections} on {data} ({split or 'all'}, {metric})")
+    print_ap_table(result, title=f"{detections} on {dataset} ({split or 'all'}, {metric})")
     if output:
         save_json(output, result.as_dict())
         console.print(f"wrote {output}")

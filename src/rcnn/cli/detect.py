@@ -16,7 +16,7 @@ from rich.table import Table
 
 from rcnn.cache import save_json
 from rcnn.cli.app import app, console, err_console, fail
-from rcnn.cli.dataset import DatasetArg, open_dataset, print_ap_table
+from rcnn.cli.dataset import DatasetArg, MetricOpt, open_dataset, print_ap_table
 from rcnn.cli.engine import (
     AddressOpt,
     CachedRegions,
@@ -26,7 +26,8 @@ from rcnn.cli.engine import (
     ray_extract,
     ray_fill_images,
 )
-from rcnn.cli.proposals import KsOpt, MaxBoxesOpt, MinSizeOpt, WidthOpt, WorkersOpt, make_config
+from rcnn.cli.features import GRID, SCALES, FeatureModeOpt, GridOpt, ScalesOpt
+from rcnn.cli.proposals import KsOpt, MaxBoxesOpt, MinSizeOpt, ProposalsOpt, WidthOpt, WorkersOpt, make_config
 from rcnn.data import ImageReadError, load_image
 from rcnn.evaluate import METRICS, Detections, write_coco_results, write_comp4
 from rcnn.progress import progress_bar
@@ -89,13 +90,13 @@ def train(
     split: Annotated[str, typer.Option("--split", "-s", help="Training split")] = "trainval",
     backbone: Annotated[str, typer.Option("--backbone", "-b", help="squeezenet1_1, efficientnet_lite0, alexnet, a "
                                           "torchvision classifier (needs --weights), or 'hog' (HOG baseline)")] = "squeezenet1_1",
-    weights: Annotated[Path | None, typer.Option("--weights", "-w", help="Backbone state dict")] = None,
+    weights: Annotated[Path | None, typer.Option("--weights", "-w", help="Backbone state dict", show_default="built-in")] = None,
     layer: Annotated[str, typer.Option("--layer", "-l", help="pool5 | fc6 | fc7 (paper §3.2: fc7), or taps joined by + (pool5+fire5: a hypercolumn)")] = "fc7",
-    mode: Annotated[str, typer.Option("--mode", "-m", help="warp (faithful, §2.1) | shared (one trunk pass + RoI pooling)")] = "warp",
-    scales: Annotated[str | None, typer.Option("--scales", help="shared mode: image scale(s), comma-separated")] = None,
-    grid: Annotated[int | None, typer.Option("--grid", help="shared mode RoI grid / pool5 grid")] = None,
+    mode: FeatureModeOpt = "warp",
+    scales: ScalesOpt = SCALES,
+    grid: GridOpt = GRID,
     context_pad: Annotated[int, typer.Option("--context-pad", help="context pixels around each box in the warped frame (released code: 16; shared mode pools the same enlarged window)")] = 0,
-    proposals: Annotated[str, typer.Option("--proposals", help="Proposal mode (rcnn-fast | fast | quality)")] = "rcnn-fast",
+    proposals: ProposalsOpt = "rcnn-fast",
     ks: KsOpt = None,
     max_boxes: MaxBoxesOpt = None,
     min_size: MinSizeOpt = None,
@@ -106,7 +107,7 @@ def train(
     bias_mult: Annotated[float, typer.Option("--bias-mult", help="Bias feature value (rcnn_train.m: 10)")] = 10.0,
     passes: Annotated[int, typer.Option("--passes", help="Hard-negative mining passes (paper §2.3: 1)")] = 1,
     retrain_limit: Annotated[int, typer.Option("--retrain-limit", help="Retrain after this many new negatives")] = 2000,
-    max_new_neg: Annotated[int | None, typer.Option("--max-new-neg", help="Cap new negatives per class per image")] = None,
+    max_new_neg: Annotated[int | None, typer.Option("--max-new-neg", help="Cap new negatives per class per image", show_default="no cap")] = None,
     max_cache_mb: Annotated[float, typer.Option("--max-cache-mb", help="Bound of each class's negative cache")] = 512.0,
     precision: PrecisionOpt = "fp32",
 ) -> None:
@@ -195,7 +196,7 @@ def detect(
     output: Annotated[Path, typer.Option("--output", "-o", help="Output folder")] = Path("rcnn-detect"),
     threshold: Annotated[float, typer.Option("--threshold", "-t", help="Keep detections scoring above this SVM score "
                                              "(0 = the decision boundary; rare classes, e.g. BCCD's WBC, often score just below it)")] = -0.5,
-    top_k: Annotated[int | None, typer.Option("--top-k", help="At most this many detections per image")] = None,
+    top_k: Annotated[int | None, typer.Option("--top-k", help="At most this many detections per image", show_default="all")] = None,
     no_png: Annotated[bool, typer.Option("--no-png", help="Skip the annotated PNGs")] = False,
     no_bbox_reg: Annotated[bool, typer.Option("--no-bbox-reg", help="Do not refine boxes with the model's box regressor")] = False,
     flip: FlipOpt = False,
@@ -288,8 +289,8 @@ def evaluate(
     model_path: ModelArg,
     dataset: DatasetArg,
     split: Annotated[str, typer.Option("--split", "-s", help="Test split")] = "test",
-    metric: Annotated[str, typer.Option("--metric", help=f"One of {METRICS}")] = "voc07",
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Folder for results JSON, PR curves, detections")] = None,
+    metric: MetricOpt = "voc07",
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Folder for results JSON, PR curves, detections", show_default="not written")] = None,
     no_bbox_reg: Annotated[bool, typer.Option("--no-bbox-reg", help="Do not refine boxes with the model's box regressor")] = False,
     flip: FlipOpt = False,
     relocalize: RelocalizeOpt = 0,
