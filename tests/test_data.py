@@ -137,6 +137,11 @@ def test_voc_hostile_and_malformed_xml(tmp_path):
         assert f"{name}.xml" in str(e.value) and "\n" not in str(e.value)
 
 
+def test_voc_missing_annotation_is_named_as_missing(tmp_path):
+    with pytest.raises(AnnotationError, match=r"none\.xml: annotation file not found$"):
+        parse_voc_xml(tmp_path / "none.xml")
+
+
 def test_voc_reader_rules(tmp_path):
     root = make_voc(tmp_path / "voc", {
         "a": voc_xml([("cat", (1, 1, 10, 10), 0), ("dog", (5, 5, 5, 20), 0), ("cat", (50, 40, 80, 60), 1),

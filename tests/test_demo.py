@@ -312,6 +312,7 @@ def test_cli_empty_folder_exit_2(tmp_path):
     (tmp_path / "empty").mkdir()
     r = _cli("--images", str(tmp_path / "empty"), "-o", str(tmp_path / "out"))
     assert r.exit_code == 2 and "empty" in r.output
+    assert not (tmp_path / "out").exists()  # a refused run leaves no output folder behind
 
 
 def test_cli_unwritable_output_before_any_work(tmp_path):

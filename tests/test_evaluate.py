@@ -150,11 +150,11 @@ def test_cli_info_and_evaluate_dets(tmp_path):
     assert "images: 19" in out.output and "81" in out.output
     ds = load_dataset(root, "test")
     write_coco_results(ground_truth_as_detections(ds), list(range(1, 21)), tmp_path / "gt_dets.json")
-    out = runner.invoke(app, ["evaluate-dets", str(tmp_path / "gt_dets.json"), "--data", str(root), "--split", "test",
+    out = runner.invoke(app, ["evaluate-dets", str(tmp_path / "gt_dets.json"), str(root), "--split", "test",
                               "--metric", "voc2010", "-o", str(tmp_path / "r.json")])
     assert out.exit_code == 0, out.output
     assert json.loads((tmp_path / "r.json").read_text())["mAP"] == pytest.approx(1.0)
-    out = runner.invoke(app, ["evaluate-dets", str(tmp_path / "nope.json"), "--data", str(root)])
+    out = runner.invoke(app, ["evaluate-dets", str(tmp_path / "nope.json"), str(root)])
     assert out.exit_code == 2
 
 

@@ -206,7 +206,7 @@ def test_cli_finetune_resume_and_corrupt_checkpoint(toy, tmp_path):
     root = _voc(tmp_path / "voc", toy[1])
     out = tmp_path / "net.safetensors"
     args = ["finetune", str(root), "-o", str(out), "--mode", "shared", "--scales", "1.0", "--iterations", "2",
-            "--val-images", "1", "--val-every", "1", "--checkpoint-every", "1", "--resize-width", "0", "--threads", "1"]
+            "--val-images", "1", "--val-every", "1", "--checkpoint-every", "1", "--resize-width", "0", "--workers", "1"]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     assert out.exists() and "validation:" in r.output

@@ -302,6 +302,8 @@ def parse_voc_xml(path: str | Path) -> dict:
         root = defused_parse(path, forbid_dtd=True).getroot()
     except DefusedXmlException as e:
         raise AnnotationError(f"{path}: refused hostile XML ({type(e).__name__})") from None
+    except FileNotFoundError:
+        raise AnnotationError(f"{path}: annotation file not found") from None
     except Exception as e:  # ParseError, OSError
         raise AnnotationError(f"{path}: malformed XML ({str(e).splitlines()[0]})") from None
     size = root.find("size")

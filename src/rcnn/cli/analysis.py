@@ -8,18 +8,17 @@ import logging
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import numpy as np
 import typer
 
 from rcnn.cli.app import app, console, err_console, fail
-from rcnn.cli.dataset import open_dataset
+from rcnn.cli.dataset import DatasetArg, MetricOpt, SplitOpt, open_dataset
 from rcnn.data import Dataset
 from rcnn.evaluate import METRICS, Detections, read_detections
+from rcnn.features import MODES as FEATURE_MODES
 
-DatasetArg = Annotated[Path, typer.Argument(help="Dataset root (VOC or PASCAL v1.00 layout) or COCO .json")]
-SplitOpt = Annotated[str | None, typer.Option("--split", "-s", help="Split name; default: all images")]
 MODEL_SUFFIXES = (".rcnn", ".safetensors")
 
 
@@ -115,9 +114,11 @@ def _named(spec: str) -> tuple[str, Path]:
     return Path(spec).stem, Path(spec)
 
 
-GroupOpt = Annotated[list[str] | None, typer.Option("--group", "-g", help="Similar-class group NAME=a,b,c (repeatable); default: VOC's animals/vehicles/furniture")]
+GroupOpt = Annotated[list[str] | None, typer.Option("--group", "-g", help="Similar-class group NAME=a,b,c (repeatable)",
+                                                   show_default="VOC's animals, vehicles, furniture")]
 NoVocOpt = Annotated[bool, typer.Option("--no-voc-groups", help="No built-in groups (no Sim errors)")]
-MetricOpt = Annotated[str, typer.Option(help=f"AP metric: {METRICS} or coco101 (TIDE's)")]
+FpMetricOpt = Annotated[Literal[(*METRICS, "coco101")], typer.Option(
+    "--metric", help="AP metric: the VOC devkit's (voc07, voc2010) or TIDE's 101-point (coco101)")]
 
 
 @app.command("fp-analysis")
@@ -128,15 +129,13 @@ def fp_analysis_cmd(
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for fp_types.png, dap.png, fp_analysis.json")] = Path("fp_analysis"),
     group: GroupOpt = None,
     no_voc_groups: NoVocOpt = False,
-    metric: MetricOpt = "voc07",
+    metric: FpMetricOpt = "voc07",
 ) -> None:
     """False-positive analysis (paper §3.3, Figure 4): Loc/Sim/Oth/BG per class and dAP per error type."""
     from rich.table import Table
 
     from rcnn.analysis.fp import FP_TYPES, analyze_false_positives, dap_figure, fp_figure
 
-    if metric not in (*METRICS, "coco101"):
-        raise fail(f"--metric must be one of {(*METRICS, 'coco101')}, not {metric!r}", 2)
     ds = open_dataset(dataset, split)
     dets, _ = detections_for(detections, ds)
     try:
@@ -162,10 +161,11 @@ def fp_analysis_cmd(
 @app.command("sensitivity")
 def sensitivity_cmd(
     dataset: DatasetArg,
-    models: Annotated[list[str], typer.Argument(help="[NAME=]PATH of model files or detections, one panel each")],
+    models: Annotated[list[str], typer.Argument(help="NAME=PATH or PATH of model files or detections, one panel each")],
     split: SplitOpt = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for sensitivity.png and sensitivity.json")] = Path("sensitivity"),
-    normalized_count: Annotated[float | None, typer.Option(help="N of the normalized precision (default 0.15 × images, Hoiem)")] = None,
+    normalized_count: Annotated[float | None, typer.Option(help="N of the normalized precision (Hoiem et al.)",
+                                                           show_default="0.15 × images")] = None,
 ) -> None:
     """Sensitivity to object characteristics (paper Figure 5): normalized AP of the lowest and highest subsets."""
     from rcnn.analysis.sensitivity import sensitivity, sensitivity_figure, subsets_figure
@@ -222,11 +222,13 @@ def show_warps_cmd(
     dataset: DatasetArg,
     class_name: Annotated[str, typer.Option("--class", "-c", help="Class to show")],
     split: SplitOpt = None,
-    n: Annotated[int, typer.Option("-n", help="Number of regions")] = 32,
+    n: Annotated[int, typer.Option("--regions", "-n", help="Number of regions")] = 32,
     seed: Annotated[int, typer.Option(help="Random seed of the sample")] = 0,
-    model: Annotated[str, typer.Option("--model", "-m", help="Model file or backbone name giving the warp settings")] = "squeezenet1_1",
-    weights: Annotated[str | None, typer.Option(help="Backbone weights file (torchvision backbones)")] = None,
-    proposals: Annotated[bool, typer.Option("--proposals/--gt-only", help="Also proposals with IoU >= 0.5 (fine-tuning positives)")] = False,
+    model: Annotated[str, typer.Option("--model", help="Model file or backbone name giving the warp settings")] = "squeezenet1_1",
+    weights: Annotated[str | None, typer.Option("--weights", "-w", help="Backbone weights file (torchvision backbones)",
+                                                show_default="built-in")] = None,
+    with_proposals: Annotated[bool, typer.Option("--with-proposals/--gt-only", help="Also proposals with IoU >= 0.5 "
+                                            "(fine-tuning positives)")] = False,
     output: Annotated[Path, typer.Option("--output", "-o", help="PNG to write")] = Path("warps.png"),
 ) -> None:
     """Warped training regions of a class exactly as the feature extractor sees them (paper Figure 2)."""
@@ -236,11 +238,11 @@ def show_warps_cmd(
     fc, pc, _ = _feature_settings(model, weights, None)
     bb = fc.backbone_obj()
     try:
-        samples = sample_regions(ds, class_name, n, seed, pc if proposals else None)
+        samples = sample_regions(ds, class_name, n, seed, pc if with_proposals else None)
     except ValueError as e:
         raise fail(str(e), 2) from None
     crops = warp_samples(samples, bb.input_size, fc.context_pad, fc.method, bb.mean_rgb(), bb.interpolation)
-    caption = (f"{len(crops)} random {'ground-truth and proposal' if proposals else 'ground-truth'} regions from "
+    caption = (f"{len(crops)} random {'ground-truth and proposal' if with_proposals else 'ground-truth'} regions from "
                f"{len({r.image_id for r, _ in samples})} images, {fc.method} to {bb.input_size}×{bb.input_size}, "
                f"context {fc.context_pad} px ({bb.name})")
     warps_figure(crops, output, f"Warped training samples: {class_name}", caption)
@@ -298,9 +300,13 @@ def units_cmd(
     units: Annotated[str, typer.Option("--units", "-u", help="'auto' or units 'y,x,channel; …' / flat indices")] = "auto",
     split: SplitOpt = None,
     top: Annotated[int, typer.Option(help="Regions per unit (paper: 16)")] = 16,
-    max_images: Annotated[int | None, typer.Option(help="Only the first N images of the split")] = None,
-    weights: Annotated[str | None, typer.Option(help="Backbone weights file (torchvision backbones)")] = None,
-    mode: Annotated[str | None, typer.Option(help="Feature mode: warp (paper) or shared; default the model's")] = None,
+    max_images: Annotated[int | None, typer.Option(help="Only the first N images of the split",
+                                                   show_default="all")] = None,
+    weights: Annotated[str | None, typer.Option("--weights", "-w", help="Backbone weights file (torchvision backbones)",
+                                                show_default="built-in")] = None,
+    mode: Annotated[Literal[FEATURE_MODES] | None, typer.Option(
+        "--mode", "-m", help="Region features: warp (the paper's) or shared",
+        show_default="the model's; warp for a backbone")] = None,
     cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Store pool5 features in the feature cache (large)")] = False,
     output: Annotated[Path, typer.Option("--output", "-o", help="PNG to write")] = Path("units.png"),
 ) -> None:
@@ -317,12 +323,14 @@ def units_cmd(
 def report_cmd(
     model: Annotated[Path, typer.Argument(help="Model file (.rcnn) or detections (COCO .json / comp4 files)")],
     dataset: DatasetArg,
-    split: SplitOpt = "test",
+    split: Annotated[str, typer.Option("--split", "-s", help="Split name (ImageSets/Main/<split>.txt)")] = "test",
     output: Annotated[Path, typer.Option("--output", "-o", help="Report folder (index.html + PNGs)")] = Path("report"),
-    compare: Annotated[list[str] | None, typer.Option(help="[NAME=]PATH of another model/detections for the sensitivity plot (repeatable)")] = None,
+    compare: Annotated[list[str] | None, typer.Option(help="NAME=PATH or PATH of another model/detections for the "
+                                                      "sensitivity plot (repeatable)", show_default="none")] = None,
     units: Annotated[str, typer.Option("--units", "-u", help="'auto', 'none' or 'y,x,channel; …'")] = "auto",
-    unit_images: Annotated[int | None, typer.Option(help="Images of the split searched for unit activations")] = 20,
-    backbone: Annotated[str | None, typer.Option(help="Backbone for unit grids when MODEL is a detections file")] = None,
+    unit_images: Annotated[int, typer.Option(help="Images of the split searched for unit activations")] = 20,
+    backbone: Annotated[str | None, typer.Option("--backbone", "-b", help="Backbone for unit grids when MODEL is a "
+                                                 "detections file", show_default="none: no unit grids")] = None,
     group: GroupOpt = None,
     no_voc_groups: NoVocOpt = False,
     metric: MetricOpt = "voc07",
@@ -333,8 +341,6 @@ def report_cmd(
     An unreadable image is left out (one warning line); the rest of the report is written."""
     from rcnn.analysis.report import ReportInputs, write_report
 
-    if metric not in METRICS:
-        raise fail(f"--metric must be one of {METRICS}, not {metric!r}", 2)
     ds = open_dataset(dataset, split)
     with _warnings_to_console("rcnn.analysis.report", "rcnn.data"):  # e.g. truncated JPEGs, undrawable images
         ds, dets, m, skipped = _report_detections(model, ds)

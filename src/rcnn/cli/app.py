@@ -1,22 +1,119 @@
-"""The shared Typer app and console; command modules register on ``app``."""
+"""The shared Typer app and console; command modules register on ``app``.
+
+Also the CLI-wide behaviour: commands listed in workflow order under panels (``WORKFLOW``),
+``rcnn --version``, and usage errors (bad option value, missing argument, unknown option)
+printed as one ``error:`` line with exit code 2, like :func:`fail`.
+"""
 
 from __future__ import annotations
 
+import re
+from contextlib import contextmanager
+from typing import Annotated
+
 import typer
 from rich.console import Console
+from rich.markup import escape
+from typer.core import TyperGroup
 
-app = typer.Typer(
-    name="rcnn",
-    help="R-CNN: region proposals → CNN features → per-class SVMs → NMS → VOC AP.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
+from rcnn import __version__
+
+# `rcnn --help` lists the commands under these panels, in this order (the order of a project's work).
+# A command missing here is listed last under "Other" (tests/test_cli_vocabulary.py fails on it).
+WORKFLOW: dict[str, tuple[str, ...]] = {
+    "Try it": ("demo", "detect"),
+    "Data": ("info", "propose", "proposals-recall"),
+    "Train": ("backbones", "features", "train", "bbox-reg", "finetune", "softmax-model"),
+    "Evaluate & analyse": ("evaluate", "evaluate-dets", "report", "fp-analysis", "sensitivity", "show-warps", "units"),
+    "Segmentation": ("segment-proposals", "segment-train", "segment-evaluate", "segment"),
+    "Near-duplicates": ("dedup",),
+    "Scale": (),  # Ray runs through `--engine ray` on features / detect / evaluate; its own commands go here
+}
+_ORDER = {name: (i, panel) for i, (panel, name) in enumerate(
+    (panel, name) for panel, names in WORKFLOW.items() for name in names)}
+
 console = Console()
 err_console = Console(stderr=True)
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
     """Print one red error line to stderr and return an ``Exit`` to raise."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
+
+
+def usage_message(e: Exception) -> str:
+    """One line for a usage error of the command-line framework: a pydantic conversion message
+    ("Input should be a valid integer, unable to parse ...") becomes "'abc' is not a valid integer"."""
+    msg = e.format_message() if hasattr(e, "format_message") else str(e)
+    cause = e.__cause__
+    if cause is not None and hasattr(cause, "errors"):  # pydantic.ValidationError behind typer.BadParameter
+        err = cause.errors()[0]
+        detail = re.sub(r"^Value error, ", "", err.get("msg", ""))
+        m = re.match(r"Input should be (a valid \w+|greater than .*|less than .*?)(,|$)", detail)
+        if m:
+            detail = f"{err.get('input')!r} is not {m.group(1)}"
+        param = getattr(e, "param", None)
+        msg = f"invalid value for {param.opts[0] if param is not None and param.opts else 'an option'}: {detail}"
+    msg = " ".join(msg.split())
+    ctx = getattr(e, "ctx", None)
+    return f"{msg} See '{ctx.command_path} --help'." if ctx is not None else msg
+
+
+# click's UsageError (BadParameter, MissingParameter, NoSuchOption, ...), under whichever click typer uses
+UsageError = typer.BadParameter.__base__
+
+
+@contextmanager
+def _one_line_usage_errors():
+    try:
+        yield
+    except UsageError as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # `rcnn` alone: the help, as the framework prints it
+            raise
+        raise fail(usage_message(e), 2) from None
+
+
+class RcnnGroup(TyperGroup):
+    """The ``rcnn`` command group: workflow panels and order, one-line usage errors."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        for name, cmd in self.commands.items():
+            cmd.rich_help_panel = _ORDER[name][1] if name in _ORDER else "Other"
+
+    def list_commands(self, ctx) -> list[str]:
+        names = super().list_commands(ctx)
+        return sorted(names, key=lambda n: _ORDER.get(n, (len(_ORDER), ""))[0])
+
+    def make_context(self, *args, **kwargs):
+        with _one_line_usage_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx):
+        with _one_line_usage_errors():
+            return super().invoke(ctx)
+
+
+app = typer.Typer(
+    name="rcnn",
+    cls=RcnnGroup,
+    help="R-CNN: region proposals → CNN features → per-class SVMs → NMS → VOC AP.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        console.print(f"rcnn {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    pass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import numpy as np
 import typer
@@ -18,7 +18,9 @@ from rcnn.evaluate import METRICS, coco_metrics, evaluate_detections, read_detec
 DatasetArg = Annotated[Path, typer.Argument(help="Dataset root (VOC, PASCAL v1.00 or YOLO layout), a YOLO data.yaml, "
                                             "or a COCO .json")]
 SplitOpt = Annotated[str | None, typer.Option("--split", "-s", help="Split name (VOC: ImageSets/Main/<split>.txt; YOLO: "
-                                              "data.yaml train/val/test or images/<split>/); default: all images")]
+                                              "data.yaml train/val/test or images/<split>/)", show_default="all images")]
+MetricOpt = Annotated[Literal[METRICS], typer.Option("--metric", help="AP metric of the VOC devkit "
+                                                     "(voc07: 11-point interpolated; voc2010: area under the curve)")]
 
 
 def open_dataset(path: Path, split: str | None):
@@ -92,23 +94,23 @@ def info(
 @app.command("evaluate-dets")
 def evaluate_dets(
     detections: Annotated[Path, typer.Argument(help="COCO results .json, or a comp4_det_*.txt file or folder")],
-    data: Annotated[Path, typer.Option("--data", "-d", help="Dataset with the ground truth")],
+    dataset: Annotated[Path, typer.Argument(help="Dataset with the ground truth (VOC or PASCAL v1.00 layout) "
+                                            "or COCO .json")],
     split: SplitOpt = None,
-    metric: Annotated[str, typer.Option(help=f"One of {METRICS}")] = "voc07",
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the results JSON here")] = None,
+    metric: MetricOpt = "voc07",
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the results JSON here",
+                                                show_default="not written")] = None,
 ) -> None:
     """Score detections against a dataset exactly as the PASCAL VOC devkit would, plus COCO's
     mAP@[.5:.95], AP50, AP75 and APs/APm/APl (pycocotools)."""
-    if metric not in METRICS:
-        raise fail(f"--metric must be one of {METRICS}, not {metric!r}", 2)
-    ds = open_dataset(data, split)
+    ds = open_dataset(dataset, split)
     try:
         dets = read_detections(detections, ds)
     except (FileNotFoundError, ValueError) as e:
         raise fail(str(e), 2) from None
     result = evaluate_detections(ds, dets, metric)
     coco = coco_metrics(ds, dets)
-    print_ap_table(result, title=f"{detections} on {data} ({split or 'all'}, {metric})")
+    print_ap_table(result, title=f"{detections} on {dataset} ({split or 'all'}, {metric})")
     console.print(coco.line(), highlight=False)
     if output:
         save_json(output, {**result.as_dict(), "coco": coco.as_dict()})

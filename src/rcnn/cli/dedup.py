@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
 from rcnn.cli.app import app, console, fail
+from rcnn.dedup import DEFAULT_THRESHOLD, SEARCH_METHODS
 
 
 @app.command()
@@ -21,16 +22,18 @@ def dedup(
         Path, typer.Option("--output", "-o", help="Report folder (pairs.csv, pairs.json, index.html)")
     ] = Path("dedup-report"),
     threshold: Annotated[
-        float | None,
+        float,
         typer.Option(
-            "--threshold", "-t", help="GIST distance threshold (default: rcnn.dedup.DEFAULT_THRESHOLD)"
+            "--threshold", "-t", help="GIST distance at or below which a pair is a near-duplicate (chosen for "
+            "32×32 grey GIST)"
         ),
-    ] = None,
+    ] = DEFAULT_THRESHOLD,
     k: Annotated[
         int, typer.Option("--k", help="Report up to k references per query (all within the threshold)")
     ] = 1,
     search: Annotated[
-        str, typer.Option(help="exact (blocked matrix products) | faiss-flat | faiss-ivf (approximate)")
+        Literal[SEARCH_METHODS],
+        typer.Option(help="exact (blocked matrix products), faiss-flat, or faiss-ivf (approximate)"),
     ] = "exact",
     nprobe: Annotated[
         int, typer.Option(help="faiss-ivf: cells visited per query (fewer = faster, less exact)")
@@ -40,39 +43,36 @@ def dedup(
         bool, typer.Option("--color/--gray", help="Colour GIST (3× dims) instead of grey")
     ] = False,
     query_split: Annotated[
-        str | None, typer.Option(help="Split of a query dataset (default: all images)")
+        str | None, typer.Option(help="Split of a query dataset", show_default="all images")
     ] = None,
     reference_split: Annotated[
-        str | None, typer.Option(help="Split of a reference dataset (default: all images)")
+        str | None, typer.Option(help="Split of a reference dataset", show_default="all images")
     ] = None,
     recursive: Annotated[bool, typer.Option(help="List image folders recursively")] = False,
     ids: Annotated[
         bool, typer.Option("--ids/--no-ids", help="Also match source IDs (VOC flickrid, COCO flickr_url)")
     ] = True,
     workers: Annotated[
-        int | None, typer.Option(help="Descriptor worker processes (default: CPU count)")
+        int | None, typer.Option("--workers", "-j", help="Descriptor worker processes", show_default="CPU cores")
     ] = None,
     cache: Annotated[
         bool, typer.Option("--cache/--no-cache", help="Reuse / store descriptors under $RCNN_CACHE_DIR")
     ] = True,
 ) -> None:
-    """Find query images that are (near-)duplicates of reference images: exact source-ID
-    matches and Euclidean nearest neighbours of 32×32 GIST descriptors (paper App. C).
-    Give the same collection twice to find duplicates inside it (self-pairs are skipped)."""
+    """Find query images that are (near-)duplicates of reference images (paper App. C).
+
+    Exact source-ID matches and Euclidean nearest neighbours of 32×32 GIST descriptors. Give the same collection twice to find duplicates inside it (self-pairs are skipped)."""
     from rcnn.data import AnnotationError
-    from rcnn.dedup import DEFAULT_THRESHOLD, SEARCH_METHODS, GistConfig, collect_images, find_duplicates
+    from rcnn.dedup import GistConfig, collect_images, find_duplicates
     from rcnn.dedup.report import write_report
 
-    if search not in SEARCH_METHODS:
-        raise fail(f"--search must be one of {SEARCH_METHODS}, not {search!r}", 2)
     if k < 1:
         raise fail(f"--k must be ≥ 1, not {k}", 2)
-    t = DEFAULT_THRESHOLD if threshold is None else threshold
-    if t < 0:
-        raise fail(f"--threshold must be ≥ 0, not {t}", 2)
-    if (size != 32 or color) and threshold is None:
+    if threshold < 0:
+        raise fail(f"--threshold must be ≥ 0, not {threshold}", 2)
+    if (size != 32 or color) and threshold == DEFAULT_THRESHOLD:
         console.print(
-            f"[yellow]note:[/] the default threshold {t} was chosen for 32×32 grey GIST; pass --threshold"
+            f"[yellow]note:[/] the default threshold {threshold} was chosen for 32×32 grey GIST; pass --threshold"
         )
     try:
         config = GistConfig(image_size=size, color=color)
@@ -93,7 +93,7 @@ def dedup(
     res = find_duplicates(
         q_items,
         r_items,
-        t,
+        threshold,
         config,
         k=k,
         method=search,
@@ -113,7 +113,7 @@ def dedup(
             f"source-ID matches: {s['source_id_pairs']} pairs "
             f"({s['query_images_with_source_id']} of {s['query_images']} query images carry a source ID)"
         )
-    console.print(f"GIST matches (distance ≤ {t}): {s['gist_pairs']} pairs")
+    console.print(f"GIST matches (distance ≤ {threshold}): {s['gist_pairs']} pairs")
     console.print(
         f"[bold]{s['query_images_found']} of {s['query_images']} query images found in the reference "
         f"({100 * s['fraction_of_query_found']:.2f}%)[/]; {s['pairs']} pairs"

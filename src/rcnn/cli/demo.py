@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from rcnn.cli.app import app, console, err_console, fail
+from rcnn.cli.features import FeatureModeOpt
 
 
 @app.command()
@@ -17,30 +18,28 @@ def demo(
         None,
         "--images",
         "-i",
-        help="Folder (or one file) of your own photos; default: photos shipped with scikit-image and matplotlib.",
+        help="Folder (or one file) of your own photos.",
+        show_default="photos shipped with scikit-image and matplotlib",
     ),
     output: Path = typer.Option(Path("rcnn-demo"), "--output", "-o", help="Output folder (created)."),
     vocabulary: Path | None = typer.Option(
         None,
         "--vocabulary",
-        help="Vocabulary JSON: readable names -> ImageNet classes (default: the built-in one).",
+        help="Vocabulary JSON: readable names -> ImageNet classes.",
+        show_default="the built-in one",
     ),
     threshold: float = typer.Option(
-        0.5, help="A group whose summed probability is below this is background."
+        0.5, "--threshold", "-t", help="A group whose summed probability is below this is background."
     ),
-    mode: str = typer.Option(
-        "shared",
-        help="Region features: 'shared' (one conv pass per image, fast) or 'warp' (paper §2.1, slow).",
-    ),
+    mode: FeatureModeOpt = "shared",
     backbone: str = typer.Option(
-        "efficientnet_lite0", help="ImageNet backbone (squeezenet1_1 | efficientnet_lite0)."
+        "efficientnet_lite0", "--backbone", "-b", help="ImageNet backbone: efficientnet_lite0 or squeezenet1_1."
     ),
-    max_detections: int = typer.Option(10, help="At most this many detections per image."),
+    top_k: int = typer.Option(10, "--top-k", help="At most this many detections per image."),
 ) -> None:
     """Detect objects with no training: selective search -> ImageNet classifier per region -> readable names.
 
-    Writes OUTPUT/<image>.png (annotated), OUTPUT/detections.json (COCO layout) and
-    OUTPUT/index.html. A demonstration of the pipeline; train a real detector with `rcnn train`.
+    Writes OUTPUT/<image>.png (annotated), OUTPUT/detections.json (COCO layout) and OUTPUT/index.html. A demonstration of the pipeline; train a real detector with rcnn train.
     """
     from rcnn.demo import (
         DemoConfig,
@@ -55,14 +54,11 @@ def demo(
     )
 
     try:
-        config = DemoConfig(backbone=backbone, mode=mode, threshold=threshold, max_detections=max_detections)
+        config = DemoConfig(backbone=backbone, mode=mode, threshold=threshold, max_detections=top_k)
     except ValueError as e:
         raise fail(str(e), 2) from None
-    # everything that can fail fast is checked before the (slow) model and image work
-    try:
-        check_writable(output)
-    except OSError as e:
-        raise fail(f"output folder {e}", 2) from None
+    # everything that can fail fast is checked before the (slow) model and image work, and the
+    # inputs before the output folder is created (a refused run leaves nothing behind)
     if images is not None:
         if not images.exists():
             raise fail(f"{images}: no such file or folder", 2)
@@ -73,6 +69,13 @@ def demo(
         sources = sample_images()
     try:
         vocab = load_vocabulary(vocabulary) if vocabulary is not None else None
+    except VocabularyError as e:
+        raise fail(str(e), 2) from None
+    try:
+        check_writable(output)
+    except OSError as e:
+        raise fail(f"output folder {e}", 2) from None
+    try:
         detector = ImagenetDetector(vocab, config)
     except VocabularyError as e:
         raise fail(str(e), 2) from None

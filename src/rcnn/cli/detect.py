@@ -16,7 +16,7 @@ from rich.table import Table
 
 from rcnn.cache import save_json
 from rcnn.cli.app import app, console, err_console, fail
-from rcnn.cli.dataset import DatasetArg, open_dataset, print_ap_table
+from rcnn.cli.dataset import DatasetArg, MetricOpt, open_dataset, print_ap_table
 from rcnn.cli.engine import (
     AddressOpt,
     CachedRegions,
@@ -210,7 +210,7 @@ def detect(
     output: Annotated[Path, typer.Option("--output", "-o", help="Output folder")] = Path("rcnn-detect"),
     threshold: Annotated[float, typer.Option("--threshold", "-t", help="Keep detections scoring above this SVM score "
                                              "(0 = the decision boundary; rare classes, e.g. BCCD's WBC, often score just below it)")] = -0.5,
-    top_k: Annotated[int | None, typer.Option("--top-k", help="At most this many detections per image")] = None,
+    top_k: Annotated[int | None, typer.Option("--top-k", help="At most this many detections per image", show_default="all")] = None,
     no_png: Annotated[bool, typer.Option("--no-png", help="Skip the annotated PNGs")] = False,
     no_bbox_reg: Annotated[bool, typer.Option("--no-bbox-reg", help="Do not refine boxes with the model's box regressor")] = False,
     flip: FlipOpt = False,
@@ -303,8 +303,8 @@ def evaluate(
     model_path: ModelArg,
     dataset: DatasetArg,
     split: Annotated[str, typer.Option("--split", "-s", help="Test split")] = "test",
-    metric: Annotated[str, typer.Option("--metric", help=f"One of {METRICS}")] = "voc07",
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Folder for results JSON, PR curves, detections")] = None,
+    metric: MetricOpt = "voc07",
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Folder for results JSON, PR curves, detections", show_default="not written")] = None,
     no_bbox_reg: Annotated[bool, typer.Option("--no-bbox-reg", help="Do not refine boxes with the model's box regressor")] = False,
     flip: FlipOpt = False,
     relocalize: RelocalizeOpt = 0,

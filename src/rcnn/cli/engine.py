@@ -3,19 +3,20 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
 from rcnn.cli.app import console, fail
+from rcnn.device import PRECISIONS
 from rcnn.distributed import ENGINES, EngineSummary, extract_dataset
 
-EngineOpt = Annotated[str, typer.Option(
-    "--engine", help=f"{'|'.join(ENGINES)}: where proposals + features are computed (ray: Ray tasks "
-    "writing into the same cache; without --address a local Ray instance)")]
+EngineOpt = Annotated[Literal[ENGINES], typer.Option(
+    "--engine", help="Where proposals + features are computed (ray: Ray tasks writing into the same cache; "
+    "without --address a local Ray instance)")]
 AddressOpt = Annotated[str | None, typer.Option(
     "--address", help="ray: 'auto' (the cluster `ray start` made on this node) or HOST:PORT of a head node; "
-    "RCNN_CACHE_DIR must be a path every node sees")]
+    "RCNN_CACHE_DIR must be a path every node sees", show_default="a local Ray instance")]
 
 
 def check_engine(engine: str, address: str | None) -> None:
@@ -39,11 +40,12 @@ def ray_extract(dataset, proposal_config, feature_config, address: str | None, w
     return s
 
 
-PrecisionOpt = Annotated[str, typer.Option(
-    "--precision", help="CPU arithmetic of the CNN: fp32 (faithful) | bf16 (~2x faster on AVX512-BF16/AMX CPUs)")]
+PrecisionOpt = Annotated[Literal[PRECISIONS], typer.Option(
+    "--precision", help="CPU arithmetic of the CNN: fp32 (faithful) or bf16 (bfloat16 autocast, ~2x faster on "
+    "AVX512-BF16/AMX CPUs)")]
 DeviceOpt = Annotated[str, typer.Option(
-    "--device", help="auto|cpu|cuda[:N] for the CNN (auto: a CUDA GPU when torch sees one; float16 autocast "
-    "and pinned-memory batches on CUDA)")]
+    "--device", help="auto, cpu, cuda or cuda:N for the CNN (auto: a CUDA GPU when torch sees one; float16 "
+    "autocast and pinned-memory batches on CUDA)")]
 
 
 def report_device(device: str) -> str:

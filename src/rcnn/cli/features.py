@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -19,7 +19,7 @@ from rcnn.cli.engine import (
     ray_extract,
     report_device,
 )
-from rcnn.cli.proposals import KsOpt, MaxBoxesOpt, WorkersOpt, make_config
+from rcnn.cli.proposals import KsOpt, MaxBoxesOpt, ProposalsOpt, WorkersOpt, make_config
 from rcnn.features import (
     METHODS,
     MODES,
@@ -30,8 +30,15 @@ from rcnn.features import (
     features_for_dataset,
     layer_dim,
 )
-from rcnn.proposals import MODES as PROPOSAL_MODES
 from rcnn.proposals import propose_dataset
+
+FeatureModeOpt = Annotated[Literal[MODES], typer.Option(
+    "--mode", "-m", help="Region features: warp = each region warped to the CNN input (faithful, §2.1); "
+    "shared = one trunk pass per image + RoI pooling (fast)")]
+ScalesOpt = Annotated[str, typer.Option("--scales", help="shared mode: image scale(s), comma-separated")]
+GridOpt = Annotated[int, typer.Option("--grid", help="RoI grid (cells per side) of shared mode and pool5")]
+# the defaults of --scales and --grid
+SCALES, GRID = ",".join(str(s) for s in SHARED_SCALES), SHARED_GRID
 
 
 @app.command()
@@ -41,21 +48,19 @@ def features(
     backbone: Annotated[str, typer.Option("--backbone", "-b", help="squeezenet1_1, efficientnet_lite0, alexnet, "
                                           "or any torchvision classifier (needs --weights)")] = "squeezenet1_1",
     weights: Annotated[Path | None, typer.Option("--weights", "-w", help="State dict (.safetensors or "
-                                                 "torch.save) for the backbone")] = None,
+                                                 "torch.save) for the backbone", show_default="built-in")] = None,
     layer: Annotated[str, typer.Option("--layer", "-l", help="pool5 | fc6 | fc7 | logits, or taps joined by + (pool5+fire5)")] = "fc7",
-    mode: Annotated[str, typer.Option("--mode", "-m", help=f"{MODES}: warp = faithful (§2.1), "
-                                      "shared = one trunk pass per image + RoI pooling")] = "warp",
+    mode: FeatureModeOpt = "warp",
     context_pad: Annotated[int, typer.Option("--context-pad", help="context pixels in the warped frame "
                                              "(released code: 16; shared mode pools the same window)")] = 0,
-    method: Annotated[str, typer.Option("--method", help=f"warp: one of {METHODS}")] = "warp",
-    scales: Annotated[str, typer.Option("--scales", help="shared: image scale(s), comma-separated")] = ",".join(
-        str(s) for s in SHARED_SCALES),
-    grid: Annotated[int, typer.Option("--grid", help="shared: RoI grid (cells per side); pool5 grid")] = SHARED_GRID,
+    method: Annotated[Literal[METHODS], typer.Option("--method", help="warp mode: how a box becomes the CNN "
+                                                     "input (paper Appendix A)")] = "warp",
+    scales: ScalesOpt = SCALES,
+    grid: GridOpt = GRID,
     with_gt: Annotated[bool, typer.Option("--with-gt/--no-gt", help="Also describe the ground-truth boxes "
                                           "(stored first)")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Regions per forward pass")] = 128,
-    proposals: Annotated[str, typer.Option("--proposals", help=f"Proposal mode, one of {PROPOSAL_MODES}")]
-    = "rcnn-fast",
+    proposals: ProposalsOpt = "rcnn-fast",
     ks: KsOpt = None,
     max_boxes: MaxBoxesOpt = None,
     workers: WorkersOpt = None,

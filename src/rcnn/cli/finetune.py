@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
 from rcnn.cli.app import app, console, err_console, fail
 from rcnn.cli.dataset import DatasetArg, open_dataset
-from rcnn.cli.proposals import KsOpt, MaxBoxesOpt, MinSizeOpt, WidthOpt, make_config
+from rcnn.cli.engine import PrecisionOpt
+from rcnn.cli.features import GRID, SCALES, FeatureModeOpt, GridOpt, ScalesOpt
+from rcnn.cli.proposals import KsOpt, MaxBoxesOpt, MinSizeOpt, ProposalsOpt, WidthOpt, make_config
 
 
 @app.command()
@@ -18,34 +20,38 @@ def finetune(
     output: Annotated[Path, typer.Option("--output", "-o", help="Fine-tuned network to write (.safetensors)")],
     split: Annotated[str, typer.Option("--split", "-s", help="Training split")] = "trainval",
     backbone: Annotated[str, typer.Option("--backbone", "-b", help="squeezenet1_1, efficientnet_lite0, alexnet, …")] = "squeezenet1_1",
-    weights: Annotated[Path | None, typer.Option("--weights", "-w", help="Pre-trained weights (torchvision models)")] = None,
-    mode: Annotated[str, typer.Option("--mode", "-m", help="warp (faithful, §2.3) | shared (Fast R-CNN style, fast)")] = "warp",
-    iterations: Annotated[int, typer.Option("--iterations", "-n", help="SGD iterations (128 regions each)")] = 1000,
-    lr: Annotated[float | None, typer.Option("--lr", help="Learning rate (default: 1/10 of the backbone's pre-training rate)")] = None,
-    step_size: Annotated[int | None, typer.Option("--step-size", help="lr ×0.1 every this many iterations (default 2/3 of the run)")] = None,
+    weights: Annotated[Path | None, typer.Option("--weights", "-w", help="Pre-trained weights (torchvision models)",
+                                                 show_default="built-in")] = None,
+    mode: FeatureModeOpt = "warp",
+    iterations: Annotated[int, typer.Option("--iterations", help="SGD iterations (128 regions each)")] = 1000,
+    lr: Annotated[float | None, typer.Option("--lr", help="Learning rate",
+                                             show_default="1/10 of the backbone's pre-training rate")] = None,
+    step_size: Annotated[int | None, typer.Option("--step-size", help="lr ×0.1 every this many iterations",
+                                                  show_default="2/3 of the run")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of sampling, flips, dropout and the new layer")] = 0,
     flip: Annotated[bool, typer.Option("--flip/--no-flip", help="Horizontal flip augmentation")] = True,
     freeze: Annotated[int, typer.Option("--freeze", help="Keep the first N trunk modules frozen (0: all trained, §2.3)")] = 0,
     context_pad: Annotated[int, typer.Option("--context-pad", help="warp: context pixels (must match the features)")] = 0,
-    scales: Annotated[str | None, typer.Option("--scales", help="shared mode: image scale (default 1.5, as the features)")] = None,
-    grid: Annotated[int | None, typer.Option("--grid", help="RoI grid of pool5 (must match the features; default 6)")] = None,
-    tap: Annotated[str, typer.Option("--tap", help="What the new classifier reads: fc7 (paper §2.3) | pool5 (the RoI grid) | fc6")] = "fc7",
-    input_norm: Annotated[float | None, typer.Option("--input-norm", help="Scale the tap to this mean L2 norm (e.g. 20; default: as is)")] = None,
-    precision: Annotated[str, typer.Option("--precision", help="fp32 (faithful) | bf16 (CPU bfloat16 autocast, faster)")] = "fp32",
+    scales: ScalesOpt = SCALES,
+    grid: GridOpt = GRID,
+    layer: Annotated[Literal["fc7", "fc6", "pool5"], typer.Option("--layer", "-l", help="What the new classifier "
+                                                                  "reads: fc7 (paper §2.3), fc6 or pool5 (the RoI grid)")] = "fc7",
+    input_norm: Annotated[float | None, typer.Option("--input-norm", help="Scale the layer's features to this mean "
+                                                     "L2 norm (e.g. 20)", show_default="as is")] = None,
+    precision: PrecisionOpt = "fp32",
     val_images: Annotated[int, typer.Option("--val-images", help="Training images held out for the validation curve")] = 16,
     val_every: Annotated[int, typer.Option("--val-every", help="Validate every N iterations")] = 50,
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Checkpoint every N iterations")] = 50,
-    proposals: Annotated[str, typer.Option("--proposals", help="Proposal mode (rcnn-fast | fast | quality)")] = "rcnn-fast",
+    proposals: ProposalsOpt = "rcnn-fast",
     ks: KsOpt = None,
     max_boxes: MaxBoxesOpt = None,
     min_size: MinSizeOpt = None,
     resize_width: WidthOpt = None,
-    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads (default: all cores)")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", "-j", help="CPU threads", show_default="all cores")] = None,
 ) -> None:
-    """Fine-tune a backbone on the dataset's regions (paper §2.3); resumes from ``OUTPUT.ckpt`` after a kill.
+    """Fine-tune a backbone on the dataset's regions (paper §2.3); resumes from OUTPUT.ckpt after a kill.
 
-    The output loads as a backbone (``--backbone B --weights OUTPUT`` for ``rcnn train``/``rcnn features``)
-    and offers the ``ft_logprob`` tap (the fine-tuned softmax, see ``rcnn softmax-model``)."""
+    The output loads as a backbone (--backbone B --weights OUTPUT for rcnn train / rcnn features) and offers the ft_logprob tap (the fine-tuned softmax, see rcnn softmax-model)."""
     from rcnn.backbones import WeightsError
     from rcnn.data import ImageReadError
     from rcnn.features import SHARED_GRID, SHARED_SCALES
@@ -60,7 +66,7 @@ def finetune(
         sc = tuple(float(s) for s in scales.split(",")) if scales else SHARED_SCALES
         cfg = FinetuneConfig(backbone=backbone, weights=str(weights) if weights else None, mode=mode, iterations=iterations,
                              lr=lr, step_size=step_size, seed=seed, flip=flip, freeze=freeze, context_pad=context_pad,
-                             scales=sc, grid=grid or SHARED_GRID, tap=tap, input_norm=input_norm, precision=precision,
+                             scales=sc, grid=grid or SHARED_GRID, tap=layer, input_norm=input_norm, precision=precision,
                              val_images=val_images, val_every=val_every, checkpoint_every=checkpoint_every)
     except ValueError as e:
         raise fail(f"bad option: {e}", 2) from None
@@ -69,7 +75,7 @@ def finetune(
                   f"classes {['background', *ds.classes]}", highlight=False)
     output.parent.mkdir(parents=True, exist_ok=True)
     try:
-        res = run(ds.records, ds.classes, output, cfg, pc, ds.root, threads=threads)
+        res = run(ds.records, ds.classes, output, cfg, pc, ds.root, threads=workers)
     except (CheckpointError, WeightsError, ImageReadError, FloatingPointError, ValueError) as e:
         raise fail(str(e), 1) from None
     last = res.history["val"][-1] if res.history.get("val") else None
@@ -86,10 +92,10 @@ def finetune(
 def softmax_model(
     net: Annotated[Path, typer.Argument(help="Fine-tuned network written by `rcnn finetune`")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Model file to write (.rcnn)")],
-    mode: Annotated[str, typer.Option("--mode", "-m", help="Feature mode at detection: warp | shared")] = "warp",
-    scales: Annotated[str | None, typer.Option("--scales", help="shared mode: image scale(s)")] = None,
+    mode: FeatureModeOpt = "warp",
+    scales: ScalesOpt = SCALES,
     context_pad: Annotated[int, typer.Option("--context-pad", help="warp: context pixels")] = 0,
-    proposals: Annotated[str, typer.Option("--proposals", help="Proposal mode (rcnn-fast | fast | quality)")] = "rcnn-fast",
+    proposals: ProposalsOpt = "rcnn-fast",
     ks: KsOpt = None,
     max_boxes: MaxBoxesOpt = None,
     min_size: MinSizeOpt = None,
@@ -118,11 +124,12 @@ def bbox_reg(
     layer: Annotated[str, typer.Option("--layer", "-l", help="Feature layer of the regressor (released code: pool5)")] = "pool5",
     lam: Annotated[float, typer.Option("--lambda", help="Ridge penalty (released code: 1000)")] = 1000.0,
     min_iou: Annotated[float, typer.Option("--min-iou", help="Training regions: IoU with a ground truth above this")] = 0.6,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write here instead of updating MODEL")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write here instead of updating MODEL",
+                                                show_default="MODEL, updated")] = None,
 ) -> None:
     """Train per-class bounding-box regressors on the model's network features and store them in the model file.
 
-    `rcnn detect`/`rcnn evaluate` then refine every scored box before NMS (``--no-bbox-reg`` switches it off)."""
+    rcnn detect / rcnn evaluate then refine every scored box before NMS (--no-bbox-reg switches it off)."""
     from dataclasses import replace
 
     from rcnn.bbox_regression import attach, train_box_regressor

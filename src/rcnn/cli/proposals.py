@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 from rich.table import Table
@@ -20,30 +20,41 @@ from rcnn.proposals import (
     propose_dataset,
 )
 
-ModeOpt = Annotated[
-    str, typer.Option("--mode", "-m", help=f"One of {MODES}; rcnn-fast = the paper's fast mode (§2.1)")
+ProposalsOpt = Annotated[
+    Literal[MODES],
+    typer.Option(
+        "--proposals",
+        help="Selective-search mode: rcnn-fast = the paper's fast mode (§2.1); fast, quality = OpenCV's presets",
+    ),
 ]
 KsOpt = Annotated[
     str | None,
     typer.Option(
         "--ks",
-        help="Felzenszwalb k values for rcnn-fast, comma-separated (default 50,100; small objects: 25,50)",
+        help="Felzenszwalb k values for rcnn-fast, comma-separated (small objects: 25,50)",
+        show_default="50,100",
     ),
 ]
 WorkersOpt = Annotated[
-    int | None, typer.Option("--workers", "-j", help="Worker processes (default: CPU cores)")
+    int | None, typer.Option("--workers", "-j", help="Worker processes", show_default="CPU cores")
 ]
-MaxBoxesOpt = Annotated[int | None, typer.Option("--max-boxes", help="Keep only the best-ranked N boxes")]
+MaxBoxesOpt = Annotated[
+    int | None, typer.Option("--max-boxes", help="Keep only the best-ranked N boxes", show_default="all")
+]
 MinSizeOpt = Annotated[
     float | None,
     typer.Option(
-        "--min-size", help="Drop boxes narrower than this (px, segmented image); default 20 for rcnn-fast"
+        "--min-size",
+        help="Drop boxes narrower than this (px, segmented image)",
+        show_default="20 for rcnn-fast",
     ),
 ]
 WidthOpt = Annotated[
     int | None,
     typer.Option(
-        "--resize-width", help="Segment at this width (px); 0 = original size; default 500 for rcnn-fast"
+        "--resize-width",
+        help="Segment at this width (px); 0 = original size",
+        show_default="500 for rcnn-fast",
     ),
 ]
 UpscaleOpt = Annotated[
@@ -86,7 +97,7 @@ def make_config(
 def propose(
     dataset: DatasetArg,
     split: SplitOpt = None,
-    mode: ModeOpt = "rcnn-fast",
+    proposals: ProposalsOpt = "rcnn-fast",
     ks: KsOpt = None,
     workers: WorkersOpt = None,
     max_boxes: MaxBoxesOpt = None,
@@ -96,7 +107,7 @@ def propose(
 ) -> None:
     """Compute selective-search proposals for every image into the cache (parallel, resumable)."""
     ds = open_dataset(dataset, split)
-    cfg = make_config(mode, ks, max_boxes, min_size, resize_width, upscale)
+    cfg = make_config(proposals, ks, max_boxes, min_size, resize_width, upscale)
     console.print(f"{len(ds)} images, {cfg.describe()}", highlight=False)
     s = propose_dataset(ds, cfg, workers=workers, progress=True)
     rate = f", {s.computed / s.seconds:.2f} img/s" if s.computed and s.seconds > 0 else ""
@@ -116,7 +127,7 @@ def propose(
 def proposals_recall(
     dataset: DatasetArg,
     split: SplitOpt = None,
-    mode: ModeOpt = "rcnn-fast",
+    proposals: ProposalsOpt = "rcnn-fast",
     ks: KsOpt = None,
     workers: WorkersOpt = None,
     max_boxes: MaxBoxesOpt = None,
@@ -124,13 +135,16 @@ def proposals_recall(
     resize_width: WidthOpt = None,
     upscale: UpscaleOpt = False,
     output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="JSON path (default: proposals-recall-<split>.json)")
+        Path | None,
+        typer.Option("--output", "-o", help="JSON path", show_default="proposals-recall-<split>.json"),
     ] = None,
-    plot: Annotated[Path | None, typer.Option("--plot", help="PNG path (default: next to the JSON)")] = None,
+    plot: Annotated[
+        Path | None, typer.Option("--plot", help="PNG path", show_default="the JSON path with .png")
+    ] = None,
 ) -> None:
     """Recall@0.5/0.7 and MABO of the proposals (non-difficult objects), plus a recall-vs-#proposals plot."""
     ds = open_dataset(dataset, split)
-    cfg = make_config(mode, ks, max_boxes, min_size, resize_width, upscale)
+    cfg = make_config(proposals, ks, max_boxes, min_size, resize_width, upscale)
     s = propose_dataset(ds, cfg, workers=workers, progress=True)
     failed = {i for i, _ in s.failed}
     recs = [r for r in ds.records if r.image_id not in failed]

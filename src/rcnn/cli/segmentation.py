@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import numpy as np
 import typer
@@ -13,6 +13,8 @@ from rich.table import Table
 
 from rcnn.cache import save_json
 from rcnn.cli.app import app, console, fail
+from rcnn.cli.engine import PrecisionOpt
+from rcnn.cli.features import FeatureModeOpt
 from rcnn.data import AnnotationError, ImageReadError, list_images, load_image
 from rcnn.segmentation.features import STRATEGIES, RegionFeatureConfig
 from rcnn.segmentation.masks import MaskError, class_masks, load_segmentation_dataset, overlay, save_label_png
@@ -26,9 +28,10 @@ from rcnn.segmentation.model import (
     segment_image,
     train_segmenter,
 )
-from rcnn.segmentation.regions import MaskProposalConfig, get_mask_proposals, mask_recall
+from rcnn.segmentation.regions import METHODS, MaskProposalConfig, get_mask_proposals, mask_recall
 
 DatasetArg = Annotated[Path, typer.Argument(help="Dataset with masks: Penn-Fudan (instance masks) or VOC with SegmentationClass/")]
+SplitHelp = "Split name (ImageSets/Main/<split>.txt; VOC segmentation: ImageSets/Segmentation/<split>.txt)"
 
 
 def _open(path: Path, split: str | None):
@@ -55,11 +58,14 @@ def _report_problems(problems: list[str]) -> None:
 @app.command("segment-proposals")
 def segment_proposals(
     dataset: DatasetArg,
-    split: Annotated[str | None, typer.Option("--split", "-s")] = None,
+    split: Annotated[str | None, typer.Option("--split", "-s", help=SplitHelp,
+                                              show_default="all images; val for VOC segmentation")] = None,
     top_k: Annotated[int, typer.Option(help="Regions kept per image (paper §4: 150, as CPMC)")] = 150,
-    method: Annotated[str, typer.Option(help="cnn (ranked + learned mask head on CNN features) | ranked (learned "
-                                        "CPMC-style ranking) | grouping (selective search's)")] = MaskProposalConfig().method,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the recall summary as JSON")] = None,
+    method: Annotated[Literal[METHODS], typer.Option(help="cnn: ranked + learned mask head on CNN features; "
+                                                     "ranked: learned CPMC-style ranking; grouping: selective "
+                                                     "search's")] = MaskProposalConfig().method,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the recall summary as JSON",
+                                                show_default="not written")] = None,
 ) -> None:
     """Compute (and cache) mask proposals; report mask recall: best region IoU per ground-truth instance."""
     ds = _open(dataset, split)
@@ -97,32 +103,31 @@ def segment_train(
     output: Annotated[Path, typer.Option("--output", "-o", help="Model file (.safetensors)")],
     split: Annotated[str, typer.Option("--split", "-s", help="Training split")] = "train",
     val_split: Annotated[str, typer.Option(help="Split the pasting threshold is chosen on")] = "val",
-    strategy: Annotated[str, typer.Option(help="full | fg | full+fg (paper §4 best: full+fg)")] = "full+fg",
-    tap: Annotated[str, typer.Option(help="Backbone tap (paper §4: fc6 beat fc7)")] = "fc6",
-    backbone: Annotated[str, typer.Option(help="Backbone (rcnn backbones)")] = "squeezenet1_1",
-    weights: Annotated[Path | None, typer.Option(help="Weights file for backbones without built-in weights")] = None,
-    mode: Annotated[str, typer.Option(help="warp (paper: pixels masked) | shared (fast: feature-map masking)")] = "warp",
+    strategy: Annotated[Literal[STRATEGIES], typer.Option(help="Region features: the full box, the foreground-masked "
+                                                          "box, or both (paper §4 best: full+fg)")] = "full+fg",
+    layer: Annotated[str, typer.Option("--layer", "-l", help="Backbone layer (paper §4: fc6 beat fc7)")] = "fc6",
+    backbone: Annotated[str, typer.Option("--backbone", "-b", help="Backbone (rcnn backbones)")] = "squeezenet1_1",
+    weights: Annotated[Path | None, typer.Option("--weights", "-w", help="Weights file for backbones without "
+                                                 "built-in weights", show_default="built-in")] = None,
+    mode: FeatureModeOpt = "warp",
     train_regions: Annotated[int, typer.Option(help="Top regions per training image (plus its ground-truth masks)")] = 150,
     c: Annotated[float, typer.Option("--C", help="LinearSVR regularisation C")] = 0.01,
     full_weight: Annotated[float, typer.Option(help="full+fg: the full half's scale relative to fg (1 = equal norms)")] = 1.0,
-    precision: Annotated[str, typer.Option(help="fp32 (faithful) | bf16 (CPU bfloat16 autocast, ~2x faster)")] = "fp32",
+    precision: PrecisionOpt = "fp32",
     # pooled: 4x the images to place the threshold; over 170 Penn-Fudan images (4-fold CV) it raised 7 of the 9
     # Table 3 rows (mean IoU 0.849 -> 0.853) and made full+fg the best strategy at every tap
-    threshold_on: Annotated[str, typer.Option(help="pooled: the pasting threshold chosen on the val split plus the "
-                                                   "training images' 4-fold out-of-fold scores | val: on the val "
-                                                   "split alone")] = "pooled",
+    threshold_on: Annotated[Literal["pooled", "val"], typer.Option(
+        help="pooled: the pasting threshold chosen on the val split plus the training images' 4-fold out-of-fold "
+        "scores; val: on the val split alone")] = "pooled",
 ) -> None:
-    """Train per-class linear SVRs predicting region mask IoU; choose the pasting threshold on the val split
-    plus the training images' out-of-fold scores (``--threshold-on val``: the val split alone)."""
-    if strategy not in STRATEGIES:
-        raise fail(f"--strategy must be one of {', '.join(STRATEGIES)}, not {strategy!r}", 2)
-    if threshold_on not in ("val", "pooled"):
-        raise fail(f"--threshold-on must be val or pooled, not {threshold_on!r}", 2)
+    """Train per-class linear SVRs predicting region mask IoU and choose the pasting threshold.
+
+    The threshold is chosen on the val split plus the training images' out-of-fold scores (--threshold-on val: on the val split alone)."""
     if not (full_weight > 0 and full_weight < float("inf")):
         raise fail(f"--full-weight must be a positive number, not {full_weight}", 2)
     try:
         # every tap of Table 3 is cached in the same pass, so other (strategy, tap) runs reuse it
-        taps = tuple(dict.fromkeys((*RegionFeatureConfig().taps, tap)))
+        taps = tuple(dict.fromkeys((*RegionFeatureConfig().taps, layer)))
         fc = RegionFeatureConfig(backbone=backbone, weights=str(weights) if weights else None, taps=taps, mode=mode,
                                  precision=precision)
     except ValueError as e:
@@ -139,10 +144,10 @@ def segment_train(
     _report_problems(problems)
     if not train:
         raise fail(f"{dataset}: no usable training images in split {split!r}", 2)
-    model = train_segmenter(train, train_ds.classes, strategy, tap, C=c, mask_config=mc, feature_config=fc,
+    model = train_segmenter(train, train_ds.classes, strategy, layer, C=c, mask_config=mc, feature_config=fc,
                             full_weight=full_weight)
     if threshold_on == "pooled" and len(train) >= 4:
-        oof = out_of_fold_items(train, train_ds.classes, strategy, tap, c, folds=4, full_weight=full_weight)
+        oof = out_of_fold_items(train, train_ds.classes, strategy, layer, c, folds=4, full_weight=full_weight)
         model.threshold, table = choose_threshold_pooled(model, val, oof)
         model.info["val_mean_iou"] = table[model.threshold]
         model.info["threshold_on"] = f"pooled: {len(val)} val + {len(oof)} out-of-fold training images"
@@ -167,7 +172,8 @@ def _load_model(path: Path) -> SegmentationModel:
 def segment(
     model_path: Annotated[Path, typer.Argument(help="Model from rcnn segment-train")],
     images: Annotated[list[Path], typer.Argument(help="Image files or folders")],
-    out_dir: Annotated[Path, typer.Option("--out-dir", "-o", help="Where <name>_labels.png and <name>_overlay.png go")] = Path("segmentation"),
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for <name>_labels.png and "
+                                         "<name>_overlay.png")] = Path("segmentation"),
 ) -> None:
     """Label the pixels of images: VOC-palette label PNGs and coloured overlays."""
     from rcnn.visualize import save_png
@@ -190,8 +196,8 @@ def segment(
             failed += 1
             continue
         lm = segment_image(model, img)
-        save_label_png(lm, out_dir / f"{f.stem}_labels.png")
-        save_png(out_dir / f"{f.stem}_overlay.png", overlay(img, lm))
+        save_label_png(lm, output / f"{f.stem}_labels.png")
+        save_png(output / f"{f.stem}_overlay.png", overlay(img, lm))
         frac = {model.classes[c - 1]: float((lm == c).mean()) for c in np.unique(lm) if c != 0}
         console.print(f"{f.name}: " + (", ".join(f"{k} {v:.1%}" for k, v in frac.items()) or "background only"))
     if failed == len(files):
@@ -202,9 +208,11 @@ def segment(
 def segment_evaluate(
     model_path: Annotated[Path, typer.Argument(help="Model from rcnn segment-train")],
     dataset: DatasetArg,
-    split: Annotated[str, typer.Option("--split", "-s")] = "test",
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the results as JSON")] = None,
-    overlays: Annotated[Path | None, typer.Option(help="Folder for predicted-label overlays")] = None,
+    split: Annotated[str, typer.Option("--split", "-s", help=SplitHelp)] = "test",
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the results as JSON",
+                                                show_default="not written")] = None,
+    overlays: Annotated[Path | None, typer.Option(help="Folder for predicted-label overlays",
+                                                  show_default="not written")] = None,
 ) -> None:
     """VOC segmentation measure (per-class IoU over all pixels, void ignored; mean) on a split."""
     from rcnn.visualize import save_png
