@@ -41,7 +41,7 @@ def info(
     split: SplitOpt = None,
     val_fraction: Annotated[float | None, typer.Option(
         "--val-fraction", help="Also show the two parts of carving this fraction of the split's images out as "
-        "validation data (rcnn.data.holdout_split, seed 0: what `rcnn train --val-fraction` holds out)")] = None,
+        "validation data (a fixed choice by image id: what `rcnn train --val-fraction` holds out)", show_default="none")] = None,
 ) -> None:
     """Summarise a dataset: images, objects per class, difficult, degenerate boxes, sizes."""
     ds = open_dataset(dataset, split)

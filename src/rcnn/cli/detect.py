@@ -7,7 +7,7 @@ import math
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import numpy as np
 import typer
@@ -27,8 +27,11 @@ from rcnn.cli.engine import (
 )
 from rcnn.cli.proposals import KsOpt, MinSizeOpt, WidthOpt, WorkersOpt
 from rcnn.data import ImageReadError, load_image
+from rcnn.device import PRECISIONS
 from rcnn.evaluate import METRICS, Detections, write_coco_results, write_comp4
+from rcnn.features import MODES as FEATURE_MODES
 from rcnn.progress import progress_bar
+from rcnn.proposals import MODES as PROPOSAL_MODES
 
 log = logging.getLogger(__name__)
 
@@ -86,44 +89,46 @@ def train(
     dataset: DatasetArg,
     output: Annotated[Path, typer.Option("--output", "-o", help="Model file to write")],
     split: Annotated[str, typer.Option("--split", "-s", help="Training split")] = "trainval",
-    preset: Annotated[str, typer.Option("--preset", help="default (validated recipe: shared trunk, pool5+fire5, box "
-                                        "regression, sizes from the data) | paper (warp, fc7, no box regression)")] = "default",
+    preset: Annotated[Literal["default", "paper"], typer.Option("--preset", help="The recipe: the validated one (shared trunk, pool5+fire5, "
+                                        "box regression, sizes from the data) or the paper's (warp, fc7, no box regression)")] = "default",
     val_fraction: Annotated[float | None, typer.Option("--val-fraction", help="Hold out this fraction of the split "
-                                                       "(fixed seed) and report the model's AP on it")] = None,
+                                                       "(fixed seed) and report the model's AP on it",
+                                                       show_default="none")] = None,
     bbox_reg: Annotated[bool | None, typer.Option("--bbox-reg/--no-bbox-reg", help="Train box regressors (paper "
-                                                  "appendix C) [preset: default yes, paper no]", show_default=False)] = None,
+                                                  "appendix C)", show_default="preset: yes (paper: no)")] = None,
     relocalize: Annotated[int | None, typer.Option("--relocalize", min=0, help="Rounds of iterative localisation the "
-                                                   "model applies at detection [preset: 0]", show_default=False)] = None,
+                                                   "model applies at detection", show_default="preset: 0")] = None,
     backbone: Annotated[str | None, typer.Option("--backbone", "-b", help="squeezenet1_1, efficientnet_lite0, alexnet, a "
-                                                 "torchvision classifier (needs --weights), or 'hog' [preset: squeezenet1_1]",
-                                                 show_default=False)] = None,
-    weights: Annotated[Path | None, typer.Option("--weights", "-w", help="Backbone state dict (e.g. from rcnn finetune)")] = None,
+                                                 "torchvision classifier (needs --weights), or 'hog'",
+                                                 show_default="preset: squeezenet1_1")] = None,
+    weights: Annotated[Path | None, typer.Option("--weights", "-w", help="Backbone state dict (e.g. from rcnn finetune)",
+                                                 show_default="built-in")] = None,
     layer: Annotated[str | None, typer.Option("--layer", "-l", help="pool5 | fc6 | fc7, or taps joined by + "
-                                              "[preset: default pool5+fire5, paper fc7]", show_default=False)] = None,
-    mode: Annotated[str | None, typer.Option("--mode", "-m", help="warp (faithful, §2.1) | shared (one trunk pass + RoI "
-                                             "pooling) [preset: default shared, paper warp]", show_default=False)] = None,
+                                              "", show_default="preset: pool5+fire5 (paper: fc7)")] = None,
+    mode: Annotated[Literal[FEATURE_MODES] | None, typer.Option("--mode", "-m", help="warp (faithful, §2.1) | shared (one trunk pass + RoI "
+                                             "pooling)", show_default="preset: shared (paper: warp)")] = None,
     short_side: Annotated[int | None, typer.Option("--short-side", help="shared mode: resize images to this shorter side "
-                                                   "(px) for the trunk [preset: from the training objects' sizes]",
-                                                   show_default=False)] = None,
+                                                   "(px) for the trunk",
+                                                   show_default="preset: from the training objects' sizes")] = None,
     scales: Annotated[str | None, typer.Option("--scales", help="shared mode: scale(s) on top of --short-side, "
-                                               "comma-separated [preset: 1]", show_default=False)] = None,
-    grid: Annotated[int | None, typer.Option("--grid", help="shared mode RoI grid / pool5 grid [preset: 6]",
-                                             show_default=False)] = None,
+                                               "comma-separated", show_default="preset: 1")] = None,
+    grid: Annotated[int | None, typer.Option("--grid", help="shared mode RoI grid / pool5 grid",
+                                             show_default="preset: 6")] = None,
     context_pad: Annotated[int | None, typer.Option("--context-pad", help="context pixels around each box in the warped "
-                                                    "frame (released code: 16) [preset: 0]", show_default=False)] = None,
-    precision: Annotated[str | None, typer.Option("--precision", help="fp32 | bf16 (CPU bfloat16: faster only on CPUs "
-                                                  "with AVX512-BF16/AMX) [preset: fp32]", show_default=False)] = None,
-    proposals: Annotated[str | None, typer.Option("--proposals", help="Proposal mode (rcnn-fast | fast | quality) "
-                                                  "[preset: rcnn-fast]", show_default=False)] = None,
+                                                    "frame (released code: 16)", show_default="preset: 0")] = None,
+    precision: Annotated[Literal[PRECISIONS] | None, typer.Option("--precision", help="fp32 | bf16 (CPU bfloat16: faster only on CPUs "
+                                                  "with AVX512-BF16/AMX)", show_default="preset: fp32")] = None,
+    proposals: Annotated[Literal[PROPOSAL_MODES] | None, typer.Option("--proposals", help="Proposal mode (rcnn-fast | fast | quality) "
+                                                  "", show_default="preset: rcnn-fast")] = None,
     ks: KsOpt = None,
     min_size: MinSizeOpt = None,
     resize_width: WidthOpt = None,
     workers: WorkersOpt = None,
-    C: Annotated[float | None, typer.Option("--C", help="SVM C [preset: 1e-3, rcnn_train.m]", show_default=False)] = None,
-    pos_weight: Annotated[float | None, typer.Option("--pos-weight", help="Positive loss weight [preset: 2]",
-                                                     show_default=False)] = None,
-    passes: Annotated[int | None, typer.Option("--passes", help="Hard-negative mining passes [preset: 1, paper §2.3]",
-                                               show_default=False)] = None,
+    C: Annotated[float | None, typer.Option("--C", help="SVM C", show_default="preset: 1e-3, rcnn_train.m")] = None,
+    pos_weight: Annotated[float | None, typer.Option("--pos-weight", help="Positive loss weight",
+                                                     show_default="preset: 2")] = None,
+    passes: Annotated[int | None, typer.Option("--passes", help="Hard-negative mining passes",
+                                               show_default="preset: 1, paper §2.3")] = None,
 ) -> None:
     """Train a detector: proposals → CNN features → per-class SVMs with hard-negative mining (paper
     §2.3) → box regressors; resumes from the caches after a kill."""
