@@ -324,9 +324,10 @@ def train(data: Dataset | str | Path, split: str | None = "trainval", preset: st
     t1 = time.perf_counter()
     model, _ = fit(ds, source, rec.svm, progress=svm_progress)
     t2 = time.perf_counter()
+    if rec.bbox_reg and not isinstance(source, CNNFeatures):
+        log.warning("box regression needs CNN features: the HOG model is trained without it")
+        rec = replace(rec, bbox_reg=False, relocalize=0)
     if rec.bbox_reg:
-        if not isinstance(source, CNNFeatures):
-            raise ValueError("box regression needs CNN features (not HOG): use bbox_reg=False")
         attach(model, train_box_regressor(ds.records, model.classes, source, lam=rec.bbox_lambda))
     t3 = time.perf_counter()
     model.training["recipe"] = {**rec.as_dict(), "resolved": resolved}
