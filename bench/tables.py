@@ -125,7 +125,7 @@ def headline_detection() -> str:
         out.append([label, *(f(r_ap[c]) for c in CLASSES), b(f(m)), sel])
 
     hog = rows["HOG (all)"]
-    line("HOG + linear SVM (the paper's DPM-HOG stand-in)", hog["ap"], hog["mAP"], "preset")
+    line("HOG features, same proposals and SVMs (baseline)", hog["ap"], hog["mAP"], "preset")
     main = rows["squeezenet1_1 pool5 shared (all)"]
     line("SqueezeNet 1.1 pool5, 3×3 RoI grid, shared mode (main row)", main["ap"], main["mAP"], "preset")
     line(
