@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_cli_detect import _tiny_voc
 
 import rcnn
 from rcnn.data import ImageRecord
 from rcnn.pipeline import PRESETS, SHORT_SIDE_RANGE, TARGET_OBJECT_PX, data_geometry, recipe, resolve
+from test_cli_detect import _tiny_voc
 
 
 def _records(sizes, image=(640, 480)):
