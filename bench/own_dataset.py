@@ -35,8 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 OUT = ROOT / "bench" / "results" / "own_dataset.json"
 VAL_FRACTION = 0.25
-#: candidates compared on validation: the trained recipe (layer) × how it detects
-CANDIDATES = {"pool5": {"layer": "pool5"}, "pool5+fire5": {"layer": "pool5+fire5"}}
+#: candidates compared on validation: the trained recipe × how it detects. The hypercolumn layer
+#: itself was chosen earlier on a BCCD validation split (ablation.json, valcompare rows)
+CANDIDATES = {"pool5+fire5": {"layer": "pool5+fire5"}}
 DETECT_VARIANTS = {"no box regression": {"bbox_reg": False, "relocalize": 0},
                    "box regression": {"bbox_reg": True, "relocalize": 0},
                    "box regression + relocalize 1": {"bbox_reg": True, "relocalize": 1}}
