@@ -74,3 +74,16 @@ def test_api_train_detect_evaluate_save_load(tmp_path):
     again = rcnn.load(tmp_path / "m.rcnn")
     np.testing.assert_array_equal(again.detect(image).boxes, dets.boxes)
     assert rcnn.evaluate(again, data, split="test").map == res.map
+
+
+@pytest.mark.slow
+def test_train_with_finetuning_references_the_finetuned_net(tmp_path):
+    """`finetune=N`: the network is fine-tuned first, written to net_path, and the model's features come from it."""
+    data = _tiny_voc(tmp_path / "voc", n=6)
+    net = tmp_path / "m.net.safetensors"
+    model = rcnn.train(data, split="trainval", workers=1, proposals="fast", resize_width=0, min_size=0, finetune=2,
+                       net_path=net)
+    assert net.is_file() and model.model.feature_options["weights"] == str(net.resolve())
+    from rcnn.backbones import SQUEEZENET_SHA256
+
+    assert model.model.weights_hash != SQUEEZENET_SHA256 and model.recipe["finetune"] == 2

@@ -81,6 +81,7 @@ class Recipe:
     bbox_reg: bool = True  # paper appendix C ("R-CNN BB")
     bbox_lambda: float = LAMBDA
     relocalize: int = 0  # rounds of iterative localisation at detection (0 = the paper)
+    finetune: int = 0  # SGD iterations of fine-tuning before the SVMs (paper §2.3; 0 = frozen ImageNet net)
 
     def __post_init__(self) -> None:
         if self.short_side not in ("auto", None) and int(self.short_side) < 16:
@@ -91,6 +92,8 @@ class Recipe:
             raise ValueError("relocalize must be >= 0")
         if self.relocalize and not self.bbox_reg:
             raise ValueError("iterative localisation (relocalize) needs box regression")
+        if self.finetune < 0:
+            raise ValueError("finetune (iterations) must be >= 0")
         object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
         object.__setattr__(self, "ks", tuple(int(k) for k in self.ks))
 
@@ -298,13 +301,16 @@ def prepare(ds: Dataset, pc: ProposalConfig, fc: FeatureConfig | None, workers: 
 
 def train(data: Dataset | str | Path, split: str | None = "trainval", preset: str | Recipe = "default", *,
           workers: int | None = None, progress: bool = False, svm_progress: Callable | None = None,
-          **overrides) -> Detector:
+          net_path: str | Path | None = None, **overrides) -> Detector:
     """Train a detector on ``data`` (a dataset folder / COCO file, or a loaded :class:`Dataset`).
 
     ``preset``: ``"default"`` or ``"paper"`` (:data:`PRESETS`) or a :class:`Recipe`; ``overrides``:
     recipe fields to change (``layer="pool5"``, ``bbox_reg=False`` …). Fills the caches (resumable),
     trains the per-class SVMs with hard-negative mining (paper §2.3) and, unless turned off, the box
-    regressors (appendix C). The model records the recipe, the resolved sizes and the timings."""
+    regressors (appendix C). With ``finetune=N`` the network is first fine-tuned for N iterations on
+    the training regions (paper §2.3, resumable) and written to ``net_path`` (default: the cache),
+    which the model then references by path and hash. The model records the recipe, the resolved
+    sizes and the timings."""
     rec = recipe(preset, **overrides)
     ds = open_dataset(data, split)
     if not ds.records:
@@ -318,6 +324,8 @@ def train(data: Dataset | str | Path, split: str | None = "trainval", preset: st
         bb = fc.backbone_obj()
         check_layer(bb, fc.layer)
         source = CNNFeatures(pc, fc, ds.root, backbone=bb)
+    if rec.finetune and fc is not None:
+        fc, source = _finetuned(rec, ds, pc, fc, net_path, workers, progress)
     prep = prepare(ds, pc, fc, workers, progress)
     if not ds.records:
         raise ValueError(f"{ds.root}: no readable training images")
@@ -336,6 +344,31 @@ def train(data: Dataset | str | Path, split: str | None = "trainval", preset: st
     model.training["seconds_by_stage"] = {"prepare": round(t1 - t0, 1), "svm": round(t2 - t1, 1),
                                           "bbox_reg": round(t3 - t2, 1)}
     return Detector(model)
+
+
+def _finetuned(rec: Recipe, ds: Dataset, pc: ProposalConfig, fc: FeatureConfig, net_path, workers, progress):
+    """Fine-tune ``fc``'s network on ``ds`` (shared-mode regions at the features' geometry, the new
+    classifier on the pool5 RoI grid scaled to norm 20: the recipe measured to fine-tune SqueezeNet
+    on a CPU) and return the feature settings and source of the fine-tuned net."""
+    from rcnn.cache import cache_dir, settings_hash
+    from rcnn.finetune import FinetuneConfig
+    from rcnn.finetune import finetune as run_finetune
+
+    propose_dataset(ds, pc, workers=workers, progress=progress)
+    # the trunk sees each image at its detection size: the scale that brings the median image there
+    short = np.median([min(r.width, r.height) for r in ds.records])
+    scale = (fc.short_side / short) if fc.short_side else fc.scales[0]
+    cfg = FinetuneConfig(backbone=fc.backbone, weights=fc.weights, mode="shared", iterations=rec.finetune,
+                         scales=(round(float(scale), 4),), grid=fc.grid, tap="pool5", input_norm=20.0,
+                         precision=fc.precision)
+    if net_path is None:
+        key = settings_hash(cfg.key(), pc.key(), str(Path(ds.root).resolve()), [r.image_id for r in ds.records])
+        net_path = cache_dir() / "finetuned" / f"{fc.backbone}-{key}.safetensors"
+    Path(net_path).parent.mkdir(parents=True, exist_ok=True)
+    if not Path(net_path).is_file():
+        run_finetune(ds.records, ds.classes, net_path, cfg, pc, ds.root, progress=progress)
+    fc = replace(fc, weights=str(Path(net_path).resolve()))
+    return fc, CNNFeatures(pc, fc, ds.root, backbone=fc.backbone_obj())
 
 
 # ------------------------------------------------------------------ evaluation

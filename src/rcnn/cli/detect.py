@@ -91,6 +91,10 @@ def train(
     split: Annotated[str, typer.Option("--split", "-s", help="Training split")] = "trainval",
     preset: Annotated[Literal["default", "paper"], typer.Option("--preset", help="The recipe: the validated one (shared trunk, pool5+fire5, "
                                         "box regression, sizes from the data) or the paper's (warp, fc7, no box regression)")] = "default",
+    finetune: Annotated[bool, typer.Option("--finetune", help="Fine-tune the network on the training regions first "
+                                           "(paper §2.3; resumable), written beside the model as OUTPUT.net.safetensors")] = False,
+    iterations: Annotated[int, typer.Option("--iterations", min=1, help="Fine-tuning SGD iterations (2 images × 64 "
+                                            "regions each)")] = 1500,
     val_fraction: Annotated[float | None, typer.Option("--val-fraction", help="Hold out this fraction of the split "
                                                        "(fixed seed) and report the model's AP on it",
                                                        show_default="none")] = None,
@@ -146,7 +150,8 @@ def train(
                           short_side=short_side, grid=grid, context_pad=context_pad, precision=precision,
                           scales=tuple(float(x) for x in scales.split(",")) if scales else None, proposals=proposals,
                           ks=tuple(int(k) for k in ks.split(",")) if ks else None, min_size=min_size,
-                          resize_width=resize_width, bbox_reg=bbox_reg, relocalize=relocalize)
+                          resize_width=resize_width, bbox_reg=bbox_reg, relocalize=relocalize,
+                          finetune=iterations if finetune else None)
         svm = {k: v for k, v in {"C": C, "pos_weight": pos_weight, "passes": passes}.items() if v is not None}
         rec = replace(rec, svm=replace(rec.svm, **svm))
         val = None
@@ -171,7 +176,8 @@ def train(
             bar.update(tasks[p.stage], completed=p.done, total=p.total, info=info)
 
         try:
-            det = run_train(ds, None, rec, workers=workers, progress=True, svm_progress=report)
+            det = run_train(ds, None, rec, workers=workers, progress=True, svm_progress=report,
+                            net_path=output.with_suffix(".net.safetensors") if rec.finetune else None)
         except (ValueError, ImageReadError) as e:
             raise fail(str(e), 1) from None
     model = det.model
