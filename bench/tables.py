@@ -112,6 +112,64 @@ CLASSES = ("RBC", "WBC", "Platelets")
 # ---------------------------------------------------------------------------------------------- README
 
 
+OWN_NAMES = {"bccd": "BCCD (3 classes, small cells)", "pennfudan": "Penn-Fudan persons", "closeup":
+             "close-up persons, 240–1600 px photos"}
+
+
+@table("own-validation", "own_dataset.json")
+def own_validation() -> str:
+    """The default recipe's detection variants on each dataset's held-out validation part."""
+    doc = load("own_dataset.json")
+    rows = []
+    for row in doc.get("validation", {}).values():
+        for variant, sc in row["variants"].items():
+            rows.append([OWN_NAMES.get(row["dataset"], row["dataset"]), variant, f"{row['train_images']} → {row['val_images']}",
+                         f(sc["map_voc07"]), f(sc["coco_map"])])
+    ch = doc.get("chosen", {})
+    note = (f"Chosen: **{ch['candidate']}, {ch['variant']}** (mean validation mAP {f(ch['mean_val_map'])}; "
+            f"{ch['rule']})." if ch else "")
+    return "\n\n".join([md(["dataset", "detection", "train → val images", "val mAP (VOC07)", "val COCO mAP"],
+                            rows, "lllrr"), note,
+                         source("own_dataset.json: validation, chosen")])
+
+
+@table("own-test", "own_dataset.json")
+def own_test() -> str:
+    """The chosen default recipe, trained on each full trainval and scored once on test."""
+    doc = load("own_dataset.json")
+    rows = []
+    for name, row in doc.get("test", {}).items():
+        t = row["test"]
+        rows.append([OWN_NAMES.get(name, name), "val", str(row["train_images"]), f(t["map_voc07"]), f(t["coco_map"]),
+                     f"{row['train_wall_s'] / 60:.1f} min wall / {row['train_cpu_s'] / 60:.1f} CPU-min"
+                     + (" (cold cache)" if row.get("cold_cache") else ""),
+                     f"{row['feature_cache_mb_per_image']:.2f} MB", f"{row['peak_rss_gb']:.1f} GB",
+                     load_avg(row["machine"]["load_avg_1_5_15"])])
+    return "\n\n".join([md(["dataset", "selection", "train images", "test mAP (VOC07)", "test COCO mAP",
+                             "training (2 cores)", "cache / image", "peak RSS", "load"], rows, "llrrrlrrr"),
+                         source("own_dataset.json: test")])
+
+
+@table("own-speed", "own_dataset.json")
+def own_speed() -> str:
+    doc = load("own_dataset.json").get("speed")
+    if not doc:
+        return "*Not measured yet (`python bench/own_dataset.py speed`).*"
+    rows = [["feature extraction, per-region cache (pool5+fire5 of every proposal, `np.savez_compressed`)",
+             f"{doc['region_cache_s_per_image']:.2f} s", f"{doc['region_cache_mb_per_image']:.1f} MB"],
+            ["feature extraction, trunk cache (float16 maps, zstd)", f"{doc['trunk_cache_s_per_image']:.2f} s",
+             f"{doc['trunk_cache_mb_per_image']:.2f} MB"],
+            ["detection, default BCCD model (proposals, trunk, SVMs, box regression)",
+             f"{doc['detect_wall_s_per_image']:.2f} s wall / {doc['detect_cpu_s_per_image']:.2f} CPU-s", "–"]]
+    return "\n\n".join([md(["per 640×480 image", "time", "cache"], rows, "lrr"),
+                         f"{doc['images']} BCCD images (extraction) and {doc['detect_images']} (detection), "
+                         f"{doc['threads']} threads, load average {load_avg(doc['machine']['load_avg_1_5_15'])}; "
+                         f"extraction {doc['speedup']:.1f}× faster with the trunk cache.",
+                         source("own_dataset.json: speed")])
+
+
+
+
 @table("headline-detection", "ablation.json")
 def headline_detection() -> str:
     a = load("ablation.json")

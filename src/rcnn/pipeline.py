@@ -127,6 +127,18 @@ def recipe(preset: str | Recipe = "default", **overrides) -> Recipe:
     return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 
+def check_recipe(rec: Recipe) -> None:
+    """Raise ``ValueError`` (one line) if the recipe's network or layer cannot be built here, before any work."""
+    if rec.backbone == "hog":
+        return
+    from rcnn.backbones import get_backbone
+
+    check_layer(get_backbone(rec.backbone, rec.weights), rec.layer)
+    FeatureConfig(backbone=rec.backbone, weights=rec.weights, layer=rec.layer, mode=rec.mode, grid=rec.grid,
+                  precision=rec.precision, scales=rec.scales, context_pad=rec.context_pad)
+    ProposalConfig(mode=rec.proposals, ks=rec.ks)
+
+
 # ------------------------------------------------------------------ geometry from the data
 
 
@@ -426,4 +438,4 @@ def evaluate(model: Detector | RCNNModel | str | Path, data: Dataset | str | Pat
 
 
 __all__ = ["PRESETS", "Detector", "Evaluation", "Geometry", "ImageDetections", "ImageReadError", "PrepareSummary",
-           "Recipe", "data_geometry", "evaluate", "load", "prepare", "recipe", "resolve", "train"]
+           "Recipe", "check_recipe", "data_geometry", "evaluate", "load", "prepare", "recipe", "resolve", "train"]

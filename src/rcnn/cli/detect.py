@@ -136,7 +136,9 @@ def train(
 ) -> None:
     """Train a detector: proposals → CNN features → per-class SVMs with hard-negative mining (paper
     §2.3) → box regressors; resumes from the caches after a kill."""
+    from rcnn.backbones import WeightsError
     from rcnn.data import holdout_split
+    from rcnn.pipeline import check_recipe
     from rcnn.pipeline import evaluate as run_evaluate
     from rcnn.pipeline import recipe as make_recipe
     from rcnn.pipeline import train as run_train
@@ -154,10 +156,11 @@ def train(
                           finetune=iterations if finetune else None)
         svm = {k: v for k, v in {"C": C, "pos_weight": pos_weight, "passes": passes}.items() if v is not None}
         rec = replace(rec, svm=replace(rec.svm, **svm))
+        check_recipe(rec)
         val = None
         if val_fraction is not None:
             ds, val = holdout_split(ds, val_fraction)
-    except ValueError as e:
+    except (ValueError, WeightsError) as e:
         raise fail(f"bad option: {e}", 2) from None
     console.print(f"{len(ds)} images of {dataset} ({split}{', ' + str(len(val)) + ' held out' if val else ''}); "
                   f"recipe {rec.name}: {rec.backbone} {rec.layer} {rec.mode}"
