@@ -454,12 +454,12 @@ def feature_path(record: ImageRecord, proposal_config, feature_config: FeatureCo
     return feature_dir(proposal_config, feature_config, dataset_root) / f"{_safe_name(record.image_id)}.npz"
 
 
-def _save(path: Path, boxes: np.ndarray, feats: np.ndarray, image_sha: str, n_gt: int) -> None:
+def _save(path: Path, boxes: np.ndarray, feats: np.ndarray, image_sha: str, n_gt: int, compress: bool = True) -> None:
     def w(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             # compressed: ReLU features are mostly zeros, zlib roughly halves float16 bytes again
-            np.savez_compressed(f, boxes=boxes, feats=feats, image_sha256=np.array(image_sha),
-                                n_gt=np.array(n_gt, np.int32))
+            (np.savez_compressed if compress else np.savez)(f, boxes=boxes, feats=feats, image_sha256=np.array(image_sha),
+                                                            n_gt=np.array(n_gt, np.int32))
 
     atomic_write(path, w)
 
@@ -477,11 +477,19 @@ def _load(path: Path, image_sha: str) -> tuple[np.ndarray, np.ndarray] | None:
     return boxes, feats
 
 
+def is_cached(record: ImageRecord, proposal_config, feature_config: FeatureConfig, dataset_root: str | Path) -> bool:
+    """Whether every tap of ``feature_config.layer`` is in the cache for ``record`` (and for its current bytes)."""
+    sha = file_sha256(record.path)
+    return all(_load(feature_path(record, proposal_config, c, dataset_root), sha) is not None
+               for c in tap_configs(feature_config))
+
+
 def get_features(
     record: ImageRecord,
     proposal_config=None,
     feature_config: FeatureConfig | None = None,
     dataset_root: str | Path | None = None,
+    compress: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(boxes (N,4) float32, feats (N,D) float16)`` of one image: cached, else computed and stored.
 
@@ -490,7 +498,8 @@ def get_features(
     ``boxes`` are the image's proposals (:func:`rcnn.proposals.get_proposals`), preceded by its
     ground-truth boxes when ``feature_config.with_gt``. The entry is keyed by dataset root,
     image id, the proposal config, every feature setting and the weights' sha256, and stores
-    the image file's sha256 so an edited image is never served stale features.
+    the image file's sha256 so an edited image is never served stale features. ``compress=False``
+    stores plain ``.npz`` (the same arrays: zlib on a 1000-box pool5 block costs seconds per image).
     """
     from rcnn.proposals import ProposalConfig, get_proposals
 
@@ -515,13 +524,13 @@ def get_features(
         out = extract_features(image, boxes, fc.backbone_obj(), todo, device=fc.device, **fc.extract_options())
         for t in todo:
             hits[t] = boxes, out[t].astype(np.float16)
-            _save(feature_path(record, pc, parts[t], root), boxes, hits[t][1], sha, n_gt)
+            _save(feature_path(record, pc, parts[t], root), boxes, hits[t][1], sha, n_gt, compress)
     boxes = hits[next(iter(parts))][0]
     if any(len(b) != len(boxes) or not np.array_equal(b, boxes) for b, _ in hits.values()):
         # one tap cached with older proposals: recompute them all from the current ones
         for t in parts:
             feature_path(record, pc, parts[t], root).unlink(missing_ok=True)
-        return get_features(record, pc, fc, dataset_root)
+        return get_features(record, pc, fc, dataset_root, compress)
     if len(parts) == 1:
         return hits[next(iter(parts))]
     return boxes, np.concatenate([hits[t][1] for t in parts], axis=1)

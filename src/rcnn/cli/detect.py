@@ -19,7 +19,6 @@ from rcnn.cli.app import app, console, err_console, fail
 from rcnn.cli.dataset import DatasetArg, open_dataset, print_ap_table
 from rcnn.cli.engine import (
     AddressOpt,
-    CachedRegions,
     EngineOpt,
     PrecisionOpt,
     check_engine,
@@ -30,6 +29,7 @@ from rcnn.cli.proposals import KsOpt, MaxBoxesOpt, MinSizeOpt, WidthOpt, Workers
 from rcnn.data import ImageReadError, load_image
 from rcnn.evaluate import METRICS, Detections, write_coco_results, write_comp4
 from rcnn.progress import progress_bar
+from rcnn.sources import CachedRegions
 
 log = logging.getLogger(__name__)
 
@@ -298,7 +298,8 @@ def evaluate(
     address: AddressOpt = None,
 ) -> None:
     """Detect over a split (using the caches) and print the per-class VOC AP table and mAP."""
-    from rcnn.detect import CNNFeatures, DetectStats, detect_dataset, evaluate_model, save_pr_curves
+    from rcnn.detect import CNNFeatures, DetectStats, detect_dataset
+    from rcnn.evaluate import evaluate_model, save_pr_curves
     from rcnn.features import features_for_dataset
     from rcnn.proposals import propose_dataset
 

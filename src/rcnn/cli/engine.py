@@ -67,7 +67,7 @@ def report_device(device: str) -> str:
 def ray_fill_images(paths, source, address: str | None, workers: int | None) -> dict:
     """``rcnn detect --engine ray``: proposals + features of loose image files on Ray, into the
     cache (one dataset per folder, in one Ray session). Returns ``{path: ImageRecord}`` for
-    :class:`CachedRegions`; images that failed are left out (their errors are printed)."""
+    :class:`rcnn.sources.CachedRegions`; images that failed are left out (their errors are printed)."""
     import numpy as np
 
     from rcnn.data import Dataset, ImageRecord
@@ -95,14 +95,3 @@ def ray_fill_images(paths, source, address: str | None, workers: int | None) -> 
     for msg in failed:
         console.print(f"  [red]{msg}", highlight=False, soft_wrap=True)
     return records
-
-
-class CachedRegions:
-    """A feature source whose ``image_regions`` serves one record's cached regions (filled by the
-    Ray engine), so :func:`rcnn.detect.detect_image` scores them like freshly computed ones."""
-
-    def __init__(self, source, record):
-        self.source, self.record = source, record
-
-    def image_regions(self, image):
-        return self.source.regions(self.record)

@@ -123,8 +123,6 @@ def bbox_reg(
     """Train per-class bounding-box regressors on the model's network features and store them in the model file.
 
     `rcnn detect`/`rcnn evaluate` then refine every scored box before NMS (``--no-bbox-reg`` switches it off)."""
-    from dataclasses import replace
-
     from rcnn.bbox_regression import attach, train_box_regressor
     from rcnn.detect import CNNFeatures, ModelError, RCNNModel
     from rcnn.features import features_for_dataset
@@ -140,8 +138,7 @@ def bbox_reg(
     if layer not in src.backbone.taps:
         raise fail(f"--layer must be one of {list(src.backbone.taps)}, not {layer!r}", 2)
     ds = open_dataset(dataset, split)
-    fc = replace(src.feature_config, layer=layer)
-    reg_src = CNNFeatures(src.proposal_config, fc, ds.root, backbone=src.backbone)
+    reg_src = model.feature_source(ds.root).with_layer(layer)
     ps = propose_dataset(ds, src.proposal_config, progress=True)
     bad = {i for i, _ in ps.failed}
     for _, msg in ps.failed:
