@@ -16,7 +16,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,10 +25,12 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from rcnn.backbones import FINETUNED_META_KEY, FT_TAP, get_backbone, read_finetuned_meta
 from rcnn.bbox_regression import BoxRegressor
 from rcnn.boxes import NMS_IOU, batched_nms, box_area
 from rcnn.cache import atomic_write, settings_hash
 from rcnn.data import Dataset, ImageReadError, ImageRecord, load_image
+from rcnn.features import FeatureConfig
 from rcnn.proposals import ProposalConfig
 from rcnn.scoring import TopK, score_topk
 from rcnn.sources import (
@@ -210,6 +212,31 @@ def check_backbone(model: RCNNModel, backbone) -> None:
             f"{backbone.weights_hash[:12]}…; pass the same --weights or retrain"
         )
 
+
+
+def softmax_model(net_path: str | Path, proposal_config: ProposalConfig, feature_config: FeatureConfig | None = None,
+                  ) -> RCNNModel:
+    """A detector that scores regions with a fine-tuned network's softmax (:mod:`rcnn.finetune`)
+    instead of SVMs: features = the :data:`rcnn.backbones.FT_TAP` log-probabilities, ``W`` selects
+    the N object columns (score = log p(class | region), a monotone map of the probability)."""
+    meta = read_finetuned_meta(net_path)
+    if meta is None:
+        raise ValueError(f"{net_path}: not a fine-tuned network (no {FINETUNED_META_KEY} header)")
+    classes = meta["classes"][1:]
+    fc = replace(feature_config or FeatureConfig(), backbone=meta["base"], weights=str(net_path), layer=FT_TAP,
+                 with_gt=True)
+    if meta.get("tap") == "pool5":  # the softmax reads the pool5 grid it was trained on
+        fc = replace(fc, grid=int(meta.get("grid", fc.grid)))
+    bb = get_backbone(fc.backbone, fc.weights)
+    n = len(classes)
+    W = np.zeros((n + 1, n), np.float32)
+    W[np.arange(1, n + 1), np.arange(n)] = 1.0
+    d = asdict(fc)
+    d.pop("batch_size", None)
+    return RCNNModel(classes=list(classes), W=W, b=np.zeros(n, np.float32), trained=np.ones(n, bool), feature_scale=1.0,
+                     backbone=fc.backbone, weights_hash=bb.weights_hash, layer=FT_TAP, mode=fc.mode, feature_options=d,
+                     proposal_options=asdict(proposal_config),
+                     training={"scorer": "fine-tuned softmax", "net": str(net_path), "iterations": meta.get("iterations")})
 
 
 # ------------------------------------------------------------------------- training
@@ -452,5 +479,5 @@ def detect_dataset(
 __all__ = [  # CNNFeatures, HOGFeatures, HOGOptions, MirrorAugmented, hog_features: defined in rcnn.sources
     "FORMAT_VERSION", "HOG_BACKBONE", "MAX_PER_CLASS", "CNNFeatures", "DetectStats", "Detections", "HOGFeatures",
     "HOGOptions", "MirrorAugmented", "ModelError", "RCNNModel", "check_backbone", "detect_dataset", "detect_image",
-    "fit", "hog_features", "postprocess", "regression_source", "relocalize",
+    "fit", "hog_features", "postprocess", "regression_source", "relocalize", "softmax_model",
 ]

@@ -30,12 +30,11 @@ corrupt one is reported (:class:`CheckpointError`). Sampling, flips and dropout 
 iteration* from ``(seed, iteration)``, so a run resumed after a kill is bit-identical to an
 uninterrupted one.
 
-The result is one safetensors file: the whole network's state dict (the original ImageNet
-classifier kept, so the ``logits`` tap still works) plus the new classifier under
-``rcnn_finetune.cls.*`` and a JSON header (``rcnn_finetune``: classes, preprocessing, settings,
-history). ``rcnn.backbones.get_backbone(base, weights=that_file)`` loads it like any backbone,
-with an extra tap ``ft_logprob`` = the fine-tuned ``(N+1)``-way log-softmax (see
-:func:`apply_finetuned`); :func:`softmax_model` wraps that tap as a detector model.
+The result is a fine-tuned network file (:func:`rcnn.backbones.save_finetuned`: the whole network's
+state dict, the new classifier and a header with classes, preprocessing, settings and history).
+``rcnn.backbones.get_backbone(base, weights=that_file)`` loads it like any backbone, with an extra
+tap :data:`rcnn.backbones.FT_TAP` = the fine-tuned ``(N+1)``-way log-softmax;
+:func:`rcnn.detect.softmax_model` wraps that tap as a detector model.
 """
 
 from __future__ import annotations
@@ -45,7 +44,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import cv2
@@ -55,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align
 
-from rcnn.backbones import Backbone, build_backbone, set_threads
+from rcnn.backbones import Backbone, build_backbone, save_finetuned, set_threads
 from rcnn.boxes import box_area, box_iou, flip_boxes
 from rcnn.cache import atomic_write, save_json, settings_hash
 from rcnn.data import ImageRecord, load_image
@@ -63,10 +62,6 @@ from rcnn.device import PRECISIONS, autocast
 
 log = logging.getLogger(__name__)
 
-#: Name of the extra tap a fine-tuned backbone offers: (N+1)-way log-softmax (index 0 = background).
-FT_TAP = "ft_logprob"
-META_KEY = "rcnn_finetune"
-CLS_PREFIX = "rcnn_finetune.cls."
 CKPT_VERSION = 1
 
 #: Fine-tuning learning rate per backbone = 1/10 of the base rate it was pre-trained with
@@ -591,7 +586,7 @@ def finetune(
     history["seconds_this_run"] = round(seconds, 1)
     history["seconds_total"] = round(history.get("seconds_total_before", 0.0) + seconds, 1)
     if it >= c.iterations:
-        save_finetuned(output, net, classes, c, history)
+        _save_net(output, net, classes, c, history)
         write_curve(history, output)
     else:  # stopped early: keep the total time across resumes in the checkpoint's history
         history["seconds_total_before"] = history["seconds_total"]
@@ -599,14 +594,9 @@ def finetune(
     return FinetuneResult(output, it, seconds, seconds / max(it - start, 1), history, start)
 
 
-def save_finetuned(path: Path, net: FinetuneNet, classes: Sequence[str], c: FinetuneConfig, history: dict) -> Path:
-    """The fine-tuned network as a backbone weights file (see module docs)."""
-    from safetensors.torch import save_file
-
+def _save_net(path: Path, net: FinetuneNet, classes: Sequence[str], c: FinetuneConfig, history: dict) -> Path:
+    """The fine-tuned network as a backbone weights file (:func:`rcnn.backbones.save_finetuned`)."""
     bb = net.bb
-    sd = {k: v.detach().contiguous() for k, v in net.net.state_dict().items()}
-    sd[CLS_PREFIX + "weight"] = net.cls.weight.detach().contiguous()
-    sd[CLS_PREFIX + "bias"] = net.cls.bias.detach().contiguous()
     meta = {
         "base": c.backbone, "classes": ["__background__", *classes], "input_size": bb.input_size, "color": bb.color,
         "mean": list(bb.mean), "std": list(bb.std), "tap": c.tap, "grid": c.grid, "input_scale": net.input_scale,
@@ -614,66 +604,7 @@ def save_finetuned(path: Path, net: FinetuneNet, classes: Sequence[str], c: Fine
         "iterations": c.iterations, "history_summary": {"val": history.get("val", [])[-1:], "data": history.get("data")},
         "seconds_total": history.get("seconds_total"),
     }
-    return atomic_write(path, lambda tmp: save_file(sd, str(tmp), metadata={META_KEY: json.dumps(meta)}))
-
-
-def read_meta(path: str | Path) -> dict | None:
-    """The ``rcnn_finetune`` header of a weights file, or None if it is not a fine-tuned net."""
-    path = Path(path)
-    if path.suffix != ".safetensors" or not path.is_file():
-        return None
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get(META_KEY)
-    except Exception:
-        return None
-    return json.loads(raw) if raw else None
-
-
-def apply_finetuned(bb: Backbone, path: str | Path) -> Backbone:
-    """Turn a backbone built from a fine-tuned weights file into a fine-tuned backbone: the
-    preprocessing it was trained with and an extra tap :data:`FT_TAP` ((N+1)-way log-softmax,
-    index 0 = background). Files without the header are returned unchanged."""
-    meta = read_meta(path)
-    if meta is None:
-        return bb
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        W, b = f.get_tensor(CLS_PREFIX + "weight"), f.get_tensor(CLS_PREFIX + "bias")
-    cls = nn.Linear(W.shape[1], W.shape[0])
-    with torch.no_grad():
-        cls.weight.copy_(W)
-        cls.bias.copy_(b)
-    cls.eval()
-    for p in cls.parameters():
-        p.requires_grad_(False)
-    tap = meta.get("tap", "fc7")
-    scale = float(meta.get("input_scale", 1.0))
-    tap_grid = int(meta.get("grid", 6))
-    orig = bb.head_fn
-
-    def head(grid: torch.Tensor, layers: Sequence[str], g: int) -> dict[str, torch.Tensor]:
-        inner = [x for x in layers if x != FT_TAP]
-        if FT_TAP in layers and tap not in inner:
-            inner.append(tap)
-        if FT_TAP in layers and tap == "pool5" and g != tap_grid:
-            raise ValueError(f"{path}: its softmax reads a {tap_grid}×{tap_grid} pool5 grid; extract with grid={tap_grid}, not {g}")
-        out = orig(grid, inner, g) if inner else {}
-        if FT_TAP in layers:
-            out[FT_TAP] = F.log_softmax(cls(out[tap].float() * scale), 1)
-        return {k: out[k] for k in layers}
-
-    bb.input_size = int(meta["input_size"])
-    bb.color = meta["color"]
-    bb.mean = tuple(meta["mean"])
-    bb.std = tuple(meta["std"])
-    bb.taps = {**bb.taps, FT_TAP: W.shape[0]}
-    bb.head_fn = head
-    bb.finetuned = meta  # type: ignore[attr-defined]
-    return bb
+    return save_finetuned(path, net.net.state_dict(), net.cls.weight, net.cls.bias, meta)
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -727,40 +658,8 @@ def _progress():
     return progress_bar("{task.fields[info]}")
 
 
-# ----------------------------------------------------------------------------- softmax scoring
-
-
-def softmax_model(net_path: str | Path, proposal_config, feature_config=None):
-    """A detector (:class:`rcnn.detect.RCNNModel`) that scores regions with the fine-tuned
-    softmax instead of SVMs: features = the :data:`FT_TAP` log-probabilities, ``W`` selects the
-    N object columns (score = log p(class | region), a monotone map of the probability)."""
-    from rcnn.backbones import get_backbone
-    from rcnn.detect import RCNNModel
-    from rcnn.features import FeatureConfig
-
-    meta = read_meta(net_path)
-    if meta is None:
-        raise ValueError(f"{net_path}: not a fine-tuned network (no {META_KEY} header)")
-    classes = meta["classes"][1:]
-    fc = replace(feature_config or FeatureConfig(), backbone=meta["base"], weights=str(net_path), layer=FT_TAP,
-                 with_gt=True)
-    if meta.get("tap") == "pool5":  # the softmax reads the pool5 grid it was trained on
-        fc = replace(fc, grid=int(meta.get("grid", fc.grid)))
-    bb = get_backbone(fc.backbone, fc.weights)
-    n = len(classes)
-    W = np.zeros((n + 1, n), np.float32)
-    W[np.arange(1, n + 1), np.arange(n)] = 1.0
-    d = asdict(fc)
-    d.pop("batch_size", None)
-    return RCNNModel(classes=list(classes), W=W, b=np.zeros(n, np.float32), trained=np.ones(n, bool), feature_scale=1.0,
-                     backbone=fc.backbone, weights_hash=bb.weights_hash, layer=FT_TAP, mode=fc.mode, feature_options=d,
-                     proposal_options=asdict(proposal_config),
-                     training={"scorer": "fine-tuned softmax", "net": str(net_path), "iterations": meta.get("iterations")})
-
-
 __all__ = [
-    "BASE_LR", "FT_TAP", "CheckpointError", "FinetuneConfig", "FinetuneNet", "FinetuneResult", "apply_finetuned",
-    "default_lr", "finetune", "label_regions", "load_checkpoint", "measure_input_scale", "read_meta", "sample_regions",
-    "save_checkpoint",
-    "softmax_model", "split_validation", "validate", "write_curve",
+    "BASE_LR", "CheckpointError", "FinetuneConfig", "FinetuneNet", "FinetuneResult", "default_lr", "finetune",
+    "label_regions", "load_checkpoint", "measure_input_scale", "sample_regions", "save_checkpoint", "split_validation",
+    "validate", "write_curve",
 ]

@@ -97,8 +97,8 @@ def softmax_model(
 ) -> None:
     """A detector scoring regions with the fine-tuned softmax instead of SVMs (use with `rcnn detect/evaluate`)."""
     from rcnn.backbones import WeightsError
+    from rcnn.detect import softmax_model as build
     from rcnn.features import SHARED_SCALES, FeatureConfig
-    from rcnn.finetune import softmax_model as build
 
     pc = make_config(proposals, ks, max_boxes, min_size, resize_width, False)
     try:
