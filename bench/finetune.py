@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ablation import DATA, PROPOSALS
 from rcnn.bbox_regression import attach, train_box_regressor
 from rcnn.cache import cache_dir, save_json
+from rcnn.cli.progress import show_progress
 from rcnn.data import load_dataset
 from rcnn.detect import CNNFeatures, DetectStats, detect_dataset, evaluate_model, fill_layers, fit
 from rcnn.features import FeatureConfig, feature_path
@@ -98,7 +99,8 @@ def train() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     cfg = net_config()
-    res = finetune(tv.records, tv.classes, out, cfg, PROPOSALS, DATA, progress=True)
+    with show_progress() as progress:
+        res = finetune(tv.records, tv.classes, out, cfg, PROPOSALS, DATA, progress=progress)
     hist = res.history
     base = out.with_suffix("")
     for ext in ("json", "png"):
@@ -134,11 +136,11 @@ def speed(n: int = 4, threads: int = 1, modes: tuple[str, ...] = ("shared",)) ->
             for f in tmp.parent.glob("*"):
                 f.unlink()
             finetune(tv.records[:8], tv.classes, tmp, replace(cfg, iterations=1), PROPOSALS, DATA, val_records=[],
-                     progress=False, threads=threads)  # warm-up (allocator, oneDNN kernels)
+                     threads=threads)  # warm-up (allocator, oneDNN kernels)
             for f in tmp.parent.glob("*"):
                 f.unlink()
             c0 = time.process_time()
-            res = finetune(tv.records[:8], tv.classes, tmp, cfg, PROPOSALS, DATA, val_records=[], progress=False,
+            res = finetune(tv.records[:8], tv.classes, tmp, cfg, PROPOSALS, DATA, val_records=[],
                            threads=threads)
             cpu = time.process_time() - c0  # includes labelling 8 images' regions once (~0.1 s each)
             out[f"{mode} {precision}"] = {

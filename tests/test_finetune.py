@@ -99,7 +99,7 @@ PC = ProposalConfig(resize_width=0, min_size=5)
 
 def _run(toy, out: Path, cfg=TINY, **kw):
     root, recs = toy
-    return finetune(recs[:2], ["red", "blue"], out, cfg, PC, root, val_records=recs[2:], progress=False, threads=1, **kw)
+    return finetune(recs[:2], ["red", "blue"], out, cfg, PC, root, val_records=recs[2:], threads=1, **kw)
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:

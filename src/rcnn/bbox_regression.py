@@ -29,7 +29,7 @@ before NMS (released ``rcnn_test.m`` with ``bbox_reg``), so NMS runs on the refi
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +38,7 @@ from scipy.linalg import solve
 
 from rcnn.boxes import box_area, box_iou, clip_boxes
 from rcnn.data import ImageRecord
+from rcnn.progress import ProgressFn, report
 from rcnn.sources import (
     TARGET_NORM,
     FeatureSource,
@@ -281,7 +282,7 @@ def train_box_regressor(
     min_iou: float = MIN_IOU,
     max_per_class: int = MAX_PER_CLASS,
     seed: int = 0,
-    progress: Callable[[int, int], None] | None = None,
+    progress: ProgressFn | None = None,
     cv_folds: int = 3,
 ) -> BoxRegressor:
     """Fit one ridge regressor per class on ``source``'s features (a :class:`rcnn.sources.CNNFeatures`,
@@ -298,8 +299,7 @@ def train_box_regressor(
         for c in np.unique(lab):
             m = lab == c
             res[c].add(allf[sel[m]], tgt[m], i)
-        if progress:
-            progress(i + 1, len(records))
+        report(progress, "box-regression samples", i + 1, len(records))
     # one feature scale for all classes: mean L2 norm of the sampled features → 20 (per block for joined taps)
     samples = [x.data()[0] for x in res if x.seen]
     blocks = source_blocks(source)

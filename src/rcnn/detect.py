@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,6 +31,7 @@ from rcnn.boxes import NMS_IOU, batched_nms, box_area
 from rcnn.cache import atomic_write, settings_hash
 from rcnn.data import Dataset, ImageReadError, ImageRecord, load_image
 from rcnn.features import FeatureConfig
+from rcnn.progress import ProgressFn, report
 from rcnn.proposals import ProposalConfig
 from rcnn.scoring import TopK, score_topk
 from rcnn.sources import (
@@ -243,7 +244,7 @@ def softmax_model(net_path: str | Path, proposal_config: ProposalConfig, feature
 
 
 def fit(
-    dataset: Dataset, source: FeatureSource, svm: SVMConfig = SVMConfig(), progress=None,
+    dataset: Dataset, source: FeatureSource, svm: SVMConfig = SVMConfig(), progress: ProgressFn | None = None,
     records: Sequence[ImageRecord] | None = None,
 ) -> tuple[RCNNModel, TrainResult]:
     """Train the per-class SVMs on ``dataset`` (or a subset ``records``) and wrap them as a model."""
@@ -439,7 +440,7 @@ class DetectStats:
 def detect_dataset(
     model: RCNNModel, dataset: Dataset, source: FeatureSource | None = None, threshold: float | None = None,
     top_k: int | None = None, max_per_class: int | None = MAX_PER_CLASS, records: Sequence[ImageRecord] | None = None,
-    progress: Callable[[int, int], None] | None = None, stats: DetectStats | None = None, bbox_reg: bool = True,
+    progress: ProgressFn | None = None, stats: DetectStats | None = None, bbox_reg: bool = True,
     relocalize_rounds: int = 0,
 ) -> Detections:
     """Detections over a dataset split, reading proposals/features from the caches (computing
@@ -471,8 +472,7 @@ def detect_dataset(
             parts.append(Detections(np.array([r.image_id] * len(s), dtype=object), b, s, lab))
         stats.images += 1
         stats.seconds += time.perf_counter() - t0
-        if progress:
-            progress(i + 1, len(recs))
+        report(progress, "detect", i + 1, len(recs))
     return Detections.concat(parts)
 
 

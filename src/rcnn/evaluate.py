@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from rcnn.boxes import box_iou, voc_to_xyxy, xywh_to_xyxy, xyxy_to_voc, xyxy_to_xywh
+from rcnn.cache import safe_filename
 from rcnn.data import Dataset, ImageRecord
 from rcnn.detect import Detections, RCNNModel
 
@@ -228,8 +229,7 @@ def save_pr_curves(result: EvalResult, out_dir: str | Path) -> list[Path]:
         ax.set_title(f"{c.name}: AP {c.ap:.3f} ({result.metric}, {c.npos} objects)")
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in c.name)
-        p = out_dir / f"pr_{safe}.png"
+        p = out_dir / f"pr_{safe_filename(c.name)}.png"
         fig.savefig(p, dpi=100)
         plt.close(fig)
         paths.append(p)

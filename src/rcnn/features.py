@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -30,9 +29,10 @@ from torchvision.ops import roi_align, roi_pool
 
 from rcnn.backbones import Backbone, get_backbone, set_threads
 from rcnn.boxes import flip_boxes
-from rcnn.cache import atomic_write, cache_dir, dir_size_mb, file_sha256, settings_hash
+from rcnn.cache import atomic_write, cache_dir, dir_size_mb, file_sha256, safe_filename, settings_hash
 from rcnn.data import ImageReadError, ImageRecord, load_image
 from rcnn.device import PRECISIONS, autocast, host_to, place_backbone, to_host
+from rcnn.progress import ProgressFn, report
 
 METHODS = ("warp", "square", "square_nocontext")
 MODES = ("warp", "shared")
@@ -277,16 +277,11 @@ def _extract(image, boxes, bb: Backbone, layers, mode, batch_size, context_pad, 
         # SPP-net's rule: each box at the scale where its area is closest to the input's
         pick = np.argmin(np.abs(area[:, None] * np.square(scales)[None] - bb.input_size**2), axis=1)
         order = np.argsort(pick, kind="stable")
-        h, w = image.shape[:2]
         for si, sc in enumerate(scales):
             idx = order[pick[order] == si]
             if len(idx) == 0:
                 continue
-            sc = min(sc, max_side / max(h, w))  # the scale actually used
-            size = (max(1, round(w * sc)), max(1, round(h * sc)))
-            sx, sy = size[0] / w, size[1] / h
-            flag = cv2.INTER_CUBIC if bb.interpolation == "bicubic" or sc > 1 else cv2.INTER_AREA
-            img = image if size == (w, h) else cv2.resize(image, size, interpolation=flag)
+            img, sx, sy = scaled_image(image, sc, max_side, bb.interpolation)
             views = [bb.run_trunk(host_to(bb.preprocess(img[None]), dev), sides)]
             if flip:
                 views.append(bb.run_trunk(host_to(bb.preprocess(np.ascontiguousarray(img[None, :, ::-1])), dev), sides))
@@ -294,7 +289,7 @@ def _extract(image, boxes, bb: Backbone, layers, mode, batch_size, context_pad, 
                 sel = idx[s : s + batch_size]
                 # the resized image's true per-axis scale (its size was rounded to whole pixels)
                 scaled = boxes[sel] * np.array([sx, sy, sx, sy], np.float32)
-                mirrored = flip_boxes(scaled, size[0]) if flip else None
+                mirrored = flip_boxes(scaled, img.shape[1]) if flip else None
                 grid_maps = _pool_views([fm for fm, _ in views], scaled, mirrored, g, bb.stride, pool)
                 out = bb.head(grid_maps, heads, g) if heads else {}
                 for k in sides:  # the finer map pooled to the same g×g cells of the box
@@ -317,14 +312,28 @@ def _pool_views(maps: list[torch.Tensor], boxes: np.ndarray, mirrored: np.ndarra
                 pool: str) -> torch.Tensor:
     """``(N,C,g,g)`` cells of ``boxes`` in ``maps[0]``; with a second map (the mirrored image), averaged
     with the mirrored boxes' cells there, their grid mirrored back (``flip``)."""
-    out = _roi_pool(maps[0], boxes, g, stride, pool)
+    out = roi_cells(maps[0], boxes, g, stride, pool)
     if len(maps) > 1:  # the mirrored box [W-x2, W-x1) in the mirrored map
-        out = (out + _roi_pool(maps[1], mirrored, g, stride, pool).flip(-1)) * 0.5
+        out = (out + roi_cells(maps[1], mirrored, g, stride, pool).flip(-1)) * 0.5
     return out
 
 
-def _roi_pool(fmap: torch.Tensor, boxes: np.ndarray, g: int, stride: int, pool: str) -> torch.Tensor:
-    """``(N,C,g,g)`` pooled cells of boxes ``(N,4)`` given in the map's input pixels."""
+def scaled_image(image: np.ndarray, scale: float, max_side: int, interpolation: str) -> tuple[np.ndarray, float, float]:
+    """Shared mode's input: ``image`` resized by ``scale``, lowered so the longer side stays within
+    ``max_side``; returns ``(resized, sx, sy)``, the true per-axis scales (the size is rounded to
+    whole pixels). Bicubic for networks trained so and for upscaling, area averaging to shrink."""
+    h, w = image.shape[:2]
+    sc = min(scale, max_side / max(h, w))  # the scale actually used
+    size = (max(1, round(w * sc)), max(1, round(h * sc)))
+    flag = cv2.INTER_CUBIC if interpolation == "bicubic" or sc > 1 else cv2.INTER_AREA
+    img = image if size == (w, h) else cv2.resize(image, size, interpolation=flag)
+    return img, size[0] / w, size[1] / h
+
+
+def roi_cells(fmap: torch.Tensor, boxes: np.ndarray, g: int, stride: int, pool: str = "align") -> torch.Tensor:
+    """``(N,C,g,g)`` pooled cells of boxes ``(N,4)`` given in the map's input pixels (``fmap``: one
+    image's ``(1,C,h,w)`` map of stride ``stride``): RoIAlign with 2×2 samples per cell, or RoI max
+    pooling (``pool="max"``). Differentiable: fine-tuning back-propagates through it into the trunk."""
     rois = torch.cat([torch.zeros(len(boxes), 1), torch.from_numpy(np.ascontiguousarray(boxes))], 1).to(fmap.device)
     if pool == "max":  # torchvision has no CPU autocast rule for roi_pool: pool in float32
         return roi_pool(fmap.float(), rois.float(), g, 1.0 / stride)
@@ -449,9 +458,7 @@ def feature_dirs(proposal_config, feature_config: FeatureConfig, dataset_root: s
 
 
 def feature_path(record: ImageRecord, proposal_config, feature_config: FeatureConfig, dataset_root) -> Path:
-    from rcnn.proposals import _safe_name
-
-    return feature_dir(proposal_config, feature_config, dataset_root) / f"{_safe_name(record.image_id)}.npz"
+    return feature_dir(proposal_config, feature_config, dataset_root) / f"{safe_filename(record.image_id)}.npz"
 
 
 def _save(path: Path, boxes: np.ndarray, feats: np.ndarray, image_sha: str, n_gt: int, compress: bool = True) -> None:
@@ -561,14 +568,14 @@ def features_for_dataset(
     dataset,
     proposal_config=None,
     feature_config: FeatureConfig | None = None,
-    progress: bool = True,
+    progress: ProgressFn | None = None,
     collect: bool = False,
 ) -> FeatureSummary | tuple[FeatureSummary, dict[str, tuple[np.ndarray, np.ndarray]]]:
     """Fill the feature cache for every image of ``dataset`` (resumes; cached images are skipped).
 
     One image at a time, so memory stays at one image's features whatever the dataset size;
     ``collect=True`` also returns ``{image_id: (boxes, feats)}`` (all in RAM — only if asked).
-    A ``rich`` progress bar shows regions/s. Unreadable images are reported, not fatal.
+    ``progress`` hears of each image (with the regions/s). Unreadable images are reported, not fatal.
     """
     from rcnn.proposals import ProposalConfig
 
@@ -580,35 +587,25 @@ def features_for_dataset(
         _remove_stale_tmp(feature_dir(pc, c, dataset.root))
     summary = FeatureSummary(images=len(dataset.records))
     got: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    bar = _progress() if progress else None
-    task = bar.add_task(fc.describe(), total=len(dataset.records)) if bar else None
-    if bar:
-        bar.start()
-    try:
-        for rec in dataset.records:
-            cached = all(feature_path(rec, pc, c, dataset.root).is_file() for c in taps)
-            t0 = time.perf_counter()
-            try:
-                boxes, feats = get_features(rec, pc, fc, dataset.root)
-            except ImageReadError as e:
-                summary.failed.append(str(e))
-                if bar:
-                    bar.advance(task)
-                continue
-            if cached:
-                summary.cached += 1
-            else:
-                summary.computed += 1
-                summary.regions += len(boxes)
-                summary.seconds += time.perf_counter() - t0
-            if collect:
-                got[rec.image_id] = (boxes, feats)
-            if bar:
-                rate = summary.regions_per_s
-                bar.update(task, advance=1, description=f"{fc.describe()} · {rate:.1f} regions/s")
-    finally:
-        if bar:
-            bar.stop()
+    n = len(dataset.records)
+    for i, rec in enumerate(dataset.records):
+        cached = all(feature_path(rec, pc, c, dataset.root).is_file() for c in taps)
+        t0 = time.perf_counter()
+        try:
+            boxes, feats = get_features(rec, pc, fc, dataset.root)
+        except ImageReadError as e:
+            summary.failed.append(str(e))
+            report(progress, fc.describe(), i + 1, n)
+            continue
+        if cached:
+            summary.cached += 1
+        else:
+            summary.computed += 1
+            summary.regions += len(boxes)
+            summary.seconds += time.perf_counter() - t0
+        if collect:
+            got[rec.image_id] = (boxes, feats)
+        report(progress, fc.describe(), i + 1, n, f"{summary.regions_per_s:.1f} regions/s")
     dirs = feature_dirs(pc, fc, dataset.root)
     summary.cache_dir = " + ".join(str(d) for d in dirs)
     summary.cache_mb = sum(dir_size_mb(d) for d in dirs)
@@ -624,14 +621,3 @@ def _remove_stale_tmp(folder: Path, max_age_s: float = 3600.0) -> None:
                 f.unlink()
         except OSError:
             pass  # another process removed or renamed it
-
-
-def _progress():
-    from rcnn.progress import progress_bar
-
-    return progress_bar()
-
-
-def default_threads() -> int:
-    """Cores available to this process."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

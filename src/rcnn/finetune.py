@@ -47,18 +47,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import roi_align
 
 from rcnn.backbones import Backbone, build_backbone, save_finetuned, set_threads
 from rcnn.boxes import box_area, box_iou, flip_boxes
 from rcnn.cache import atomic_write, save_json, settings_hash
 from rcnn.data import ImageRecord, load_image
 from rcnn.device import PRECISIONS, autocast
+from rcnn.features import roi_cells, scaled_image, warp_regions
+from rcnn.progress import ProgressFn, report
 
 log = logging.getLogger(__name__)
 
@@ -250,8 +250,6 @@ class FinetuneNet(nn.Module):
         """The (unscaled) tap the classifier reads, ``(sum M_i, D)``."""
         bb, c = self.bb, self.config
         if c.mode == "warp":
-            from rcnn.features import warp_regions
-
             crops = np.concatenate([warp_regions(im, b, bb.input_size, c.context_pad, c.method, fill=bb.mean_rgb(),
                                                  interpolation=bb.interpolation) for im, b in zip(images, boxes, strict=True)])
             x = bb.preprocess(crops)
@@ -261,17 +259,11 @@ class FinetuneNet(nn.Module):
             pooled = []
             g = c.grid
             for im, b in zip(images, boxes, strict=True):
-                h, w = im.shape[:2]
-                sc = min(c.scales[0], c.max_side / max(h, w))
-                size = (max(1, round(w * sc)), max(1, round(h * sc)))
-                flag = cv2.INTER_CUBIC if bb.interpolation == "bicubic" or sc > 1 else cv2.INTER_AREA
-                img = im if size == (w, h) else cv2.resize(im, size, interpolation=flag)
+                img, sx, sy = scaled_image(im, c.scales[0], c.max_side, bb.interpolation)
                 fmap = bb.trunk(bb.preprocess(img[None]))
-                s = np.array([size[0] / w, size[1] / h] * 2, np.float32)
-                rois = torch.from_numpy(np.asarray(b, np.float32) * s)
-                rois = torch.cat([torch.zeros(len(rois), 1), rois], 1)
                 # Fast R-CNN: gradients flow through RoIAlign into the shared trunk map
-                pooled.append(roi_align(fmap, rois, g, 1.0 / bb.stride, sampling_ratio=2, aligned=True))
+                pooled.append(roi_cells(fmap, np.asarray(b, np.float32) * np.array([sx, sy, sx, sy], np.float32), g,
+                                        bb.stride))
             grid = torch.cat(pooled)
         return bb.head(grid, [c.tap], g)[c.tap]
 
@@ -479,7 +471,7 @@ def finetune(
     dataset_root: str | Path | None = None,
     val_records: Sequence[ImageRecord] | None = None,
     checkpoint: str | Path | None = None,
-    progress: bool = True,
+    progress: ProgressFn | None = None,
     stop_after: int | None = None,
     threads: int | None = None,
 ) -> FinetuneResult:
@@ -517,70 +509,63 @@ def finetune(
     if ckpt.is_file():
         start, history = load_checkpoint(ckpt, net, opt, c)
         log.info("resumed from %s at iteration %d", ckpt, start)
-    bar = _progress() if progress else None
-    if bar:
-        bar.start()
-    try:
-        prep = bar.add_task("labelling regions", total=len(train_recs) + len(val_recs), info="") if bar else None
-        done = [0]
+    n_prep = len(train_recs) + len(val_recs)
+    done = [0]
 
-        def tick(i: int, n: int) -> None:
-            done[0] += 1
-            if bar:
-                bar.update(prep, completed=done[0])
+    def tick(i: int, n: int) -> None:
+        done[0] += 1
+        report(progress, "labelling regions", done[0], n_prep)
 
-        train = RegionData(train_recs, pc, dataset_root, c.fg_iou, tick)
-        val = RegionData(val_recs, pc, dataset_root, c.fg_iou, tick) if val_recs else None
-        if start == 0:
-            net.input_scale = measure_input_scale(net, train, c)
-        else:  # measured on the pre-trained net at iteration 0, kept in the checkpoint's history
-            net.input_scale = float(history.get("input_scale", 1.0))
-        history["input_scale"] = net.input_scale
-        n_pos = int(sum((lab > 0).sum() for lab in train.labels))
-        n_all = int(sum(len(lab) for lab in train.labels))
-        task = bar.add_task(f"fine-tune {c.backbone} ({c.mode})", total=c.iterations, completed=start, info="") if bar else None
-        t0 = time.perf_counter()
-        end = c.iterations if stop_after is None else min(c.iterations, stop_after)
-        it = start
-        while it < end:
-            for g in opt.param_groups:
-                g["lr"] = c.lr_at(it) * g["lr_mult"]
-            rng = _iter_rng(c.seed, it)
-            torch.manual_seed(int(rng.integers(2**62)))  # dropout of this iteration (resume-exact)
-            idx = batch_images(it, len(train.records), c.images_per_batch, c.seed)
-            ims, bxs, lab = train.batch(idx, c.rois_per_image, c.fg_fraction, rng, c.flip)
-            net.set_train(True)
-            with torch.enable_grad():  # robust to a caller that disabled autograd globally
-                logits = net.forward_regions(ims, bxs)
-                y = torch.from_numpy(lab)
-                loss = F.cross_entropy(logits, y)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"fine-tuning diverged at iteration {it} (loss {float(loss)}); lower --lr")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            acc = float((logits.detach().argmax(1) == y).float().mean())
-            loss = loss.detach()
-            it += 1
-            history["train"].append({"iteration": it, "loss": round(float(loss), 5), "accuracy": round(acc, 4),
-                                     "fg_fraction": round(float((y > 0).float().mean()), 4), "lr": c.lr_at(it - 1)})
-            if val is not None and (it % c.val_every == 0 or it == c.iterations):
-                v = validate(net, val, c)
-                history["val"].append({"iteration": it, **{k: round(x, 5) if isinstance(x, float) else x for k, x in v.items()}})
-            if it % c.checkpoint_every == 0 or it == end:
-                save_checkpoint(ckpt, net, opt, it, history, c)
-            if bar:
-                el = time.perf_counter() - t0
-                rate = (it - start) / el if el > 0 else 0.0
-                last_val = history["val"][-1] if history["val"] else None
-                info = f"{rate:.2f} it/s · loss {float(loss):.3f} · acc {acc:.2f}"
-                if last_val:
-                    info += f" · val loss {last_val['loss']:.3f} acc {last_val['accuracy']:.2f}"
-                bar.update(task, completed=it, info=info)
-        seconds = time.perf_counter() - t0
-    finally:
-        if bar:
-            bar.stop()
+    train = RegionData(train_recs, pc, dataset_root, c.fg_iou, tick)
+    val = RegionData(val_recs, pc, dataset_root, c.fg_iou, tick) if val_recs else None
+    if start == 0:
+        net.input_scale = measure_input_scale(net, train, c)
+    else:  # measured on the pre-trained net at iteration 0, kept in the checkpoint's history
+        net.input_scale = float(history.get("input_scale", 1.0))
+    history["input_scale"] = net.input_scale
+    n_pos = int(sum((lab > 0).sum() for lab in train.labels))
+    n_all = int(sum(len(lab) for lab in train.labels))
+    task = f"fine-tune {c.backbone} ({c.mode})"
+    report(progress, task, start, c.iterations)
+    t0 = time.perf_counter()
+    end = c.iterations if stop_after is None else min(c.iterations, stop_after)
+    it = start
+    while it < end:
+        for g in opt.param_groups:
+            g["lr"] = c.lr_at(it) * g["lr_mult"]
+        rng = _iter_rng(c.seed, it)
+        torch.manual_seed(int(rng.integers(2**62)))  # dropout of this iteration (resume-exact)
+        idx = batch_images(it, len(train.records), c.images_per_batch, c.seed)
+        ims, bxs, lab = train.batch(idx, c.rois_per_image, c.fg_fraction, rng, c.flip)
+        net.set_train(True)
+        with torch.enable_grad():  # robust to a caller that disabled autograd globally
+            logits = net.forward_regions(ims, bxs)
+            y = torch.from_numpy(lab)
+            loss = F.cross_entropy(logits, y)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"fine-tuning diverged at iteration {it} (loss {float(loss)}); lower --lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        acc = float((logits.detach().argmax(1) == y).float().mean())
+        loss = loss.detach()
+        it += 1
+        history["train"].append({"iteration": it, "loss": round(float(loss), 5), "accuracy": round(acc, 4),
+                                 "fg_fraction": round(float((y > 0).float().mean()), 4), "lr": c.lr_at(it - 1)})
+        if val is not None and (it % c.val_every == 0 or it == c.iterations):
+            v = validate(net, val, c)
+            history["val"].append({"iteration": it, **{k: round(x, 5) if isinstance(x, float) else x for k, x in v.items()}})
+        if it % c.checkpoint_every == 0 or it == end:
+            save_checkpoint(ckpt, net, opt, it, history, c)
+        if progress is not None:
+            el = time.perf_counter() - t0
+            rate = (it - start) / el if el > 0 else 0.0
+            last_val = history["val"][-1] if history["val"] else None
+            info = f"{rate:.2f} it/s · loss {float(loss):.3f} · acc {acc:.2f}"
+            if last_val:
+                info += f" · val loss {last_val['loss']:.3f} acc {last_val['accuracy']:.2f}"
+            report(progress, task, it, c.iterations, info)
+    seconds = time.perf_counter() - t0
     history["data"] = {"train_images": len(train_recs), "val_images": len(val_recs), "train_regions": n_all,
                        "train_positives": n_pos}
     history["seconds_this_run"] = round(seconds, 1)
@@ -650,12 +635,6 @@ def write_curve(history: dict, output: Path) -> tuple[Path, Path]:
     fig.savefig(ppath, dpi=90)
     plt.close(fig)
     return jpath, ppath
-
-
-def _progress():
-    from rcnn.progress import progress_bar
-
-    return progress_bar("{task.fields[info]}")
 
 
 __all__ = [

@@ -25,7 +25,7 @@ from typing import Protocol
 import numpy as np
 
 from rcnn.backbones import get_backbone
-from rcnn.cache import cache_dir, dir_size_mb, file_sha256, load_npz, save_npz, settings_hash
+from rcnn.cache import cache_dir, dir_size_mb, file_sha256, load_npz, safe_filename, save_npz, settings_hash
 from rcnn.data import ImageRecord, load_image
 from rcnn.features import FeatureConfig, extract_features, feature_dirs, get_features, layer_dim, split_layer
 from rcnn.proposals import ProposalConfig, get_proposals, selective_search
@@ -141,10 +141,9 @@ def scale_from_json(value) -> Scale:
 # ----------------------------------------------------------------------------- CNN features
 
 
-def _gt_cache_path(kind: str, key: str, root: str | Path | None, record: ImageRecord) -> Path:
+def _hog_cache_path(kind: str, key: str, root: str | Path | None, record: ImageRecord) -> Path:
     droot = str(Path(root).resolve()) if root is not None else str(Path(record.path).parent.resolve())
-    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in record.image_id)[:80]
-    return cache_dir() / kind / key / settings_hash("dataset", droot) / f"{safe}-{settings_hash(record.image_id, length=8)}.npz"
+    return cache_dir() / kind / key / settings_hash("dataset", droot) / f"{safe_filename(record.image_id)}.npz"
 
 
 def _cached_gt(path: Path, record: ImageRecord, compute: Callable[[], np.ndarray]) -> np.ndarray:
@@ -390,7 +389,7 @@ class HOGFeatures(FeatureSource):
 
     def regions(self, record: ImageRecord) -> tuple[np.ndarray, np.ndarray]:
         boxes = get_proposals(record, self.proposal_config, self.dataset_root)
-        path = _gt_cache_path("hog_features", self.key, self.dataset_root, record)
+        path = _hog_cache_path("hog_features", self.key, self.dataset_root, record)
         sha = settings_hash(file_sha256(record.path), len(boxes))
         z = load_npz(path)
         if z is not None and str(z.get("key", "")) == sha and len(z["feats"]) == len(boxes):
@@ -400,7 +399,7 @@ class HOGFeatures(FeatureSource):
         return boxes, feats
 
     def gt_features(self, record: ImageRecord) -> np.ndarray:
-        path = _gt_cache_path("hog_gt_features", self.key, self.dataset_root, record)
+        path = _hog_cache_path("hog_gt_features", self.key, self.dataset_root, record)
         return _cached_gt(path, record, lambda: hog_features(load_image(record.path), record.boxes, self.opts))
 
     def extract(self, image: np.ndarray, boxes: np.ndarray, layers: Sequence[str] | None = None):

@@ -34,13 +34,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from rcnn.boxes import box_iou
 from rcnn.data import ImageRecord
+from rcnn.progress import ProgressFn, report
 from rcnn.sources import TARGET_NORM, FeatureSource, Scale, block_norms, block_scale, source_blocks
 
 log = logging.getLogger(__name__)
@@ -243,35 +244,33 @@ class TrainResult:
     warnings: list[str]
 
 
-@dataclass
-class Progress:
-    """What the training loop reports after each image (for a progress bar)."""
-
-    stage: str  # "stats", "positives", "mining"
-    done: int
-    total: int
-    cache_sizes: list[int] = field(default_factory=list)
-    objective: list[float] = field(default_factory=list)
+def _mining_info(classes: Sequence[str], caches: list[_ClassCache], shown: int = 8) -> str:
+    """Negative-cache sizes and last objectives of the first ``shown`` classes, for a progress line."""
+    cs = list(zip(classes, caches, strict=True))[:shown]
+    more = " …" if len(classes) > shown else ""
+    objs = ("–" if not cc.history else f"{cc.history[-1]['objective']:.3g}" for _, cc in cs)
+    return "cache " + " ".join(f"{c}:{cc.size}" for c, cc in cs) + more + " · obj " + " ".join(objs) + more
 
 
 def train_detector(
     records: Sequence[ImageRecord], classes: Sequence[str], source: FeatureSource, config: SVMConfig = SVMConfig(),
-    progress: Callable[[Progress], None] | None = None,
+    progress: ProgressFn | None = None,
 ) -> TrainResult:
-    """Train one linear SVM per class with hard-negative mining (paper §2.3); see module docs."""
+    """Train one linear SVM per class with hard-negative mining (paper §2.3); see module docs.
+    ``progress`` hears of the feature scale, the positives and each mined image (cache sizes, objectives)."""
     t0 = time.perf_counter()
     C = len(classes)
     records = list(records)
     if not records:
         raise ValueError("no training images")
     warn: list[str] = []
-    report = progress or (lambda p: None)
 
     # 1. feature scale (rcnn_feature_stats on a fixed-seed sample)
-    report(Progress("stats", 0, 1))
+    report(progress, "feature scale", 0, 1)
     blocks = source_blocks(source)
     mean_norm = feature_stats(records, source, config.stats_images, config.stats_boxes, config.seed, blocks)
     scale = block_scale(mean_norm, blocks, config.target_norm)
+    report(progress, "feature scale", 1, 1)
 
     # 2. positives: non-difficult ground truth, features like the proposals' (released code:
     #    get_positive_pool5_features before mining)
@@ -286,7 +285,7 @@ def train_detector(
                 m = keep & (r.labels == c)
                 if m.any():
                     pos[c].append(f[m])
-        report(Progress("positives", i + 1, len(records)))
+        report(progress, "positives", i + 1, len(records))
     if D is None:
         _, f = source.regions(records[0])
         D = f.shape[1]
@@ -380,8 +379,8 @@ def train_detector(
                     retrain(int(c), i)  # the bound forces an early retrain/evict
             if len(boxes):
                 first_time = False
-            report(Progress("mining", epoch * n + i + 1, config.passes * n, [cc.size for cc in caches],
-                            [cc.history[-1]["objective"] if cc.history else float("nan") for cc in caches]))
+            if progress is not None:
+                report(progress, "hard-negative mining", epoch * n + i + 1, config.passes * n, _mining_info(classes, caches))
     for c in np.nonzero(trained)[0]:
         if caches[c].evicted_for_bound:
             msg = (f"class {classes[c]!r}: negative cache bound ({max_neg} regions, {config.max_cache_mb} MB) dropped "

@@ -10,8 +10,9 @@ from typing import Annotated
 import numpy as np
 import typer
 
-from rcnn.cli.app import app, console, fail
+from rcnn.cli.app import app, console, fail, load_model
 from rcnn.cli.dataset import open_dataset
+from rcnn.cli.progress import show_progress, track
 from rcnn.data import Dataset
 from rcnn.evaluate import METRICS, Detections, read_detections
 
@@ -20,25 +21,10 @@ SplitOpt = Annotated[str | None, typer.Option("--split", "-s", help="Split name;
 MODEL_SUFFIXES = (".rcnn", ".safetensors")
 
 
-def _progress():
-    from rcnn.progress import progress_bar
-
-    return progress_bar(console=console)
-
-
 def _is_model(path: Path) -> bool:
     # detections are COCO .json or comp4 .txt files (or a folder of them); any other file is
     # read as a model (`rcnn train` writes .rcnn) and RCNNModel.load names the file if it is not
     return path.is_file() and path.suffix.lower() not in (".json", ".txt")
-
-
-def _load_model(path: Path):
-    from rcnn.detect import ModelError, RCNNModel
-
-    try:
-        return RCNNModel.load(path)
-    except ModelError as e:
-        raise fail(str(e), 2) from None
 
 
 def detections_for(path: Path, ds: Dataset) -> tuple[Detections, object | None]:
@@ -49,10 +35,9 @@ def detections_for(path: Path, ds: Dataset) -> tuple[Detections, object | None]:
     if _is_model(path):
         from rcnn.detect import detect_dataset
 
-        model = _load_model(path)
-        with _progress() as bar:
-            task = bar.add_task(f"detecting with {path.name}", total=len(ds.records))
-            dets = detect_dataset(model, ds, progress=lambda i, n: bar.update(task, completed=i))
+        model = load_model(path)
+        with show_progress() as progress:
+            dets = detect_dataset(model, ds, progress=progress)
         index = {c: i for i, c in enumerate(ds.classes)}
         remap = np.array([index.get(c, -1) for c in model.classes], np.int64)
         if len(dets):
@@ -170,7 +155,7 @@ def _feature_settings(model_or_backbone: str, weights: str | None, mode: str | N
     if _is_model(p):
         from rcnn.detect import HOG_BACKBONE, CNNFeatures
 
-        model = _load_model(p)
+        model = load_model(p)
         if model.backbone == HOG_BACKBONE:
             raise fail(f"{p}: a HOG model has no CNN units to visualise", 2)
         fc = CNNFeatures.from_options(model.proposal_config(), model.feature_options).feature_config
@@ -235,9 +220,7 @@ def run_units(
             except ValueError as e:
                 raise fail(str(e), 2) from None
         else:
-            with _progress() as bar:
-                t = bar.add_task("finding the most active units", total=len(recs))
-                units = backbone_units_by_max(_tracked(recs, bar, t), features, grid)
+            units = backbone_units_by_max(track(recs, "finding the most active units"), features, grid)
     else:
         try:
             units = parse_units(units_spec, grid)
@@ -247,18 +230,10 @@ def run_units(
     bad = [u.label() for u in units if u.channel >= channels]
     if bad:
         raise fail(f"--units: {bad} outside the {channels} channels of {bb.name}'s pool5", 2)
-    with _progress() as bar:
-        t = bar.add_task(f"top activations of {len(units)} units", total=len(recs))
-        path, hits = render_units(recs, features, units, bb, fc, out_path, k=top,
-                                  progress=lambda i: bar.update(t, completed=i + 1),
+    with show_progress() as progress:
+        path, hits = render_units(recs, features, units, bb, fc, out_path, k=top, progress=progress,
                                   title=f"Top activations of pool5 units — {bb.name}, {fc.mode} mode, {len(recs)} images")
     return path, units, hits
-
-
-def _tracked(recs, bar, task):
-    for r in recs:
-        yield r
-        bar.advance(task)
 
 
 @app.command("units")

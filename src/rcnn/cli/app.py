@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
 import typer
 from rich.console import Console
 
@@ -20,3 +24,16 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     """Print one red error line to stderr and return an ``Exit`` to raise."""
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
+
+
+def load_model(path: Path, load: Callable[[Path], Any] | None = None) -> Any:
+    """The model file ``path`` read by ``load`` (default :meth:`rcnn.detect.RCNNModel.load`), or exit
+    (code 2) with the loader's one-line error (every model loader raises a ``ValueError``)."""
+    if load is None:
+        from rcnn.detect import RCNNModel
+
+        load = RCNNModel.load
+    try:
+        return load(path)
+    except ValueError as e:
+        raise fail(str(e), 2) from None

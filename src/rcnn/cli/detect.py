@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -11,11 +10,10 @@ from typing import Annotated
 
 import numpy as np
 import typer
-from rich.progress import Progress
 from rich.table import Table
 
 from rcnn.cache import save_json
-from rcnn.cli.app import app, console, err_console, fail
+from rcnn.cli.app import app, console, err_console, fail, load_model
 from rcnn.cli.dataset import DatasetArg, open_dataset, print_ap_table
 from rcnn.cli.engine import (
     AddressOpt,
@@ -25,19 +23,16 @@ from rcnn.cli.engine import (
     ray_extract,
     ray_fill_images,
 )
+from rcnn.cli.progress import show_progress
 from rcnn.cli.proposals import KsOpt, MaxBoxesOpt, MinSizeOpt, WidthOpt, WorkersOpt, make_config
 from rcnn.data import ImageReadError, load_image
 from rcnn.evaluate import METRICS, Detections, write_coco_results, write_comp4
-from rcnn.progress import progress_bar
+from rcnn.progress import report
 from rcnn.sources import CachedRegions
 
 log = logging.getLogger(__name__)
 
 ModelArg = Annotated[Path, typer.Argument(help="Model file written by `rcnn train` (.rcnn)")]
-
-
-def _progress() -> Progress:
-    return progress_bar("{task.fields[info]}", console=console)
 
 
 class _WarnToConsole(logging.Handler):
@@ -52,15 +47,6 @@ def _log_warnings() -> None:
             h = _WarnToConsole(logging.WARNING)
             lg.addHandler(h)
             lg.propagate = False
-
-
-def _load_model(path: Path):
-    from rcnn.detect import ModelError, RCNNModel
-
-    try:
-        return RCNNModel.load(path)
-    except ModelError as e:
-        raise fail(str(e), 2) from None
 
 
 FlipOpt = Annotated[bool, typer.Option("--flip", help="Test-time flip averaging: each region's pooled map averaged with its "
@@ -142,7 +128,8 @@ def train(
     console.print(f"{len(ds)} images of {dataset} ({split}); proposals {pc.describe()}; "
                   f"features {source.name} {source.layer} {source.mode}", highlight=False)
     t0 = time.perf_counter()
-    ps = propose_dataset(ds, pc, workers=workers, progress=True)
+    with show_progress() as progress:
+        ps = propose_dataset(ds, pc, workers=workers, progress=progress)
     bad = {i for i, _ in ps.failed}
     for _, msg in ps.failed:
         err_console.print(f"[red]error:[/] {msg}", highlight=False, soft_wrap=True)
@@ -150,23 +137,12 @@ def train(
         ds.records = [r for r in ds.records if r.image_id not in bad]
         err_console.print(f"[yellow]warning:[/] training without {len(bad)} unreadable image(s)")
     if isinstance(source, CNNFeatures):
-        s = features_for_dataset(ds, pc, replace(source.feature_config), progress=True)
+        with show_progress() as progress:
+            s = features_for_dataset(ds, pc, replace(source.feature_config), progress=progress)
         console.print(f"features: computed {s.computed}, reused {s.cached}; cache {s.cache_mb:.0f} MB", highlight=False)
-    with _progress() as bar:
-        tasks: dict[str, int] = {}
-
-        def report(p) -> None:
-            if p.stage not in tasks:
-                tasks[p.stage] = bar.add_task({"stats": "feature scale", "positives": "positives",
-                                               "mining": "hard-negative mining"}[p.stage], total=p.total, info="")
-            info = ""
-            if p.cache_sizes:
-                info = "cache " + " ".join(f"{c}:{n}" for c, n in zip(ds.classes, p.cache_sizes, strict=False)) + \
-                       " · obj " + " ".join("–" if math.isnan(o) else f"{o:.3g}" for o in p.objective)
-            bar.update(tasks[p.stage], completed=p.done, total=p.total, info=info)
-
+    with show_progress() as progress:
         try:
-            model, res = fit(ds, source, svm, progress=report)
+            model, res = fit(ds, source, svm, progress=progress)
         except (ValueError, ImageReadError) as e:
             raise fail(str(e), 1) from None
     model.training["seconds_total"] = round(time.perf_counter() - t0, 1)
@@ -220,7 +196,7 @@ def detect(
         raise fail("no images given: rcnn detect MODEL IMAGE... (or rcnn detect IMAGE... for the ImageNet demo detector)", 2)
     check_engine(engine, address)
     _log_warnings()
-    model = _load_model(model_path)
+    model = load_model(model_path)
     if relocalize and (no_bbox_reg or model.bbox_reg is None):
         raise fail(f"--relocalize needs box regression: {model_path} has no box regressor (add one with rcnn bbox-reg)"
                    if model.bbox_reg is None else "--relocalize needs box regression, not --no-bbox-reg", 2)
@@ -258,15 +234,14 @@ def _detect_images(images: list[Path], detect_one, classes: list[str], output: P
 
     output.mkdir(parents=True, exist_ok=True)
     parts, failed = [], []
-    with _progress() as bar:
-        task = bar.add_task("detect", total=len(images), info="")
-        for p in images:
+    with show_progress() as progress:
+        for i, p in enumerate(images):
             try:
                 img = load_image(p)
             except ImageReadError as e:
                 failed.append(str(e))
                 err_console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
-                bar.advance(task)
+                report(progress, "detect", i + 1, len(images))
                 continue
             t0 = time.perf_counter()
             b, s, lab = detect_one(img, p)
@@ -275,7 +250,7 @@ def _detect_images(images: list[Path], detect_one, classes: list[str], output: P
             if not no_png:
                 save_png(output / f"{p.stem}.png", draw_detections(img, b, lab, s, classes))
             counts = ", ".join(f"{classes[c]} {int((lab == c).sum())}" for c in np.unique(lab)) or "nothing"
-            bar.update(task, advance=1, info=f"{p.name}: {counts} ({dt:.1f} s)")
+            report(progress, "detect", i + 1, len(images), f"{p.name}: {counts} ({dt:.1f} s)")
     dets = Detections.concat(parts)
     _write_outputs(dets, classes, output, "detect")
     console.print(f"{len(dets)} detections in {len(parts)} image(s) → {output}")
@@ -307,7 +282,7 @@ def evaluate(
         raise fail(f"--metric must be one of {METRICS}, not {metric!r}", 2)
     check_engine(engine, address)
     _log_warnings()
-    model = _load_model(model_path)
+    model = load_model(model_path)
     if relocalize and (no_bbox_reg or model.bbox_reg is None):
         raise fail(f"--relocalize needs box regression: {model_path} has no box regressor (add one with rcnn bbox-reg)"
                    if model.bbox_reg is None else "--relocalize needs box regression, not --no-bbox-reg", 2)
@@ -322,18 +297,19 @@ def evaluate(
         es = ray_extract(ds, source.proposal_config, source.feature_config, address, workers)
         ps_failed = [(r.image_id, m) for r in ds.records for m in es.failed if m.startswith(f"{r.path}:")]
     else:
-        ps_failed = propose_dataset(ds, source.proposal_config, workers=workers, progress=True).failed
+        with show_progress() as progress:
+            ps_failed = propose_dataset(ds, source.proposal_config, workers=workers, progress=progress).failed
     for _, msg in ps_failed:
         err_console.print(f"[red]error:[/] {msg}", highlight=False, soft_wrap=True)
     bad = {i for i, _ in ps_failed}
     ds.records = [r for r in ds.records if r.image_id not in bad]
     if isinstance(source, CNNFeatures) and engine != "ray":
-        features_for_dataset(ds, source.proposal_config, source.feature_config, progress=True)
+        with show_progress() as progress:
+            features_for_dataset(ds, source.proposal_config, source.feature_config, progress=progress)
     stats = DetectStats()
-    with _progress() as bar:
-        task = bar.add_task("detect", total=len(ds.records), info="")
-        dets = detect_dataset(model, ds, source, progress=lambda i, n: bar.update(task, completed=i), stats=stats,
-                              bbox_reg=not no_bbox_reg, relocalize_rounds=relocalize)
+    with show_progress() as progress:
+        dets = detect_dataset(model, ds, source, progress=progress, stats=stats, bbox_reg=not no_bbox_reg,
+                              relocalize_rounds=relocalize)
     result, warns = evaluate_model(model, ds, dets, metric)
     for w in warns:
         err_console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from rcnn.cli.app import console, fail
+from rcnn.cli.progress import show_progress
 from rcnn.distributed import ENGINES, EngineSummary, extract_dataset
 
 EngineOpt = Annotated[str, typer.Option(
@@ -31,8 +32,9 @@ def ray_extract(dataset, proposal_config, feature_config, address: str | None, w
     """Fill the caches on Ray (progress bar on the driver); a missing ``ray`` or an unreachable
     cluster exits with one line."""
     try:
-        s = extract_dataset(dataset, proposal_config, feature_config, engine="ray", address=address, workers=workers,
-                            progress=True, records=records)
+        with show_progress() as progress:
+            s = extract_dataset(dataset, proposal_config, feature_config, engine="ray", address=address,
+                                workers=workers, progress=progress, records=records)
     except RuntimeError as e:
         raise fail(str(e), 2) from None
     console.print(f"ray: {s.workers} workers, startup {s.startup_s:.1f} s, {s.images_per_s:.2f} images/s", highlight=False)

@@ -9,6 +9,7 @@ import typer
 
 from rcnn.cli.app import app, console, err_console, fail
 from rcnn.cli.dataset import DatasetArg, open_dataset
+from rcnn.cli.progress import show_progress
 from rcnn.cli.proposals import KsOpt, MaxBoxesOpt, MinSizeOpt, WidthOpt, make_config
 
 
@@ -69,7 +70,8 @@ def finetune(
                   f"classes {['background', *ds.classes]}", highlight=False)
     output.parent.mkdir(parents=True, exist_ok=True)
     try:
-        res = run(ds.records, ds.classes, output, cfg, pc, ds.root, threads=threads)
+        with show_progress() as progress:
+            res = run(ds.records, ds.classes, output, cfg, pc, ds.root, progress=progress, threads=threads)
     except (CheckpointError, WeightsError, ImageReadError, FloatingPointError, ValueError) as e:
         raise fail(str(e), 1) from None
     last = res.history["val"][-1] if res.history.get("val") else None
@@ -139,12 +141,14 @@ def bbox_reg(
         raise fail(f"--layer must be one of {list(src.backbone.taps)}, not {layer!r}", 2)
     ds = open_dataset(dataset, split)
     reg_src = model.feature_source(ds.root).with_layer(layer)
-    ps = propose_dataset(ds, src.proposal_config, progress=True)
+    with show_progress() as progress:
+        ps = propose_dataset(ds, src.proposal_config, progress=progress)
     bad = {i for i, _ in ps.failed}
     for _, msg in ps.failed:
         err_console.print(f"[red]error:[/] {msg}", highlight=False, soft_wrap=True)
     ds.records = [r for r in ds.records if r.image_id not in bad]
-    features_for_dataset(ds, src.proposal_config, reg_src.feature_config, progress=True)
+    with show_progress() as progress:
+        features_for_dataset(ds, src.proposal_config, reg_src.feature_config, progress=progress)
     reg = train_box_regressor(ds.records, model.classes, reg_src, lam=lam, min_iou=min_iou)
     attach(model, reg)
     out = output or model_path

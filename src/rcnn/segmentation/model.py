@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,6 +21,7 @@ import numpy as np
 
 from rcnn.cache import atomic_write, file_sha256
 from rcnn.data import Dataset, ImageReadError, ImageRecord, load_image
+from rcnn.progress import ProgressFn, tracked
 from rcnn.segmentation.features import (
     STRATEGIES,
     RegionFeatureConfig,
@@ -123,14 +124,13 @@ def prepare_dataset(
     feat_config: RegionFeatureConfig,
     max_regions: int | None = None,
     with_gt: bool = False,
-    progress: Callable[[Iterable], Iterable] | None = None,
+    progress: ProgressFn | None = None,
     problems: list[str] | None = None,
 ) -> list[ImageRegions]:
     """:func:`prepare_image` for every record. Images with a bad mask or image file are
     skipped and their one-line reason appended to ``problems`` (never a crash mid-run)."""
     out = []
-    recs = dataset.records if progress is None else progress(dataset.records)
-    for r in recs:
+    for r in tracked(dataset.records, progress, f"{dataset.split or 'all images'}: regions + features"):
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")

@@ -47,6 +47,7 @@ from scipy import ndimage
 
 from rcnn.cache import atomic_write, cache_dir, file_sha256, settings_hash
 from rcnn.data import ImageRecord, load_image
+from rcnn.progress import ProgressFn, tracked
 from rcnn.segmentation.maskhead import load_mask_head, maskhead_path, snap
 from rcnn.segmentation.packaged import load_once, packaged_file
 from rcnn.segmentation.ranking import FEATURES, ForestRanker, SegmentStats, describe, train_ranker
@@ -681,7 +682,7 @@ def _best_iou(rows: np.ndarray, segments: np.ndarray, gt: np.ndarray) -> np.ndar
 
 def train_mask_ranker(
     images: Sequence[np.ndarray], gt_masks: Sequence[np.ndarray], config: MaskProposalConfig = MaskProposalConfig(),
-    n_trees: int = 40, seed: int = 0, progress=None,
+    n_trees: int = 40, seed: int = 0, progress: ProgressFn | None = None,
 ) -> tuple[ForestRanker, dict]:
     """CPMC-style ranker (paper §4): a regression forest predicting each candidate's best
     IoU with a ground-truth object, from :func:`~rcnn.segmentation.ranking.describe`.
@@ -692,7 +693,7 @@ def train_mask_ranker(
     """
     prepared, Xs, ys = [], [], []
     items = zip(images, gt_masks, strict=True)
-    for image, gt in (progress(items) if progress else items):
+    for image, gt in tracked(items, progress, "ranker training images"):
         work, pool, g = _training_image(image, gt, config)
         rows, X = _singles(work, pool, config)
         prepared.append((work, pool, g))
