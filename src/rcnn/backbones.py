@@ -108,6 +108,8 @@ class Backbone:
     head_fn: Callable[[torch.Tensor, Sequence[str], int], dict[str, torch.Tensor]]
     stride: int  # trunk map stride in input pixels (for RoI pooling in shared mode)
     pool5_grid: int = 6  # G: the grid the head reads in shared mode
+    # the head's fc6 reads exactly pool5_grid² cells (AlexNet 6×6, VGG 7×7): no other grid
+    fixed_grid: bool = False
     # side taps: name -> (index into ``trunk`` after which the map is taken, its stride in input pixels)
     side_taps: dict[str, tuple[int, int]] = field(default_factory=dict)
     interpolation: str = "bilinear"  # resize used when warping ("bilinear" | "bicubic")
@@ -125,7 +127,7 @@ class Backbone:
 
     def dim(self, layer: str, pool5_grid: int | None = None) -> int:
         """Feature dimension of ``layer`` (pool5 and side taps depend on the grid for conv-only nets)."""
-        if (layer == "pool5" and self.name != "alexnet") or layer in self.side_taps:
+        if (layer == "pool5" and not self.fixed_grid) or layer in self.side_taps:
             g = pool5_grid or self.pool5_grid
             return self.taps[layer] // (self.pool5_grid**2) * g * g
         return self.taps[layer]
@@ -346,7 +348,8 @@ def _efficientnet_lite0(weights: str | Path | None) -> Backbone:
         if len(sd) != len(target):
             raise WeightsError(f"{src}: {len(sd)} tensors, timm tf_efficientnet_lite0 has {len(target)}")
         mapped = {}
-        # same 296 tensors in the same order (see the issue): map by position, every shape must agree
+        # the package's state dict holds the same 296 tensors as timm's model, in the same order but
+        # under other names: map by position, and every shape must agree
         for (ks, v), (kt, t) in zip(sd.items(), target.items(), strict=True):
             if tuple(v.shape) != tuple(t.shape):
                 raise WeightsError(f"{src}: {ks} {tuple(v.shape)} does not fit timm {kt} {tuple(t.shape)}")
@@ -411,7 +414,11 @@ def _torchvision(name: str, weights: str | Path | None) -> Backbone:
     common = dict(name=name, input_size=224, color="RGB", mean=TORCHVISION_MEAN, std=TORCHVISION_STD,
                   weights_hash=h, categories=imagenet_categories(), modules=m)
     if name == "alexnet" or name.startswith("vgg"):
-        cls = m.classifier  # Dropout, fc6, ReLU, Dropout, fc7, ReLU, fc8
+        # AlexNet's classifier: Dropout, fc6, ReLU, Dropout, fc7, ReLU, fc8; VGG's: fc6, ReLU, Dropout,
+        # fc7, ReLU, Dropout, fc8. Dropout is the identity in eval mode, so modules 0-2 give fc6 and 3-5 fc7 in both
+        cls = m.classifier
+        fc6, fc7, fc8 = (x for x in cls if isinstance(x, nn.Linear))
+        grid = int(np.atleast_1d(m.avgpool.output_size)[0])  # AlexNet 6, VGG 7
         c5 = m.features[-1].__class__.__name__ == "MaxPool2d"
         trunk = m.features[:-1] if c5 else m.features
 
@@ -431,9 +438,9 @@ def _torchvision(name: str, weights: str | Path | None) -> Backbone:
                 out["logits"] = cls[6](f7)
             return {k: v for k, v in out.items() if k in layers}
 
-        c = m.classifier[1].in_features // 36
-        return Backbone(taps={"pool5": c * 36, "fc6": cls[1].out_features, "fc7": cls[4].out_features, "logits": 1000},
-                        trunk=trunk, to_grid=to_grid, head_fn=head, stride=16, **common)
+        return Backbone(taps={"pool5": fc6.in_features, "fc6": fc6.out_features, "fc7": fc7.out_features,
+                              "logits": fc8.out_features}, trunk=trunk, to_grid=to_grid, head_fn=head, stride=16,
+                        pool5_grid=grid, fixed_grid=True, **common)
     if hasattr(m, "layer4") and hasattr(m, "fc"):  # resnet / resnext / wide_resnet
         trunk = nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool, m.layer1, m.layer2, m.layer3, m.layer4)
         fc, dim = m.fc, m.fc.in_features

@@ -36,10 +36,12 @@ from rcnn.progress import ProgressFn, report
 
 METHODS = ("warp", "square", "square_nocontext")
 MODES = ("warp", "shared")
-#: shared mode: trunk on the image upscaled ×1.5 — the issue's BCCD prototype measured
-#: platelets AP 0.36 → 0.51 against ×1.0, and no further gain at ×2.0.
+#: shared mode: the trunk runs on the image upscaled ×1.5, so small objects (BCCD's ~30 px
+#: platelets) span more stride-16 cells; ×2.0 measured no better on BCCD (bench/results/ablation.json:
+#: 6×6 pool5, bf16: 0.742 mAP at ×1.5, 0.725 at ×2.0).
 SHARED_SCALES = (1.5,)
-#: shared mode RoI grid: the prototype measured 6×6 0.69 mAP vs 3×3 0.67 vs global pooling 0.05.
+#: shared mode RoI grid: the pooled grid keeps where the object sits in the box (bench/results/
+#: ablation.json, BCCD pool5: 6×6 (bf16) 0.742 mAP, 3×3 0.724; the globally pooled fc6 tap 0.282).
 SHARED_GRID = 6
 #: shared mode: longest side of the resized image (keeps trunk activations bounded on huge photos)
 SHARED_MAX_SIDE = 2000
@@ -246,8 +248,8 @@ def extract_features(
 def _extract(image, boxes, bb: Backbone, layers, mode, batch_size, context_pad, method, scales, grid, pool,
              max_side, dev: torch.device, flip: bool = False) -> dict[str, np.ndarray]:
     boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
-    fixed = bb.name == "alexnet" or bb.name.startswith("vgg")  # fc6 needs exactly 6×6
-    g = 6 if fixed else int(grid or bb.pool5_grid)
+    fixed = bb.fixed_grid  # AlexNet / VGG: fc6 reads exactly their pool5 grid
+    g = bb.pool5_grid if fixed else int(grid or bb.pool5_grid)
     chunks: dict[str, list[torch.Tensor]] = {k: [] for k in layers}
     sides = [k for k in layers if k in bb.side_taps]
     heads = [k for k in layers if k not in bb.side_taps]

@@ -70,8 +70,7 @@ CKPT_VERSION = 1
 #:   squeezenet1_1: pre-trained at 0.04 (SqueezeNet v1.1 Caffe solver) → 0.004
 #:   efficientnet_lite0: 0.016 per 256 images (TF reference, RMSProp) → 0.0016
 #:   resnet* / other torchvision classifiers: 0.1 (SGD)              → 0.01
-#: (The issue text says "0.01 ×", but its own example, 0.001 for AlexNet's 0.01, and the paper
-#: are 1/10; we follow the paper.)
+#: (The paper's ratio: 0.001 for CaffeNet pre-trained at 0.01.)
 BASE_LR = {"alexnet": 0.001, "vgg": 0.001, "squeezenet1_1": 0.004, "efficientnet_lite0": 0.0016}
 DEFAULT_LR = 0.01
 

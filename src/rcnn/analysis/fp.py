@@ -117,10 +117,6 @@ class ClassFP:
     ap: float = float("nan")
     dap: dict[str, float] = field(default_factory=dict)
 
-    @property
-    def fp_mask(self) -> np.ndarray:
-        return self.outcome >= LOC
-
     def counts(self) -> dict[str, int]:
         """Number of false positives of each type (over all detections)."""
         return {t: int((self.outcome == _CODE[t]).sum()) for t in FP_TYPES}

@@ -109,7 +109,7 @@ def _linearize(module: nn.Module) -> nn.Module:
 
 def _rf_trunk(backbone) -> nn.Module:
     mods = getattr(backbone, "modules", None)
-    if backbone.name == "alexnet" or backbone.name.startswith("vgg"):
+    if backbone.fixed_grid:  # AlexNet / VGG
         net = copy.deepcopy(mods.features)  # includes the max-pool that to_grid applies
     else:
         net = copy.deepcopy(backbone.trunk)

@@ -42,7 +42,7 @@ FEATURE_VERSION = 1
 class RegionFeatureConfig:
     """What determines the stored region features (``key()`` names their cache)."""
 
-    backbone: str = "squeezenet1_1"  # the features issue's default backbone
+    backbone: str = "squeezenet1_1"  # the detector's default backbone (rcnn.features.FeatureConfig)
     weights: str | None = None
     taps: tuple[str, ...] = ("pool5", "fc6", "fc7")  # paper Table 3 compares fc6 / fc7
     mode: str = "warp"  # paper §4: each region's box warped to the network input

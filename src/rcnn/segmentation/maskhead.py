@@ -5,7 +5,7 @@ limbs rarely form one grouping region. CPMC (paper §4) *generates* figure-groun
 seeds; its colour-model cuts measured worse on this data. Here a box is turned into a mask by
 a small network in the style of DeepMask / Mask R-CNN's mask head:
 
-* the frozen trunk of the features issue's default backbone (SqueezeNet 1.1, ``fire9``, stride
+* the frozen trunk of the detector's default backbone (SqueezeNet 1.1, ``fire9``, stride
   16) runs once per image at the shared-mode scale (:data:`rcnn.features.SHARED_SCALES`);
 * ``torchvision.ops.roi_align`` reads a ``14×14`` grid of the map for each box;
 * :class:`MaskHead` (1×1 reduction, two 3×3 convs, a 2× transposed conv) predicts the

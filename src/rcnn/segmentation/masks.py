@@ -18,13 +18,12 @@ Rules for bad input (one line naming the file, never a crash mid-run):
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from rcnn.data import IMAGE_SUFFIXES, Dataset, ImageRecord, load_image
+from rcnn.data import IMAGE_SUFFIXES, Dataset, ImageRecord
 
 VOID = 255
 
@@ -221,27 +220,3 @@ def save_label_png(label_map: np.ndarray, path: str | Path) -> Path:
     return atomic_write(Path(path), lambda tmp: im.save(tmp, format="PNG"))
 
 
-@dataclass
-class MaskedImage:
-    """An image with its ground truth: ``image`` (H,W,3) uint8, ``masks`` (N,H,W) bool,
-    ``labels`` (N,), ``label_map`` (H,W) uint8."""
-
-    image: np.ndarray
-    masks: np.ndarray
-    labels: np.ndarray
-    label_map: np.ndarray
-
-
-def load_masked(record: ImageRecord, num_classes: int) -> MaskedImage:
-    """Image + ground truth of one record; raises :class:`MaskError` / ``ImageReadError``."""
-    image = load_image(record.path)
-    if image.shape[:2] != (record.height, record.width):
-        record = _with_size(record, image.shape[1], image.shape[0])
-    masks, labels = class_masks(record, num_classes)
-    return MaskedImage(image, masks, labels, class_label_map(record, num_classes))
-
-
-def _with_size(record: ImageRecord, w: int, h: int) -> ImageRecord:
-    from dataclasses import replace
-
-    return replace(record, width=w, height=h)
