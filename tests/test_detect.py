@@ -219,6 +219,8 @@ def test_cnn_features_gt_rows_and_one_pass_fill(tmp_path):
     assert not is_cached(rec, pc, joined, data)
     get_features(rec, pc, joined, data, compress=False)
     assert is_cached(rec, pc, replace(fc, layer="pool5"), data) and is_cached(rec, pc, replace(fc, layer="fc6"), data)
+    files = CNNFeatures(pc, joined, data).cache_files(rec)  # one file per tap of a joined layer
+    assert len(files) == 2 and all(f.is_file() for f in files)
     with np.load(feature_path(rec, pc, replace(fc, layer="fc6"), data)) as z:
         assert z.zip.getinfo("feats.npy").compress_type == 0  # stored, not deflated
     src = CNNFeatures(pc, replace(fc, layer="fc6"), data)

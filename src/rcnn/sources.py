@@ -27,7 +27,16 @@ import numpy as np
 from rcnn.backbones import get_backbone
 from rcnn.cache import cache_dir, dir_size_mb, file_sha256, load_npz, safe_filename, save_npz, settings_hash
 from rcnn.data import ImageRecord, load_image
-from rcnn.features import FeatureConfig, extract_features, feature_dirs, get_features, layer_dim, split_layer
+from rcnn.features import (
+    FeatureConfig,
+    extract_features,
+    feature_dirs,
+    feature_path,
+    get_features,
+    layer_dim,
+    split_layer,
+    tap_configs,
+)
 from rcnn.proposals import ProposalConfig, get_proposals, selective_search
 
 #: The backbone name of HOG features (a model trained on them records it).
@@ -95,6 +104,10 @@ class FeatureSource(Protocol):
     def cache_mb(self) -> float:
         """MB on disk of this source's cached features."""
         return 0.0
+
+    def cache_files(self, record: ImageRecord) -> list[Path]:
+        """The files ``record``'s features are (or will be) cached in."""
+        return []
 
 
 # ----------------------------------------------------------------------------- feature scaling
@@ -264,6 +277,10 @@ class CNNFeatures(FeatureSource):
     def cache_mb(self) -> float:
         return sum(dir_size_mb(d) for d in feature_dirs(self.proposal_config, self.feature_config, self.dataset_root or "."))
 
+    def cache_files(self, record: ImageRecord) -> list[Path]:
+        root = self.dataset_root if self.dataset_root is not None else Path(record.path).parent
+        return [feature_path(record, self.proposal_config, c, root) for c in tap_configs(self.feature_config)]
+
 
 class MirrorAugmented(FeatureSource):
     """Training-set augmentation (not in the paper; the released code trains on the images as
@@ -330,6 +347,9 @@ class MirrorAugmented(FeatureSource):
 
     def cache_mb(self) -> float:
         return self.plain.cache_mb() + self.mirror.cache_mb()
+
+    def cache_files(self, record: ImageRecord) -> list[Path]:
+        return self.plain.cache_files(record) + self.mirror.cache_files(record)
 
 
 # ----------------------------------------------------------------------------- HOG baseline
@@ -422,6 +442,9 @@ class HOGFeatures(FeatureSource):
 
     def cache_mb(self) -> float:
         return dir_size_mb(cache_dir() / "hog_features" / self.key)
+
+    def cache_files(self, record: ImageRecord) -> list[Path]:
+        return [_hog_cache_path(kind, self.key, self.dataset_root, record) for kind in ("hog_features", "hog_gt_features")]
 
 
 # ----------------------------------------------------------------------------- cached regions

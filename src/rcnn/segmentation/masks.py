@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from rcnn.data import IMAGE_SUFFIXES, Dataset, ImageRecord
+from rcnn.data import IMAGE_SUFFIXES, Dataset, ImageRecord, load_image
 
 VOID = 255
 
@@ -125,6 +125,14 @@ def class_masks(record: ImageRecord, num_classes: int) -> tuple[np.ndarray, np.n
 
 
 # ------------------------------------------------------------------ VOC segmentation
+
+
+def images_and_masks(dataset: Dataset, limit: int = 0) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The RGB uint8 images of ``dataset`` (its first ``limit`` records; 0 = all) and each one's
+    ``(G,H,W)`` bool object masks (:func:`class_masks`, any class): what the mask ranker and the
+    mask head learn from. Raises :class:`MaskError` / ``ImageReadError`` naming the file."""
+    recs = dataset.records[:limit] if limit else dataset.records
+    return [load_image(r.path) for r in recs], [class_masks(r, len(dataset.classes))[0] for r in recs]
 
 
 def read_voc_segmentation(root: str | Path, split: str, classes: list[str] | None = None) -> Dataset:
