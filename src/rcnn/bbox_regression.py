@@ -119,7 +119,7 @@ class BoxRegressor:
     W: np.ndarray
     b: np.ndarray
     trained: np.ndarray
-    feature_scale: float | np.ndarray  # per dimension for joined taps (rcnn.svm.block_scale)
+    feature_scale: float | np.ndarray  # per dimension for joined taps (rcnn.sources.block_scale)
     layer: str
     feature_options: dict = field(default_factory=dict)
     lam: float | list[float] = LAMBDA  # per class when chosen by cross-validation

@@ -74,7 +74,7 @@ class RCNNModel:
     """Per-class linear SVMs over one kind of region feature.
 
     ``W`` ``(D,C)`` float32 and ``b`` ``(C,)`` act on features multiplied by ``feature_scale``
-    (a scalar; per dimension for joined taps, :func:`rcnn.svm.block_scale`);
+    (a scalar; per dimension for joined taps, :func:`rcnn.sources.block_scale`);
     ``trained[c]`` is False for classes that had no positives (never detected)."""
 
     classes: list[str]
