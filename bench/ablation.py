@@ -30,19 +30,11 @@ import numpy as np
 
 from rcnn.cache import cache_dir, save_json, settings_hash
 from rcnn.data import load_dataset, load_image
-from rcnn.detect import (
-    CNNFeatures,
-    DetectStats,
-    HOGFeatures,
-    MirrorAugmented,
-    RegionFeatures,
-    detect_dataset,
-    evaluate_model,
-    fill_layers,
-    fit,
-)
-from rcnn.features import SHARED_SCALES, FeatureConfig, tap_configs
+from rcnn.detect import DetectStats, detect_dataset, fit
+from rcnn.evaluate import evaluate_model
+from rcnn.features import SHARED_SCALES, FeatureConfig, get_features, is_cached, tap_configs
 from rcnn.proposals import ProposalConfig
+from rcnn.sources import CNNFeatures, FeatureSource, HOGFeatures, MirrorAugmented
 from rcnn.svm import SVMConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -194,7 +186,7 @@ def feature_config(row: dict, with_gt: bool = False) -> FeatureConfig:
                          context_pad=row.get("context", 0), pool=row.get("pool"), with_gt=with_gt)
 
 
-class PyramidFeatures(RegionFeatures):
+class PyramidFeatures(FeatureSource):
     """An experiment, not a model a user can run yet: the concatenated features of several cached RoI
     grids of the same proposals (SPP-net's spatial pyramid, e.g. 6x6 + 3x3), read from their caches."""
 
@@ -232,6 +224,16 @@ def source_for(row: dict, root: Path):
         return PyramidFeatures([CNNFeatures(PROPOSALS, feature_config(lv), root) for lv in levels(row)])
     src = CNNFeatures(PROPOSALS, feature_config(row), root)
     return MirrorAugmented(src) if row.get("augment") == "mirror" else src
+
+
+def fill(record, fc: FeatureConfig, layers: list[str], root: Path) -> int:
+    """The taps ``layers`` of ``fc`` for ``record`` in one forward pass into the feature cache, as plain
+    .npz (zlib on a 1000-box pool5 block costs seconds per image); returns how many were missing."""
+    joined = replace(fc, layer="+".join(layers), with_gt=True)
+    missing = [c for c in tap_configs(joined) if not is_cached(record, PROPOSALS, c, root)]
+    if missing:
+        get_features(record, PROPOSALS, joined, root, compress=False)
+    return len(missing)
 
 
 def prepare(worker: int, workers: int, what: str) -> None:
@@ -289,14 +291,13 @@ def prepare(worker: int, workers: int, what: str) -> None:
         gtv, gte = load_dataset(groot, "trainval"), load_dataset(groot, "test")
         g_tr, g_te = subsets(gtv, gte)
         for i, r in enumerate((g_tr + g_te)[worker::workers]):
-            fill_layers(r, PROPOSALS, FeatureConfig(backbone="squeezenet1_1", mode="shared", grid=GRID), ["fc6"], groot,
-                        compress=False)
+            fill(r, FeatureConfig(backbone="squeezenet1_1", mode="shared", grid=GRID), ["fc6"], groot)
             print(f"gray {i} {r.image_id} {time.time() - t0:.0f}s", flush=True)
         return
     else:
         raise SystemExit(f"unknown prepare target {what!r}")
     for i, (r, fc, layers) in enumerate(jobs[worker::workers]):
-        n = fill_layers(r, PROPOSALS, fc, layers, DATA, compress=False)
+        n = fill(r, fc, layers, DATA)
         print(f"{what} {i}/{len(jobs[worker::workers])} {r.image_id} computed {n} {time.time() - t0:.0f}s", flush=True)
 
 
@@ -389,24 +390,16 @@ def load_results() -> dict:
 
 
 def _cached(row: dict, root: Path, r) -> bool:
-    from rcnn.cache import file_sha256
-    from rcnn.features import _load, feature_path
-
-    sha = file_sha256(r.path)
-    return all(_load(feature_path(r, PROPOSALS, fc, root), sha) is not None for fc in tap_configs(feature_config(row, True)))
+    return is_cached(r, PROPOSALS, feature_config(row, True), root)
 
 
 def _row_cache_mb(row: dict, root: Path, recs) -> float:
     """MB on disk of the feature files of exactly these images (the folder also holds other rows' images)."""
-    from rcnn.detect import _gt_cache_path
-    from rcnn.features import feature_path
-
     if row["backbone"] == "hog":
-        src = HOGFeatures(PROPOSALS, root)
-        paths = [_gt_cache_path(k, src.key, root, r) for r in recs for k in ("hog_features", "hog_gt_features")]
+        sources = [HOGFeatures(PROPOSALS, root)]
     else:
-        paths = [feature_path(r, PROPOSALS, fc, root) for lv in levels(row) for fc in tap_configs(feature_config(lv, True))
-                 for r in recs]
+        sources = [CNNFeatures(PROPOSALS, feature_config(lv), root) for lv in levels(row)]
+    paths = [p for src in sources for r in recs for p in src.cache_files(r)]
     return sum(p.stat().st_size for p in paths if p.exists()) / 1e6
 
 
@@ -450,9 +443,6 @@ def run_row(row: dict, svm: SVMConfig, partial: bool = False) -> dict:
 
 def ready(row: dict, test_only: bool = False) -> bool:
     """Whether every cache the row needs exists (so ``run`` never triggers hours of extraction)."""
-    from rcnn.cache import file_sha256
-    from rcnn.features import _load, feature_path
-
     root = gray_root() if row.get("gray") else DATA
     if row.get("gray") and not root.exists():
         return False
@@ -461,15 +451,13 @@ def ready(row: dict, test_only: bool = False) -> bool:
     recs = list(te_recs) if test_only else list(tr_recs) + list(te_recs)
     if row["backbone"] == "hog":
         src = HOGFeatures(PROPOSALS, root)
-        from rcnn.detect import _gt_cache_path
-
-        return all(_gt_cache_path("hog_features", src.key, root, r).exists() for r in recs)
-    fcs = [fc for lv in levels(row) for fc in tap_configs(feature_config(lv, True))]
+        return all(p.exists() for r in recs for p in src.cache_files(r))
+    fcs = [feature_config(lv, True) for lv in levels(row)]
     mirrored = [replace(fc, mirror=True) for fc in fcs] if row.get("augment") == "mirror" and not test_only else []
     flipped = [replace(fc, flip=True) for fc in fcs] if row.get("test_flip") else []
-    return all(_load(feature_path(r, PROPOSALS, fc, root), file_sha256(r.path)) is not None for fc in fcs for r in recs) \
-        and all(_load(feature_path(r, PROPOSALS, fc, root), file_sha256(r.path)) is not None for fc in mirrored for r in tr_recs) \
-        and all(_load(feature_path(r, PROPOSALS, fc, root), file_sha256(r.path)) is not None for fc in flipped for r in te_recs)
+    return all(is_cached(r, PROPOSALS, fc, root) for fc in fcs for r in recs) \
+        and all(is_cached(r, PROPOSALS, fc, root) for fc in mirrored for r in tr_recs) \
+        and all(is_cached(r, PROPOSALS, fc, root) for fc in flipped for r in te_recs)
 
 
 def run(names: list[str] | None, force: bool, partial: bool = False) -> None:

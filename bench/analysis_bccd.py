@@ -1,4 +1,4 @@
-"""Run the analysis tools (issue 9) on BCCD test with the detector of bench/ablation.py.
+"""Run the analysis tools on BCCD test with the detector of bench/ablation.py.
 
     python bench/analysis_bccd.py [--train-every 4] [--unit-images 16]
 
@@ -15,25 +15,30 @@ import argparse
 import json
 import math
 import shutil
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import ablation
 from rcnn.analysis.report import ReportInputs, write_report
 from rcnn.cache import cache_dir, save_json
+from rcnn.cli.analysis import run_units
 from rcnn.data import load_dataset
-from rcnn.detect import RCNNModel, detect_dataset, fill_layers, fit
-from rcnn.features import FeatureConfig
+from rcnn.detect import RCNNModel, detect_dataset, fit
+from rcnn.features import FeatureConfig, get_features
+from rcnn.proposals import ProposalConfig
+from rcnn.sources import CNNFeatures
 from rcnn.svm import SVMConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "analysis"
 OUT = ROOT / "bench" / "results" / "analysis.json"
+# bench/ablation.py's data and proposal settings (its PROPOSALS explains them)
+DATA = ROOT.parent / "shared" / "data" / "BCCD"
+PROPOSALS = ProposalConfig(ks=(50, 100), resize_width=320, min_size=10)
+#: the features of the models: SqueezeNet 1.1 shared mode on the ablation's 3×3 RoI grid
+FEATURES = FeatureConfig(backbone="squeezenet1_1", mode="shared", grid=3)
 
 
 def shrink_png(path: Path, colors: int = 192) -> None:
@@ -52,21 +57,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--layers", default="fc7", help="comma-separated; the first is the report's model, the others "
                     "are compared in the sensitivity plot")
     args = ap.parse_args(argv)
-    tv, te = load_dataset(ablation.DATA, "trainval"), load_dataset(ablation.DATA, "test")
+    tv, te = load_dataset(DATA, "trainval"), load_dataset(DATA, "test")
     train = tv.records[:: args.train_every]
     t0 = time.time()
-    for i, r in enumerate(train + te.records):
-        n = fill_layers(r, ablation.PROPOSALS, FeatureConfig(backbone="squeezenet1_1", mode="shared"), ["fc6", "fc7"], ablation.DATA)
-        print(f"features {i + 1}/{len(train) + len(te.records)} {r.image_id} computed {n} {time.time() - t0:.0f}s", flush=True)
+    layers = args.layers.split(",")
+    for i, r in enumerate(train + te.records):  # every layer's features in one pass per image
+        get_features(r, PROPOSALS, replace(FEATURES, layer="+".join(layers), with_gt=True), DATA)
+        print(f"features {i + 1}/{len(train) + len(te.records)} {r.image_id} {time.time() - t0:.0f}s", flush=True)
     # as ablation.py: C scaled by trainval / training images, because the hinge-loss sum shrinks
     # with the data (C = 1e-3 on a quarter of trainval gave w ~ 0: every score ~ -1, measured)
     svm = replace(SVMConfig(), C=args.C or SVMConfig().C * len(tv.records) / len(train))
-    layers = args.layers.split(",")
     models, dets = {}, {}
     for layer in layers:
         path = cache_dir() / "models" / f"bccd-squeezenet1_1-{layer}-shared-every{args.train_every}-C{svm.C:.4g}.rcnn"
-        row = {"backbone": "squeezenet1_1", "layer": layer, "mode": "shared"}
-        src = ablation.source_for(row, ablation.DATA)
+        src = CNNFeatures(PROPOSALS, replace(FEATURES, layer=layer), DATA)
         if path.is_file():
             model = RCNNModel.load(path)
         else:
@@ -81,15 +85,13 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(out)
     out.mkdir(parents=True)
     # unit grids of the fc7 model (its channels, paper Figure 3 rows 1-2) on the first test images
-    from rcnn.cli.analysis import run_units
-
     main_layer = layers[0]
     units_png, units, hits = run_units(str(models[main_layer][1]), te, "auto", (out / "units.png"), 16, args.unit_images)
     page = write_report(ReportInputs(
         f"SqueezeNet {main_layer} (shared)", te, dets[main_layer], compare=[(f"SqueezeNet {x} (shared)", dets[x]) for x in layers[1:]],
         unit_grids=[(f"Top 16 activations of {len(units)} units over the first {args.unit_images} test images", units_png)],
         notes=[f"Trained on {len(train)} of {len(tv.records)} BCCD trainval images (every {args.train_every}th), "
-               f"proposals {ablation.PROPOSALS}."], samples=3), out)
+               f"proposals {PROPOSALS}."], samples=3), out)
     rep = json.loads((out / "report.json").read_text())
     print(json.dumps({"C": svm.C, "mAP": rep["evaluation"]["mAP"], "dAP": rep["false_positives"]["dAP"]}), flush=True)
     if not args.docs:

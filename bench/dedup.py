@@ -37,6 +37,7 @@ import torch
 from PIL import Image
 
 from rcnn.cache import save_json
+from rcnn.cli.progress import show_progress
 from rcnn.data import IMAGE_SUFFIXES, load_image
 from rcnn.dedup import DEFAULT_THRESHOLD, GistConfig, NNIndex, compute_descriptors, nearest_neighbors
 
@@ -154,7 +155,7 @@ def score(
 
 def evaluate_draw(files, ident, desc_orig, seed, tmp, config) -> dict:
     draw = make_draw(files, ident, seed, tmp)
-    q_desc, errs = compute_descriptors(draw["q_paths"], config, workers=2, progress=False, cache=False)
+    q_desc, errs = compute_descriptors(draw["q_paths"], config, workers=2, cache=False)
     assert not any(errs), [e for e in errs if e][:3]
     ref = np.array(draw["ref"])
     dist, idx = nearest_neighbors(q_desc, desc_orig[ref], k=1)
@@ -271,7 +272,8 @@ def main() -> None:
     # of one in-process pass, whose inverse × 2 is the rate on 2 idle cores)
     load = os.getloadavg()[0]
     t = time.perf_counter()
-    desc_orig, errs = compute_descriptors(files, config, workers=2, progress=True, cache=False)
+    with show_progress() as progress:
+        desc_orig, errs = compute_descriptors(files, config, workers=2, progress=progress, cache=False)
     rate = len(files) / (time.perf_counter() - t)
     assert not any(errs), [e for e in errs if e][:3]
     cpu_rate = {}
@@ -280,7 +282,7 @@ def main() -> None:
         ("jpeg_files", [f for f in files if f.suffix.lower() == ".jpg"]),
     ):
         t_cpu = time.process_time()
-        compute_descriptors(subset, config, workers=1, progress=False, cache=False)
+        compute_descriptors(subset, config, workers=1, cache=False)
         cpu_rate[name] = len(subset) / (time.process_time() - t_cpu)
     print(f"descriptors/s incl. decoding: {rate:.0f} wall (2 workers, load {load:.1f}); per CPU-second "
           f"{cpu_rate['all_files']:.0f} (all files, PNGs included), {cpu_rate['jpeg_files']:.0f} (JPEGs)")  # fmt: skip

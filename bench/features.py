@@ -75,10 +75,11 @@ def network_throughput(bb, layer: str, batch: int = 128) -> float:
 
 
 def stored_bytes(boxes: np.ndarray, feats: np.ndarray, tmp: Path) -> int:
-    from rcnn.features import _save
-
+    """Bytes of one feature-cache entry as rcnn.features.get_features writes it (compressed .npz)."""
     p = tmp / "entry.npz"
-    _save(p, boxes, feats.astype(np.float16), "0" * 64, 0)
+    with open(p, "wb") as f:
+        np.savez_compressed(f, boxes=boxes, feats=feats.astype(np.float16), image_sha256=np.array("0" * 64),
+                            n_gt=np.array(0, np.int32))
     return p.stat().st_size
 
 

@@ -24,23 +24,27 @@ import json
 import logging
 import math
 import shutil
-import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from ablation import DATA, PROPOSALS
+from rcnn.backbones import FT_TAP
 from rcnn.bbox_regression import attach, train_box_regressor
 from rcnn.cache import cache_dir, save_json
+from rcnn.cli.progress import show_progress
 from rcnn.data import load_dataset
-from rcnn.detect import CNNFeatures, DetectStats, detect_dataset, evaluate_model, fill_layers, fit
-from rcnn.features import FeatureConfig, feature_path
-from rcnn.finetune import FT_TAP, FinetuneConfig, finetune, softmax_model
+from rcnn.detect import DetectStats, detect_dataset, fit, softmax_model
+from rcnn.evaluate import evaluate_model
+from rcnn.features import FeatureConfig, feature_path, get_features, is_cached, tap_configs
+from rcnn.finetune import FinetuneConfig, finetune
+from rcnn.proposals import ProposalConfig
+from rcnn.sources import CNNFeatures
 from rcnn.svm import SVMConfig
 
 ROOT = Path(__file__).resolve().parents[1]
+# bench/ablation.py's data and proposal settings (its PROPOSALS explains them)
+DATA = ROOT.parent / "shared" / "data" / "BCCD"
+PROPOSALS = ProposalConfig(ks=(50, 100), resize_width=320, min_size=10)
 RESULTS = ROOT / "bench" / "results"
 OUT = RESULTS / "finetune.json"
 #: Session 2: 1.3–1.5 s per shared-mode iteration with one thread (2 images at ×1.5, 128 RoIs,
@@ -98,7 +102,8 @@ def train() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     cfg = net_config()
-    res = finetune(tv.records, tv.classes, out, cfg, PROPOSALS, DATA, progress=True)
+    with show_progress() as progress:
+        res = finetune(tv.records, tv.classes, out, cfg, PROPOSALS, DATA, progress=progress)
     hist = res.history
     base = out.with_suffix("")
     for ext in ("json", "png"):
@@ -134,11 +139,11 @@ def speed(n: int = 4, threads: int = 1, modes: tuple[str, ...] = ("shared",)) ->
             for f in tmp.parent.glob("*"):
                 f.unlink()
             finetune(tv.records[:8], tv.classes, tmp, replace(cfg, iterations=1), PROPOSALS, DATA, val_records=[],
-                     progress=False, threads=threads)  # warm-up (allocator, oneDNN kernels)
+                     threads=threads)  # warm-up (allocator, oneDNN kernels)
             for f in tmp.parent.glob("*"):
                 f.unlink()
             c0 = time.process_time()
-            res = finetune(tv.records[:8], tv.classes, tmp, cfg, PROPOSALS, DATA, val_records=[], progress=False,
+            res = finetune(tv.records[:8], tv.classes, tmp, cfg, PROPOSALS, DATA, val_records=[],
                            threads=threads)
             cpu = time.process_time() - c0  # includes labelling 8 images' regions once (~0.1 s each)
             out[f"{mode} {precision}"] = {
@@ -206,6 +211,16 @@ def frozen_config(layer: str) -> FeatureConfig:
     return FeatureConfig(backbone="squeezenet1_1", layer=layer, mode="shared", grid=GRID)
 
 
+def fill(record, fc: FeatureConfig, layers: list[str]) -> int:
+    """The taps ``layers`` of ``fc`` in one forward pass into the feature cache, as plain .npz (zlib on
+    a 1000-box pool5 block costs seconds per image); returns how many were missing."""
+    joined = replace(fc, layer="+".join(layers), with_gt=True)
+    missing = [c for c in tap_configs(joined) if not is_cached(record, PROPOSALS, c, DATA)]
+    if missing:
+        get_features(record, PROPOSALS, joined, DATA, compress=False)
+    return len(missing)
+
+
 def features(worker: int = 0, workers: int = 1, frozen: bool = False, grid: int = GRID) -> None:
     """Fine-tuned pool5/fc6/fc7/softmax (``frozen``: ImageNet pool5; ``grid`` ≠ 3: fine-tuned pool5
     on that RoI grid only) of the test images and the training subset, one pass per image."""
@@ -218,23 +233,21 @@ def features(worker: int = 0, workers: int = 1, frozen: bool = False, grid: int 
     for i, r in enumerate(recs):
         if FLIP_TEST:  # what run() reads at test time: the regressor's 3x3 pool5 and the rows' taps
             g = net_config().grid
-            n = fill_layers(r, PROPOSALS, replace(ft_config("pool5"), flip=True), ["pool5"], DATA, compress=False)
+            n = fill(r, replace(ft_config("pool5"), flip=True), ["pool5"])
             if g != GRID:
-                n += fill_layers(r, PROPOSALS, replace(ft_config("pool5", g), flip=True), ["pool5", FT_TAP], DATA,
-                                 compress=False)
+                n += fill(r, replace(ft_config("pool5", g), flip=True), ["pool5", FT_TAP])
             else:
-                n += fill_layers(r, PROPOSALS, replace(ft_config("fc7"), flip=True), ["pool5", FT_TAP], DATA,
-                                 compress=False)
+                n += fill(r, replace(ft_config("fc7"), flip=True), ["pool5", FT_TAP])
         elif frozen:
-            n = fill_layers(r, PROPOSALS, frozen_config("pool5"), ["pool5"], DATA, compress=False)
+            n = fill(r, frozen_config("pool5"), ["pool5"])
         elif NET != "main":  # 3x3 pool5 for the box regressor, the classifier's own grid for SVM + softmax
             g = net_config().grid
-            n = fill_layers(r, PROPOSALS, ft_config("pool5"), ["pool5"], DATA, compress=False)
-            n += fill_layers(r, PROPOSALS, ft_config("pool5", g), ["pool5", FT_TAP], DATA, compress=False)
+            n = fill(r, ft_config("pool5"), ["pool5"])
+            n += fill(r, ft_config("pool5", g), ["pool5", FT_TAP])
         elif grid != GRID:
-            n = fill_layers(r, PROPOSALS, ft_config("pool5", grid), ["pool5"], DATA, compress=False)
+            n = fill(r, ft_config("pool5", grid), ["pool5"])
         else:  # plain .npz: zlib on a 1000-box pool5 block costs seconds per image
-            n = fill_layers(r, PROPOSALS, ft_config("fc7"), ["pool5", FT_TAP, "fc6", "fc7"], DATA, compress=False)
+            n = fill(r, ft_config("fc7"), ["pool5", FT_TAP, "fc6", "fc7"])
         print(f"{i + 1}/{len(recs)} {r.image_id} computed {n} {time.time() - t0:.0f}s", flush=True)
 
 

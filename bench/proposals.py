@@ -102,7 +102,7 @@ def main() -> int:
                 continue  # no image is narrower than 500 px: identical to rcnn-fast
             cfg = ProposalConfig(**MODES[mname])
             t0 = time.perf_counter()
-            s = propose_dataset(ds, cfg, workers=args.workers, progress=False, records=recs)
+            s = propose_dataset(ds, cfg, workers=args.workers, records=recs)
             wall = time.perf_counter() - t0
             props = [get_proposals(r, cfg, ds.root) for r in recs]
             res = proposal_recall(recs, props, ds.classes)

@@ -55,9 +55,9 @@ def main() -> None:
     # local engine, fresh cache
     os.environ["RCNN_CACHE_DIR"] = str(tmp / "local")
     fc.backbone_obj()  # weights conversion is setup, not throughput (Ray's warm-up excludes it too)
-    loc = extract_dataset(ds, pc, fc, engine="local", workers=args.workers, progress=False)
+    loc = extract_dataset(ds, pc, fc, engine="local", workers=args.workers)
     t0 = time.perf_counter()
-    extract_dataset(ds, pc, fc, engine="local", workers=args.workers, progress=False)
+    extract_dataset(ds, pc, fc, engine="local", workers=args.workers)
     loc_cached = time.perf_counter() - t0
     local_feats = {r.image_id: get_features(r, pc, fc, ds.root) for r in ds.records}
     print(f"local: {loc.seconds:.1f} s, {loc.images_per_s:.3f} images/s ({loc.regions} regions)", flush=True)
@@ -65,9 +65,9 @@ def main() -> None:
     # ray engine, fresh cache, one session for everything (startup measured once)
     os.environ["RCNN_CACHE_DIR"] = str(tmp / "ray")
     with ray_session(None, args.workers) as startup:
-        ray_s = extract_dataset(ds, pc, fc, engine="ray", workers=args.workers, progress=False)
+        ray_s = extract_dataset(ds, pc, fc, engine="ray", workers=args.workers)
         t0 = time.perf_counter()
-        again = extract_dataset(ds, pc, fc, engine="ray", workers=args.workers, progress=False)
+        again = extract_dataset(ds, pc, fc, engine="ray", workers=args.workers)
         ray_cached = time.perf_counter() - t0
         overhead = ray_task_overhead(200)
     print(f"ray: {ray_s.seconds:.1f} s, {ray_s.images_per_s:.3f} images/s; startup {startup:.1f} s + workers "

@@ -42,7 +42,6 @@ from pathlib import Path
 
 import numpy as np
 
-import rcnn.segmentation.model as seg_model
 from rcnn.cache import save_json
 from rcnn.data import load_dataset
 from rcnn.segmentation import (
@@ -57,7 +56,13 @@ from rcnn.segmentation import (
     train_segmenter,
 )
 from rcnn.segmentation.metrics import mean_iou
-from rcnn.segmentation.model import ImageRegions, choose_threshold_pooled, out_of_fold_items, prepare_image
+from rcnn.segmentation.model import (
+    FeatureCacheMiss,
+    ImageRegions,
+    choose_threshold_pooled,
+    out_of_fold_items,
+    prepare_image,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "PennFudanPed"
@@ -66,28 +71,6 @@ WARP = ROOT / "bench" / "results" / "segmentation_warp.json"
 FULLFG = ROOT / "bench" / "results" / "segmentation_fullfg.json"
 FOLDS = 4
 TRAIN_REGIONS = 50  # as bench/segmentation.py's main table: top 50 regions + GT masks per training image
-
-
-class ExtractionRefused(RuntimeError):
-    pass
-
-
-def _guard_extraction(allow: str, log: list[dict]) -> None:
-    """Wrap the feature extractor ``prepare_image`` calls on a cache miss: count what is
-    extracted, and refuse what ``allow`` does not permit (``none`` | ``gt`` | ``all``)."""
-    inner = seg_model.region_features
-
-    def guarded(image, masks, boxes, config):
-        kind = "gt" if boxes is None else "regions"  # prepare_image passes boxes only for proposals
-        if allow == "none" or (allow == "gt" and kind != "gt"):
-            raise ExtractionRefused(f"feature cache miss ({kind}, {len(masks)} masks): refusing to extract "
-                                    f"(--allow-extract {allow})")
-        t0 = time.perf_counter()
-        out = inner(image, masks, boxes, config)
-        log.append({"kind": kind, "masks": len(masks), "seconds": time.perf_counter() - t0})
-        return out
-
-    seg_model.region_features = guarded
 
 
 def train_view(it: ImageRegions, k: int) -> ImageRegions:
@@ -143,16 +126,16 @@ def main() -> None:
     ids = [r.image_id for r in data.records]
     official = {s: {r.image_id for r in load_dataset(DATA, s).records} for s in ("train", "val", "test")}
     mc, fc = MaskProposalConfig(), RegionFeatureConfig(mode="warp")  # bench/segmentation.py --mode warp
-    extracted: list[dict] = []
-    _guard_extraction(args.allow_extract, extracted)
+    extracted: list[dict] = []  # what prepare_image computed on cache misses (--allow-extract permits)
 
     t0 = time.perf_counter()
     items: list[ImageRegions] = []
     for i, r in enumerate(data.records):
         try:
-            items.append(prepare_image(r, len(classes), mc, fc, None, with_gt=True))
-        except ExtractionRefused as e:
-            raise SystemExit(f"{r.path}: {e}") from None
+            items.append(prepare_image(r, len(classes), mc, fc, None, with_gt=True, extract=args.allow_extract,
+                                       extracted=extracted))
+        except FeatureCacheMiss as e:
+            raise SystemExit(f"{e} (--allow-extract {args.allow_extract})") from None
         if i % 20 == 19:
             print(f"loaded {i + 1}/{len(ids)} images ({time.perf_counter() - t0:.0f}s)", flush=True)
     load_s = time.perf_counter() - t0

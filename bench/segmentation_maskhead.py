@@ -14,15 +14,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
+import cv2
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rcnn.cache import save_json
+from rcnn.data import load_dataset
 from rcnn.segmentation.maskhead import MASKHEADS, train_mask_head
-from segmentation_ranker import ROOT, train_split
+from rcnn.segmentation.masks import images_and_masks
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "PennFudanPed"
 
 
 def main() -> None:
@@ -32,7 +35,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=MASKHEADS / "pennfudan.safetensors")
     args = ap.parse_args()
     torch.set_num_threads(1)  # shared CPU; the head is small
-    images, gts = train_split(args.limit)
+    cv2.setNumThreads(1)
+    if not DATA.is_dir():
+        raise SystemExit(f"{DATA}: Penn-Fudan not found")
+    images, gts = images_and_masks(load_dataset(DATA, "train"), args.limit)  # never val or test
     pred = train_mask_head(images, gts, epochs=args.epochs, log=print)
     pred.save(args.out)
     info = {"dataset": "PennFudanPed", "split": "train", **pred.info, "load_average": os.getloadavg()[0],

@@ -19,24 +19,13 @@ from pathlib import Path
 import cv2
 
 from rcnn.cache import save_json
-from rcnn.data import load_dataset, load_image
-from rcnn.segmentation import MaskProposalConfig, class_masks
+from rcnn.data import load_dataset
+from rcnn.segmentation import MaskProposalConfig
+from rcnn.segmentation.masks import images_and_masks
 from rcnn.segmentation.regions import RANKERS, train_mask_ranker
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "PennFudanPed"
-
-
-def train_split(limit: int = 0) -> tuple[list, list]:
-    """Penn-Fudan's train split (the first ``limit`` images; 0 = all): RGB images and their person
-    instance masks — what the packaged ranker and mask head learn from (never val or test)."""
-    cv2.setNumThreads(1)
-    if not DATA.is_dir():
-        raise SystemExit(f"{DATA}: Penn-Fudan not found")
-    recs = load_dataset(DATA, "train").records
-    if limit:
-        recs = recs[:limit]
-    return [load_image(r.path) for r in recs], [class_masks(r, 1)[0] for r in recs]
 
 
 def main() -> None:
@@ -45,7 +34,10 @@ def main() -> None:
     ap.add_argument("--trees", type=int, default=40)
     ap.add_argument("--out", type=Path, default=RANKERS / "pennfudan.npz")
     args = ap.parse_args()
-    images, gts = train_split(args.limit)
+    cv2.setNumThreads(1)
+    if not DATA.is_dir():
+        raise SystemExit(f"{DATA}: Penn-Fudan not found")
+    images, gts = images_and_masks(load_dataset(DATA, "train"), args.limit)  # never val or test
     cfg = MaskProposalConfig()
     t0 = time.perf_counter()
     ranker, summary = train_mask_ranker(images, gts, cfg, n_trees=args.trees)

@@ -14,12 +14,13 @@ import numpy as np
 
 from rcnn.boxes import box_iou
 from rcnn.data import ImageRecord
+from rcnn.sources import FeatureSource
 
 CLASSES = ["cell", "blob", "absent"]
 D = 24
 
 
-class SyntheticSource:
+class SyntheticSource(FeatureSource):
     name = "synthetic"
     layer = "fc7"
     mode = "shared"

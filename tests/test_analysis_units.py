@@ -35,7 +35,8 @@ def test_unit_index_round_trip_and_parse():
 def test_receptive_field_from_layers():
     # conv 3x3 pad 1 then max-pool 2x2: pooled cell i sees input pixels 2i-1 .. 2i+2 (clipped)
     trunk = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2, 2))
-    bb = SimpleNamespace(name="toy", trunk=trunk, input_size=12, pool5_grid=6, weights_hash="x", modules=None)
+    bb = SimpleNamespace(name="toy", trunk=trunk, input_size=12, pool5_grid=6, fixed_grid=False, weights_hash="x",
+                         modules=None)
     rf = receptive_fields(bb)
     assert rf.shape == (6, 6, 4)
     assert list(rf[0, 0]) == [0, 0, 3, 3]

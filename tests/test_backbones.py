@@ -105,3 +105,34 @@ def test_alexnet_needs_weights_and_loads_user_file(tmp_path):
         get_backbone("no_such_net", tmp_path / "a.pth")
     with pytest.raises(WeightsError, match="do not fit"):
         get_backbone("resnet18", tmp_path / "a.pth")
+
+
+def test_vgg11_random_weights_in_both_modes(tmp_path):
+    """VGG's classifier orders ReLU and Dropout unlike AlexNet's and reads a 7×7 pool5: declared taps
+    match what warp and shared extraction return, and fc6/fc7/logits are the network's own layers."""
+    from safetensors.torch import save_file
+    from torchvision.models import vgg11
+
+    from rcnn.features import extract_features, warp_regions
+
+    torch.manual_seed(0)
+    m = vgg11(weights=None).eval()
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(tmp_path / "vgg11.safetensors"))
+    bb = backbones.build_backbone("vgg11", tmp_path / "vgg11.safetensors")
+    assert bb.taps == {"pool5": 512 * 49, "fc6": 4096, "fc7": 4096, "logits": 1000}
+    assert bb.pool5_grid == 7 and bb.fixed_grid and bb.dim("pool5", 3) == 512 * 49  # fc6 fixes the grid
+    img = np.random.default_rng(0).integers(0, 256, (90, 120, 3), dtype=np.uint8)
+    boxes = np.array([[5, 5, 60, 70], [30, 10, 115, 85]], np.float32)
+    layers = ["pool5", "fc6", "fc7", "logits"]
+    warp = extract_features(img, boxes, bb, layers, "warp")
+    shared = extract_features(img, boxes, bb, layers, "shared", scales=(1.0,))
+    for out in (warp, shared):
+        assert {k: v.shape for k, v in out.items()} == {k: (2, bb.taps[k]) for k in layers}
+        W6, b6 = m.classifier[0].weight.detach().numpy(), m.classifier[0].bias.detach().numpy()
+        np.testing.assert_allclose(out["fc6"], np.maximum(out["pool5"] @ W6.T + b6, 0), rtol=1e-3, atol=1e-3)
+        W8, b8 = m.classifier[6].weight.detach().numpy(), m.classifier[6].bias.detach().numpy()
+        np.testing.assert_allclose(out["logits"], out["fc7"] @ W8.T + b8, rtol=1e-3, atol=1e-3)
+    crops = warp_regions(img, boxes, bb.input_size, fill=bb.mean_rgb(), interpolation=bb.interpolation)
+    with torch.inference_mode():  # warp mode = torchvision's own forward pass on the warped crops
+        ref = m(bb.preprocess(crops).contiguous()).numpy()
+    np.testing.assert_allclose(warp["logits"], ref, rtol=1e-3, atol=1e-3)

@@ -16,6 +16,7 @@ from rcnn.bbox_regression import (
 )
 from rcnn.data import ImageRecord
 from rcnn.detect import RCNNModel, postprocess
+from rcnn.sources import FeatureSource
 
 
 def test_targets_roundtrip_and_values():
@@ -71,7 +72,7 @@ def test_training_pairs_iou_threshold():
     np.testing.assert_allclose(tgt[0], 0, atol=1e-6)
 
 
-class _Source:
+class _Source(FeatureSource):
     """Synthetic features that encode each box's offset to its object linearly (+ noise)."""
 
     layer = "pool5"

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rcnn.cache import CacheWriteError, atomic_write, load_npz, save_json, save_npz
+from rcnn.cache import CacheWriteError, atomic_write, load_npz, safe_filename, save_json, save_npz
 
 
 def leftovers(folder) -> list[str]:
@@ -108,3 +108,13 @@ def test_other_errors_pass_through_and_clean_up(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         atomic_write(tmp_path / "y.json", lambda tmp: (_ for _ in ()).throw(KeyboardInterrupt()))
     assert leftovers(tmp_path) == []
+
+
+def test_safe_filename_keeps_plain_ids_and_separates_others():
+    assert safe_filename("BloodImage_00001") == "BloodImage_00001"
+    assert safe_filename("a.b-c_d") == "a.b-c_d"
+    odd = [safe_filename(x) for x in ("a/b", "a b", "a?b", ".hidden", "", "x/" * 100)]
+    assert len(set(odd)) == len(odd)  # the hash keeps ids that map to the same characters apart
+    for name in odd:
+        assert name and not name.startswith(".") and "/" not in name and " " not in name and len(name) <= 89
+    assert odd[0].startswith("a_b-") and odd[3].startswith("hidden-")

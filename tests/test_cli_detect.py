@@ -10,7 +10,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from rcnn.cli import app
-from rcnn.detect import FORMAT_VERSION, RCNNModel, hog_features
+from rcnn.detect import FORMAT_VERSION, RCNNModel
+from rcnn.sources import hog_features
 
 runner = CliRunner()
 

@@ -158,17 +158,17 @@ def _write_images(folder: Path) -> list[Path]:
 def test_descriptors_cached_and_resumable(tmp_path, monkeypatch):
     monkeypatch.setenv("RCNN_CACHE_DIR", str(tmp_path / "cache"))
     paths = _write_images(tmp_path / "imgs")
-    d1, e1 = compute_descriptors(paths, workers=1, progress=False, chunk_size=2)
+    d1, e1 = compute_descriptors(paths, workers=1, chunk_size=2)
     assert np.isfinite(d1[:3]).all() and np.isnan(d1[3]).all()
     assert e1[:3] == [None] * 3 and "broken.jpg" in e1[3]
     cached = sorted((tmp_path / "cache" / "dedup").rglob("*.npz"))
     assert len(cached) == 2  # one file per chunk
     cached[0].unlink()  # a lost chunk is recomputed, the other reused
-    d2, e2 = compute_descriptors(paths, workers=1, progress=False, chunk_size=2)
+    d2, e2 = compute_descriptors(paths, workers=1, chunk_size=2)
     np.testing.assert_array_equal(d1[:3], d2[:3])
     assert e2 == e1
     # parallel workers give the same descriptors
-    d3, _ = compute_descriptors(paths, workers=2, progress=False, chunk_size=1, cache=False)
+    d3, _ = compute_descriptors(paths, workers=2, chunk_size=1, cache=False)
     np.testing.assert_allclose(d1[:3], d3[:3], rtol=1e-6)
 
 
@@ -198,7 +198,7 @@ def test_find_duplicates_reports_id_and_gist(tmp_path, monkeypatch):
         ImageItem("astro_small", qdir / "astro_small.jpg"),
         ImageItem("rocket", qdir / "rocket.jpg", "coffee"),
     ]
-    res = find_duplicates(qry, ref, workers=1, progress=False)
+    res = find_duplicates(qry, ref, workers=1)
     got = {(p.query, p.reference): p.method for p in res.pairs}
     assert got == {("astro_small", "astronaut"): "gist", ("rocket", "coffee"): "source-id"}
     assert res.queries_found == 2 and res.fraction_found == 1.0
@@ -214,7 +214,7 @@ def test_real_duplicate_found_and_cli(tmp_path, monkeypatch):
     monkeypatch.setenv("RCNN_CACHE_DIR", str(tmp_path / "cache"))
     q, r = collect_images(ex), collect_images(voc)
     assert {it.image_id for it in q} >= {"000084.jpg", "fish-bike.jpg"} and len(r) == 19
-    res = find_duplicates(q, r, workers=1, progress=False)
+    res = find_duplicates(q, r, workers=1)
     pairs = [(p.query, p.reference) for p in res.pairs]
     assert ("000084.jpg", "000084") in pairs
     assert all(p.query != "fish-bike.jpg" for p in res.pairs)
@@ -248,7 +248,7 @@ def test_self_dedup_skips_identity_pairs(tmp_path, monkeypatch):
     (folder / "broken.jpg").unlink()
     Image.fromarray(_jpeg(_photo("coffee"), 50)).save(folder / "coffee_copy.jpg")
     items = collect_images(folder)
-    res = find_duplicates(items, items, workers=1, progress=False)
+    res = find_duplicates(items, items, workers=1)
     assert {(p.query, p.reference) for p in res.pairs} == {
         ("coffee.jpg", "coffee_copy.jpg"),
         ("coffee_copy.jpg", "coffee.jpg"),

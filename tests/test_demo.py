@@ -244,11 +244,6 @@ def test_folder_images_lists_all_files(tmp_path):
         src[0].load()
 
 
-def test_image_source_dataclass():
-    s = ImageSource("x", "here", lambda: np.zeros((4, 4, 3), np.uint8))
-    assert s.load().shape == (4, 4, 3)
-
-
 # ----------------------------------------------------------------------------- the real detector
 
 # Hand-measured on skimage.data.chelsea() (451x300): the image drawn at 2x with a 25-px grid,

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rcnn.boxes import box_iou
 from rcnn.data import Dataset
 from rcnn.detect import (
     FORMAT_VERSION,
@@ -19,12 +18,11 @@ from rcnn.detect import (
     RCNNModel,
     check_backbone,
     detect_dataset,
-    evaluate_model,
     fit,
-    hog_features,
     postprocess,
-    save_pr_curves,
 )
+from rcnn.evaluate import evaluate_model, save_pr_curves
+from rcnn.sources import FeatureSource, hog_features
 from rcnn.svm import SVMConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -56,7 +54,7 @@ def test_model_roundtrip_and_scoring(tmp_path):
 
 def test_model_with_per_block_scale_roundtrips(tmp_path):
     """Joined taps (pool5+fire5) store one scale per block: [[dim, scale], ...] in the metadata."""
-    from rcnn.svm import block_scale
+    from rcnn.sources import block_scale
 
     scale = block_scale([4.0, 40.0], (5, 3))
     assert scale.shape == (8,) and scale[0] == pytest.approx(20 / np.sqrt(2) / 4) and scale[-1] == pytest.approx(20 / np.sqrt(2) / 40)
@@ -197,26 +195,35 @@ def test_model_metadata_is_json(tmp_path):
     for k in ("format_version", "classes", "backbone", "weights_hash", "layer", "mode", "feature_scale", "proposal_options",
               "nms_iou", "training"):
         assert k in meta
-    assert box_iou is not None
+    assert meta["classes"] == CLASSES[:3] and meta["format_version"] == FORMAT_VERSION and meta["feature_scale"] == 0.5
 
 
 def test_cnn_features_gt_rows_and_one_pass_fill(tmp_path):
-    """fill_layers stores several layers where get_features looks; CNNFeatures splits the
-    ground-truth rows off and they equal a direct extraction of the GT boxes (shared mode)."""
+    """A joined layer fills each tap's cache in one pass (uncompressed on request), where a single
+    tap's source then finds it; CNNFeatures splits the ground-truth rows off and they equal a
+    direct extraction of the GT boxes (shared mode)."""
+    from dataclasses import replace
+
     from rcnn.data import load_dataset, load_image
-    from rcnn.detect import CNNFeatures, fill_layers
-    from rcnn.features import FeatureConfig, get_features
+    from rcnn.features import FeatureConfig, feature_path, get_features, is_cached
     from rcnn.proposals import ProposalConfig
+    from rcnn.sources import CNNFeatures
     from test_cli_detect import _tiny_voc
 
     data = _tiny_voc(tmp_path / "voc", n=3)
     ds = load_dataset(data, "trainval")
     rec = ds.records[0]
     pc = ProposalConfig(mode="fast", resize_width=0, max_boxes=40)
-    fc = FeatureConfig(backbone="squeezenet1_1", mode="shared", grid=3)
-    assert fill_layers(rec, pc, fc, ["pool5", "fc6"], data, compress=False) == 2
-    assert fill_layers(rec, pc, fc, ["pool5", "fc6"], data) == 0  # cached now
-    src = CNNFeatures(pc, fc.__class__(**{**fc.__dict__, "layer": "fc6"}), data)
+    fc = FeatureConfig(backbone="squeezenet1_1", mode="shared", grid=3, with_gt=True)
+    joined = replace(fc, layer="pool5+fc6")
+    assert not is_cached(rec, pc, joined, data)
+    get_features(rec, pc, joined, data, compress=False)
+    assert is_cached(rec, pc, replace(fc, layer="pool5"), data) and is_cached(rec, pc, replace(fc, layer="fc6"), data)
+    files = CNNFeatures(pc, joined, data).cache_files(rec)  # one file per tap of a joined layer
+    assert len(files) == 2 and all(f.is_file() for f in files)
+    with np.load(feature_path(rec, pc, replace(fc, layer="fc6"), data)) as z:
+        assert z.zip.getinfo("feats.npy").compress_type == 0  # stored, not deflated
+    src = CNNFeatures(pc, replace(fc, layer="fc6"), data)
     boxes, feats = src.regions(rec)
     gt = src.gt_features(rec)
     assert len(boxes) == len(feats) <= 40 and gt.shape == (len(rec.boxes), 512)
@@ -242,7 +249,9 @@ def test_feature_source_flip_override_reaches_the_box_regressor():
     reg = BoxRegressor(classes=m.classes, W=np.zeros((3, 8, 4), np.float32), b=np.zeros((3, 4), np.float32),
                        trained=np.ones(3, bool), feature_scale=1.0, layer="pool5",
                        feature_options={"backbone": "squeezenet1_1", "layer": "pool5", "mode": "shared", "grid": 3})
-    assert reg.source_like(flipped).feature_config.flip and not reg.source_like(plain).feature_config.flip
+    assert flipped.with_options(reg.feature_options).feature_config.flip
+    assert not plain.with_options(reg.feature_options).feature_config.flip
+    assert flipped.with_options(reg.feature_options).feature_config.grid == 3  # the regressor's own settings
     hog = RCNNModel(**{**m.__dict__, "backbone": "hog", "feature_options": {}})
     with pytest.raises(ModelError, match="HOG"):
         hog.feature_source(flip=True)
@@ -252,9 +261,9 @@ def test_mirror_augmented_training_sees_both_views(tmp_path):
     """MirrorAugmented: each training image twice (itself, then mirrored: same boxes, the mirrored
     image's features); the model it trains scores plain features and says it was augmented."""
     from rcnn.data import load_dataset, load_image
-    from rcnn.detect import CNNFeatures, MirrorAugmented
     from rcnn.features import FeatureConfig, extract_features
     from rcnn.proposals import ProposalConfig
+    from rcnn.sources import CNNFeatures, MirrorAugmented
     from test_cli_detect import _tiny_voc
 
     data = _tiny_voc(tmp_path / "voc", n=5)
@@ -283,15 +292,15 @@ def test_relocalize_rescores_and_regresses_the_regressed_boxes():
     from rcnn.detect import relocalize
     from rcnn.scoring import score_topk
 
-    class Source:  # features of a box = its coordinates
-        feature_config = None
-
-        def extract(self, image, boxes):
+    class Source(FeatureSource):  # features of a box = its coordinates
+        def extract(self, image, boxes, layers=None):
             return np.asarray(boxes, np.float32).reshape(-1, 4)
 
+        def with_options(self, options):
+            return self
+
     class Reg:  # class c moves every box c + 1 px right
-        def source_like(self, source):
-            return source
+        feature_options: dict = {}  # noqa: RUF012
 
         def refine(self, boxes, feats, w, h):
             out = np.repeat(np.asarray(boxes, np.float32)[:, None], 2, 1)

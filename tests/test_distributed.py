@@ -32,26 +32,28 @@ def _bad_record(tmp_path) -> ImageRecord:
 
 def test_unknown_engine_is_refused():
     with pytest.raises(ValueError, match="engine must be one of"):
-        extract_dataset(_voc(1), PC, FC, engine="spark", progress=False)
+        extract_dataset(_voc(1), PC, FC, engine="spark")
 
 
 def test_task_body_fills_the_shared_cache_and_reports_bad_images(tmp_path, monkeypatch):
-    """What a Ray task runs, called in-process: writes the cache get_features reads, reports
-    an unreadable image as a failure (not an exception, so Ray does not retry it)."""
+    """What a Ray task runs, called in-process with the environment its ``runtime_env`` gives a
+    worker: writes the cache get_features reads, reports an unreadable image as a failure (not an
+    exception, so Ray does not retry it), and leaves the process environment as it found it."""
     ds = _voc(1)
     rec = ds.records[0]
     root = str(ds.root.resolve())
     shared = tmp_path / "shared-cache"
-    monkeypatch.delenv("RCNN_THREADS", raising=False)
-    res = _features_shard([(rec, root), (_bad_record(tmp_path), root)], PC, FC, str(shared), 1)
+    monkeypatch.setenv("RCNN_CACHE_DIR", str(shared))
+    monkeypatch.setenv("RCNN_THREADS", "1")
+    env = dict(os.environ)
+    res = _features_shard([(rec, root), (_bad_record(tmp_path), root)], PC, FC)
     assert [r["image_id"] for r in res] == [rec.image_id, "broken"]
     assert res[0]["error"] is None and not res[0]["cached"] and 0 < res[0]["regions"] <= 12
     assert "broken.jpg" in res[1]["error"]
-    monkeypatch.setenv("RCNN_CACHE_DIR", str(shared))
-    assert feature_path(rec, PC, FC, root).is_file()
-    again = _features_shard([(rec, root)], PC, FC, str(shared), 1)
+    assert feature_path(rec, PC, FC, root).is_file() and str(feature_path(rec, PC, FC, root)).startswith(str(shared))
+    again = _features_shard([(rec, root)], PC, FC)
     assert again[0]["cached"]
-    os.environ.pop("RCNN_THREADS", None)
+    assert dict(os.environ) == env
 
 
 @pytest.mark.slow  # starts a Ray instance and two workers that import torch: ~1 min on 2 busy cores
@@ -63,11 +65,11 @@ def test_ray_engine_equals_local_engine(tmp_path, monkeypatch):
     root = ds.root.resolve()
 
     monkeypatch.setenv("RCNN_CACHE_DIR", str(tmp_path / "local"))
-    loc = extract_dataset(ds, PC, FC, engine="local", workers=2, progress=False, records=recs)
+    loc = extract_dataset(ds, PC, FC, engine="local", workers=2, records=recs)
     local = {r.image_id: get_features(r, PC, FC, root) for r in ds.records}
 
     monkeypatch.setenv("RCNN_CACHE_DIR", str(tmp_path / "ray"))
-    ray_s = extract_dataset(ds, PC, FC, engine="ray", workers=2, progress=False, records=recs)
+    ray_s = extract_dataset(ds, PC, FC, engine="ray", workers=2, records=recs)
     assert (ray_s.computed, ray_s.cached, loc.computed) == (3, 0, 3)
     assert len(ray_s.failed) == 1 and "broken.jpg" in ray_s.failed[0]
     assert len(loc.failed) == 1 and "broken.jpg" in loc.failed[0]
@@ -79,7 +81,7 @@ def test_ray_engine_equals_local_engine(tmp_path, monkeypatch):
         # float16 storage: one thread (Ray task) vs two (local) may round the last bit differently
         np.testing.assert_allclose(feats.astype(np.float32), lf.astype(np.float32), rtol=2e-3, atol=2e-3)
     # resumable / interchangeable: a second run computes nothing
-    again = extract_dataset(ds, PC, FC, engine="ray", workers=2, progress=False)
+    again = extract_dataset(ds, PC, FC, engine="ray", workers=2)
     assert (again.computed, again.cached) == (0, 3)
 
 

@@ -214,7 +214,7 @@ def test_feature_cache_roundtrip_and_keys(monkeypatch):
             for r in ds.records}
     monkeypatch.setattr(proposals, "get_proposals", lambda rec, cfg, root: fake[rec.image_id])
     fc = FeatureConfig(mode="shared", with_gt=True)
-    summ = features_for_dataset(ds, None, fc, progress=False)
+    summ = features_for_dataset(ds, None, fc)
     assert summ.computed == 2 and summ.cached == 0 and summ.cache_mb > 0
     rec = ds.records[0]
     boxes, feats = get_features(rec, None, fc, voc)
@@ -233,7 +233,7 @@ def test_feature_cache_roundtrip_and_keys(monkeypatch):
     old.write_bytes(b"partial")
     new.write_bytes(b"partial")
     os.utime(old, (1, 1))
-    again = features_for_dataset(ds, None, fc, progress=False)
+    again = features_for_dataset(ds, None, fc)
     assert again.cached == 2 and again.computed == 0
     assert not old.exists() and new.exists()
     assert fc.weights_hash() == get_backbone("squeezenet1_1").weights_hash

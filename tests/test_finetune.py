@@ -11,18 +11,17 @@ import numpy as np
 import pytest
 import torch
 
+from rcnn.backbones import FT_TAP, read_finetuned_meta
 from rcnn.data import ImageRecord
+from rcnn.detect import softmax_model
 from rcnn.finetune import (
-    FT_TAP,
     CheckpointError,
     FinetuneConfig,
     batch_images,
     default_lr,
     finetune,
     label_regions,
-    read_meta,
     sample_regions,
-    softmax_model,
     split_validation,
 )
 from rcnn.proposals import ProposalConfig
@@ -100,7 +99,7 @@ PC = ProposalConfig(resize_width=0, min_size=5)
 
 def _run(toy, out: Path, cfg=TINY, **kw):
     root, recs = toy
-    return finetune(recs[:2], ["red", "blue"], out, cfg, PC, root, val_records=recs[2:], progress=False, threads=1, **kw)
+    return finetune(recs[:2], ["red", "blue"], out, cfg, PC, root, val_records=recs[2:], threads=1, **kw)
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -125,7 +124,7 @@ def test_resume_after_kill_is_identical(toy, tmp_path):
     assert a.history["val"] == b2.history["val"]
     # the new classifier moved away from its initialisation; curve files are written
     assert (tmp_path / "a.curve.png").stat().st_size > 0 and (tmp_path / "a.curve.json").exists()
-    meta = read_meta(tmp_path / "a.safetensors")
+    meta = read_finetuned_meta(tmp_path / "a.safetensors")
     assert meta["classes"] == ["__background__", "red", "blue"] and meta["base"] == "squeezenet1_1"
 
 
@@ -236,7 +235,7 @@ def test_pool5_head_input_norm_bf16_resume_and_softmax(toy, tmp_path):
     for k in ta:
         assert torch.equal(ta[k], tb[k]), k
     assert ta["rcnn_finetune.cls.weight"].shape == (3, 512 * 9)
-    meta = read_meta(tmp_path / "a.safetensors")
+    meta = read_finetuned_meta(tmp_path / "a.safetensors")
     # the constant brings the pre-trained net's pool5 norm to ~20 (SqueezeNet's raw norm is ≫ 20)
     assert meta["tap"] == "pool5" and meta["grid"] == 3 and 0 < meta["input_scale"] < 1
     assert a.history["input_scale"] == b.history["input_scale"] == meta["input_scale"]

@@ -14,10 +14,10 @@ from rcnn.detect import (
     RCNNModel,
     detect_dataset,
     detect_image,
-    evaluate_model,
     fit,
     postprocess,
 )
+from rcnn.evaluate import evaluate_model
 from rcnn.scoring import score_topk
 from rcnn.svm import SVMConfig
 

@@ -19,13 +19,14 @@ import json, resource, sys
 from pathlib import Path
 import numpy as np
 from rcnn.data import ImageRecord
+from rcnn.sources import FeatureSource
 from rcnn.svm import SVMConfig, train_detector
 
 folder = Path(sys.argv[1])
 rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MB (Linux reports kB)
 
 
-class DiskFeatures:
+class DiskFeatures(FeatureSource):
     '''A FeatureSource over one .npz file per image: nothing is kept between calls.'''
 
     def regions(self, record):

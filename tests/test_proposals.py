@@ -136,7 +136,7 @@ def _dataset(tmp_path, n: int = 3, bad: bool = True) -> Dataset:
 def test_cache_resume_reuse_invalidate_and_bad_image(tmp_path):
     ds = _dataset(tmp_path)
     cfg = ProposalConfig(max_boxes=300)
-    s = propose_dataset(ds, cfg, workers=2, progress=False)
+    s = propose_dataset(ds, cfg, workers=2)
     assert (s.computed, s.cached, len(s.failed)) == (3, 0, 1)
     assert "im3.png" in s.failed[0][1] and s.failed[0][0] == "im3"
     assert s.cache_mb > 0
@@ -147,20 +147,20 @@ def test_cache_resume_reuse_invalidate_and_bad_image(tmp_path):
     for r, b in zip(good, first, strict=True):
         np.testing.assert_array_equal(b, selective_search(load_image(r.path), cfg))
     # second run: nothing computed
-    s2 = propose_dataset(ds, cfg, workers=2, progress=False, records=good)
+    s2 = propose_dataset(ds, cfg, workers=2, records=good)
     assert (s2.computed, s2.cached, s2.failed) == (0, 3, [])
     # a killed run leaves some entries missing (or half-written: corrupt): only those are redone
     paths[0].unlink()
     paths[1].write_bytes(b"garbage")
-    s3 = propose_dataset(ds, cfg, workers=1, progress=False, records=good)
+    s3 = propose_dataset(ds, cfg, workers=1, records=good)
     assert (s3.computed, s3.cached) == (2, 1)
     # a changed setting never reuses stale boxes
-    s4 = propose_dataset(ds, ProposalConfig(max_boxes=50), workers=1, progress=False, records=good)
+    s4 = propose_dataset(ds, ProposalConfig(max_boxes=50), workers=1, records=good)
     assert (s4.computed, s4.cached) == (3, 0)
     assert all(len(get_proposals(r, ProposalConfig(max_boxes=50), ds.root)) <= 50 for r in good)
     # a changed image file is recomputed
     Image.fromarray(scene(seed=99)).save(good[2].path)
-    s5 = propose_dataset(ds, cfg, workers=1, progress=False, records=good)
+    s5 = propose_dataset(ds, cfg, workers=1, records=good)
     assert (s5.computed, s5.cached) == (1, 2)
     with pytest.raises(ImageReadError, match=r"im3\.png"):
         get_proposals(ds.records[3], cfg, ds.root)

@@ -430,6 +430,11 @@ def test_pennfudan_masks():
     assert masks.shape == (2, rec.height, rec.width) and (labels == 0).all()
     lm = class_label_map(rec, 1)
     assert set(np.unique(lm).tolist()) == {0, 1}
+    from rcnn.segmentation.masks import images_and_masks
+
+    images, gts = images_and_masks(ds, limit=2)  # what the packaged ranker and mask head learn from
+    assert len(images) == len(gts) == 2 and all(g.shape[1:] == im.shape[:2] and g.dtype == bool for im, g in
+                                                zip(images, gts, strict=True))
 
 
 def test_cli_errors(tmp_path):
@@ -491,3 +496,17 @@ def test_cli_end_to_end_on_a_pennfudan_subset(tmp_path, monkeypatch):
     r = runner.invoke(app, ["segment", str(model), str(root / "PNGImages" / "FudanPed00001.png"), "-o", str(tmp_path / "out")])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "out" / "FudanPed00001_overlay.png").is_file()
+    # prepare_image(extract=...): the training images' features are cached now; another region
+    # count is a miss, which "none" and "gt" refuse and "all" computes (and records)
+    from rcnn.segmentation import FeatureCacheMiss, load_segmentation_dataset, prepare_image
+
+    m = SegmentationModel.load(model)
+    rec = load_segmentation_dataset(root, "train").records[0]
+    done: list[dict] = []
+    it = prepare_image(rec, 1, m.mask_config, m.feature_config, 30, with_gt=True, extract="none", extracted=done)
+    assert done == [] and len(it.regions) == 30 and it.n_gt >= 1
+    for extract in ("none", "gt"):
+        with pytest.raises(FeatureCacheMiss, match="regions"):
+            prepare_image(rec, 1, m.mask_config, m.feature_config, 20, with_gt=True, extract=extract)
+    prepare_image(rec, 1, m.mask_config, m.feature_config, 20, with_gt=True, extract="all", extracted=done)
+    assert [(d["kind"], d["masks"]) for d in done] == [("regions", 20)]

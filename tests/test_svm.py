@@ -153,8 +153,9 @@ def test_train_detector_mines_and_separates():
         assert h[0]["image"] == 1 and h[-1]["image"] == len(recs)
         assert all(e["num_neg_after_evict"] <= e["num_neg"] for e in h)
         assert all(np.isfinite(e["objective"]) and e["objective"] > 0 for e in h)
-    mining = [e for e in events if e.stage == "mining"]
+    mining = [e for e in events if e.task == "hard-negative mining"]
     assert mining[-1].done == mining[-1].total == len(recs)
+    assert mining[-1].info.startswith("cache cell:") and "absent:0" in mining[-1].info  # cache sizes per class
     # on held-out images, GT-like regions outscore background for their class
     test = synthetic_records(10, start=500)
     hits = []

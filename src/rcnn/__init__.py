@@ -2,7 +2,8 @@
 
 Stages, one module each, data flowing one way through plain types:
 ``data`` → ``proposals`` → ``backbones``/``features`` → ``sources`` → ``svm``/``bbox_regression`` →
-``detect`` → ``evaluate`` → ``pipeline``. Boxes are ``(N,4)`` float ``xyxy`` pixel-edge coordinates
+``detect`` → ``evaluate`` → ``pipeline``; a module imports only from the stages below it (the
+import-linter contract in pyproject.toml). Boxes are ``(N,4)`` float ``xyxy`` pixel-edge coordinates
 everywhere (see ``rcnn.boxes``).
 
 The workflow in three calls (:mod:`rcnn.pipeline`)::
@@ -14,7 +15,7 @@ The workflow in three calls (:mod:`rcnn.pipeline`)::
 
 import types as _types
 
-__version__ = "0.2.0"
+from rcnn._version import __version__ as __version__
 
 #: the workflow functions, imported on first use so ``import rcnn`` stays light
 _PIPELINE = ("train", "load", "recipe", "Recipe", "PRESETS", "Detector")

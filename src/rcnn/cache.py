@@ -12,6 +12,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +34,16 @@ def settings_hash(*parts: Any, length: int = 16) -> str:
     """Stable hex digest of JSON-serialisable ``parts`` (dict keys sorted)."""
     blob = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:length]
+
+
+def safe_filename(name: str) -> str:
+    """``name`` (an image id, a class name) as a file name: unchanged when it is already made of
+    ``A-Za-z0-9._-`` and does not start with a dot; otherwise those characters with every other one
+    replaced by ``_``, at most 80 of them, plus a hash of ``name`` (distinct names stay distinct)."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)
+    if safe != name or not safe or safe.startswith("."):
+        safe = f"{safe.lstrip('.')[:80]}-{settings_hash(name, length=8)}"
+    return safe
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:

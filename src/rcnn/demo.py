@@ -465,7 +465,7 @@ def _safe_stem(name: str, used: set[str]) -> str:
 
 def coco_document(reports: Sequence[ImageReport], vocabulary: Vocabulary, config: DemoConfig) -> dict:
     """The ``detections.json`` document (COCO layout; ``bbox`` = [x, y, w, h] pixels, 0-based)."""
-    from rcnn import __version__
+    from rcnn._version import __version__
 
     anns = []
     for i, r in enumerate(reports, 1):

@@ -1,4 +1,4 @@
-"""The R-CNN detector: model file, region feature sources, detection and evaluation.
+"""The R-CNN detector: the model file, training it, detection and the detections it outputs.
 
 Detection (paper §2.2): proposals → features → scores of every class as one matrix product
 → greedy per-class NMS at IoU 0.3 → at most ``max_per_class`` boxes per class and image
@@ -14,22 +14,38 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
+from rcnn.backbones import FINETUNED_META_KEY, FT_TAP, get_backbone, read_finetuned_meta
+from rcnn.bbox_regression import BoxRegressor
 from rcnn.boxes import NMS_IOU, batched_nms, box_area
-from rcnn.cache import cache_dir, file_sha256, load_npz, save_npz, settings_hash
-from rcnn.data import Dataset, ImageRecord, load_image
-from rcnn.evaluate import ClassResult, Detections, EvalResult, evaluate_detections
+from rcnn.cache import atomic_write, settings_hash
+from rcnn.data import Dataset, ImageReadError, ImageRecord, load_image
+from rcnn.features import FeatureConfig
+from rcnn.progress import ProgressFn, report
+from rcnn.proposals import ProposalConfig
 from rcnn.scoring import TopK, score_topk
-from rcnn.svm import SVMConfig, TrainResult, scale_from_json, scale_to_json, score_regions, train_detector
+from rcnn.sources import (
+    HOG_BACKBONE,
+    CNNFeatures,
+    FeatureSource,
+    HOGFeatures,
+    HOGOptions,
+    MirrorAugmented,
+    hog_features,
+    scale_from_json,
+    scale_to_json,
+)
+from rcnn.svm import SVMConfig, TrainResult, score_regions, train_detector
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +60,6 @@ RELOCALIZE_TOP = 200
 #: reach NMS (rcnn.scoring keeps them on the fly), so memory stays bounded for 100k classes.
 FULL_SCORES_MAX = 1 << 24
 PRE_NMS_FACTOR = 3
-HOG_BACKBONE = "hog"
 
 
 class ModelError(ValueError):
@@ -59,7 +74,7 @@ class RCNNModel:
     """Per-class linear SVMs over one kind of region feature.
 
     ``W`` ``(D,C)`` float32 and ``b`` ``(C,)`` act on features multiplied by ``feature_scale``
-    (a scalar; per dimension for joined taps, :func:`rcnn.svm.block_scale`);
+    (a scalar; per dimension for joined taps, :func:`rcnn.sources.block_scale`);
     ``trained[c]`` is False for classes that had no positives (never detected)."""
 
     classes: list[str]
@@ -76,7 +91,7 @@ class RCNNModel:
     nms_iou: float = NMS_IOU  # paper §2.2
     training: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
-    bbox_reg: Any = None  # rcnn.bbox_regression.BoxRegressor (issue 8), applied before NMS
+    bbox_reg: BoxRegressor | None = None  # box regression (tech report appendix C), applied before NMS
 
     def score(self, feats: np.ndarray) -> np.ndarray:
         """Scores ``(N,C)`` of raw (unscaled) features ``(N,D)``: one matrix product (§2.2)."""
@@ -113,10 +128,6 @@ class RCNNModel:
 
     def save(self, path: str | Path) -> Path:
         """Write the model atomically (one safetensors file with JSON metadata)."""
-        from safetensors.numpy import save_file
-
-        from rcnn.cache import atomic_write
-
         tensors = {"W": np.ascontiguousarray(self.W, np.float32), "b": np.ascontiguousarray(self.b, np.float32),
                    "trained": np.ascontiguousarray(self.trained.astype(np.uint8))}
         meta = {"rcnn": json.dumps(self.metadata(), default=_json_default)}
@@ -128,8 +139,6 @@ class RCNNModel:
     @classmethod
     def load(cls, path: str | Path) -> RCNNModel:
         """Read a model file; raises :class:`ModelError` (one line) if it is not a usable model."""
-        from safetensors import safe_open
-
         path = Path(path)
         if not path.is_file():
             raise ModelError(f"{path}: no such model file")
@@ -152,8 +161,6 @@ class RCNNModel:
         trained = tensors.get("trained", np.ones(C, np.uint8)).astype(bool)
         bbox_reg = None
         if reg_meta is not None:
-            from rcnn.bbox_regression import BoxRegressor
-
             try:
                 bbox_reg = BoxRegressor.from_file(reg_meta, tensors)
             except (ValueError, KeyError) as e:
@@ -165,15 +172,13 @@ class RCNNModel:
                    training=meta.get("training", {}), format_version=v, bbox_reg=bbox_reg)
 
     # -- the settings objects the model was trained with
-    def proposal_config(self):
-        from rcnn.proposals import ProposalConfig
-
+    def proposal_config(self) -> ProposalConfig:
         opts = dict(self.proposal_options)
         if "ks" in opts:
             opts["ks"] = tuple(opts["ks"])
         return ProposalConfig(**{k: v for k, v in opts.items() if k in {f.name for f in fields(ProposalConfig)}})
 
-    def feature_source(self, dataset_root: str | Path | None = None, backbone=None, flip: bool | None = None) -> RegionFeatures:
+    def feature_source(self, dataset_root: str | Path | None = None, backbone=None, flip: bool | None = None) -> FeatureSource:
         """The feature source this model was trained on, checked against the installed backbone.
         ``flip``: override test-time flip averaging (:class:`rcnn.features.FeatureConfig`; CNN only)."""
         if self.backbone == HOG_BACKBONE:
@@ -209,341 +214,38 @@ def check_backbone(model: RCNNModel, backbone) -> None:
         )
 
 
-# ------------------------------------------------------------------ feature sources
 
-
-class RegionFeatures:
-    """Base of feature sources: ``regions(record)`` and ``gt_features(record)`` (see
-    :class:`rcnn.svm.FeatureSource`) plus ``image_regions(image)`` for a new image."""
-
-    name = ""
-    layer = ""
-    mode = ""
-    weights_hash = ""
-
-    def options(self) -> dict:
-        return {}
-
-    def cache_mb(self) -> float:
-        return 0.0
-
-
-def _gt_cache_path(kind: str, key: str, root: str | Path | None, record: ImageRecord) -> Path:
-    droot = str(Path(root).resolve()) if root is not None else str(Path(record.path).parent.resolve())
-    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in record.image_id)[:80]
-    return cache_dir() / kind / key / settings_hash("dataset", droot) / f"{safe}-{settings_hash(record.image_id, length=8)}.npz"
-
-
-def _cached_gt(path: Path, record: ImageRecord, compute: Callable[[], np.ndarray]) -> np.ndarray:
-    """Ground-truth features cached per image, keyed by the image's bytes and its boxes."""
-    sha = settings_hash(file_sha256(record.path), np.asarray(record.boxes, np.float32).round(2).tolist())
-    z = load_npz(path)
-    if z is not None and str(z.get("key", "")) == sha and z["feats"].shape[0] == len(record.boxes):
-        return z["feats"]
-    feats = compute()
-    save_npz(path, feats=np.asarray(feats, np.float16), key=np.array(sha))
-    return np.asarray(feats, np.float16)
-
-
-class CNNFeatures(RegionFeatures):
-    """CNN features of proposals through the feature cache (:func:`rcnn.features.get_features`).
-
-    The cache stores each image's ground-truth boxes first (``with_gt``): their features are
-    computed exactly like the proposals' (paper §2.3 positives), in the same pass."""
-
-    def __init__(self, proposal_config, feature_config, dataset_root: str | Path | None = None, backbone=None):
-        from rcnn.backbones import get_backbone
-
-        self.proposal_config = proposal_config
-        self.feature_config = replace(feature_config, with_gt=True)
-        self.dataset_root = dataset_root
-        self.name = feature_config.backbone
-        self.layer = feature_config.layer
-        self.mode = feature_config.mode
-        self._backbone = backbone
-        self._get_backbone = lambda: get_backbone(self.name, feature_config.weights)
-
-    @classmethod
-    def from_options(cls, proposal_config, options: dict, dataset_root=None, backbone=None) -> CNNFeatures:
-        from rcnn.features import FeatureConfig
-
-        names = {f.name for f in fields(FeatureConfig)}
-        opts = {k: (tuple(v) if isinstance(v, list) else v) for k, v in options.items() if k in names}
-        return cls(proposal_config, FeatureConfig(**opts), dataset_root, backbone)
-
-    @property
-    def backbone(self):
-        if self._backbone is None:
-            self._backbone = self._get_backbone()
-        return self._backbone
-
-    @property
-    def weights_hash(self) -> str:  # type: ignore[override]
-        return self.backbone.weights_hash
-
-    def options(self) -> dict:
-        d = asdict(self.feature_config)
-        d.pop("batch_size", None)
-        d.pop("device", None)  # where features were computed is not part of the model (rcnn.device)
-        return d
-
-    @property
-    def dim(self) -> int:
-        from rcnn.features import layer_dim
-
-        return layer_dim(self.backbone, self.layer, self.feature_config.grid)
-
-    @property
-    def blocks(self) -> tuple[int, ...] | None:
-        """Each tap's dimension when the layer joins several (``pool5+fire5``): scaled separately."""
-        from rcnn.features import split_layer
-
-        taps = split_layer(self.layer)
-        return tuple(self.backbone.dim(t, self.feature_config.grid) for t in taps) if len(taps) > 1 else None
-
-    def _stored(self, record: ImageRecord) -> tuple[np.ndarray, np.ndarray, int]:
-        from rcnn.features import get_features
-
-        memo = getattr(self, "_memo", None)
-        if memo is not None and memo[0] is record:  # regions() then gt_features() of one image: read once
-            return memo[1]
-        boxes, feats = get_features(record, self.proposal_config, self.feature_config, self.dataset_root)
-        boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
-        n_gt = len(record.boxes)
-        if n_gt and (len(boxes) < n_gt or not np.allclose(boxes[:n_gt], record.boxes, atol=0.01)):
-            raise ValueError(f"{record.path}: cached features do not start with this image's ground-truth boxes")
-        self._memo = (record, (boxes, feats, n_gt))
-        return boxes, feats, n_gt
-
-    def regions(self, record: ImageRecord) -> tuple[np.ndarray, np.ndarray]:
-        boxes, feats, n_gt = self._stored(record)
-        return boxes[n_gt:], feats[n_gt:]
-
-    def gt_features(self, record: ImageRecord) -> np.ndarray:
-        memo = getattr(self, "_memo", None)
-        if self.pools_boxes and not (memo is not None and memo[0] is record):
-            return self.box_features(record, record.boxes)  # only the few ground-truth boxes
-        _, feats, n_gt = self._stored(record)
-        return feats[:n_gt]
-
-    @property
-    def pools_boxes(self) -> bool:
-        """Shared mode: any box of a dataset image is pooled from its cached trunk maps
-        (:meth:`box_features`), so a pass that needs a few boxes need not pool them all."""
-        return self.feature_config.mode == "shared"
-
-    def region_boxes(self, record: ImageRecord) -> np.ndarray:
-        """The image's proposals ``(N,4)``, in the order :meth:`regions` returns them (no features)."""
-        from rcnn.proposals import get_proposals
-
-        return get_proposals(record, self.proposal_config, self.dataset_root).astype(np.float32).reshape(-1, 4)
-
-    def box_features(self, record: ImageRecord, boxes: np.ndarray) -> np.ndarray:
-        """``(N, D)`` float16 features of any boxes ``(N,4)`` of a dataset image (shared mode only):
-        the values :meth:`regions` gives for the same boxes."""
-        from rcnn.features import pooled_features
-
-        if not self.pools_boxes:
-            raise ValueError("box_features needs shared mode (warp mode caches the proposals' features only)")
-        b = np.asarray(boxes, np.float32).reshape(-1, 4)
-        if len(b) == 0:
-            return np.zeros((0, self.dim), np.float16)
-        return pooled_features(record, b, self.feature_config, self.dataset_root).astype(np.float16)
-
-    def extract(self, image: np.ndarray, boxes: np.ndarray, layers: Sequence[str] | None = None):
-        """``(N, D)`` float32 features of boxes of a new image (no cache); with ``layers``,
-        ``{layer: (N, D)}`` of those taps from one forward pass."""
-        from rcnn.features import extract_features
-
-        fc = self.feature_config
-        return extract_features(image, boxes, self.backbone, fc.layer if layers is None else list(layers),
-                                **fc.extract_options())
-
-    def image_regions(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        from rcnn.proposals import selective_search
-
-        boxes = selective_search(image, self.proposal_config)
-        if len(boxes) == 0:
-            return boxes.reshape(0, 4), np.zeros((0, self.dim), np.float32)
-        return boxes, self.extract(image, boxes)
-
-    def cache_mb(self) -> float:
-        from rcnn.cache import dir_size_mb
-        from rcnn.features import feature_dirs
-
-        return sum(dir_size_mb(d) for d in feature_dirs(self.proposal_config, self.feature_config, self.dataset_root or "."))
-
-
-class MirrorAugmented(RegionFeatures):
-    """Training-set augmentation (not in the paper; the released code trains on the images as
-    they are): every training image is seen twice, as itself and mirrored. The mirrored view
-    (``FeatureConfig(mirror=True)``) keeps the original image's boxes, so positives, negatives
-    and IoUs are those of the original; only the features differ. ``augment(records)`` returns
-    the records to train on (each followed by its mirrored view); the model it trains scores
-    plain features (:meth:`options` are the plain source's)."""
-
-    def __init__(self, source: CNNFeatures):
-        self.plain = source
-        self.mirror = CNNFeatures(source.proposal_config, replace(source.feature_config, mirror=True),
-                                  source.dataset_root, backbone=source._backbone)
-        self.name, self.layer, self.mode = source.name, source.layer, source.mode
-        self.proposal_config, self.dataset_root = source.proposal_config, source.dataset_root
-        self._views: dict[int, ImageRecord] = {}  # id(mirrored copy) -> the copy (kept alive)
-
-    @property
-    def weights_hash(self) -> str:  # type: ignore[override]
-        return self.plain.weights_hash
-
-    @property
-    def feature_config(self):
-        return self.plain.feature_config
-
-    def options(self) -> dict:
-        return self.plain.options()
-
-    def augment(self, records: Sequence[ImageRecord]) -> list[ImageRecord]:
-        out = []
-        for r in records:
-            view = replace(r)
-            self._views[id(view)] = view
-            out += [r, view]
-        return out
-
-    def _src(self, record: ImageRecord) -> CNNFeatures:
-        return self.mirror if id(record) in self._views else self.plain
-
-    def regions(self, record: ImageRecord) -> tuple[np.ndarray, np.ndarray]:
-        return self._src(record).regions(record)
-
-    def gt_features(self, record: ImageRecord) -> np.ndarray:
-        return self._src(record).gt_features(record)
-
-    def image_regions(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return self.plain.image_regions(image)
-
-    def cache_mb(self) -> float:
-        return self.plain.cache_mb() + self.mirror.cache_mb()
-
-
-def fill_layers(
-    record: ImageRecord, proposal_config, feature_config, layers: Sequence[str], dataset_root, compress: bool = True
-) -> int:
-    """Compute several layers in one forward pass and store each in the feature cache exactly
-    where :func:`rcnn.features.get_features` (``with_gt``) looks for it, so pool5/fc6/fc7 rows
-    cost one extraction (the released code likewise cached pool5 once and derived fc6/fc7).
-    ``compress=False`` stores plain ``.npz`` (same arrays, readable by ``get_features``): zlib on
-    a 1000-box pool5 block costs seconds per image on a loaded CPU. Returns the number of
-    layers computed (0 when all were cached)."""
-    from rcnn.features import _load, _save, extract_features, feature_path, split_layer
-    from rcnn.proposals import get_proposals
-
-    taps = dict.fromkeys(t for layer in layers for t in split_layer(layer))  # joined taps are cached tap by tap
-    fcs = {t: replace(feature_config, layer=t, with_gt=True) for t in taps}
-    sha = file_sha256(record.path)
-    todo = [k for k, fc in fcs.items() if _load(feature_path(record, proposal_config, fc, dataset_root), sha) is None]
-    if not todo:
-        return 0
-    boxes = get_proposals(record, proposal_config, dataset_root).astype(np.float32)
-    n_gt = len(record.boxes)
-    if n_gt:
-        boxes = np.concatenate([np.asarray(record.boxes, np.float32).reshape(-1, 4), boxes])
-    fc = fcs[todo[0]]
-    out = extract_features(load_image(record.path), boxes, fc.backbone_obj(), todo, **fc.extract_options())
-    for k in todo:
-        path = feature_path(record, proposal_config, fcs[k], dataset_root)
-        if compress:
-            _save(path, boxes, out[k].astype(np.float16), sha, n_gt)
-        else:
-            save_npz(path, boxes=boxes, feats=out[k].astype(np.float16), image_sha256=np.array(sha), n_gt=np.array(n_gt, np.int32))
-    return len(todo)
-
-
-@dataclass(frozen=True)
-class HOGOptions:
-    """HOG baseline (stands in for the paper's DPM HOG row, Table 2): each region warped to
-    ``size``² grayscale, then ``skimage.feature.hog`` (Dalal-Triggs 9 orientations, 8x8 cells,
-    2x2 blocks, L2-Hys)."""
-
-    size: int = 64
-    orientations: int = 9
-    pixels_per_cell: int = 8
-    cells_per_block: int = 2
-
-
-def hog_features(image: np.ndarray, boxes: np.ndarray, opts: HOGOptions = HOGOptions()) -> np.ndarray:
-    """``(N, D)`` float32 HOG descriptors of the ``(N,4)`` boxes of an RGB uint8 image (tight warp)."""
-    import cv2
-    from skimage.feature import hog
-
-    gray = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY)
-    h, w = gray.shape
-    out = []
-    s = opts.size
-    for x1, y1, x2, y2 in np.asarray(boxes, np.float32).reshape(-1, 4):
-        # tight box warp (paper §2.1) with sub-pixel precision: an affine map of the box onto s x s
-        bw, bh = max(float(x2 - x1), 1e-3), max(float(y2 - y1), 1e-3)
-        M = np.array([[s / bw, 0, -x1 * s / bw], [0, s / bh, -y1 * s / bh]], np.float32)
-        crop = cv2.warpAffine(gray, M, (s, s), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-        out.append(hog(crop, orientations=opts.orientations, pixels_per_cell=(opts.pixels_per_cell,) * 2,
-                       cells_per_block=(opts.cells_per_block,) * 2, block_norm="L2-Hys", feature_vector=True))
-    del h, w
-    if not out:
-        n = opts.size // opts.pixels_per_cell - opts.cells_per_block + 1
-        return np.zeros((0, n * n * opts.cells_per_block**2 * opts.orientations), np.float32)
-    return np.asarray(out, np.float32)
-
-
-class HOGFeatures(RegionFeatures):
-    """HOG descriptors of the proposals (cached per image like the CNN features)."""
-
-    name = HOG_BACKBONE
-    layer = "hog"
-    mode = "warp"
-    weights_hash = "none"
-
-    def __init__(self, proposal_config, dataset_root: str | Path | None = None, **options):
-        self.proposal_config = proposal_config
-        self.dataset_root = dataset_root
-        self.opts = HOGOptions(**{k: v for k, v in options.items() if k in {f.name for f in fields(HOGOptions)}})
-        self.key = settings_hash("hog", asdict(self.opts), proposal_config.key())
-
-    def options(self) -> dict:
-        return asdict(self.opts)
-
-    def regions(self, record: ImageRecord) -> tuple[np.ndarray, np.ndarray]:
-        from rcnn.proposals import get_proposals
-
-        boxes = get_proposals(record, self.proposal_config, self.dataset_root)
-        path = _gt_cache_path("hog_features", self.key, self.dataset_root, record)
-        sha = settings_hash(file_sha256(record.path), len(boxes))
-        z = load_npz(path)
-        if z is not None and str(z.get("key", "")) == sha and len(z["feats"]) == len(boxes):
-            return boxes, z["feats"]
-        feats = hog_features(load_image(record.path), boxes, self.opts).astype(np.float16)
-        save_npz(path, feats=feats, key=np.array(sha))
-        return boxes, feats
-
-    def gt_features(self, record: ImageRecord) -> np.ndarray:
-        path = _gt_cache_path("hog_gt_features", self.key, self.dataset_root, record)
-        return _cached_gt(path, record, lambda: hog_features(load_image(record.path), record.boxes, self.opts))
-
-    def image_regions(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        from rcnn.proposals import selective_search
-
-        boxes = selective_search(image, self.proposal_config)
-        return boxes, hog_features(image, boxes, self.opts)
-
-    def cache_mb(self) -> float:
-        from rcnn.cache import dir_size_mb
-
-        return dir_size_mb(cache_dir() / "hog_features" / self.key)
+def softmax_model(net_path: str | Path, proposal_config: ProposalConfig, feature_config: FeatureConfig | None = None,
+                  ) -> RCNNModel:
+    """A detector that scores regions with a fine-tuned network's softmax (:mod:`rcnn.finetune`)
+    instead of SVMs: features = the :data:`rcnn.backbones.FT_TAP` log-probabilities, ``W`` selects
+    the N object columns (score = log p(class | region), a monotone map of the probability)."""
+    meta = read_finetuned_meta(net_path)
+    if meta is None:
+        raise ValueError(f"{net_path}: not a fine-tuned network (no {FINETUNED_META_KEY} header)")
+    classes = meta["classes"][1:]
+    fc = replace(feature_config or FeatureConfig(), backbone=meta["base"], weights=str(net_path), layer=FT_TAP,
+                 with_gt=True)
+    if meta.get("tap") == "pool5":  # the softmax reads the pool5 grid it was trained on
+        fc = replace(fc, grid=int(meta.get("grid", fc.grid)))
+    bb = get_backbone(fc.backbone, fc.weights)
+    n = len(classes)
+    W = np.zeros((n + 1, n), np.float32)
+    W[np.arange(1, n + 1), np.arange(n)] = 1.0
+    d = asdict(fc)
+    d.pop("batch_size", None)
+    return RCNNModel(classes=list(classes), W=W, b=np.zeros(n, np.float32), trained=np.ones(n, bool), feature_scale=1.0,
+                     backbone=fc.backbone, weights_hash=bb.weights_hash, layer=FT_TAP, mode=fc.mode, feature_options=d,
+                     proposal_options=asdict(proposal_config),
+                     training={"scorer": "fine-tuned softmax", "net": str(net_path), "iterations": meta.get("iterations")})
 
 
 # ------------------------------------------------------------------------- training
 
 
 def fit(
-    dataset: Dataset, source: RegionFeatures, svm: SVMConfig = SVMConfig(), progress=None, records: Sequence[ImageRecord] | None = None
+    dataset: Dataset, source: FeatureSource, svm: SVMConfig = SVMConfig(), progress: ProgressFn | None = None,
+    records: Sequence[ImageRecord] | None = None,
 ) -> tuple[RCNNModel, TrainResult]:
     """Train the per-class SVMs on ``dataset`` (or a subset ``records``) and wrap them as a model."""
     recs = list(dataset.records if records is None else records)
@@ -552,8 +254,8 @@ def fit(
     model = RCNNModel(
         classes=list(dataset.classes), W=res.W, b=res.b, trained=res.trained, feature_scale=res.feature_scale,
         backbone=source.name, weights_hash=source.weights_hash, layer=source.layer, mode=source.mode,
-        feature_options=source.options() if hasattr(source, "options") else {},
-        proposal_options=asdict(source.proposal_config) if hasattr(source, "proposal_config") else {},
+        feature_options=source.options(),
+        proposal_options=asdict(source.proposal_config) if source.proposal_config is not None else {},
         training={
             "dataset": str(Path(dataset.root).resolve()), "split": dataset.split, "images": len(recs),
             "image_ids_hash": settings_hash([r.image_id for r in recs]), "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -628,7 +330,7 @@ def postprocess(
 
 
 def relocalize(
-    model: RCNNModel, image: np.ndarray, source: RegionFeatures, boxes: np.ndarray, cand: TopK, rounds: int = 1,
+    model: RCNNModel, image: np.ndarray, source: FeatureSource, boxes: np.ndarray, cand: TopK, rounds: int = 1,
     top: int = RELOCALIZE_TOP,
 ) -> tuple[np.ndarray, TopK]:
     """Iterative localisation (Gidaris & Komodakis 2015; not in the R-CNN paper, whose detections
@@ -645,15 +347,14 @@ def relocalize(
     own = np.arange(len(ci))
     cur = np.asarray(boxes, np.float32)[pos[ci, slot], ci]  # (M,4): each candidate's box for its class
     scores = cand.scores[ci, slot]
-    reg_src = reg.source_like(source)
-    fc, rfc = getattr(source, "feature_config", None), getattr(reg_src, "feature_config", None)
+    reg_src = regression_source(model, source)
     # the scoring and regression taps differ only by layer (e.g. softmax + pool5): one forward pass
-    one_pass = fc is not None and rfc is not None and replace(rfc, layer=fc.layer) == fc
+    one_pass = {**reg_src.options(), "layer": source.layer} == source.options()
     h, w = image.shape[:2]
     for _ in range(int(rounds) if len(cur) else 0):
         if one_pass:
-            out = source.extract(image, cur, list(dict.fromkeys([fc.layer, rfc.layer])))
-            feats, reg_feats = out[fc.layer], out[rfc.layer]
+            out = source.extract(image, cur, list(dict.fromkeys([source.layer, reg_src.layer])))
+            feats, reg_feats = out[source.layer], out[reg_src.layer]
         else:
             feats = source.extract(image, cur)
             reg_feats = reg_src.extract(image, cur)
@@ -666,21 +367,28 @@ def relocalize(
     return cur, TopK(np.take_along_axis(idx, order, 1), np.take_along_axis(sc, order, 1))
 
 
-def shares_features(regressor, source) -> bool:
-    """Whether a box regressor reads exactly the features ``source`` gives the scorer (same network,
-    layer and geometry), so the scored features can be regressed without a second extraction."""
+def regression_source(model: RCNNModel, source: FeatureSource) -> FeatureSource:
+    """The features the model's box regressor reads: ``source``'s proposals and network at the
+    regressor's settings (its layer; the rest as it was trained, e.g. another RoI grid)."""
+    if model.bbox_reg is None:
+        raise ModelError("the model has no box regressor (rcnn bbox-reg)")
+    return source.with_options(model.bbox_reg.feature_options)
+
+
+def shares_features(model: RCNNModel, source: FeatureSource) -> bool:
+    """Whether the model's box regressor reads exactly the features ``source`` gives its scorer (same
+    network, layer and geometry), so the scored features are regressed without a second extraction."""
     fc = getattr(source, "feature_config", None)
-    if fc is None:
+    if fc is None or model.bbox_reg is None:
         return False
     try:
-        rfc = regressor.feature_config()
+        return getattr(regression_source(model, source), "feature_config", None) == fc
     except (TypeError, ValueError):
         return False
-    return replace(rfc, with_gt=fc.with_gt, flip=fc.flip, device=fc.device, batch_size=fc.batch_size) == fc
 
 
 def detect_image(
-    model: RCNNModel, image: np.ndarray, source: RegionFeatures | None = None, threshold: float | None = None,
+    model: RCNNModel, image: np.ndarray, source: FeatureSource | None = None, threshold: float | None = None,
     top_k: int | None = None, max_per_class: int | None = MAX_PER_CLASS, bbox_reg: bool = True, relocalize_rounds: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Detect in one RGB uint8 image: ``(boxes (K,4) xyxy, scores (K,), labels (K,))``.
@@ -694,13 +402,42 @@ def detect_image(
         return np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64)
     cand = model.score_topk(feats, model.candidates_per_class(len(boxes), max_per_class), threshold)
     if bbox_reg and model.bbox_reg is not None:
-        if shares_features(model.bbox_reg, source):  # the regressor reads the scored features: no second pass
+        if shares_features(model, source):  # the regressor reads the scored features: no second pass
             boxes = model.bbox_reg.refine(boxes, feats, image.shape[1], image.shape[0])
         else:
-            boxes = model.bbox_reg.refine_image(image, boxes, source)
+            boxes = model.bbox_reg.refine_image(image, boxes, regression_source(model, source))
         if relocalize_rounds:
             boxes, cand = relocalize(model, image, source, boxes, cand, relocalize_rounds)
     return postprocess(boxes, cand, model.nms_iou, threshold, top_k, max_per_class, model.trained)
+
+
+@dataclass
+class Detections:
+    """A flat set of detections: ``image_ids`` (N,) str, ``boxes`` (N,4) float32 xyxy,
+    ``scores`` (N,) float32, ``labels`` (N,) int64 class indices."""
+
+    image_ids: np.ndarray
+    boxes: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+
+    @classmethod
+    def empty(cls) -> Detections:
+        return cls(np.array([], dtype=object), np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64))
+
+    @classmethod
+    def concat(cls, parts: Sequence[Detections]) -> Detections:
+        if not parts:
+            return cls.empty()
+        return cls(
+            np.concatenate([p.image_ids.astype(object) for p in parts]),
+            np.concatenate([p.boxes for p in parts]).astype(np.float32),
+            np.concatenate([p.scores for p in parts]).astype(np.float32),
+            np.concatenate([p.labels for p in parts]).astype(np.int64),
+        )
+
+    def __len__(self) -> int:
+        return len(self.scores)
 
 
 @dataclass
@@ -716,17 +453,17 @@ class DetectStats:
 
 
 def detect_dataset(
-    model: RCNNModel, dataset: Dataset, source: RegionFeatures | None = None, threshold: float | None = None,
+    model: RCNNModel, dataset: Dataset, source: FeatureSource | None = None, threshold: float | None = None,
     top_k: int | None = None, max_per_class: int | None = MAX_PER_CLASS, records: Sequence[ImageRecord] | None = None,
-    progress: Callable[[int, int], None] | None = None, stats: DetectStats | None = None, bbox_reg: bool = True,
+    progress: ProgressFn | None = None, stats: DetectStats | None = None, bbox_reg: bool = True,
     relocalize_rounds: int = 0,
 ) -> Detections:
     """Detections over a dataset split, reading proposals/features from the caches (computing
     and storing missing ones). Labels index ``model.classes``. ``relocalize_rounds``: see
     :func:`relocalize` (the new boxes' features are computed from the image, not cached)."""
-    from rcnn.data import ImageReadError
-
     source = source or model.feature_source(dataset.root)
+    reg_src = regression_source(model, source) if bbox_reg and model.bbox_reg is not None else None
+    reg_shared = reg_src is not None and shares_features(model, source)
     recs = list(dataset.records if records is None else records)
     stats = stats if stats is not None else DetectStats()
     parts = []
@@ -743,101 +480,23 @@ def detect_dataset(
             log.warning("%s: no region proposals, no detections", r.path)
         else:
             cand = model.score_topk(feats, model.candidates_per_class(len(boxes), max_per_class), threshold)
-            if bbox_reg and model.bbox_reg is not None:  # after scoring, before NMS (released rcnn_test.m)
-                if shares_features(model.bbox_reg, source):
+            if reg_src is not None:  # after scoring, before NMS (released rcnn_test.m)
+                if reg_shared:
                     boxes = model.bbox_reg.refine(boxes, feats, r.width, r.height)
                 else:
-                    boxes = model.bbox_reg.refine_record(r, boxes, source)
+                    boxes = model.bbox_reg.refine_record(r, boxes, reg_src)
                 if relocalize_rounds:
                     boxes, cand = relocalize(model, load_image(r.path), source, boxes, cand, relocalize_rounds)
             b, s, lab = postprocess(boxes, cand, model.nms_iou, threshold, top_k, max_per_class, model.trained)
             parts.append(Detections(np.array([r.image_id] * len(s), dtype=object), b, s, lab))
         stats.images += 1
         stats.seconds += time.perf_counter() - t0
-        if progress:
-            progress(i + 1, len(recs))
+        report(progress, "detect", i + 1, len(recs))
     return Detections.concat(parts)
 
 
-def evaluate_model(
-    model: RCNNModel, dataset: Dataset, dets: Detections, metric: str = "voc07"
-) -> tuple[EvalResult, list[str]]:
-    """VOC AP of ``dets`` (labels index ``model.classes``) against ``dataset``, matching classes
-    by name. A dataset class the model lacks, or one it could not train, has an undefined AP
-    (NaN, left out of the mAP); a dataset class without positives is undefined too. Returns the
-    result and the warnings."""
-    warnings = []
-    index = {c: i for i, c in enumerate(dataset.classes)}
-    remap = np.array([index.get(c, -1) for c in model.classes], np.int64)
-    extra = [c for c in model.classes if c not in index]
-    if extra:
-        more = f" and {len(extra) - 10} more" if len(extra) > 10 else ""  # a 100k-class model: one short line
-        warnings.append(f"model classes not in the dataset (ignored): {extra[:10]}{more}")
-    if len(dets):
-        lab = remap[dets.labels]
-        sel = lab >= 0
-        dets = Detections(dets.image_ids[sel], dets.boxes[sel], dets.scores[sel], lab[sel])
-    result = evaluate_detections(dataset, dets, metric)
-    for k, c in enumerate(result.classes):
-        if c.name not in model.classes:
-            warnings.append(f"dataset class {c.name!r} is not in the model: AP undefined")
-            result.classes[k] = ClassResult(c.name, math.nan, c.npos, 0, c.recall, c.precision, c.tp, c.fp)
-        elif not model.trained[model.classes.index(c.name)]:
-            warnings.append(f"class {c.name!r} had no training positives, the model cannot detect it: AP undefined")
-            result.classes[k] = ClassResult(c.name, math.nan, c.npos, 0, c.recall, c.precision, c.tp, c.fp)
-        elif c.npos == 0:
-            warnings.append(f"class {c.name!r} has no (non-difficult) positives in this split: AP undefined")
-    return result, warnings
-
-
-def save_pr_curves(result: EvalResult, out_dir: str | Path) -> list[Path]:
-    """One precision–recall curve PNG per class with a defined AP (matplotlib, headless)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for c in result.classes:
-        if math.isnan(c.ap):
-            continue
-        fig, ax = plt.subplots(figsize=(4.5, 4))
-        ax.plot(c.recall, c.precision, lw=1.5)
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1.02)
-        ax.set_xlabel("recall")
-        ax.set_ylabel("precision")
-        ax.set_title(f"{c.name}: AP {c.ap:.3f} ({result.metric}, {c.npos} objects)")
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in c.name)
-        p = out_dir / f"pr_{safe}.png"
-        fig.savefig(p, dpi=100)
-        plt.close(fig)
-        paths.append(p)
-    return paths
-
-
-__all__ = [
-    "FORMAT_VERSION",
-    "CNNFeatures",
-    "DetectStats",
-    "HOGFeatures",
-    "HOGOptions",
-    "MirrorAugmented",
-    "ModelError",
-    "RCNNModel",
-    "RegionFeatures",
-    "check_backbone",
-    "detect_dataset",
-    "detect_image",
-    "evaluate_model",
-    "fit",
-    "hog_features",
-    "postprocess",
-    "relocalize",
-    "save_pr_curves",
-    "shares_features",
+__all__ = [  # CNNFeatures, HOGFeatures, HOGOptions, MirrorAugmented, hog_features: defined in rcnn.sources
+    "FORMAT_VERSION", "HOG_BACKBONE", "MAX_PER_CLASS", "CNNFeatures", "DetectStats", "Detections", "HOGFeatures",
+    "HOGOptions", "MirrorAugmented", "ModelError", "RCNNModel", "check_backbone", "detect_dataset", "detect_image",
+    "fit", "hog_features", "postprocess", "regression_source", "relocalize", "shares_features", "softmax_model",
 ]

@@ -12,7 +12,10 @@ An *engine* fills that cache for a set of images:
   mount). Entries are written atomically and keyed by content, so local and Ray runs are
   interchangeable and a killed run resumes. Ray re-runs the tasks of a worker that died
   (``max_retries``) and retries transient errors (``OSError``, ``MemoryError``); an unreadable
-  image is a reported failure, not a retry. The driver shows a ``rich`` progress bar.
+  image is a reported failure, not a retry. The driver reports each finished image to ``progress``.
+
+Ray workers get the driver's cache folder and their thread count through the tasks' ``runtime_env``
+(``RCNN_CACHE_DIR``, ``RCNN_THREADS``): a worker's own environment is the cluster's, not the driver's.
 
 Without an ``address`` a private local Ray instance is started (``num_cpus`` workers) and shut
 down afterwards; ``address="auto"`` joins the cluster started by ``ray start`` on this node, and
@@ -29,7 +32,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rcnn.cache import cache_dir, dir_size_mb
-from rcnn.data import Dataset, ImageRecord
+from rcnn.data import Dataset, ImageReadError, ImageRecord
+from rcnn.features import (
+    FeatureConfig,
+    feature_dir,
+    feature_dirs,
+    feature_path,
+    features_for_dataset,
+    get_features,
+    tap_configs,
+)
+from rcnn.progress import ProgressFn, report
+from rcnn.proposals import ProposalConfig, get_proposals, propose_dataset
 
 ENGINES = ("local", "ray")
 #: Default local Ray instance size (the tests' and a laptop's setting).
@@ -116,11 +130,8 @@ def _compute_proposals(record: ImageRecord, proposal_config, root: str, cache_ro
     """Runs in the helper process: compute and cache one image's proposals."""
     import cv2
 
-    from rcnn.proposals import get_proposals
-
-    os.environ["RCNN_CACHE_DIR"] = cache_root
     cv2.setNumThreads(1)
-    get_proposals(record, proposal_config, root)
+    get_proposals(record, proposal_config, root, cache_root)
 
 
 def _proposals_isolated(record: ImageRecord, proposal_config, root: str) -> None:
@@ -136,12 +147,8 @@ def _proposals_isolated(record: ImageRecord, proposal_config, root: str) -> None
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
 
-    from rcnn.data import ImageReadError
-
     global _PROPOSAL_POOL
     if "forkserver" not in multiprocessing.get_all_start_methods():  # e.g. Windows: in-process
-        from rcnn.proposals import get_proposals
-
         get_proposals(record, proposal_config, root)
         return
     if _PROPOSAL_POOL is None:
@@ -157,17 +164,9 @@ def _proposals_isolated(record: ImageRecord, proposal_config, root: str) -> None
         raise OSError(f"{record.path}: proposal process failed ({type(e).__name__}: {e})") from None
 
 
-def _features_shard(
-    items: list[tuple[ImageRecord, str]], proposal_config, feature_config, cache_root: str, threads: int
-) -> list[dict]:
-    """One Ray task: proposals + features of each image into the shared cache.
-
-    Runs in a worker process; the cache location and thread count travel as arguments because a
-    worker's environment is the cluster's, not the driver's."""
-    os.environ["RCNN_CACHE_DIR"] = cache_root
-    os.environ["RCNN_THREADS"] = str(threads)  # rcnn.backbones.set_threads: one task = `threads` cores
-    from rcnn.data import ImageReadError
-    from rcnn.features import feature_dir, feature_path, get_features, tap_configs
+def _features_shard(items: list[tuple[ImageRecord, str]], proposal_config, feature_config) -> list[dict]:
+    """One Ray task: proposals + features of each image into the shared cache (runs in a worker
+    whose ``runtime_env`` holds the driver's cache folder and the task's thread count)."""
 
     out = []
     # the driver checks this against its own: workers running another rcnn version (other
@@ -188,9 +187,8 @@ def _features_shard(
     return out
 
 
-def _warm(feature_config, threads: int) -> int:
+def _warm(feature_config) -> int:
     """Import torch and load the backbone in a worker (once per worker process); returns its pid."""
-    os.environ["RCNN_THREADS"] = str(threads)
     feature_config.backbone_obj()
     return os.getpid()
 
@@ -213,17 +211,18 @@ def ray_task_overhead(tasks: int = 200) -> float:
 
 def _ray_features(
     records: Sequence[ImageRecord], root: str, pc, fc, summary: EngineSummary, images_per_task: int, threads: int,
-    max_retries: int, progress: bool, gpus_per_task: float = 0.0,
+    max_retries: int, progress: ProgressFn | None, gpus_per_task: float = 0.0,
 ) -> None:
     import ray
 
-    from rcnn.features import feature_dir
 
     expected = str(feature_dir(pc, fc, root))
+    # the driver's cache folder, and `threads` torch threads per task (rcnn.backbones.set_threads)
+    env = {"env_vars": {"RCNN_CACHE_DIR": str(cache_dir()), "RCNN_THREADS": str(threads)}}
     # gpus_per_task > 0: Ray schedules tasks on GPU nodes and exposes the GPU to each task, where
     # FeatureConfig.device="auto" (the default) then runs the CNN on it (rcnn.device)
     task = ray.remote(num_cpus=threads, num_gpus=gpus_per_task, max_retries=max_retries,
-                      retry_exceptions=[OSError, MemoryError])(_features_shard)
+                      retry_exceptions=[OSError, MemoryError], runtime_env=env)(_features_shard)
     shards = [[(r, root) for r in records[i : i + images_per_task]] for i in range(0, len(records), images_per_task)]
     res = ray.available_resources()
     workers = max(1, int(res.get("CPU", 1) // threads))
@@ -233,54 +232,39 @@ def _ray_features(
     window = 4 * workers  # bounded submission: the driver never holds a million pending refs
     # start every worker (torch import + weights, seconds each) before the clock: startup, not throughput
     ts = time.perf_counter()
-    warm = ray.remote(num_cpus=threads, num_gpus=gpus_per_task, max_retries=max_retries)(_warm)
-    ray.get([warm.remote(fc, threads) for _ in range(min(workers, len(shards)))])
+    warm = ray.remote(num_cpus=threads, num_gpus=gpus_per_task, max_retries=max_retries, runtime_env=env)(_warm)
+    ray.get([warm.remote(fc) for _ in range(min(workers, len(shards)))])
     summary.startup_s += time.perf_counter() - ts
-    bar = _progress() if progress else None
-    bar_task = bar.add_task(f"features on Ray ({workers} workers)", total=len(records)) if bar else None
-    if bar:
-        bar.start()
     pending: dict = {}
-    nxt = 0
+    nxt, finished = 0, 0
     t0 = time.perf_counter()
-    try:
-        while pending or nxt < len(shards):
-            while nxt < len(shards) and len(pending) < window:
-                pending[task.remote(shards[nxt], pc, fc, str(cache_dir()), threads)] = nxt
-                nxt += 1
-            done, _ = ray.wait(list(pending), num_returns=1)
-            for ref in done:
-                i = pending.pop(ref)
-                try:
-                    results = ray.get(ref)
-                except ray.exceptions.RayError as e:  # retries exhausted: report the shard, keep going
-                    msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-                    results = [{"image_id": r.image_id, "error": f"{r.path}: task failed after {max_retries} retries: {msg}",
-                                "regions": 0, "cached": False, "seconds": 0.0} for r, _ in shards[i]]
-                for res in results:
-                    if not res["error"] and res.get("feature_dir") != expected:
-                        res["error"] = (f"{res['image_id']}: a worker wrote its features to {res.get('feature_dir')}, the driver "
-                                        f"reads {expected}: the workers run another rcnn version (install the same on every node)")
-                    if res["error"]:
-                        summary.failed.append(res["error"])
-                    elif res["cached"]:
-                        summary.cached += 1
-                    else:
-                        summary.computed += 1
-                        summary.regions += res["regions"]
-                if bar:
-                    el = time.perf_counter() - t0
-                    bar.update(bar_task, advance=len(results),
-                               description=f"features on Ray ({workers} workers) · {summary.regions / max(el, 1e-9):.1f} regions/s")
-    finally:
-        if bar:
-            bar.stop()
-
-
-def _progress():
-    from rcnn.progress import progress_bar
-
-    return progress_bar()
+    while pending or nxt < len(shards):
+        while nxt < len(shards) and len(pending) < window:
+            pending[task.remote(shards[nxt], pc, fc)] = nxt
+            nxt += 1
+        done, _ = ray.wait(list(pending), num_returns=1)
+        for ref in done:
+            i = pending.pop(ref)
+            try:
+                results = ray.get(ref)
+            except ray.exceptions.RayError as e:  # retries exhausted: report the shard, keep going
+                msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+                results = [{"image_id": r.image_id, "error": f"{r.path}: task failed after {max_retries} retries: {msg}",
+                            "regions": 0, "cached": False, "seconds": 0.0} for r, _ in shards[i]]
+            for res in results:
+                if not res["error"] and res.get("feature_dir") != expected:
+                    res["error"] = (f"{res['image_id']}: a worker wrote its features to {res.get('feature_dir')}, the driver "
+                                    f"reads {expected}: the workers run another rcnn version (install the same on every node)")
+                if res["error"]:
+                    summary.failed.append(res["error"])
+                elif res["cached"]:
+                    summary.cached += 1
+                else:
+                    summary.computed += 1
+                    summary.regions += res["regions"]
+            finished += len(results)
+            rate = summary.regions / max(time.perf_counter() - t0, 1e-9)
+            report(progress, f"features on Ray ({workers} workers)", finished, len(records), f"{rate:.1f} regions/s")
 
 
 # ----------------------------------------------------------------------------- public API
@@ -296,7 +280,7 @@ def extract_dataset(
     images_per_task: int = 1,
     threads_per_task: int = 1,
     max_retries: int = 3,
-    progress: bool = True,
+    progress: ProgressFn | None = None,
     records: Sequence[ImageRecord] | None = None,
     gpus_per_task: float = 0.0,
 ) -> EngineSummary:
@@ -309,8 +293,6 @@ def extract_dataset(
     between 4 tasks; not exercised here: no GPU machine). Afterwards :func:`rcnn.features.get_features` is a cache
     read for every image that did not fail, whichever engine filled it.
     """
-    from rcnn.features import FeatureConfig, feature_dirs
-    from rcnn.proposals import ProposalConfig
 
     _check_engine(engine)
     pc = proposal_config or ProposalConfig()
@@ -321,9 +303,6 @@ def extract_dataset(
     fc.backbone_obj()  # fail early (missing weights) before starting anything
     summary = EngineSummary(engine=engine, workers=workers or 0, images=len(recs))
     if engine == "local":
-        from rcnn.features import features_for_dataset
-        from rcnn.proposals import propose_dataset
-
         t0 = time.perf_counter()
         ps = propose_dataset(dataset, pc, workers=workers, progress=progress, records=recs)
         sub = dataset if records is None else _subset(dataset, recs)

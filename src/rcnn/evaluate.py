@@ -23,38 +23,11 @@ from pathlib import Path
 import numpy as np
 
 from rcnn.boxes import box_iou, voc_to_xyxy, xywh_to_xyxy, xyxy_to_voc, xyxy_to_xywh
+from rcnn.cache import safe_filename
 from rcnn.data import Dataset, ImageRecord
+from rcnn.detect import Detections, RCNNModel
 
 METRICS = ("voc07", "voc2010")
-
-
-@dataclass
-class Detections:
-    """A flat set of detections: ``image_ids`` (N,) str, ``boxes`` (N,4) float32 xyxy,
-    ``scores`` (N,) float32, ``labels`` (N,) int64 class indices."""
-
-    image_ids: np.ndarray
-    boxes: np.ndarray
-    scores: np.ndarray
-    labels: np.ndarray
-
-    @classmethod
-    def empty(cls) -> Detections:
-        return cls(np.array([], dtype=object), np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64))
-
-    @classmethod
-    def concat(cls, parts: Sequence[Detections]) -> Detections:
-        if not parts:
-            return cls.empty()
-        return cls(
-            np.concatenate([p.image_ids.astype(object) for p in parts]),
-            np.concatenate([p.boxes for p in parts]).astype(np.float32),
-            np.concatenate([p.scores for p in parts]).astype(np.float32),
-            np.concatenate([p.labels for p in parts]).astype(np.int64),
-        )
-
-    def __len__(self) -> int:
-        return len(self.scores)
 
 
 @dataclass
@@ -301,6 +274,66 @@ def coco_metrics(dataset: Dataset, dets: Detections, det_classes: Sequence[str] 
 
 
 # ------------------------------------------------------------------ file formats
+
+
+def evaluate_model(
+    model: RCNNModel, dataset: Dataset, dets: Detections, metric: str = "voc07"
+) -> tuple[EvalResult, list[str]]:
+    """VOC AP of ``dets`` (labels index ``model.classes``) against ``dataset``, matching classes
+    by name. A dataset class the model lacks, or one it could not train, has an undefined AP
+    (NaN, left out of the mAP); a dataset class without positives is undefined too. Returns the
+    result and the warnings."""
+    warnings = []
+    index = {c: i for i, c in enumerate(dataset.classes)}
+    remap = np.array([index.get(c, -1) for c in model.classes], np.int64)
+    extra = [c for c in model.classes if c not in index]
+    if extra:
+        more = f" and {len(extra) - 10} more" if len(extra) > 10 else ""  # a 100k-class model: one short line
+        warnings.append(f"model classes not in the dataset (ignored): {extra[:10]}{more}")
+    if len(dets):
+        lab = remap[dets.labels]
+        sel = lab >= 0
+        dets = Detections(dets.image_ids[sel], dets.boxes[sel], dets.scores[sel], lab[sel])
+    result = evaluate_detections(dataset, dets, metric)
+    for k, c in enumerate(result.classes):
+        if c.name not in model.classes:
+            warnings.append(f"dataset class {c.name!r} is not in the model: AP undefined")
+            result.classes[k] = ClassResult(c.name, math.nan, c.npos, 0, c.recall, c.precision, c.tp, c.fp)
+        elif not model.trained[model.classes.index(c.name)]:
+            warnings.append(f"class {c.name!r} had no training positives, the model cannot detect it: AP undefined")
+            result.classes[k] = ClassResult(c.name, math.nan, c.npos, 0, c.recall, c.precision, c.tp, c.fp)
+        elif c.npos == 0:
+            warnings.append(f"class {c.name!r} has no (non-difficult) positives in this split: AP undefined")
+    return result, warnings
+
+
+def save_pr_curves(result: EvalResult, out_dir: str | Path) -> list[Path]:
+    """One precision–recall curve PNG per class with a defined AP (matplotlib, headless)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for c in result.classes:
+        if math.isnan(c.ap):
+            continue
+        fig, ax = plt.subplots(figsize=(4.5, 4))
+        ax.plot(c.recall, c.precision, lw=1.5)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("recall")
+        ax.set_ylabel("precision")
+        ax.set_title(f"{c.name}: AP {c.ap:.3f} ({result.metric}, {c.npos} objects)")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        p = out_dir / f"pr_{safe_filename(c.name)}.png"
+        fig.savefig(p, dpi=100)
+        plt.close(fig)
+        paths.append(p)
+    return paths
 
 
 def category_ids(dataset: Dataset) -> list[int]:

@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -31,16 +30,28 @@ from torchvision.ops import roi_align, roi_pool
 
 from rcnn.backbones import Backbone, get_backbone, set_threads
 from rcnn.boxes import flip_boxes
-from rcnn.cache import atomic_write, cache_dir, dir_size_mb, file_sha256, load_npz, save_npz, settings_hash
+from rcnn.cache import (
+    atomic_write,
+    cache_dir,
+    dir_size_mb,
+    file_sha256,
+    load_npz,
+    safe_filename,
+    save_npz,
+    settings_hash,
+)
 from rcnn.data import ImageReadError, ImageRecord, load_image
 from rcnn.device import PRECISIONS, autocast, host_to, place_backbone, to_host
+from rcnn.progress import ProgressFn, report
 
 METHODS = ("warp", "square", "square_nocontext")
 MODES = ("warp", "shared")
-#: shared mode: trunk on the image upscaled ×1.5 — the issue's BCCD prototype measured
-#: platelets AP 0.36 → 0.51 against ×1.0, and no further gain at ×2.0.
+#: shared mode: the trunk runs on the image upscaled ×1.5, so small objects (BCCD's ~30 px
+#: platelets) span more stride-16 cells; ×2.0 measured no better on BCCD (bench/results/ablation.json:
+#: 6×6 pool5, bf16: 0.742 mAP at ×1.5, 0.725 at ×2.0).
 SHARED_SCALES = (1.5,)
-#: shared mode RoI grid: the prototype measured 6×6 0.69 mAP vs 3×3 0.67 vs global pooling 0.05.
+#: shared mode RoI grid: the pooled grid keeps where the object sits in the box (bench/results/
+#: ablation.json, BCCD pool5: 6×6 (bf16) 0.742 mAP, 3×3 0.724; the globally pooled fc6 tap 0.282).
 SHARED_GRID = 6
 #: shared mode: longest side of the resized image (keeps trunk activations bounded on huge photos)
 SHARED_MAX_SIDE = 2000
@@ -255,8 +266,8 @@ def extract_features(
 def _extract(image, boxes, bb: Backbone, layers, mode, batch_size, context_pad, method, scales, grid, pool,
              max_side, dev: torch.device, flip: bool = False, short_side: int | None = None) -> dict[str, np.ndarray]:
     boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
-    fixed = bb.name == "alexnet" or bb.name.startswith("vgg")  # fc6 needs exactly 6×6
-    g = 6 if fixed else int(grid or bb.pool5_grid)
+    fixed = bb.fixed_grid  # AlexNet / VGG: fc6 reads exactly their pool5 grid
+    g = bb.pool5_grid if fixed else int(grid or bb.pool5_grid)
     chunks: dict[str, list[torch.Tensor]] = {k: [] for k in layers}
     sides = [k for k in layers if k in bb.side_taps]
     heads = [k for k in layers if k not in bb.side_taps]
@@ -409,14 +420,28 @@ def _pool_views(maps: list[torch.Tensor], boxes: np.ndarray, mirrored: np.ndarra
                 pool: str) -> torch.Tensor:
     """``(N,C,g,g)`` cells of ``boxes`` in ``maps[0]``; with a second map (the mirrored image), averaged
     with the mirrored boxes' cells there, their grid mirrored back (``flip``)."""
-    out = _roi_pool(maps[0], boxes, g, stride, pool)
+    out = roi_cells(maps[0], boxes, g, stride, pool)
     if len(maps) > 1:  # the mirrored box [W-x2, W-x1) in the mirrored map
-        out = (out + _roi_pool(maps[1], mirrored, g, stride, pool).flip(-1)) * 0.5
+        out = (out + roi_cells(maps[1], mirrored, g, stride, pool).flip(-1)) * 0.5
     return out
 
 
-def _roi_pool(fmap: torch.Tensor, boxes: np.ndarray, g: int, stride: int, pool: str) -> torch.Tensor:
-    """``(N,C,g,g)`` pooled cells of boxes ``(N,4)`` given in the map's input pixels."""
+def scaled_image(image: np.ndarray, scale: float, max_side: int, interpolation: str) -> tuple[np.ndarray, float, float]:
+    """Shared mode's input: ``image`` resized by ``scale``, lowered so the longer side stays within
+    ``max_side``; returns ``(resized, sx, sy)``, the true per-axis scales (the size is rounded to
+    whole pixels). Bicubic for networks trained so and for upscaling, area averaging to shrink."""
+    h, w = image.shape[:2]
+    sc = min(scale, max_side / max(h, w))  # the scale actually used
+    size = (max(1, round(w * sc)), max(1, round(h * sc)))
+    flag = cv2.INTER_CUBIC if interpolation == "bicubic" or sc > 1 else cv2.INTER_AREA
+    img = image if size == (w, h) else cv2.resize(image, size, interpolation=flag)
+    return img, size[0] / w, size[1] / h
+
+
+def roi_cells(fmap: torch.Tensor, boxes: np.ndarray, g: int, stride: int, pool: str = "align") -> torch.Tensor:
+    """``(N,C,g,g)`` pooled cells of boxes ``(N,4)`` given in the map's input pixels (``fmap``: one
+    image's ``(1,C,h,w)`` map of stride ``stride``): RoIAlign with 2×2 samples per cell, or RoI max
+    pooling (``pool="max"``). Differentiable: fine-tuning back-propagates through it into the trunk."""
     rois = torch.cat([torch.zeros(len(boxes), 1), torch.from_numpy(np.ascontiguousarray(boxes))], 1).to(fmap.device)
     if pool == "max":  # torchvision has no CPU autocast rule for roi_pool: pool in float32
         return roi_pool(fmap.float(), rois.float(), g, 1.0 / stride)
@@ -561,17 +586,15 @@ def feature_dirs(proposal_config, feature_config: FeatureConfig, dataset_root: s
 
 
 def feature_path(record: ImageRecord, proposal_config, feature_config: FeatureConfig, dataset_root) -> Path:
-    from rcnn.proposals import _safe_name
-
-    return feature_dir(proposal_config, feature_config, dataset_root) / f"{_safe_name(record.image_id)}.npz"
+    return feature_dir(proposal_config, feature_config, dataset_root) / f"{safe_filename(record.image_id)}.npz"
 
 
-def _save(path: Path, boxes: np.ndarray, feats: np.ndarray, image_sha: str, n_gt: int) -> None:
+def _save(path: Path, boxes: np.ndarray, feats: np.ndarray, image_sha: str, n_gt: int, compress: bool = True) -> None:
     def w(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             # compressed: ReLU features are mostly zeros, zlib roughly halves float16 bytes again
-            np.savez_compressed(f, boxes=boxes, feats=feats, image_sha256=np.array(image_sha),
-                                n_gt=np.array(n_gt, np.int32))
+            (np.savez_compressed if compress else np.savez)(f, boxes=boxes, feats=feats, image_sha256=np.array(image_sha),
+                                                            n_gt=np.array(n_gt, np.int32))
 
     atomic_write(path, w)
 
@@ -650,14 +673,7 @@ def get_trunk_maps(record: ImageRecord, feature_config: FeatureConfig, dataset_r
         return tm
     if tm is not None:  # keep the side taps cached earlier for other layers
         sides = sorted(set(sides) | {k.removesuffix("@flip") for k in tm.names()} - {"trunk"})
-    image = load_image(record.path)
-    if fc.mirror:
-        image = np.ascontiguousarray(image[:, ::-1])
-    set_threads(None)
-    dev = place_backbone(bb, fc.device)
-    with torch.inference_mode(), autocast(dev, fc.precision):
-        tm = trunk_maps(image, bb, sides, fc.scales, SHARED_MAX_SIDE, dev, fc.flip, fc.short_side)
-    tm = TrunkMaps(tm.image_size, tm.factors, tm.sizes, tuple({k: v.cpu() for k, v in m.items()} for m in tm.maps))
+    tm = image_trunk_maps(load_image(record.path), fc, bb, sides)
     _save_trunk(path, tm, sha)
     return tm
 
@@ -670,13 +686,30 @@ def _image_sha(record: ImageRecord) -> str:
 
 
 @torch.inference_mode()
-def pooled_features(record: ImageRecord, boxes: np.ndarray, feature_config: FeatureConfig,
-                    dataset_root: str | Path | None = None, image_sha: str | None = None) -> np.ndarray:
-    """``(N, D)`` float32 shared-mode features of a dataset image's ``boxes`` ``(N,4)`` (original
-    pixels), pooled from its cached trunk maps (:func:`get_trunk_maps`); joined taps concatenated."""
+def image_trunk_maps(image: np.ndarray, feature_config: FeatureConfig, bb: Backbone | None = None,
+                     sides: Sequence[str] | None = None) -> TrunkMaps:
+    """A new (H,W,3) uint8 image's shared-mode trunk maps at ``feature_config``'s scales, with the side
+    taps ``sides`` (default: those of its layer): what :func:`get_trunk_maps` caches for a dataset image."""
     fc = feature_config
-    tm = get_trunk_maps(record, fc, dataset_root, image_sha)
-    bb = fc.backbone_obj()
+    bb = bb or fc.backbone_obj()
+    if sides is None:
+        sides = [t for t in split_layer(fc.layer) if t in bb.side_taps]
+    if fc.mirror:
+        image = np.ascontiguousarray(np.asarray(image)[:, ::-1])
+    set_threads(None)
+    dev = place_backbone(bb, fc.device)
+    with autocast(dev, fc.precision):
+        tm = trunk_maps(image, bb, sides, fc.scales, SHARED_MAX_SIDE, dev, fc.flip, fc.short_side)
+    return TrunkMaps(tm.image_size, tm.factors, tm.sizes, tuple({k: v.cpu() for k, v in m.items()} for m in tm.maps))
+
+
+@torch.inference_mode()
+def pool_features(tm: TrunkMaps, boxes: np.ndarray, feature_config: FeatureConfig, bb: Backbone | None = None
+                  ) -> np.ndarray:
+    """``(N, D)`` float32 shared-mode features of ``boxes`` ``(N,4)`` (original pixels) from an image's
+    trunk maps (:func:`pool_regions` at ``feature_config``'s grid and pooling); joined taps concatenated."""
+    fc = feature_config
+    bb = bb or fc.backbone_obj()
     taps = split_layer(fc.layer)
     b = np.asarray(boxes, np.float32).reshape(-1, 4)
     if fc.mirror:
@@ -691,11 +724,19 @@ def pooled_features(record: ImageRecord, boxes: np.ndarray, feature_config: Feat
     return torch.cat([to_host(out[t]).float() for t in taps], 1).numpy()
 
 
+def pooled_features(record: ImageRecord, boxes: np.ndarray, feature_config: FeatureConfig,
+                    dataset_root: str | Path | None = None, image_sha: str | None = None) -> np.ndarray:
+    """``(N, D)`` float32 shared-mode features of a dataset image's ``boxes`` ``(N,4)`` (original
+    pixels), pooled from its cached trunk maps (:func:`get_trunk_maps`); joined taps concatenated."""
+    return pool_features(get_trunk_maps(record, feature_config, dataset_root, image_sha), boxes, feature_config)
+
+
 def get_features(
     record: ImageRecord,
     proposal_config=None,
     feature_config: FeatureConfig | None = None,
     dataset_root: str | Path | None = None,
+    compress: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(boxes (N,4) float32, feats (N,D) float16)`` of one image: cached, else computed and stored.
 
@@ -705,7 +746,8 @@ def get_features(
     ground-truth boxes when ``feature_config.with_gt``. Shared mode caches the image's trunk maps
     instead and pools the boxes from them on every call (:func:`pooled_features`). The entry is keyed by dataset root,
     image id, the proposal config, every feature setting and the weights' sha256, and stores
-    the image file's sha256 so an edited image is never served stale features.
+    the image file's sha256 so an edited image is never served stale features. ``compress=False``
+    stores plain ``.npz`` (the same arrays: zlib on a 1000-box pool5 block costs seconds per image).
     """
     from rcnn.proposals import ProposalConfig, get_proposals
 
@@ -732,13 +774,13 @@ def get_features(
         out = extract_features(image, boxes, fc.backbone_obj(), todo, device=fc.device, **fc.extract_options())
         for t in todo:
             hits[t] = boxes, out[t].astype(np.float16)
-            _save(feature_path(record, pc, parts[t], root), boxes, hits[t][1], sha, n_gt)
+            _save(feature_path(record, pc, parts[t], root), boxes, hits[t][1], sha, n_gt, compress)
     boxes = hits[next(iter(parts))][0]
     if any(len(b) != len(boxes) or not np.array_equal(b, boxes) for b, _ in hits.values()):
         # one tap cached with older proposals: recompute them all from the current ones
         for t in parts:
             feature_path(record, pc, parts[t], root).unlink(missing_ok=True)
-        return get_features(record, pc, fc, dataset_root)
+        return get_features(record, pc, fc, dataset_root, compress)
     if len(parts) == 1:
         return hits[next(iter(parts))]
     return boxes, np.concatenate([hits[t][1] for t in parts], axis=1)
@@ -773,14 +815,14 @@ def features_for_dataset(
     dataset,
     proposal_config=None,
     feature_config: FeatureConfig | None = None,
-    progress: bool = True,
+    progress: ProgressFn | None = None,
     collect: bool = False,
 ) -> FeatureSummary | tuple[FeatureSummary, dict[str, tuple[np.ndarray, np.ndarray]]]:
     """Fill the feature cache for every image of ``dataset`` (resumes; cached images are skipped).
 
     One image at a time, so memory stays at one image's features whatever the dataset size;
     ``collect=True`` also returns ``{image_id: (boxes, feats)}`` (all in RAM — only if asked).
-    A ``rich`` progress bar shows regions/s. Unreadable images are reported, not fatal.
+    ``progress`` hears of each image (with the regions/s). Unreadable images are reported, not fatal.
     """
     from rcnn.proposals import ProposalConfig
 
@@ -792,40 +834,30 @@ def features_for_dataset(
         _remove_stale_tmp(feature_dir(pc, c, dataset.root))
     summary = FeatureSummary(images=len(dataset.records))
     got: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    bar = _progress() if progress else None
-    task = bar.add_task(fc.describe(), total=len(dataset.records)) if bar else None
-    if bar:
-        bar.start()
-    try:
-        for rec in dataset.records:
-            cached = all(feature_path(rec, pc, c, dataset.root).is_file() for c in taps)
-            t0 = time.perf_counter()
-            try:
-                if fc.mode == "shared" and not collect:  # fill the trunk cache; regions are pooled when read
-                    get_trunk_maps(rec, fc, dataset.root)
-                    boxes = np.zeros((0, 4), np.float32)
-                else:
-                    boxes, feats = get_features(rec, pc, fc, dataset.root)
-            except ImageReadError as e:
-                summary.failed.append(str(e))
-                if bar:
-                    bar.advance(task)
-                continue
-            if cached:
-                summary.cached += 1
+    n = len(dataset.records)
+    for i, rec in enumerate(dataset.records):
+        cached = all(feature_path(rec, pc, c, dataset.root).is_file() for c in taps)
+        t0 = time.perf_counter()
+        try:
+            if fc.mode == "shared" and not collect:  # fill the trunk cache; regions are pooled when read
+                get_trunk_maps(rec, fc, dataset.root)
+                boxes = np.zeros((0, 4), np.float32)
             else:
-                summary.computed += 1
-                summary.regions += len(boxes)
-                summary.seconds += time.perf_counter() - t0
-            if collect:
-                got[rec.image_id] = (boxes, feats)
-            if bar:
-                rate = (f"{summary.images_per_s:.2f} images/s" if fc.mode == "shared"
-                        else f"{summary.regions_per_s:.1f} regions/s")
-                bar.update(task, advance=1, description=f"{fc.describe()} · {rate}")
-    finally:
-        if bar:
-            bar.stop()
+                boxes, feats = get_features(rec, pc, fc, dataset.root)
+        except ImageReadError as e:
+            summary.failed.append(str(e))
+            report(progress, fc.describe(), i + 1, n)
+            continue
+        if cached:
+            summary.cached += 1
+        else:
+            summary.computed += 1
+            summary.regions += len(boxes)
+            summary.seconds += time.perf_counter() - t0
+        if collect:
+            got[rec.image_id] = (boxes, feats)
+        rate = f"{summary.images_per_s:.2f} images/s" if fc.mode == "shared" else f"{summary.regions_per_s:.1f} regions/s"
+        report(progress, fc.describe(), i + 1, n, rate)
     dirs = feature_dirs(pc, fc, dataset.root)
     summary.cache_dir = " + ".join(str(d) for d in dirs)
     summary.cache_mb = sum(dir_size_mb(d) for d in dirs)
@@ -841,14 +873,3 @@ def _remove_stale_tmp(folder: Path, max_age_s: float = 3600.0) -> None:
                 f.unlink()
         except OSError:
             pass  # another process removed or renamed it
-
-
-def _progress():
-    from rcnn.progress import progress_bar
-
-    return progress_bar()
-
-
-def default_threads() -> int:
-    """Cores available to this process."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

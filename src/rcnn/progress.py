@@ -1,40 +1,48 @@
-"""The library's one ``rich`` progress bar (every stage uses it, so they all look alike)."""
+"""Progress reports: the one callback type long-running library functions accept.
+
+The library draws nothing. A function that loops over images takes ``progress`` (a
+:data:`ProgressFn`, or ``None`` for silence) and calls it after each item with a :class:`Step`;
+the command line draws the steps as ``rich`` bars (:mod:`rcnn.cli.progress`), other callers can
+log them or ignore them.
+"""
 
 from __future__ import annotations
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.text import Text
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
-class RateColumn(ProgressColumn):
-    """Items per second, e.g. ``12.5 img/s``."""
+@dataclass(frozen=True)
+class Step:
+    """``done`` of ``total`` items of ``task`` are finished. ``task`` names the stage (one bar per
+    distinct task, e.g. ``"proposals (rcnn-fast)"``); ``info`` is a short status (rates, losses)."""
 
-    def __init__(self, unit: str = "it") -> None:
-        super().__init__()
-        self.unit = unit
-
-    def render(self, task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text(f"{speed:.2f} {self.unit}/s" if speed else f"– {self.unit}/s")
+    task: str
+    done: int
+    total: int
+    info: str = ""
 
 
-def progress_bar(
-    *extra: ProgressColumn | str, console: Console | None = None, disable: bool = False, transient: bool = False
-) -> Progress:
-    """Description, bar, done/total, ``extra`` columns (a string becomes a ``TextColumn``, e.g.
-    ``"{task.fields[info]}"``, whose field must then be given to ``add_task``), elapsed time, ETA."""
-    cols = [c if isinstance(c, ProgressColumn) else TextColumn(c) for c in extra]
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), *cols,
-        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-        console=console, disable=disable, transient=transient,
-    )
+#: What ``progress=`` accepts: called from the calling thread after each item.
+ProgressFn = Callable[[Step], None]
+
+
+def report(progress: ProgressFn | None, task: str, done: int, total: int, info: str = "") -> None:
+    """Call ``progress`` (when given) with one :class:`Step`."""
+    if progress is not None:
+        progress(Step(task, done, total, info))
+
+
+def tracked(items: Iterable[T], progress: ProgressFn | None, task: str) -> Iterator[T]:
+    """Yield ``items``, reporting a :class:`Step` of ``task`` after each one has been handled."""
+    items = list(items)
+    report(progress, task, 0, len(items))
+    for i, x in enumerate(items):
+        yield x
+        report(progress, task, i + 1, len(items))
+
+
+__all__ = ["ProgressFn", "Step", "report", "tracked"]

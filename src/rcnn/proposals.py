@@ -30,7 +30,6 @@ from __future__ import annotations
 import ctypes
 import multiprocessing as mp
 import os
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -39,8 +38,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from rcnn.cache import cache_dir, dir_size_mb, file_sha256, load_npz, save_npz, settings_hash
+from rcnn.cache import cache_dir, dir_size_mb, file_sha256, load_npz, safe_filename, save_npz, settings_hash
 from rcnn.data import Dataset, ImageReadError, ImageRecord, load_image
+from rcnn.progress import ProgressFn, report
 
 MODES = ("rcnn-fast", "fast", "quality")
 
@@ -270,21 +270,16 @@ def _first_unique(boxes: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- cache
 
 
-def _safe_name(image_id: str) -> str:
-    name = re.sub(r"[^A-Za-z0-9._-]", "_", image_id)
-    if name != image_id or not name or name.startswith("."):
-        name = f"{name.lstrip('.')[:80]}-{settings_hash(image_id, length=8)}"
-    return name
-
-
-def proposals_dir(config: ProposalConfig, dataset_root: str | Path) -> Path:
-    """Cache folder for one dataset and one config: ``<cache>/proposals/<config key>/<dataset hash>``."""
+def proposals_dir(config: ProposalConfig, dataset_root: str | Path, cache_root: str | Path | None = None) -> Path:
+    """Cache folder for one dataset and one config: ``<cache>/proposals/<config key>/<dataset hash>``
+    (``<cache>``: ``cache_root``, default :func:`rcnn.cache.cache_dir`)."""
     root = str(Path(dataset_root).resolve())
-    return cache_dir() / "proposals" / config.key() / settings_hash("dataset", root)
+    return Path(cache_root or cache_dir()) / "proposals" / config.key() / settings_hash("dataset", root)
 
 
-def proposal_path(record: ImageRecord, config: ProposalConfig, dataset_root: str | Path) -> Path:
-    return proposals_dir(config, dataset_root) / f"{_safe_name(record.image_id)}.npz"
+def proposal_path(record: ImageRecord, config: ProposalConfig, dataset_root: str | Path,
+                  cache_root: str | Path | None = None) -> Path:
+    return proposals_dir(config, dataset_root, cache_root) / f"{safe_filename(record.image_id)}.npz"
 
 
 def _load_cached(path: Path, image_sha: str) -> np.ndarray | None:
@@ -316,18 +311,20 @@ def _compute_and_store(
 
 
 def get_proposals(
-    record: ImageRecord, config: ProposalConfig | None = None, dataset_root: str | Path | None = None
+    record: ImageRecord, config: ProposalConfig | None = None, dataset_root: str | Path | None = None,
+    cache_root: str | Path | None = None,
 ) -> np.ndarray:
     """Proposals ``(N,4)`` float32 xyxy for ``record``: from the cache, else computed and stored.
 
     The cache entry is keyed by ``config.key()``, ``dataset_root`` (default: the image's
     folder) and the image id, and stores the image file's sha256, so a changed setting or a
-    changed image never reuses stale boxes. Raises :class:`rcnn.data.ImageReadError`
-    (one line naming the file) for an unreadable image.
+    changed image never reuses stale boxes. ``cache_root``: the cache folder (default
+    :func:`rcnn.cache.cache_dir`; worker processes get their parent's). Raises
+    :class:`rcnn.data.ImageReadError` (one line naming the file) for an unreadable image.
     """
     config = config or ProposalConfig()
     root = Path(dataset_root) if dataset_root is not None else Path(record.path).parent
-    path = proposal_path(record, config, root)
+    path = proposal_path(record, config, root, cache_root)
     try:
         sha = file_sha256(record.path)
     except OSError as e:
@@ -373,11 +370,12 @@ def _init_worker() -> None:
     cv2.setUseOptimized(True)
 
 
-def _work(args: tuple[ImageRecord, ProposalConfig, str, str, str]) -> tuple[str, int, float, float, str | None]:
-    record, config, root, sha, cache_root = args
-    os.environ["RCNN_CACHE_DIR"] = cache_root  # a forkserver worker has the environment of its server's start
+def _work(args: tuple[ImageRecord, ProposalConfig, str, str]) -> tuple[str, int, float, float, str | None]:
+    # the parent names the cache file: a forkserver worker has the environment of the server's
+    # start, which may predate the caller's cache folder
+    record, config, path, sha = args
     try:
-        boxes, dt, cpu = _compute_and_store(record, config, proposal_path(record, config, root), sha)
+        boxes, dt, cpu = _compute_and_store(record, config, Path(path), sha)
         return record.image_id, len(boxes), dt, cpu, None
     except ImageReadError as e:
         return record.image_id, 0, 0.0, 0.0, str(e)
@@ -396,14 +394,15 @@ def propose_dataset(
     dataset: Dataset,
     config: ProposalConfig | None = None,
     workers: int | None = None,
-    progress: bool = True,
+    progress: ProgressFn | None = None,
     records: Sequence[ImageRecord] | None = None,
 ) -> ProposalSummary:
     """Fill the proposal cache for every image of ``dataset`` (or ``records``) in parallel.
 
     ``workers``: processes (default: CPU cores; 1 runs in this process). Images already
     cached are not recomputed, so a killed run resumes and a second run does no work.
-    An unreadable image is reported in ``summary.failed`` and the run continues.
+    An unreadable image is reported in ``summary.failed`` and the run continues; ``progress``
+    hears of each image computed (with the images/s).
     """
     config = config or ProposalConfig()
     records = list(dataset.records if records is None else records)
@@ -421,71 +420,54 @@ def propose_dataset(
         except OSError as e:
             summary.failed.append((r.image_id, f"{r.path}: cannot read ({e.strerror or e})"))
             continue
-        cached = _load_cached(proposal_path(r, config, root), sha)
+        path = proposal_path(r, config, root)
+        cached = _load_cached(path, sha)
         if cached is not None:
             summary.cached += 1
             n_boxes.append(len(cached))
         else:
-            todo.append((r, config, root, sha, str(cache_dir())))
+            todo.append((r, config, str(path), sha))
+
+    task, done = f"proposals ({config.mode})", [0]
 
     def _collect(result) -> None:
         image_id, n, dt, cpu, err = result
         if err:
             summary.failed.append((image_id, err))
-            if progress:
-                from rich.console import Console
-
-                Console(stderr=True).print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
         else:
             summary.computed += 1
             summary.compute_seconds += dt
             summary.compute_cpu_seconds += cpu
             n_boxes.append(n)
+        done[0] += 1
+        report(progress, task, done[0], len(todo), f"{done[0] / max(time.perf_counter() - t0, 1e-9):.2f} img/s")
 
     if todo:
-        bar = _progress_bar() if progress else None
-        task = bar.add_task(f"proposals ({config.mode})", total=len(todo)) if bar else None
-        try:
-            if bar:
-                bar.start()
-            if workers == 1 or len(todo) == 1:
-                threads = cv2.getNumThreads()
-                _init_worker()
-                try:
-                    for item in todo:
-                        _collect(_work(item))
-                        if bar:
-                            bar.advance(task)
-                finally:
-                    cv2.setNumThreads(threads)  # leave the caller's OpenCV as it was
+        if workers == 1 or len(todo) == 1:
+            threads = cv2.getNumThreads()
+            _init_worker()
+            try:
+                for item in todo:
+                    _collect(_work(item))
+            finally:
+                cv2.setNumThreads(threads)  # leave the caller's OpenCV as it was
+        else:
+            # forkserver, not fork: forking a process whose OpenCV/torch thread pools are running
+            # can deadlock the child (seen in the test suite); the server is a clean process
+            if "forkserver" in mp.get_all_start_methods():
+                ctx = mp.get_context("forkserver")
+                ctx.set_forkserver_preload(["rcnn.proposals"])
             else:
-                # forkserver, not fork: forking a process whose OpenCV/torch thread pools are running
-                # can deadlock the child (seen in the test suite); the server is a clean process
-                if "forkserver" in mp.get_all_start_methods():
-                    ctx = mp.get_context("forkserver")
-                    ctx.set_forkserver_preload(["rcnn.proposals"])
-                else:
-                    ctx = mp.get_context("spawn")
-                with ctx.Pool(min(workers, len(todo)), initializer=_init_worker) as pool:
-                    for result in pool.imap_unordered(_work, todo, chunksize=1):
-                        _collect(result)
-                        if bar:
-                            bar.advance(task)
-        finally:
-            if bar:
-                bar.stop()
+                ctx = mp.get_context("spawn")
+            with ctx.Pool(min(workers, len(todo)), initializer=_init_worker) as pool:
+                for result in pool.imap_unordered(_work, todo, chunksize=1):
+                    _collect(result)
     summary.seconds = time.perf_counter() - t0
     summary.mean_boxes = float(np.mean(n_boxes)) if n_boxes else 0.0
     d = proposals_dir(config, root)
     summary.cache_dir = str(d)
     summary.cache_mb = dir_size_mb(d)
     return summary
-
-
-def _progress_bar():
-    from rcnn.progress import RateColumn, progress_bar
-
-    return progress_bar(RateColumn("img"))
 
 
 # ----------------------------------------------------------------------------- recall

@@ -11,7 +11,8 @@ Training data for class ``c`` (paper §2.3):
 Features are multiplied by one scalar so that their mean L2 norm is 20 (``rcnn_feature_stats`` /
 ``rcnn_scale_features``), estimated on a fixed-seed sample of proposals. Joined taps (a source with
 ``blocks``, e.g. ``pool5+fire5``) get one scalar per block, each block brought to a mean norm of
-20/√B, so no tap outweighs another by its raw magnitude (B = 1 is the released rule).
+20/√B, so no tap outweighs another by its raw magnitude (B = 1 is the released rule; the scaling
+helpers live in :mod:`rcnn.sources`, shared with box regression).
 
 The solver is liblinear (scikit-learn's ``LinearSVC``, ``-s 3``: L2-regularised L1-loss/hinge,
 dual coordinate descent) with the released settings ``-c 1e-3 -w1 2 -B 10``: the bias is an extra
@@ -32,21 +33,18 @@ overflows) so training runs out of core on any number of images.
 from __future__ import annotations
 
 import logging
-import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Protocol
 
 import numpy as np
 
 from rcnn.boxes import box_iou
 from rcnn.data import ImageRecord
+from rcnn.progress import ProgressFn, report
+from rcnn.sources import TARGET_NORM, FeatureSource, Scale, block_norms, block_scale, source_blocks
 
 log = logging.getLogger(__name__)
-
-#: Target mean L2 norm of scaled features (released ``rcnn_train.m``: ``target_norm = 20``).
-TARGET_NORM = 20.0
 
 
 @dataclass(frozen=True)
@@ -72,60 +70,6 @@ class SVMConfig:
 
     def key(self) -> dict:
         return asdict(self)
-
-
-class FeatureSource(Protocol):
-    """Where training/detection gets region features from (CNN cache, HOG, synthetic)."""
-
-    def regions(self, record: ImageRecord) -> tuple[np.ndarray, np.ndarray]:
-        """Proposal boxes ``(N,4)`` float32 xyxy and their features ``(N,D)`` (any float dtype)."""
-        ...
-
-    def gt_features(self, record: ImageRecord) -> np.ndarray:
-        """Features ``(G,D)`` of ``record.boxes``, computed like the proposals' features."""
-        ...
-
-
-#: A feature scale: one scalar (the released code) or a ``(D,)`` float32 vector, constant per block.
-Scale = float | np.ndarray
-
-
-def source_blocks(source) -> tuple[int, ...] | None:
-    """The dimensions of the blocks a source's features are made of (``None``: one block)."""
-    blocks = getattr(source, "blocks", None)
-    return tuple(int(d) for d in blocks) if blocks and len(blocks) > 1 else None
-
-
-def block_scale(mean_norms: float | Sequence[float], blocks: Sequence[int] | None, target_norm: float = TARGET_NORM) -> Scale:
-    """Scale bringing the mean L2 norm to ``target_norm``: one scalar, or with ``blocks`` a
-    ``(D,)`` vector bringing block ``i`` (mean norm ``mean_norms[i]``) to ``target_norm/√B``."""
-    if not blocks:
-        return float(target_norm / float(np.asarray(mean_norms).reshape(-1)[0]))
-    per = target_norm / math.sqrt(len(blocks))
-    return np.concatenate([np.full(d, per / m, np.float32) for d, m in zip(blocks, mean_norms, strict=True)])
-
-
-def block_norms(feats: np.ndarray, blocks: Sequence[int] | None) -> np.ndarray:
-    """``(N, B)`` L2 norm of each block of features ``(N, D)`` (``blocks=None``: one block)."""
-    f = np.asarray(feats, np.float32)
-    cuts = np.cumsum(blocks)[:-1] if blocks else []
-    return np.stack([np.linalg.norm(x, axis=1) for x in np.split(f, cuts, axis=1)], 1)
-
-
-def scale_to_json(scale: Scale) -> float | list[list[float]]:
-    """A scale for JSON metadata: the scalar, or ``[[dim, scale], ...]`` runs of a block vector."""
-    if np.ndim(scale) == 0:
-        return float(scale)
-    v = np.asarray(scale, np.float32)
-    cuts = np.flatnonzero(np.diff(v)) + 1
-    return [[len(r), float(r[0])] for r in np.split(v, cuts)]
-
-
-def scale_from_json(value) -> Scale:
-    """Inverse of :func:`scale_to_json`."""
-    if isinstance(value, list):
-        return np.concatenate([np.full(int(d), float(x), np.float32) for d, x in value])
-    return float(value)
 
 
 # --------------------------------------------------------------------------- solver
@@ -308,35 +252,33 @@ class TrainResult:
     warnings: list[str]
 
 
-@dataclass
-class Progress:
-    """What the training loop reports after each image (for a progress bar)."""
-
-    stage: str  # "stats", "positives", "mining"
-    done: int
-    total: int
-    cache_sizes: list[int] = field(default_factory=list)
-    objective: list[float] = field(default_factory=list)
+def _mining_info(classes: Sequence[str], caches: list[_ClassCache], shown: int = 8) -> str:
+    """Negative-cache sizes and last objectives of the first ``shown`` classes, for a progress line."""
+    cs = list(zip(classes, caches, strict=True))[:shown]
+    more = " …" if len(classes) > shown else ""
+    objs = ("–" if not cc.history else f"{cc.history[-1]['objective']:.3g}" for _, cc in cs)
+    return "cache " + " ".join(f"{c}:{cc.size}" for c, cc in cs) + more + " · obj " + " ".join(objs) + more
 
 
 def train_detector(
     records: Sequence[ImageRecord], classes: Sequence[str], source: FeatureSource, config: SVMConfig = SVMConfig(),
-    progress: Callable[[Progress], None] | None = None,
+    progress: ProgressFn | None = None,
 ) -> TrainResult:
-    """Train one linear SVM per class with hard-negative mining (paper §2.3); see module docs."""
+    """Train one linear SVM per class with hard-negative mining (paper §2.3); see module docs.
+    ``progress`` hears of the feature scale, the positives and each mined image (cache sizes, objectives)."""
     t0 = time.perf_counter()
     C = len(classes)
     records = list(records)
     if not records:
         raise ValueError("no training images")
     warn: list[str] = []
-    report = progress or (lambda p: None)
 
     # 1. feature scale (rcnn_feature_stats on a fixed-seed sample)
-    report(Progress("stats", 0, 1))
+    report(progress, "feature scale", 0, 1)
     blocks = source_blocks(source)
     mean_norm = feature_stats(records, source, config.stats_images, config.stats_boxes, config.seed, blocks)
     scale = block_scale(mean_norm, blocks, config.target_norm)
+    report(progress, "feature scale", 1, 1)
 
     # 2. positives: non-difficult ground truth, features like the proposals' (released code:
     #    get_positive_pool5_features before mining)
@@ -351,7 +293,7 @@ def train_detector(
                 m = keep & (r.labels == c)
                 if m.any():
                     pos[c].append(f[m])
-        report(Progress("positives", i + 1, len(records)))
+        report(progress, "positives", i + 1, len(records))
     if D is None:
         _, f = source.regions(records[0])
         D = f.shape[1]
@@ -445,8 +387,8 @@ def train_detector(
                     retrain(int(c), i)  # the bound forces an early retrain/evict
             if len(boxes):
                 first_time = False
-            report(Progress("mining", epoch * n + i + 1, config.passes * n, [cc.size for cc in caches],
-                            [cc.history[-1]["objective"] if cc.history else float("nan") for cc in caches]))
+            if progress is not None:
+                report(progress, "hard-negative mining", epoch * n + i + 1, config.passes * n, _mining_info(classes, caches))
     for c in np.nonzero(trained)[0]:
         if caches[c].evicted_for_bound:
             msg = (f"class {classes[c]!r}: negative cache bound ({max_neg} regions, {config.max_cache_mb} MB) dropped "

@@ -48,7 +48,8 @@ def _text_color(bg: tuple[int, int, int]) -> tuple[int, int, int]:
 
 
 @lru_cache(maxsize=16)
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+def label_font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """Pillow's default font at ``size`` px: what box labels are written in."""
     try:  # Pillow >= 10.1 ships a scalable font when FreeType is available
         return ImageFont.load_default(size=size)
     except (TypeError, OSError, ImportError):  # older Pillow / no FreeType: bitmap font
@@ -111,7 +112,7 @@ def draw_detections(
     short = min(h, w)
     lw = line_width or max(2, round(short / 200))
     fs = font_size or max(12, min(32, round(short / 22)))
-    font = _font(fs)
+    font = label_font(fs)
     pil = Image.fromarray(rgb)
     draw = ImageDraw.Draw(pil)
 

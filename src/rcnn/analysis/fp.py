@@ -23,7 +23,7 @@ otherwise (TIDE's ``Dupe`` fix).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,6 +31,7 @@ import numpy as np
 from rcnn.boxes import box_iou
 from rcnn.data import ImageRecord
 from rcnn.evaluate import Detections, evaluate_class, voc_ap
+from rcnn.progress import ProgressFn, report
 
 FP_TYPES: tuple[str, ...] = ("Loc", "Sim", "Oth", "BG")
 #: outcome codes of each detection, in score order
@@ -115,10 +116,6 @@ class ClassFP:
     iou: np.ndarray
     ap: float = float("nan")
     dap: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def fp_mask(self) -> np.ndarray:
-        return self.outcome >= LOC
 
     def counts(self) -> dict[str, int]:
         """Number of false positives of each type (over all detections)."""
@@ -304,7 +301,7 @@ def analyze_false_positives(
     metric: str = "voc07",
     iou_threshold: float = HIGH_IOU,
     low_iou: float = LOW_IOU,
-    progress: Callable[[int], None] | None = None,
+    progress: ProgressFn | None = None,
 ) -> FPAnalysis:
     """Classify every false positive of ``dets`` per class (Loc/Sim/Oth/BG) and compute
     AP and dAP per error type. ``groups`` maps a group name to its class names (default:
@@ -323,8 +320,7 @@ def analyze_false_positives(
         sel = known & (dets.labels == c)
         per_class.append(classify_class(c, classes, by_id, dets.image_ids[sel], dets.boxes[sel], dets.scores[sel],
                                         sim[c], iou_threshold, low_iou, metric))
-        if progress:
-            progress(c)
+        report(progress, "false positives", c + 1, len(classes))
     return FPAnalysis(classes, per_class, groups, metric)
 
 

@@ -30,6 +30,7 @@ from torch import nn
 
 from rcnn.boxes import nms
 from rcnn.data import ImageRecord, load_image
+from rcnn.progress import ProgressFn, tracked
 
 UNIT_NMS_IOU = 0.3  # paper §3.1: NMS within each image (the detector's §2.2 threshold)
 TOP_K = 16  # paper Figure 3: top 16 activations per unit
@@ -108,7 +109,7 @@ def _linearize(module: nn.Module) -> nn.Module:
 
 def _rf_trunk(backbone) -> nn.Module:
     mods = getattr(backbone, "modules", None)
-    if backbone.name == "alexnet" or backbone.name.startswith("vgg"):
+    if backbone.fixed_grid:  # AlexNet / VGG
         net = copy.deepcopy(mods.features)  # includes the max-pool that to_grid applies
     else:
         net = copy.deepcopy(backbone.trunk)
@@ -199,12 +200,12 @@ class Hit:
 
 
 def top_activations(
-    records: Iterable[ImageRecord],
+    records: Sequence[ImageRecord],
     features: Callable[[ImageRecord], tuple[np.ndarray, np.ndarray]],
     units: Sequence[Unit],
     k: int = TOP_K,
     nms_iou: float = UNIT_NMS_IOU,
-    progress: Callable[[int], None] | None = None,
+    progress: ProgressFn | None = None,
 ) -> dict[Unit, list[Hit]]:
     """The ``k`` highest activations of each unit over all regions of ``records``, after
     NMS within each image. ``features(record) -> (boxes (N,4), pool5 feats (N,D))`` is
@@ -212,7 +213,7 @@ def top_activations(
     with the dataset."""
     heaps: dict[Unit, list[Hit]] = {u: [] for u in units}
     cols = np.array([u.index for u in units], np.int64)
-    for i, r in enumerate(records):
+    for r in tracked(records, progress, f"top activations of {len(units)} units"):
         boxes, feats = features(r)
         if len(boxes) == 0:
             continue
@@ -233,8 +234,6 @@ def top_activations(
                     heapq.heappush(heap, h)
                 elif h.score > heap[0].score:
                     heapq.heapreplace(heap, h)
-        if progress:
-            progress(i)
     return {u: sorted(h, key=lambda z: -z.score) for u, h in heaps.items()}
 
 
@@ -281,14 +280,14 @@ def unit_grid(
     drawn in white and the activation in its upper-left corner. Returns RGB uint8."""
     from PIL import Image, ImageDraw
 
-    from rcnn.visualize import _font
+    from rcnn.visualize import label_font
 
     n = max(len(hits), 1)
     rows = math.ceil(n / cols)
     head = 18 if title else 0
     canvas = Image.new("RGB", (cols * tile, rows * tile + head), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
-    font = _font(11)
+    font = label_font(11)
     if title:
         draw.text((4, 2), title, fill=(0, 0, 0), font=font)
     cache: dict[str, np.ndarray] = {}
@@ -395,7 +394,7 @@ def render_units(
     out_path,
     k: int = TOP_K,
     nms_iou: float = UNIT_NMS_IOU,
-    progress: Callable[[int], None] | None = None,
+    progress: ProgressFn | None = None,
     title: str = "Top activations of pool5 units",
 ) -> tuple[Path, dict[Unit, list[Hit]]]:
     """Top ``k`` regions of each unit over ``records`` drawn as one PNG figure (paper Figure 3)."""

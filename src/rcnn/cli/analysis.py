@@ -13,8 +13,9 @@ from typing import Annotated, Literal
 import numpy as np
 import typer
 
-from rcnn.cli.app import app, console, err_console, fail
+from rcnn.cli.app import app, console, err_console, fail, load_model
 from rcnn.cli.dataset import DatasetArg, MetricOpt, SplitOpt, open_dataset
+from rcnn.cli.progress import show_progress, track
 from rcnn.data import Dataset
 from rcnn.evaluate import METRICS, Detections, read_detections
 from rcnn.features import MODES as FEATURE_MODES
@@ -48,25 +49,10 @@ def _warnings_to_console(*loggers: str, errors: bool = True):
             logging.getLogger(name).removeHandler(handler)
 
 
-def _progress():
-    from rcnn.progress import progress_bar
-
-    return progress_bar(console=console)
-
-
 def _is_model(path: Path) -> bool:
     # detections are COCO .json or comp4 .txt files (or a folder of them); any other file is
     # read as a model (`rcnn train` writes .rcnn) and RCNNModel.load names the file if it is not
     return path.is_file() and path.suffix.lower() not in (".json", ".txt")
-
-
-def _load_model(path: Path):
-    from rcnn.detect import ModelError, RCNNModel
-
-    try:
-        return RCNNModel.load(path)
-    except ModelError as e:
-        raise fail(str(e), 2) from None
 
 
 def detections_for(path: Path, ds: Dataset, stats=None) -> tuple[Detections, object | None]:
@@ -78,10 +64,9 @@ def detections_for(path: Path, ds: Dataset, stats=None) -> tuple[Detections, obj
     if _is_model(path):
         from rcnn.detect import detect_dataset
 
-        model = _load_model(path)
-        with _progress() as bar:
-            task = bar.add_task(f"detecting with {path.name}", total=len(ds.records))
-            dets = detect_dataset(model, ds, progress=lambda i, n: bar.update(task, completed=i), stats=stats)
+        model = load_model(path)
+        with show_progress() as progress:
+            dets = detect_dataset(model, ds, progress=progress, stats=stats)
         index = {c: i for i, c in enumerate(ds.classes)}
         remap = np.array([index.get(c, -1) for c in model.classes], np.int64)
         if len(dets):
@@ -200,7 +185,7 @@ def _feature_settings(model_or_backbone: str, weights: str | None, mode: str | N
     if _is_model(p):
         from rcnn.detect import HOG_BACKBONE, CNNFeatures
 
-        model = _load_model(p)
+        model = load_model(p)
         if model.backbone == HOG_BACKBONE:
             raise fail(f"{p}: a HOG model has no CNN units to visualise", 2)
         fc = CNNFeatures.from_options(model.proposal_config(), model.feature_options).feature_config
@@ -267,9 +252,7 @@ def run_units(
             except ValueError as e:
                 raise fail(str(e), 2) from None
         else:
-            with _progress() as bar:
-                t = bar.add_task("finding the most active units", total=len(recs))
-                units = backbone_units_by_max(_tracked(recs, bar, t), features, grid)
+            units = backbone_units_by_max(track(recs, "finding the most active units"), features, grid)
     else:
         try:
             units = parse_units(units_spec, grid)
@@ -279,18 +262,10 @@ def run_units(
     bad = [u.label() for u in units if u.channel >= channels]
     if bad:
         raise fail(f"--units: {bad} outside the {channels} channels of {bb.name}'s pool5", 2)
-    with _progress() as bar:
-        t = bar.add_task(f"top activations of {len(units)} units", total=len(recs))
-        path, hits = render_units(recs, features, units, bb, fc, out_path, k=top,
-                                  progress=lambda i: bar.update(t, completed=i + 1),
+    with show_progress() as progress:
+        path, hits = render_units(recs, features, units, bb, fc, out_path, k=top, progress=progress,
                                   title=f"Top activations of pool5 units — {bb.name}, {fc.mode} mode, {len(recs)} images")
     return path, units, hits
-
-
-def _tracked(recs, bar, task):
-    for r in recs:
-        yield r
-        bar.advance(task)
 
 
 @app.command("units")

@@ -8,15 +8,17 @@ printed as one ``error:`` line with exit code 2, like :func:`fail`.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from contextlib import contextmanager
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperGroup
 
-from rcnn import __version__
+from rcnn._version import __version__
 
 # `rcnn --help` lists the commands under these panels, in this order (the order of a project's work).
 # A command missing here is listed last under "Other" (tests/test_cli_vocabulary.py fails on it).
@@ -117,3 +119,14 @@ def _root(
                                           help="Print the version and exit.")] = False,
 ) -> None:
     pass
+def load_model(path: Path, load: Callable[[Path], Any] | None = None) -> Any:
+    """The model file ``path`` read by ``load`` (default :meth:`rcnn.detect.RCNNModel.load`), or exit
+    (code 2) with the loader's one-line error (every model loader raises a ``ValueError``)."""
+    if load is None:
+        from rcnn.detect import RCNNModel
+
+        load = RCNNModel.load
+    try:
+        return load(path)
+    except ValueError as e:
+        raise fail(str(e), 2) from None

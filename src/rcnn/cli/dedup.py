@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 import typer
 
 from rcnn.cli.app import app, console, fail
+from rcnn.cli.progress import show_progress
 from rcnn.dedup import DEFAULT_THRESHOLD, SEARCH_METHODS
 
 
@@ -90,18 +91,20 @@ def dedup(
     console.print(
         f"query: {len(q_items)} images from {query}; reference: {len(r_items)} images from {reference}"
     )
-    res = find_duplicates(
-        q_items,
-        r_items,
-        threshold,
-        config,
-        k=k,
-        method=search,
-        use_ids=ids,
-        workers=workers,
-        cache=cache,
-        nprobe=nprobe,
-    )
+    with show_progress() as progress:
+        res = find_duplicates(
+            q_items,
+            r_items,
+            threshold,
+            config,
+            k=k,
+            method=search,
+            use_ids=ids,
+            workers=workers,
+            cache=cache,
+            nprobe=nprobe,
+            progress=progress,
+        )
     paths = write_report(res, output)
     for e in res.unreadable[:20]:
         console.print(f"[yellow]skipped:[/] {e}", highlight=False, soft_wrap=True)

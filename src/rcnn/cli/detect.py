@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -11,35 +10,31 @@ from typing import Annotated, Literal
 
 import numpy as np
 import typer
-from rich.progress import Progress
 from rich.table import Table
 
 from rcnn.cache import save_json
-from rcnn.cli.app import app, console, err_console, fail
+from rcnn.cli.app import app, console, err_console, fail, load_model
 from rcnn.cli.dataset import DatasetArg, MetricOpt, open_dataset, print_ap_table
 from rcnn.cli.engine import (
     AddressOpt,
-    CachedRegions,
     EngineOpt,
     check_engine,
     ray_extract,
     ray_fill_images,
 )
+from rcnn.cli.progress import show_progress
 from rcnn.cli.proposals import KsOpt, MinSizeOpt, WidthOpt, WorkersOpt
 from rcnn.data import ImageReadError, load_image
 from rcnn.device import PRECISIONS
 from rcnn.evaluate import METRICS, Detections, write_coco_results, write_comp4
 from rcnn.features import MODES as FEATURE_MODES
-from rcnn.progress import progress_bar
+from rcnn.progress import report
 from rcnn.proposals import MODES as PROPOSAL_MODES
+from rcnn.sources import CachedRegions
 
 log = logging.getLogger(__name__)
 
 ModelArg = Annotated[Path, typer.Argument(help="Model file written by `rcnn train` (.rcnn)")]
-
-
-def _progress() -> Progress:
-    return progress_bar("{task.fields[info]}", console=console)
 
 
 class _WarnToConsole(logging.Handler):
@@ -54,15 +49,6 @@ def _log_warnings() -> None:
             h = _WarnToConsole(logging.WARNING)
             lg.addHandler(h)
             lg.propagate = False
-
-
-def _load_model(path: Path):
-    from rcnn.detect import ModelError, RCNNModel
-
-    try:
-        return RCNNModel.load(path)
-    except ModelError as e:
-        raise fail(str(e), 2) from None
 
 
 FlipOpt = Annotated[bool, typer.Option("--flip", help="Test-time flip averaging: each region's pooled map averaged with its "
@@ -165,21 +151,9 @@ def train(
     console.print(f"{len(ds)} images of {dataset} ({split}{', ' + str(len(val)) + ' held out' if val else ''}); "
                   f"recipe {rec.name}: {rec.backbone} {rec.layer} {rec.mode}"
                   f"{', box regression' if rec.bbox_reg else ''}", highlight=False)
-    with _progress() as bar:
-        tasks: dict[str, int] = {}
-
-        def report(p) -> None:
-            if p.stage not in tasks:
-                tasks[p.stage] = bar.add_task({"stats": "feature scale", "positives": "positives",
-                                               "mining": "hard-negative mining"}[p.stage], total=p.total, info="")
-            info = ""
-            if p.cache_sizes:
-                info = "cache " + " ".join(f"{c}:{n}" for c, n in zip(ds.classes, p.cache_sizes, strict=False)) + \
-                       " · obj " + " ".join("–" if math.isnan(o) else f"{o:.3g}" for o in p.objective)
-            bar.update(tasks[p.stage], completed=p.done, total=p.total, info=info)
-
+    with show_progress() as progress:
         try:
-            det = run_train(ds, None, rec, workers=workers, progress=True, svm_progress=report,
+            det = run_train(ds, None, rec, workers=workers, progress=progress,
                             net_path=output.with_suffix(".net.safetensors") if rec.finetune else None)
         except (ValueError, ImageReadError) as e:
             raise fail(str(e), 1) from None
@@ -188,7 +162,8 @@ def train(
     if prep["failed"]:
         err_console.print(f"[yellow]warning:[/] trained without {prep['failed']} unreadable image(s)")
     if val is not None:
-        ev = run_evaluate(det, val, None, progress=True)
+        with show_progress() as progress:
+            ev = run_evaluate(det, val, None, progress=progress)
         model.training["validation"] = {"images": len(val), "fraction": val_fraction, **ev.as_dict()}
         console.print(f"validation ({len(val)} held-out images): mAP {ev.map:.3f} (VOC07), COCO mAP@[.5:.95] "
                       f"{ev.coco['mAP@[.5:.95]'] or float('nan'):.3f}", highlight=False)
@@ -249,7 +224,7 @@ def detect(
         raise fail("no images given: rcnn detect MODEL IMAGE... (or rcnn detect IMAGE... for the ImageNet demo detector)", 2)
     check_engine(engine, address)
     _log_warnings()
-    model = _load_model(model_path)
+    model = load_model(model_path)
     if relocalize and (no_bbox_reg or model.bbox_reg is None):
         raise fail(f"--relocalize needs box regression: {model_path} has no box regressor (add one with rcnn bbox-reg)"
                    if model.bbox_reg is None else "--relocalize needs box regression, not --no-bbox-reg", 2)
@@ -287,15 +262,14 @@ def _detect_images(images: list[Path], detect_one, classes: list[str], output: P
 
     output.mkdir(parents=True, exist_ok=True)
     parts, failed = [], []
-    with _progress() as bar:
-        task = bar.add_task("detect", total=len(images), info="")
-        for p in images:
+    with show_progress() as progress:
+        for i, p in enumerate(images):
             try:
                 img = load_image(p)
             except ImageReadError as e:
                 failed.append(str(e))
                 err_console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
-                bar.advance(task)
+                report(progress, "detect", i + 1, len(images))
                 continue
             t0 = time.perf_counter()
             b, s, lab = detect_one(img, p)
@@ -304,7 +278,7 @@ def _detect_images(images: list[Path], detect_one, classes: list[str], output: P
             if not no_png:
                 save_png(output / f"{p.stem}.png", draw_detections(img, b, lab, s, classes))
             counts = ", ".join(f"{classes[c]} {int((lab == c).sum())}" for c in np.unique(lab)) or "nothing"
-            bar.update(task, advance=1, info=f"{p.name}: {counts} ({dt:.1f} s)")
+            report(progress, "detect", i + 1, len(images), f"{p.name}: {counts} ({dt:.1f} s)")
     dets = Detections.concat(parts)
     _write_outputs(dets, classes, output, "detect")
     console.print(f"{len(dets)} detections in {len(parts)} image(s) → {output}")
@@ -327,8 +301,8 @@ def evaluate(
     address: AddressOpt = None,
 ) -> None:
     """Detect over a split (using the caches) and print the per-class VOC AP table and mAP."""
-    from rcnn.detect import CNNFeatures, DetectStats, detect_dataset, evaluate_model, save_pr_curves
-    from rcnn.evaluate import coco_metrics
+    from rcnn.detect import CNNFeatures, DetectStats, detect_dataset
+    from rcnn.evaluate import coco_metrics, evaluate_model, save_pr_curves
     from rcnn.features import features_for_dataset
     from rcnn.proposals import propose_dataset
 
@@ -336,7 +310,7 @@ def evaluate(
         raise fail(f"--metric must be one of {METRICS}, not {metric!r}", 2)
     check_engine(engine, address)
     _log_warnings()
-    model = _load_model(model_path)
+    model = load_model(model_path)
     if relocalize and (no_bbox_reg or model.bbox_reg is None):
         raise fail(f"--relocalize needs box regression: {model_path} has no box regressor (add one with rcnn bbox-reg)"
                    if model.bbox_reg is None else "--relocalize needs box regression, not --no-bbox-reg", 2)
@@ -351,18 +325,19 @@ def evaluate(
         es = ray_extract(ds, source.proposal_config, source.feature_config, address, workers)
         ps_failed = [(r.image_id, m) for r in ds.records for m in es.failed if m.startswith(f"{r.path}:")]
     else:
-        ps_failed = propose_dataset(ds, source.proposal_config, workers=workers, progress=True).failed
+        with show_progress() as progress:
+            ps_failed = propose_dataset(ds, source.proposal_config, workers=workers, progress=progress).failed
     for _, msg in ps_failed:
         err_console.print(f"[red]error:[/] {msg}", highlight=False, soft_wrap=True)
     bad = {i for i, _ in ps_failed}
     ds.records = [r for r in ds.records if r.image_id not in bad]
     if isinstance(source, CNNFeatures) and engine != "ray":
-        features_for_dataset(ds, source.proposal_config, source.feature_config, progress=True)
+        with show_progress() as progress:
+            features_for_dataset(ds, source.proposal_config, source.feature_config, progress=progress)
     stats = DetectStats()
-    with _progress() as bar:
-        task = bar.add_task("detect", total=len(ds.records), info="")
-        dets = detect_dataset(model, ds, source, progress=lambda i, n: bar.update(task, completed=i), stats=stats,
-                              bbox_reg=not no_bbox_reg, relocalize_rounds=relocalize)
+    with show_progress() as progress:
+        dets = detect_dataset(model, ds, source, progress=progress, stats=stats, bbox_reg=not no_bbox_reg,
+                              relocalize_rounds=relocalize)
     result, warns = evaluate_model(model, ds, dets, metric)
     for w in warns:
         err_console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)

@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 import typer
 
 from rcnn.cli.app import console, fail
+from rcnn.cli.progress import show_progress
 from rcnn.device import PRECISIONS
 from rcnn.distributed import ENGINES, EngineSummary, extract_dataset
 
@@ -32,8 +33,9 @@ def ray_extract(dataset, proposal_config, feature_config, address: str | None, w
     """Fill the caches on Ray (progress bar on the driver); a missing ``ray`` or an unreachable
     cluster exits with one line."""
     try:
-        s = extract_dataset(dataset, proposal_config, feature_config, engine="ray", address=address, workers=workers,
-                            progress=True, records=records)
+        with show_progress() as progress:
+            s = extract_dataset(dataset, proposal_config, feature_config, engine="ray", address=address,
+                                workers=workers, progress=progress, records=records)
     except RuntimeError as e:
         raise fail(str(e), 2) from None
     console.print(f"ray: {s.workers} workers, startup {s.startup_s:.1f} s, {s.images_per_s:.2f} images/s", highlight=False)
@@ -69,7 +71,7 @@ def report_device(device: str) -> str:
 def ray_fill_images(paths, source, address: str | None, workers: int | None) -> dict:
     """``rcnn detect --engine ray``: proposals + features of loose image files on Ray, into the
     cache (one dataset per folder, in one Ray session). Returns ``{path: ImageRecord}`` for
-    :class:`CachedRegions`; images that failed are left out (their errors are printed)."""
+    :class:`rcnn.sources.CachedRegions`; images that failed are left out (their errors are printed)."""
     import numpy as np
 
     from rcnn.data import Dataset, ImageRecord
@@ -97,14 +99,3 @@ def ray_fill_images(paths, source, address: str | None, workers: int | None) -> 
     for msg in failed:
         console.print(f"  [red]{msg}", highlight=False, soft_wrap=True)
     return records
-
-
-class CachedRegions:
-    """A feature source whose ``image_regions`` serves one record's cached regions (filled by the
-    Ray engine), so :func:`rcnn.detect.detect_image` scores them like freshly computed ones."""
-
-    def __init__(self, source, record):
-        self.source, self.record = source, record
-
-    def image_regions(self, image):
-        return self.source.regions(self.record)

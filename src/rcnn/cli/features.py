@@ -19,6 +19,7 @@ from rcnn.cli.engine import (
     ray_extract,
     report_device,
 )
+from rcnn.cli.progress import show_progress
 from rcnn.cli.proposals import KsOpt, MaxBoxesOpt, ProposalsOpt, WorkersOpt, make_config
 from rcnn.features import (
     METHODS,
@@ -94,8 +95,9 @@ def features(
         s = ray_extract(ds, pc, fc, address, workers)
         proposal_failed = []
     else:
-        ps = propose_dataset(ds, pc, workers=workers, progress=True)  # parallel; features then read the cache
-        s = features_for_dataset(ds, pc, fc, progress=True)
+        with show_progress() as progress:
+            ps = propose_dataset(ds, pc, workers=workers, progress=progress)  # parallel; features then read the cache
+            s = features_for_dataset(ds, pc, fc, progress=progress)
         proposal_failed = [m for _, m in ps.failed]
     console.print(f"computed {s.computed}, reused {s.cached} from the cache, failed {len(s.failed)}; "
                   f"{s.regions} regions in {s.seconds:.1f} s ({s.regions_per_s:.1f} regions/s)", highlight=False)

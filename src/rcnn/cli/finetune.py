@@ -11,6 +11,7 @@ from rcnn.cli.app import app, console, err_console, fail
 from rcnn.cli.dataset import DatasetArg, open_dataset
 from rcnn.cli.engine import PrecisionOpt
 from rcnn.cli.features import GRID, SCALES, FeatureModeOpt, GridOpt, ScalesOpt
+from rcnn.cli.progress import show_progress
 from rcnn.cli.proposals import KsOpt, MaxBoxesOpt, MinSizeOpt, ProposalsOpt, WidthOpt, make_config
 
 
@@ -75,7 +76,8 @@ def finetune(
                   f"classes {['background', *ds.classes]}", highlight=False)
     output.parent.mkdir(parents=True, exist_ok=True)
     try:
-        res = run(ds.records, ds.classes, output, cfg, pc, ds.root, threads=workers)
+        with show_progress() as progress:
+            res = run(ds.records, ds.classes, output, cfg, pc, ds.root, progress=progress, threads=workers)
     except (CheckpointError, WeightsError, ImageReadError, FloatingPointError, ValueError) as e:
         raise fail(str(e), 1) from None
     last = res.history["val"][-1] if res.history.get("val") else None
@@ -103,8 +105,8 @@ def softmax_model(
 ) -> None:
     """A detector scoring regions with the fine-tuned softmax instead of SVMs (use with `rcnn detect/evaluate`)."""
     from rcnn.backbones import WeightsError
+    from rcnn.detect import softmax_model as build
     from rcnn.features import SHARED_SCALES, FeatureConfig
-    from rcnn.finetune import softmax_model as build
 
     pc = make_config(proposals, ks, max_boxes, min_size, resize_width, False)
     try:
@@ -130,7 +132,6 @@ def bbox_reg(
     """Train per-class bounding-box regressors on the model's network features and store them in the model file.
 
     rcnn detect / rcnn evaluate then refine every scored box before NMS (--no-bbox-reg switches it off)."""
-    from dataclasses import replace
 
     from rcnn.bbox_regression import attach, train_box_regressor
     from rcnn.detect import CNNFeatures, ModelError, RCNNModel
@@ -147,14 +148,15 @@ def bbox_reg(
     if layer not in src.backbone.taps:
         raise fail(f"--layer must be one of {list(src.backbone.taps)}, not {layer!r}", 2)
     ds = open_dataset(dataset, split)
-    fc = replace(src.feature_config, layer=layer)
-    reg_src = CNNFeatures(src.proposal_config, fc, ds.root, backbone=src.backbone)
-    ps = propose_dataset(ds, src.proposal_config, progress=True)
+    reg_src = model.feature_source(ds.root).with_layer(layer)
+    with show_progress() as progress:
+        ps = propose_dataset(ds, src.proposal_config, progress=progress)
     bad = {i for i, _ in ps.failed}
     for _, msg in ps.failed:
         err_console.print(f"[red]error:[/] {msg}", highlight=False, soft_wrap=True)
     ds.records = [r for r in ds.records if r.image_id not in bad]
-    features_for_dataset(ds, src.proposal_config, reg_src.feature_config, progress=True)
+    with show_progress() as progress:
+        features_for_dataset(ds, src.proposal_config, reg_src.feature_config, progress=progress)
     reg = train_box_regressor(ds.records, model.classes, reg_src, lam=lam, min_iou=min_iou)
     attach(model, reg)
     out = output or model_path

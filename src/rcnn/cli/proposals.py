@@ -11,6 +11,7 @@ from rich.table import Table
 from rcnn.cache import save_json
 from rcnn.cli.app import app, console, fail
 from rcnn.cli.dataset import DatasetArg, SplitOpt, open_dataset
+from rcnn.cli.progress import show_progress
 from rcnn.proposals import (
     MODES,
     ProposalConfig,
@@ -109,7 +110,8 @@ def propose(
     ds = open_dataset(dataset, split)
     cfg = make_config(proposals, ks, max_boxes, min_size, resize_width, upscale)
     console.print(f"{len(ds)} images, {cfg.describe()}", highlight=False)
-    s = propose_dataset(ds, cfg, workers=workers, progress=True)
+    with show_progress() as progress:
+        s = propose_dataset(ds, cfg, workers=workers, progress=progress)
     rate = f", {s.computed / s.seconds:.2f} img/s" if s.computed and s.seconds > 0 else ""
     console.print(
         f"computed {s.computed}, reused {s.cached} from the cache, failed {len(s.failed)} "
@@ -145,7 +147,8 @@ def proposals_recall(
     """Recall@0.5/0.7 and MABO of the proposals (non-difficult objects), plus a recall-vs-#proposals plot."""
     ds = open_dataset(dataset, split)
     cfg = make_config(proposals, ks, max_boxes, min_size, resize_width, upscale)
-    s = propose_dataset(ds, cfg, workers=workers, progress=True)
+    with show_progress() as progress:
+        s = propose_dataset(ds, cfg, workers=workers, progress=progress)
     failed = {i for i, _ in s.failed}
     recs = [r for r in ds.records if r.image_id not in failed]
     props = [get_proposals(r, cfg, ds.root) for r in recs]

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Literal
 
 import numpy as np
 import typer
-from rich.progress import track
 from rich.table import Table
 
 from rcnn.cache import save_json
-from rcnn.cli.app import app, console, fail
+from rcnn.cli.app import app, console, fail, load_model
 from rcnn.cli.engine import PrecisionOpt
 from rcnn.cli.features import FeatureModeOpt
+from rcnn.cli.progress import show_progress, track
 from rcnn.data import AnnotationError, ImageReadError, list_images, load_image
 from rcnn.segmentation.features import STRATEGIES, RegionFeatureConfig
 from rcnn.segmentation.masks import MaskError, class_masks, load_segmentation_dataset, overlay, save_label_png
@@ -39,13 +38,6 @@ def _open(path: Path, split: str | None):
         return load_segmentation_dataset(path, split)
     except (FileNotFoundError, ValueError, AnnotationError) as e:
         raise fail(str(e), 2) from None
-
-
-def _progress(desc: str):
-    def wrap(items: Iterable):
-        return track(list(items), description=desc, console=console, transient=True)
-
-    return wrap
 
 
 def _report_problems(problems: list[str]) -> None:
@@ -75,7 +67,7 @@ def segment_proposals(
     except (ValueError, FileNotFoundError) as e:
         raise fail(str(e), 2) from None
     best, problems, nreg = [], [], []
-    for r in _progress("mask proposals")(ds.records):
+    for r in track(ds.records, "mask proposals"):
         try:
             regions = get_mask_proposals(r.path, cfg)
             gt, _ = class_masks(r, len(ds.classes))
@@ -136,9 +128,9 @@ def segment_train(
     train_ds, val_ds = _open(dataset, split), _open(dataset, val_split)
     problems: list[str] = []
     try:
-        train = prepare_dataset(train_ds, mc, fc, train_regions, with_gt=True,
-                                progress=_progress(f"{split}: regions + features"), problems=problems)
-        val = prepare_dataset(val_ds, mc, fc, progress=_progress(f"{val_split}: regions + features"), problems=problems)
+        with show_progress(transient=True) as progress:
+            train = prepare_dataset(train_ds, mc, fc, train_regions, with_gt=True, progress=progress, problems=problems)
+            val = prepare_dataset(val_ds, mc, fc, progress=progress, problems=problems)
     except (ValueError, RuntimeError) as e:
         raise fail(str(e), 2) from None
     _report_problems(problems)
@@ -161,13 +153,6 @@ def segment_train(
                   + f"; saved {output}")
 
 
-def _load_model(path: Path) -> SegmentationModel:
-    try:
-        return SegmentationModel.load(path)
-    except ValueError as e:
-        raise fail(str(e), 2) from None
-
-
 @app.command("segment")
 def segment(
     model_path: Annotated[Path, typer.Argument(help="Model from rcnn segment-train")],
@@ -178,7 +163,7 @@ def segment(
     """Label the pixels of images: VOC-palette label PNGs and coloured overlays."""
     from rcnn.visualize import save_png
 
-    model = _load_model(model_path)
+    model = load_model(model_path, SegmentationModel.load)
     files: list[Path] = []
     for p in images:
         if p.is_dir():
@@ -188,7 +173,7 @@ def segment(
         else:
             raise fail(f"{p}: no such file or folder", 2)
     failed = 0
-    for f in _progress("segmenting")(files):
+    for f in track(files, "segmenting"):
         try:
             img = load_image(f)
         except ImageReadError as e:
@@ -217,13 +202,13 @@ def segment_evaluate(
     """VOC segmentation measure (per-class IoU over all pixels, void ignored; mean) on a split."""
     from rcnn.visualize import save_png
 
-    model = _load_model(model_path)
+    model = load_model(model_path, SegmentationModel.load)
     ds = _open(dataset, split)
     if list(ds.classes) != list(model.classes):
         raise fail(f"model classes {model.classes} differ from the dataset's {ds.classes}", 2)
     problems: list[str] = []
-    items = prepare_dataset(ds, model.mask_config, model.feature_config, progress=_progress(f"{split}: regions + features"),
-                            problems=problems)
+    with show_progress(transient=True) as progress:
+        items = prepare_dataset(ds, model.mask_config, model.feature_config, progress=progress, problems=problems)
     _report_problems(problems)
     if not items:
         raise fail(f"{dataset}: no usable images in split {split!r}", 2)

@@ -23,10 +23,12 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from rcnn.cache import cache_dir, load_npz, save_npz, settings_hash
 from rcnn.data import IMAGE_SUFFIXES, list_images, load_dataset
 from rcnn.dedup.gist import GistConfig, gist_of_files
+from rcnn.progress import ProgressFn, report
 
 __all__ = [
     "SEARCH_METHODS",
@@ -96,8 +98,8 @@ def _chunk_key(paths: Sequence[Path], config: GistConfig) -> str:
 
 
 def _worker_init() -> None:
-    # one BLAS/FFT thread per worker process: the parallelism is across processes
-    os.environ["OMP_NUM_THREADS"] = "1"
+    # one BLAS/OpenMP and one OpenCV thread per worker process: the parallelism is across processes
+    threadpool_limits(1)
     cv2.setNumThreads(1)
 
 
@@ -109,7 +111,7 @@ def compute_descriptors(
     paths: Sequence[str | Path],
     config: GistConfig = GistConfig(),
     workers: int | None = None,
-    progress: bool = True,
+    progress: ProgressFn | None = None,
     cache: bool = True,
     chunk_size: int = 128,
     description: str = "GIST",
@@ -147,31 +149,33 @@ def compute_descriptors(
         if f is not None:  # atomic: a killed run leaves whole chunks only, reused on resume
             save_npz(f, desc=desc, errors=np.array([e or "" for e in errs], dtype=str))
 
-    from rcnn.progress import progress_bar
+    done = [n - sum(len(r) for r, _ in todo)]
 
-    done0 = n - sum(len(r) for r, _ in todo)
-    with progress_bar("images", disable=not progress) as bar:
-        task = bar.add_task(description, total=n, completed=done0)
-        if workers <= 1 or len(todo) <= 1:
-            for rows, f in todo:
-                desc, errs = gist_of_files([paths[i] for i in rows], config)
+    def advance(k: int) -> None:
+        done[0] += k
+        report(progress, description, done[0], n)
+
+    advance(0)
+    if workers <= 1 or len(todo) <= 1:
+        for rows, f in todo:
+            desc, errs = gist_of_files([paths[i] for i in rows], config)
+            store(rows, f, desc, errs)
+            advance(len(rows))
+    else:
+        # forkserver: forking this (possibly multi-threaded) process could deadlock; the
+        # server imports the GIST code (and torch, via rcnn.data) once, workers fork from it
+        ctx = get_context("forkserver")
+        ctx.set_forkserver_preload(["rcnn.dedup.gist"])
+        with ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx, initializer=_worker_init) as ex:
+            futs = {
+                ex.submit(_compute_chunk, [str(paths[i]) for i in rows], config): (rows, f)
+                for rows, f in todo
+            }
+            for fut in as_completed(futs):
+                rows, f = futs[fut]
+                desc, errs = fut.result()
                 store(rows, f, desc, errs)
-                bar.advance(task, len(rows))
-        else:
-            # forkserver: forking this (possibly multi-threaded) process could deadlock; the
-            # server imports the GIST code (and torch, via rcnn.data) once, workers fork from it
-            ctx = get_context("forkserver")
-            ctx.set_forkserver_preload(["rcnn.dedup.gist"])
-            with ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx, initializer=_worker_init) as ex:
-                futs = {
-                    ex.submit(_compute_chunk, [str(paths[i]) for i in rows], config): (rows, f)
-                    for rows, f in todo
-                }
-                for fut in as_completed(futs):
-                    rows, f = futs[fut]
-                    desc, errs = fut.result()
-                    store(rows, f, desc, errs)
-                    bar.advance(task, len(rows))
+                advance(len(rows))
     return out, errors
 
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from rcnn.dedup.gist import GistConfig
 from rcnn.dedup.index import ImageItem, compute_descriptors, nearest_neighbors
+from rcnn.progress import ProgressFn
 
 __all__ = ["DEFAULT_THRESHOLD", "DedupResult", "Pair", "find_duplicates", "match_descriptors", "match_ids"]
 
@@ -122,7 +123,7 @@ def find_duplicates(
     method: str = "exact",
     use_ids: bool = True,
     workers: int | None = None,
-    progress: bool = True,
+    progress: ProgressFn | None = None,
     cache: bool = True,
     nprobe: int = 16,
 ) -> DedupResult:

@@ -29,6 +29,7 @@ from rcnn.segmentation.metrics import (
     segmentation_iou,
 )
 from rcnn.segmentation.model import (
+    FeatureCacheMiss,
     ImageRegions,
     SegmentationModel,
     choose_threshold,
@@ -51,7 +52,7 @@ from rcnn.segmentation.regions import (
 )
 
 __all__ = [
-    "STRATEGIES", "ForestRanker", "ImageRegions", "MaskError", "MaskHead", "MaskPredictor", "MaskProposalConfig", "RegionFeatureConfig", "RegionMasks",
+    "STRATEGIES", "FeatureCacheMiss", "ForestRanker", "ImageRegions", "MaskError", "MaskHead", "MaskPredictor", "MaskProposalConfig", "RegionFeatureConfig", "RegionMasks",
     "SegmentationEvaluator", "SegmentationModel", "choose_threshold", "class_label_map", "class_masks",
     "colorize", "combine", "evaluate_segmenter", "get_mask_proposals", "hierarchical_grouping",
     "image_confusions", "instance_masks", "load_mask_head", "load_segmentation_dataset", "mask_proposals", "mask_recall", "mean_iou", "overlay",

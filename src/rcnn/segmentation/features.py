@@ -32,7 +32,7 @@ from torchvision.ops import roi_align
 from rcnn.backbones import Backbone, get_backbone, set_threads
 from rcnn.cache import atomic_write, cache_dir, file_sha256, settings_hash
 from rcnn.device import PRECISIONS, autocast, place_backbone
-from rcnn.features import SHARED_MAX_SIDE, SHARED_SCALES, crop_geometry, warp_regions
+from rcnn.features import SHARED_MAX_SIDE, SHARED_SCALES, crop_geometry, scaled_image, warp_regions
 
 STRATEGIES = ("full", "fg", "full+fg")
 FEATURE_VERSION = 1
@@ -42,7 +42,7 @@ FEATURE_VERSION = 1
 class RegionFeatureConfig:
     """What determines the stored region features (``key()`` names their cache)."""
 
-    backbone: str = "squeezenet1_1"  # the features issue's default backbone
+    backbone: str = "squeezenet1_1"  # the detector's default backbone (rcnn.features.FeatureConfig)
     weights: str | None = None
     taps: tuple[str, ...] = ("pool5", "fc6", "fc7")  # paper Table 3 compares fc6 / fc7
     mode: str = "warp"  # paper §4: each region's box warped to the network input
@@ -131,11 +131,7 @@ def _warp_features(image, masks, boxes, bb, taps, config) -> dict[str, dict[str,
 def _shared_features(image, masks, boxes, bb, taps, config) -> dict[str, dict[str, np.ndarray]]:
     g = bb.pool5_grid
     h, w = image.shape[:2]
-    sc = min(SHARED_SCALES[0], SHARED_MAX_SIDE / max(h, w))
-    size = (max(1, round(w * sc)), max(1, round(h * sc)))
-    sx, sy = size[0] / w, size[1] / h
-    flag = cv2.INTER_CUBIC if bb.interpolation == "bicubic" or sc > 1 else cv2.INTER_AREA
-    img = image if size == (w, h) else cv2.resize(image, size, interpolation=flag)
+    img, sx, sy = scaled_image(image, SHARED_SCALES[0], SHARED_MAX_SIDE, bb.interpolation)
     fmap = bb.trunk(bb.preprocess(img[None]))
     full: dict[str, list[np.ndarray]] = {t: [] for t in taps}
     fg: dict[str, list[np.ndarray]] = {t: [] for t in taps}

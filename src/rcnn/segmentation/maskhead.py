@@ -5,7 +5,7 @@ limbs rarely form one grouping region. CPMC (paper §4) *generates* figure-groun
 seeds; its colour-model cuts measured worse on this data. Here a box is turned into a mask by
 a small network in the style of DeepMask / Mask R-CNN's mask head:
 
-* the frozen trunk of the features issue's default backbone (SqueezeNet 1.1, ``fire9``, stride
+* the frozen trunk of the detector's default backbone (SqueezeNet 1.1, ``fire9``, stride
   16) runs once per image at the shared-mode scale (:data:`rcnn.features.SHARED_SCALES`);
 * ``torchvision.ops.roi_align`` reads a ``14×14`` grid of the map for each box;
 * :class:`MaskHead` (1×1 reduction, two 3×3 convs, a 2× transposed conv) predicts the
@@ -39,7 +39,8 @@ from torchvision.ops import box_iou, roi_align
 
 from rcnn.backbones import Backbone, get_backbone, set_threads
 from rcnn.boxes import flip_boxes
-from rcnn.features import SHARED_MAX_SIDE, SHARED_SCALES
+from rcnn.features import SHARED_MAX_SIDE, SHARED_SCALES, scaled_image
+from rcnn.progress import ProgressFn, tracked
 from rcnn.segmentation.features import mask_boxes
 from rcnn.segmentation.packaged import load_once, packaged_file
 
@@ -95,19 +96,15 @@ def trunk_map(image: np.ndarray, bb: Backbone, fine: bool = False):
     and the x/y factors from image pixels to the scaled input's pixels. With ``fine`` (only
     backbones in :data:`FINE_TAP`), returns ``(coarse, fine_map, sx, sy)`` with the
     stride-8 map as well."""
-    h, w = image.shape[:2]
-    sc = min(SHARED_SCALES[0], SHARED_MAX_SIDE / max(h, w))
-    size = (max(1, round(w * sc)), max(1, round(h * sc)))
-    flag = cv2.INTER_CUBIC if bb.interpolation == "bicubic" or sc > 1 else cv2.INTER_AREA
-    img = image if size == (w, h) else cv2.resize(image, size, interpolation=flag)
+    img, sx, sy = scaled_image(image, SHARED_SCALES[0], SHARED_MAX_SIDE, bb.interpolation)
     with torch.inference_mode():
         x = bb.preprocess(img[None])
         if fine:
             tap = FINE_TAP[bb.name]
             coarse, side = bb.run_trunk(x, [tap])
-            return coarse.contiguous(), side[tap].contiguous(), size[0] / w, size[1] / h
+            return coarse.contiguous(), side[tap].contiguous(), sx, sy
         fmap = bb.trunk(x)
-    return fmap.contiguous(), size[0] / w, size[1] / h
+    return fmap.contiguous(), sx, sy
 
 
 def _rois(boxes: np.ndarray | torch.Tensor, sx: float, sy: float) -> torch.Tensor:
@@ -293,7 +290,7 @@ def _random_boxes(n: int, rng: np.random.Generator, w: int, h: int) -> np.ndarra
 def train_mask_head(
     images: Sequence[np.ndarray], gt_masks: Sequence[np.ndarray], backbone: str = "squeezenet1_1",
     epochs: int = 20, jitters: int = 8, negatives: int = 24, lr: float = 1e-3, seed: int = 0,
-    fine: bool = True, progress=None, log=None,
+    fine: bool = True, progress: ProgressFn | None = None, log=None,
 ) -> MaskPredictor:
     """Fit a :class:`MaskHead` on instance masks.
 
@@ -310,7 +307,7 @@ def train_mask_head(
     bb = get_backbone(backbone)
     data = []
     items = list(zip(images, gt_masks, strict=True))
-    for image, gt in (progress(items) if progress else items):
+    for image, gt in tracked(items, progress, "mask-head training images"):
         gt = np.asarray(gt, bool)
         if len(gt) == 0:
             continue

@@ -18,7 +18,6 @@ Rules for bad input (one line naming the file, never a crash mid-run):
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -128,6 +127,14 @@ def class_masks(record: ImageRecord, num_classes: int) -> tuple[np.ndarray, np.n
 # ------------------------------------------------------------------ VOC segmentation
 
 
+def images_and_masks(dataset: Dataset, limit: int = 0) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The RGB uint8 images of ``dataset`` (its first ``limit`` records; 0 = all) and each one's
+    ``(G,H,W)`` bool object masks (:func:`class_masks`, any class): what the mask ranker and the
+    mask head learn from. Raises :class:`MaskError` / ``ImageReadError`` naming the file."""
+    recs = dataset.records[:limit] if limit else dataset.records
+    return [load_image(r.path) for r in recs], [class_masks(r, len(dataset.classes))[0] for r in recs]
+
+
 def read_voc_segmentation(root: str | Path, split: str, classes: list[str] | None = None) -> Dataset:
     """Read a VOC2012-style segmentation layout: ``ImageSets/Segmentation/<split>.txt``,
     ``JPEGImages/``, ``SegmentationClass/<id>.png`` (palette indices: 0 background, 1..20
@@ -221,27 +228,3 @@ def save_label_png(label_map: np.ndarray, path: str | Path) -> Path:
     return atomic_write(Path(path), lambda tmp: im.save(tmp, format="PNG"))
 
 
-@dataclass
-class MaskedImage:
-    """An image with its ground truth: ``image`` (H,W,3) uint8, ``masks`` (N,H,W) bool,
-    ``labels`` (N,), ``label_map`` (H,W) uint8."""
-
-    image: np.ndarray
-    masks: np.ndarray
-    labels: np.ndarray
-    label_map: np.ndarray
-
-
-def load_masked(record: ImageRecord, num_classes: int) -> MaskedImage:
-    """Image + ground truth of one record; raises :class:`MaskError` / ``ImageReadError``."""
-    image = load_image(record.path)
-    if image.shape[:2] != (record.height, record.width):
-        record = _with_size(record, image.shape[1], image.shape[0])
-    masks, labels = class_masks(record, num_classes)
-    return MaskedImage(image, masks, labels, class_label_map(record, num_classes))
-
-
-def _with_size(record: ImageRecord, w: int, h: int) -> ImageRecord:
-    from dataclasses import replace
-
-    return replace(record, width=w, height=h)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,6 +21,7 @@ import numpy as np
 
 from rcnn.cache import atomic_write, file_sha256
 from rcnn.data import Dataset, ImageReadError, ImageRecord, load_image
+from rcnn.progress import ProgressFn, tracked
 from rcnn.segmentation.features import (
     STRATEGIES,
     RegionFeatureConfig,
@@ -30,9 +31,11 @@ from rcnn.segmentation.features import (
 from rcnn.segmentation.masks import MaskError, class_label_map, class_masks
 from rcnn.segmentation.metrics import SegmentationEvaluator
 from rcnn.segmentation.regions import MaskProposalConfig, RegionMasks, get_mask_proposals, mask_proposals
+from rcnn.sources import TARGET_NORM
 
-#: the released R-CNN code scales features to this mean L2 norm before the linear models
-FEATURE_NORM = 20.0
+#: what :func:`prepare_image` may compute on a feature-cache miss: everything, the ground-truth
+#: masks' features only, or nothing (read what is cached, e.g. to re-run an experiment as it was)
+EXTRACT = ("all", "gt", "none")
 THRESHOLDS = tuple(np.round(np.arange(-0.2, 1.0001, 0.025), 3).tolist())
 
 
@@ -74,6 +77,10 @@ def _mask_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return inter / np.maximum(union, 1)
 
 
+class FeatureCacheMiss(RuntimeError):
+    """:func:`prepare_image` met features its ``extract`` setting does not let it compute."""
+
+
 def prepare_image(
     record: ImageRecord,
     num_classes: int,
@@ -82,9 +89,17 @@ def prepare_image(
     max_regions: int | None = None,
     with_gt: bool = False,
     with_truth: bool = True,
+    extract: str = "all",
+    extracted: list[dict] | None = None,
 ) -> ImageRegions:
     """Regions (cached), their features for every tap (cached) and, with ``with_truth``,
-    IoU targets and the ground-truth label map. Raises ``MaskError`` / ``ImageReadError``."""
+    IoU targets and the ground-truth label map. Raises ``MaskError`` / ``ImageReadError``.
+
+    ``extract`` (one of :data:`EXTRACT`): which features may be computed on a cache miss; a miss
+    beyond it raises :class:`FeatureCacheMiss`. ``extracted``: a list that gets
+    ``{"kind": "regions"|"gt", "masks": n, "seconds": s}`` for each computation."""
+    if extract not in EXTRACT:
+        raise ValueError(f"extract must be one of {EXTRACT}, not {extract!r}")
     path = Path(record.path)
     image = load_image(path)
     if image.shape[:2] != (record.height, record.width):
@@ -97,9 +112,22 @@ def prepare_image(
     if max_regions is not None and max_regions < len(regions):
         regions = regions.subset(np.arange(max_regions))
     sha = file_sha256(path)
-    feats = cached_features(
-        (sha, mask_config.key(), len(regions), "regions"),
-        lambda: region_features(image, regions.masks(), regions.boxes, feat_config), feat_config)
+
+    def compute(kind: str, masks, boxes):  # called by cached_features on a miss only
+        def run():
+            m = masks()
+            if extract == "none" or (extract == "gt" and kind != "gt"):
+                raise FeatureCacheMiss(f"{path}: feature cache miss ({kind}, {len(m)} masks) and extract={extract!r}")
+            t0 = time.perf_counter()
+            out = region_features(image, m, boxes, feat_config)
+            if extracted is not None:
+                extracted.append({"kind": kind, "masks": len(m), "seconds": time.perf_counter() - t0})
+            return out
+
+        return run
+
+    feats = cached_features((sha, mask_config.key(), len(regions), "regions"),
+                            compute("regions", regions.masks, regions.boxes), feat_config)
     targets, label_map, n_gt = None, None, 0
     if with_truth:
         gt_masks, gt_labels = class_masks(record, num_classes)
@@ -109,8 +137,7 @@ def prepare_image(
         if with_gt and len(gt_masks):
             mask_sha = file_sha256(record.mask_path) if record.mask_path else ""
             ids = [] if record.mask_ids is None else [int(i) for i in record.mask_ids]
-            gfeats = cached_features(
-                (sha, mask_sha, ids, "gt"), lambda: region_features(image, gt_masks, None, feat_config), feat_config)
+            gfeats = cached_features((sha, mask_sha, ids, "gt"), compute("gt", lambda: gt_masks, None), feat_config)
             feats = {s: {t: np.concatenate([feats[s][t], gfeats[s][t]]) for t in feats[s]} for s in feats}
             targets = np.concatenate([targets, class_targets(_mask_iou(gt_masks, gt_masks), gt_labels, num_classes)])
             n_gt = len(gt_masks)
@@ -123,14 +150,13 @@ def prepare_dataset(
     feat_config: RegionFeatureConfig,
     max_regions: int | None = None,
     with_gt: bool = False,
-    progress: Callable[[Iterable], Iterable] | None = None,
+    progress: ProgressFn | None = None,
     problems: list[str] | None = None,
 ) -> list[ImageRegions]:
     """:func:`prepare_image` for every record. Images with a bad mask or image file are
     skipped and their one-line reason appended to ``problems`` (never a crash mid-run)."""
     out = []
-    recs = dataset.records if progress is None else progress(dataset.records)
-    for r in recs:
+    for r in tracked(dataset.records, progress, f"{dataset.split or 'all images'}: regions + features"):
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
@@ -249,13 +275,13 @@ class SegmentationModel:
 
 
 def _norm_scales(items: Sequence[ImageRegions], strategy: str, tap: str, full_weight: float = 1.0) -> dict[str, float]:
-    """Per half, the factor that brings its mean L2 norm to ``FEATURE_NORM``; in ``full+fg``
+    """Per half, the factor that brings its mean L2 norm to ``TARGET_NORM`` (as the detector's features); in ``full+fg
     the ``full`` half's factor is further multiplied by ``full_weight``."""
     parts = ["full", "fg"] if strategy == "full+fg" else [strategy]
     out = {}
     for p in parts:
         norms = np.concatenate([np.linalg.norm(it.feats[p][tap].astype(np.float32), axis=1) for it in items])
-        out[p] = float(FEATURE_NORM / max(float(norms.mean()), 1e-6))
+        out[p] = float(TARGET_NORM / max(float(norms.mean()), 1e-6))
     if strategy == "full+fg":
         out["full"] *= full_weight
     return out
@@ -276,7 +302,7 @@ def train_segmenter(
     regressing each row's IoU with that class.
 
     ``full_weight`` (``full+fg`` only; > 0): the ``full`` half's scale relative to the ``fg``
-    half, both first brought to mean norm ``FEATURE_NORM``. The SVR's L2 penalty then costs
+    half, both first brought to mean norm ``TARGET_NORM``. The SVR's L2 penalty then costs
     ``1/full_weight²`` as much per unit of ``full`` weight, i.e. a per-block C; ignored for
     the single-half strategies."""
     from sklearn.svm import LinearSVR

@@ -27,7 +27,7 @@ Three methods (``MaskProposalConfig.method``):
   models): on Penn-Fudan it reached a mean best IoU of only ~0.41 from 200 selective-search
   boxes, and even from the ground-truth boxes 0.51-0.59 (grabCut) / <= 0.55 (min-cut),
   below the grouping pool, so it is not used (README, Semantic segmentation).
-* ``"grouping"``: selective search's own ranking (hierarchy level x random), session 1's.
+* ``"grouping"``: selective search's own ranking (hierarchy level x random), no learned ranker.
 
 Masks are stored compactly: one ``(H,W)`` segment map that refines every strategy's
 superpixels (their intersection), plus a ``(K,S)`` membership matrix saying which segments
@@ -47,6 +47,7 @@ from scipy import ndimage
 
 from rcnn.cache import atomic_write, cache_dir, file_sha256, settings_hash
 from rcnn.data import ImageRecord, load_image
+from rcnn.progress import ProgressFn, tracked
 from rcnn.segmentation.maskhead import load_mask_head, maskhead_path, snap
 from rcnn.segmentation.packaged import load_once, packaged_file
 from rcnn.segmentation.ranking import FEATURES, ForestRanker, SegmentStats, describe, train_ranker
@@ -79,9 +80,9 @@ class MaskProposalConfig:
     seed: int = 0  # selective search ranks by hierarchy level x a random number
     max_side: int = 320  # images are grouped at most this large (masks are upsampled back)
     # paper §4 (CPMC): figure-ground candidates ranked by a regressor of their overlap with
-    # an object. "cnn" = "ranked" + masks from a learned mask head on CNN features (session 3);
-    # "ranked" = grouping regions + pairs by the forest ranker (session 2); "grouping" =
-    # selective search's own ranking (level x random), the method of session 1
+    # an object. "cnn" = "ranked" + masks from a learned mask head on CNN features; "ranked" =
+    # grouping regions + pairs by the forest ranker; "grouping" = selective search's own ranking
+    # (level x random)
     method: str = "cnn"
     ranker: str = "pennfudan"  # a packaged ranker name or an .npz from train_mask_ranker
     pair_top: int = 100  # unions of neighbouring pairs among this many best singles join the pool
@@ -114,12 +115,12 @@ class MaskProposalConfig:
         return 0.005 if self.method == "grouping" else 0.0005
 
     def key(self) -> str:
-        if self.method == "grouping":  # the session-1 key: its caches stay valid
+        if self.method == "grouping":  # the fields this method has always had: its cached regions stay valid
             d = {k: v for k, v in asdict(self).items() if k not in ("method", "ranker", "pair_top")}
             d["min_area_frac"] = self.min_area
             return settings_hash("mask-proposals-v1", d)
         d = asdict(self)
-        if self.method == "ranked":  # the session-2 key: the cnn settings do not apply
+        if self.method == "ranked":  # the cnn settings do not apply (and existing caches keep their key)
             for k in CNN_FIELDS:
                 d.pop(k)
             return settings_hash("mask-proposals-v2", d, file_sha256(ranker_path(self.ranker)))
@@ -681,7 +682,7 @@ def _best_iou(rows: np.ndarray, segments: np.ndarray, gt: np.ndarray) -> np.ndar
 
 def train_mask_ranker(
     images: Sequence[np.ndarray], gt_masks: Sequence[np.ndarray], config: MaskProposalConfig = MaskProposalConfig(),
-    n_trees: int = 40, seed: int = 0, progress=None,
+    n_trees: int = 40, seed: int = 0, progress: ProgressFn | None = None,
 ) -> tuple[ForestRanker, dict]:
     """CPMC-style ranker (paper §4): a regression forest predicting each candidate's best
     IoU with a ground-truth object, from :func:`~rcnn.segmentation.ranking.describe`.
@@ -692,7 +693,7 @@ def train_mask_ranker(
     """
     prepared, Xs, ys = [], [], []
     items = zip(images, gt_masks, strict=True)
-    for image, gt in (progress(items) if progress else items):
+    for image, gt in tracked(items, progress, "ranker training images"):
         work, pool, g = _training_image(image, gt, config)
         rows, X = _singles(work, pool, config)
         prepared.append((work, pool, g))
