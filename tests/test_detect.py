@@ -199,8 +199,8 @@ def test_model_metadata_is_json(tmp_path):
 
 
 def test_cnn_features_gt_rows_and_one_pass_fill(tmp_path):
-    """A joined layer fills each tap's cache in one pass (uncompressed on request), where a single
-    tap's source then finds it; CNNFeatures splits the ground-truth rows off and they equal a
+    """Warp mode: a joined layer fills each tap's cache in one pass (uncompressed on request), where a
+    single tap's source then finds it. Shared mode: CNNFeatures splits the ground-truth rows off and they equal a
     direct extraction of the GT boxes (shared mode)."""
     from dataclasses import replace
 
@@ -214,15 +214,17 @@ def test_cnn_features_gt_rows_and_one_pass_fill(tmp_path):
     ds = load_dataset(data, "trainval")
     rec = ds.records[0]
     pc = ProposalConfig(mode="fast", resize_width=0, max_boxes=40)
-    fc = FeatureConfig(backbone="squeezenet1_1", mode="shared", grid=3, with_gt=True)
-    joined = replace(fc, layer="pool5+fc6")
+    warp = FeatureConfig(backbone="squeezenet1_1", mode="warp", grid=3, with_gt=True)
+    joined = replace(warp, layer="pool5+fc6")  # warp mode caches every tap's region features
     assert not is_cached(rec, pc, joined, data)
     get_features(rec, pc, joined, data, compress=False)
-    assert is_cached(rec, pc, replace(fc, layer="pool5"), data) and is_cached(rec, pc, replace(fc, layer="fc6"), data)
+    assert is_cached(rec, pc, replace(warp, layer="pool5"), data) and is_cached(rec, pc, replace(warp, layer="fc6"), data)
     files = CNNFeatures(pc, joined, data).cache_files(rec)  # one file per tap of a joined layer
     assert len(files) == 2 and all(f.is_file() for f in files)
-    with np.load(feature_path(rec, pc, replace(fc, layer="fc6"), data)) as z:
+    with np.load(feature_path(rec, pc, replace(warp, layer="fc6"), data)) as z:
         assert z.zip.getinfo("feats.npy").compress_type == 0  # stored, not deflated
+    fc = replace(warp, mode="shared")  # shared mode caches the trunk maps: one file for every tap
+    assert len(CNNFeatures(pc, replace(fc, layer="pool5+fc6"), data).cache_files(rec)) == 1
     src = CNNFeatures(pc, replace(fc, layer="fc6"), data)
     boxes, feats = src.regions(rec)
     gt = src.gt_features(rec)

@@ -303,14 +303,6 @@ def _extract(image, boxes, bb: Backbone, layers, mode, batch_size, context_pad, 
 TRUNK_DTYPE = torch.float16
 
 
-def image_scales(height: int, width: int, scales: Sequence[float], short_side: int | None, max_side: int) -> list[float]:
-    """Per-axis-free resize factors of one ``height`` × ``width`` image, one per shared-mode scale:
-    ``scale × short_side / min(h, w)`` (``scale`` alone when ``short_side`` is None), each lowered so
-    the longer side stays within ``max_side`` pixels."""
-    base = 1.0 if short_side is None else float(short_side) / max(1, min(height, width))
-    return [min(float(sc) * base, max_side / max(height, width)) for sc in scales]
-
-
 def _scale_pick(boxes: np.ndarray, factors: Sequence[float], input_size: int) -> np.ndarray:
     """Index of the factor that brings each box's area closest to the network input's (SPP-net's rule)."""
     area = np.maximum(boxes[:, 2] - boxes[:, 0], 1) * np.maximum(boxes[:, 3] - boxes[:, 1], 1)
@@ -339,29 +331,28 @@ class TrunkMaps:
 def trunk_maps(image: np.ndarray, bb: Backbone, sides: Sequence[str], scales: Sequence[float], max_side: int,
                dev: torch.device, flip: bool = False, short_side: int | None = None, boxes: np.ndarray | None = None,
                context_pad: int = 0) -> TrunkMaps:
-    """Run the trunk over an (H,W,3) uint8 image at each shared-mode scale (:func:`image_scales`),
-    keeping the trunk map and the ``sides`` maps as float16. With ``boxes``, only the scales some box
+    """Run the trunk over an (H,W,3) uint8 image at each shared-mode scale (:func:`scaled_image`; with
+    ``short_side``, of the image resized to that shorter side), keeping the trunk map and the ``sides`` maps as float16. With ``boxes``, only the scales some box
     picks are run (extraction of known boxes); without, all (the trunk cache)."""
     scales = tuple(float(x) for x in scales)
     if not scales or min(scales) <= 0:
         raise ValueError(f"scales must be positive, not {scales}")
     h, w = image.shape[:2]
+    # each scale multiplies the image resized to ``short_side`` (or the image itself)
     nominal = [float(sc) * (1.0 if short_side is None else short_side / max(1, min(h, w))) for sc in scales]
-    used = image_scales(h, w, scales, short_side, max_side)
     need = set(range(len(scales)))
     if boxes is not None:
         b = np.asarray(boxes, np.float32).reshape(-1, 4)
         b = dilate_boxes(b, bb.input_size, context_pad) if context_pad else b
         need = set(_scale_pick(b, nominal, bb.input_size).tolist())
     sizes, maps = [], []
-    for i, sc in enumerate(used):
-        size = (max(1, round(w * sc)), max(1, round(h * sc)))
-        sizes.append(size)
-        if i not in need:
+    for i, sc in enumerate(nominal):
+        if i not in need:  # no box picks this scale: nothing to run (its size is never read)
+            sizes.append((0, 0))
             maps.append({})
             continue
-        flag = cv2.INTER_CUBIC if bb.interpolation == "bicubic" or sc > 1 else cv2.INTER_AREA
-        img = image if size == (w, h) else cv2.resize(image, size, interpolation=flag)
+        img, _, _ = scaled_image(image, sc, max_side, bb.interpolation)
+        sizes.append((img.shape[1], img.shape[0]))
         views = {"": img[None]}
         if flip:
             views["@flip"] = np.ascontiguousarray(img[None, :, ::-1])
@@ -729,6 +720,20 @@ def pooled_features(record: ImageRecord, boxes: np.ndarray, feature_config: Feat
     """``(N, D)`` float32 shared-mode features of a dataset image's ``boxes`` ``(N,4)`` (original
     pixels), pooled from its cached trunk maps (:func:`get_trunk_maps`); joined taps concatenated."""
     return pool_features(get_trunk_maps(record, feature_config, dataset_root, image_sha), boxes, feature_config)
+
+
+def is_cached(record: ImageRecord, proposal_config, feature_config: FeatureConfig, dataset_root: str | Path) -> bool:
+    """Whether ``record``'s features (its trunk maps in shared mode, every tap in warp mode) are in the
+    cache for its current bytes."""
+    sha = file_sha256(record.path)
+    if feature_config.mode == "shared":
+        try:
+            with np.load(feature_path(record, None, feature_config, dataset_root), allow_pickle=False) as z:
+                return str(z["image_sha256"]) == sha  # read alone: the maps stay compressed on disk
+        except (OSError, ValueError, KeyError, EOFError):
+            return False
+    return all(_load(feature_path(record, proposal_config, c, dataset_root), sha) is not None
+               for c in tap_configs(feature_config))
 
 
 def get_features(

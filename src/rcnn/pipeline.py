@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -28,20 +27,12 @@ import numpy as np
 
 from rcnn.bbox_regression import LAMBDA, attach, train_box_regressor
 from rcnn.data import Dataset, ImageReadError, ImageRecord, load_dataset, load_image
-from rcnn.detect import (
-    CNNFeatures,
-    DetectStats,
-    HOGFeatures,
-    ModelError,
-    RCNNModel,
-    detect_dataset,
-    detect_image,
-    evaluate_model,
-    fit,
-)
-from rcnn.evaluate import Detections, EvalResult, coco_metrics
+from rcnn.detect import DetectStats, ModelError, RCNNModel, detect_dataset, detect_image, fit
+from rcnn.evaluate import Detections, EvalResult, coco_metrics, evaluate_model
 from rcnn.features import FeatureConfig, check_layer, features_for_dataset
+from rcnn.progress import ProgressFn
 from rcnn.proposals import ProposalConfig, propose_dataset
+from rcnn.sources import CNNFeatures, HOGFeatures
 from rcnn.svm import SVMConfig
 
 log = logging.getLogger(__name__)
@@ -291,7 +282,7 @@ def open_dataset(data: Dataset | str | Path, split: str | None) -> Dataset:
 
 
 def prepare(ds: Dataset, pc: ProposalConfig, fc: FeatureConfig | None, workers: int | None = None,
-            progress: bool = False) -> PrepareSummary:
+            progress: ProgressFn | None = None) -> PrepareSummary:
     """Fill the proposal and (CNN) feature caches of every image of ``ds``; unreadable images are
     reported in the summary and removed from ``ds.records`` (the rest is still usable)."""
     s = PrepareSummary(images=len(ds.records))
@@ -312,8 +303,8 @@ def prepare(ds: Dataset, pc: ProposalConfig, fc: FeatureConfig | None, workers: 
 
 
 def train(data: Dataset | str | Path, split: str | None = "trainval", preset: str | Recipe = "default", *,
-          workers: int | None = None, progress: bool = False, svm_progress: Callable | None = None,
-          net_path: str | Path | None = None, **overrides) -> Detector:
+          workers: int | None = None, progress: ProgressFn | None = None, net_path: str | Path | None = None,
+          **overrides) -> Detector:
     """Train a detector on ``data`` (a dataset folder / COCO file, or a loaded :class:`Dataset`).
 
     ``preset``: ``"default"`` or ``"paper"`` (:data:`PRESETS`) or a :class:`Recipe`; ``overrides``:
@@ -342,13 +333,13 @@ def train(data: Dataset | str | Path, split: str | None = "trainval", preset: st
     if not ds.records:
         raise ValueError(f"{ds.root}: no readable training images")
     t1 = time.perf_counter()
-    model, _ = fit(ds, source, rec.svm, progress=svm_progress)
+    model, _ = fit(ds, source, rec.svm, progress=progress)
     t2 = time.perf_counter()
     if rec.bbox_reg and not isinstance(source, CNNFeatures):
         log.warning("box regression needs CNN features: the HOG model is trained without it")
         rec = replace(rec, bbox_reg=False, relocalize=0)
     if rec.bbox_reg:
-        attach(model, train_box_regressor(ds.records, model.classes, source, lam=rec.bbox_lambda))
+        attach(model, train_box_regressor(ds.records, model.classes, source, lam=rec.bbox_lambda, progress=progress))
     t3 = time.perf_counter()
     model.training["recipe"] = {**rec.as_dict(), "resolved": resolved}
     model.training["prepare"] = {k: v for k, v in asdict(prep).items() if k != "failed"} | {"failed": len(prep.failed)}
@@ -415,7 +406,7 @@ class Evaluation:
 def evaluate(model: Detector | RCNNModel | str | Path, data: Dataset | str | Path, split: str | None = "test",
              metric: str = "voc07", *, relocalize: int | None = None, threshold: float | None = None,
              bbox_reg: bool = True, flip: bool = False, workers: int | None = None,
-             progress: bool = False) -> Evaluation:
+             progress: ProgressFn | None = None) -> Evaluation:
     """Detect on every image of ``split`` (proposals and features from the caches, filled first) and
     score: VOC AP (``metric`` ``voc07`` or ``voc2010``) and COCO mAP@[.5:.95] / AP50 / AP75.
     ``relocalize``: rounds of iterative localisation (None: the model's recipe); ``bbox_reg=False``
@@ -431,7 +422,7 @@ def evaluate(model: Detector | RCNNModel | str | Path, data: Dataset | str | Pat
     if rounds and (det.model.bbox_reg is None or not bbox_reg):
         raise ModelError("iterative localisation needs box regression (a model with a box regressor, bbox_reg=True)")
     dets = detect_dataset(det.model, ds, src, threshold=threshold, stats=stats, bbox_reg=bbox_reg,
-                          relocalize_rounds=rounds)
+                          relocalize_rounds=rounds, progress=progress)
     result, warnings = evaluate_model(det.model, ds, dets, metric)
     coco = coco_metrics(ds, dets, det.model.classes).as_dict()
     return Evaluation(result, coco, dets, stats.seconds_per_image, stats.images, prep.failed + stats.failed, warnings)
