@@ -78,7 +78,7 @@ def train(
     preset: Annotated[Literal["default", "paper"], typer.Option("--preset", help="The recipe: the validated one (shared trunk, pool5+fire5, "
                                         "box regression, sizes from the data) or the paper's (warp, fc7, no box regression)")] = "default",
     finetune: Annotated[bool, typer.Option("--finetune", help="Fine-tune the network on the training regions first "
-                                           "(paper §2.3; resumable), written beside the model as OUTPUT.net.safetensors")] = False,
+                                           "(paper §2.3; resumable), written beside the model (its name with .net.safetensors)")] = False,
     iterations: Annotated[int, typer.Option("--iterations", min=1, help="Fine-tuning SGD iterations (2 images × 64 "
                                             "regions each)")] = 1500,
     val_fraction: Annotated[float | None, typer.Option("--val-fraction", help="Hold out this fraction of the split "
