@@ -19,6 +19,8 @@ Backbones:
   torchvision's ``FeaturePyramidNetwork`` (128 ch, + max-pool level of stride 64). An FPN because a
   stride-32 map gives BCCD's platelets (training P5 of sqrt(w·h): 31 px) about one cell; 128 instead
   of the usual 256 channels to keep the RPN convolutions and the 7·7·C→1024 box head affordable here.
+  The trunk runs channels-last: PyTorch's CPU backward of depthwise convolutions is far slower in NCHW
+  (one training iteration took 9x the CPU time here). SqueezeNet's trunk stays NCHW (plain convs).
 
 Anchors come from the TRAINING split's boxes only (``anchor_plan``): sizes on a √2 ladder starting at
 the 1st percentile of sqrt(w·h) and reaching its 99th (adjacent sizes differ by an area factor of √2,
@@ -42,7 +44,8 @@ R-CNN paper's test setting); test keeps detections scoring >= 0.001, at most 100
 ``torch.set_num_threads(2)`` (``--threads``).
 
 Clocks: the budget clock counts training iterations only (data loading, forward, backward, step);
-evaluation and checkpoint writing are excluded. Each point also records process CPU-seconds of
+evaluation and checkpoint writing are excluded. ``--clock cpu`` makes the budgets process CPU-minutes
+per thread instead (a clock that machine load does not stretch; a different run). Each point also records process CPU-seconds of
 training (under load the fairer clock), detection wall and CPU seconds per test image (from the
 decoded image to the boxes, batch 1), and ``os.getloadavg()`` at the point and averaged over training.
 
@@ -50,7 +53,8 @@ Checkpointed and resumable: ``<cache>/peer_fasterrcnn/<name>-<settings hash>/che
 (model, optimizer, both RNG states, the epoch's image order, training wall/CPU time, results so far)
 is written atomically every ``--checkpoint-every`` training seconds and at every budget point; a run
 killed at any point restarts from it (the budgets are not part of the hash: a longer ``--budgets``
-list continues a finished run). Results merge into ``bench/results/peer_fasterrcnn.json`` keyed by run
+list continues a finished run; a budget the run is already past is skipped with one line). A budget
+shorter than one epoch says so in one line and marks its point ``under_one_epoch``. Results merge into ``bench/results/peer_fasterrcnn.json`` keyed by run
 name (default: the backbone) and plot to ``bench/results/peer_fasterrcnn.png`` (with rcnn's own points
 from ``bench/results/own_dataset.json`` when that file exists). The last point's test detections are
 written as a COCO results JSON, ``bench/results/peer_fasterrcnn_<name>_test_detections.json``, for
@@ -353,7 +357,7 @@ def plot(doc: dict, path: Path, own: list[dict]) -> None:
                 ax.annotate(f"load {p['load_mean_training']:.1f}", (xi, yi), textcoords="offset points", xytext=(4, -12),
                             fontsize=7, color="gray")
     for p in own:
-        axes[0].plot([p["train_minutes"]], [p["map_voc07"]], "*", markersize=11, label=f"rcnn: {p['system']}")
+        axes[0].plot([p["train_minutes"]], [p["map_voc07"]], "*", markersize=11, label=p["system"])
     axes[0].set_xlabel("training wall minutes (evaluation excluded); gray: mean 1-min load")
     axes[1].set_xlabel("training CPU-minutes / torch threads")
     axes[0].set_ylabel("VOC07 mAP, BCCD test")
@@ -485,7 +489,7 @@ def run(args: argparse.Namespace) -> int:
                 st["load_n"] += 1
                 if trace:
                     ids = " ".join(train_recs[i].image_id for i in idx)
-                    trace.write(f"{st['iteration']} {sum(vals.values()):.6f} {lr:.6g} {ids}\n")
+                    trace.write(f"{st['iteration']} {sum(vals.values()):.6f} {lr:.6g} {st['train_s']:.3f} {ids}\n")
                     trace.flush()
                 if st["iteration"] % args.log_every == 0:
                     parts = " ".join(f"{k} {v:.3f}" for k, v in vals.items())
@@ -502,11 +506,9 @@ def run(args: argparse.Namespace) -> int:
                                                 name=name, out=Path(args.out)))
             st["pending"] = None
             checkpoint()  # with the new result
-            write_results(Path(args.out), name, recipe, anchors, st["results"], n_train, len(test.records), run_dir,
-                          budgets)
+            write_results(Path(args.out), name, recipe, anchors, st["results"], n_train, len(test.records), run_dir)
         if st["results"]:  # also when every budget was done before: refreshes the JSON entry and the plot
-            write_results(Path(args.out), name, recipe, anchors, st["results"], n_train, len(test.records), run_dir,
-                          budgets)
+            write_results(Path(args.out), name, recipe, anchors, st["results"], n_train, len(test.records), run_dir)
     finally:
         if trace:
             trace.close()
@@ -550,7 +552,7 @@ def evaluate_point(model: nn.Module, st: dict, budget: float, n_train: int, test
 
 
 def write_results(out: Path, name: str, recipe: Recipe, anchors: dict, points: list[dict], n_train: int, n_test: int,
-                  run_dir: Path, budgets: list[float]) -> None:
+                  run_dir: Path) -> None:
     """Merge this run into ``out`` (keyed by run name; atomic) and redraw the plot beside it."""
     doc = load_results(out)
     doc["about"] = ("torchvision Faster R-CNN trained on BCCD from rcnn's own ImageNet weights on this CPU, evaluated "
@@ -567,7 +569,7 @@ def write_results(out: Path, name: str, recipe: Recipe, anchors: dict, points: l
                    "min(warmup_max_iters, iterations per epoch - 1), then constant", "lr_note": LR_NOTE,
                    "frozen": "stride<=4 stages + every BatchNorm", "roi_align": "7x7, sampling ratio 2",
                    "box_head": "torchvision TwoMLPHead 1024 + FastRCNNPredictor", "box_nms": 0.5},
-        "anchors": anchors, "budgets_min": budgets, "points": points,
+        "anchors": anchors, "points": points,
         "machine": {"cpus": os.cpu_count(), "torch_threads": recipe.threads, "torch": torch.__version__},
         "checkpoint_dir": str(run_dir),
         "command": "python bench/peer_fasterrcnn.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
@@ -600,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint-every", type=float, default=120.0, help="training seconds between checkpoints (0: every iteration)")
     ap.add_argument("--fresh", action="store_true", help="discard this run's checkpoint and start over")
     ap.add_argument("--log-every", type=int, default=10)
-    ap.add_argument("--trace", help="append 'iteration loss lr image_ids' per iteration to this file (resume tests)")
+    ap.add_argument("--trace", help="append 'iteration loss lr train_s image_ids' per iteration to this file (resume tests)")
     ap.add_argument("--simulate-kill-after", type=int, help="tests: exit abruptly (no checkpoint) after this iteration")
     return run(ap.parse_args(argv))
 

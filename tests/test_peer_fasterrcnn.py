@@ -28,12 +28,12 @@ def test_refuses_without_data(tmp_path):
     assert not (tmp_path / "p.json").exists()
 
 
-def _trace(path: Path) -> dict[int, tuple[float, str, str]]:
-    """iteration -> (loss, lr, image ids); a re-trained iteration keeps its last line."""
+def _trace(path: Path) -> dict[int, tuple[float, str, str, float]]:
+    """iteration -> (loss, lr, image ids, training seconds); a re-trained iteration keeps its last line."""
     out = {}
     for line in path.read_text().splitlines():
-        it, loss, lr, ids = line.split(" ", 3)
-        out[int(it)] = (float(loss), lr, ids)
+        it, loss, lr, train_s, ids = line.split(" ", 4)
+        out[int(it)] = (float(loss), lr, ids, float(train_s))
     return out
 
 
@@ -57,15 +57,20 @@ def test_killed_run_resumes_exactly(tmp_path):
     lines = (tmp_path / "b.txt").read_text().splitlines()
     assert [int(x.split()[0]) for x in lines] == [1, 2, 3, 3, 4, 5, 6]  # iteration 3 trained twice
     for it in ta:  # same images, flips (through the losses), learning rate and optimizer state
-        assert ta[it][1:] == tb[it][1:]
+        assert ta[it][1:3] == tb[it][1:3]
         assert ta[it][0] == pytest.approx(tb[it][0], rel=1e-4, abs=1e-5)
-    # a budget already spent evaluates at once from the last checkpoint (iteration 5: the kill after 6
-    # came before its checkpoint) and writes the JSON point
-    b3 = _run(*[x if x != "600" else "0.001" for x in b_args], "--max-test-images", "2", "--checkpoint-every", "0")
+    # the last checkpoint is iteration 5's (the kill after 6 came before its checkpoint): a budget just past
+    # its clock trains iteration 6 again, then evaluates and writes the JSON point
+    budget = f"{(tb[5][3] + 0.01) / 60:.6f}"
+    b3 = _run(*[x if x != "600" else budget for x in b_args], "--max-test-images", "2")
     assert b3.returncode == 0, b3.stderr[-2000:]
-    assert "under one epoch" not in b3.stdout  # 5 iterations x 2 images > one epoch of 6 images
+    assert "under one epoch" not in b3.stdout  # 6 iterations x 2 images = two epochs of 6 images
     run = json.loads(out.read_text())["runs"]["b"]
     (point,) = run["points"]
-    assert point["iterations"] == 5 and point["epochs"] == 1.667 and point["test_images"] == 2
+    assert point["iterations"] == 6 and point["epochs"] == 2.0 and point["test_images"] == 2
     assert 0.0 <= point["map_voc07"] <= 1.0 and "fp_analysis" in point
     assert Path(point["detections_file"]).is_file() and out.with_suffix(".png").is_file()
+    # a budget the run is already past (with no point there) cannot be re-created from the checkpoint
+    b4 = _run(*[x if x != "600" else "0.0005" for x in b_args])
+    assert b4.returncode == 0 and "already past it" in b4.stdout, b4.stderr[-2000:]
+    assert [p["budget_min"] for p in json.loads(out.read_text())["runs"]["b"]["points"]] == [float(budget)]
