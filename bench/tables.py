@@ -116,6 +116,27 @@ OWN_NAMES = {"bccd": "BCCD (3 classes, small cells)", "pennfudan": "Penn-Fudan p
              "close-up persons, 240–1600 px photos"}
 
 
+@table("peer", "peer_fasterrcnn.json")
+def peer() -> str:
+    """torchvision Faster R-CNN from the project's ImageNet weights, at each training budget."""
+    runs = load("peer_fasterrcnn.json")["runs"]
+    rows = []
+    for name, run in runs.items():
+        for pt in run["points"]:
+            ap = pt["ap_voc07"]
+            rows.append([f"{name} ({run['feature_maps'].split(' (')[0]})", f"{pt['budget_min']:.0f} min",
+                         f"{pt['train_cpu_s']:.0f}", f"{pt['iterations']} ({pt['epochs']:.2f})", f(pt["map_voc07"]),
+                         " / ".join(f(ap.get(c)) for c in ("Platelets", "RBC", "WBC")), f(pt["coco_map"]),
+                         f"{pt['detect_s_per_image']:.2f} ({pt['detect_cpu_s_per_image']:.2f})",
+                         f"{pt['load_mean_training']:.1f}"])
+    return "\n\n".join([md(["Faster R-CNN backbone", "training wall", "training CPU-s", "iterations (epochs)",
+                             "test mAP (VOC07)", "Platelets / RBC / WBC", "COCO mAP", "detect s/image wall (CPU-s)",
+                             "mean load"], rows, "llrrrlrrr"),
+                         "BCCD trainval (292 images) → test (72), 2 threads, test-only (one run per budget, nothing "
+                         "chosen on test); every point is under one epoch.",
+                         source("peer_fasterrcnn.json: runs.*.points")])
+
+
 @table("own-validation", "own_dataset.json")
 def own_validation() -> str:
     """The default recipe's detection variants on each dataset's held-out validation part."""
