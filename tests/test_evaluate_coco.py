@@ -84,7 +84,7 @@ def test_voc_sample_perfect_and_cli(tmp_path):
     d = ground_truth_as_detections(ds)
     d = Detections(d.image_ids, d.boxes + np.float32([0, 0, 0, 4]), d.scores, d.labels)  # taller: lower IoU
     write_coco_results(d, list(range(1, 21)), tmp_path / "dets.json")
-    out = CliRunner().invoke(app, ["evaluate-dets", str(tmp_path / "dets.json"), "--data", str(root), "--split", "test",
+    out = CliRunner().invoke(app, ["evaluate-dets", str(tmp_path / "dets.json"), str(root), "--split", "test",
                                    "-o", str(tmp_path / "r.json")])
     assert out.exit_code == 0, out.output
     assert "COCO mAP@[.5:.95]" in out.output and "AP50 1.000" in out.output
