@@ -155,7 +155,7 @@ class _FakeImagenet:
 
     seen: ClassVar[list] = []
 
-    def __init__(self, vocabulary=None, config=None):
+    def __init__(self, vocabulary=None, config=None, heads=()):
         self.config = config
         self.class_names = ["cat", "tv monitor", "teddy bear"]
         _FakeImagenet.seen.append(config)

@@ -374,3 +374,75 @@ def test_cli_bad_vocabulary_exit_2(tmp_path):
 def test_cli_missing_images_path_exit_2(tmp_path):
     r = _cli("--images", str(tmp_path / "nope"), "-o", str(tmp_path / "out"))
     assert r.exit_code == 2 and "no such file or folder" in r.output
+
+
+# ----------------------------------------------------------------------------- VOC mapping, calibration, heads
+
+
+def test_builtin_voc_mapping_is_versioned_and_names_real_classes():
+    from rcnn.demo import load_class_mapping
+
+    m = load_class_mapping()
+    assert isinstance(m.version, int) and m.version >= 1 and m.target == "voc2007"
+    voc = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable", "dog",
+           "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor"]  # fmt: skip
+    assert set(m.pairs.values()) == set(voc)  # every VOC class once, nothing else
+    assert len(set(m.pairs.values())) == len(m.pairs)
+    names = [*load_vocabulary().names, "person"]
+    assert set(m.pairs) <= set(names)  # every mapped name is a detector name
+    lab = m.label_map(["tv monitor", "truck", "table", "person"], voc)
+    assert lab.tolist() == [voc.index("tvmonitor"), -1, voc.index("diningtable"), voc.index("person")]
+
+
+@pytest.mark.parametrize(("content", "needle"), [
+    ("{", "not valid JSON"), (json.dumps({"pairs": {"a": "b"}}), "version"),
+    (json.dumps({"version": 1, "pairs": {}}), "pairs"), (json.dumps({"version": True, "pairs": {"a": "b"}}), "version"),
+    (json.dumps({"version": 1, "pairs": {"a": 3}}), "pairs"),
+])  # fmt: skip
+def test_bad_class_mapping_one_line(tmp_path, content, needle):
+    from rcnn.demo import load_class_mapping
+
+    p = tmp_path / "m.json"
+    p.write_text(content)
+    with pytest.raises(VocabularyError) as e:
+        load_class_mapping(p)
+    assert needle in str(e.value) and str(p) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_fit_platt_recovers_a_logistic_and_stays_finite_when_separable():
+    from rcnn.demo import fit_platt, platt
+
+    rng = np.random.default_rng(0)
+    s = rng.normal(0, 2, 20000)
+    y = rng.random(20000) < 1 / (1 + np.exp(-(1.5 * s - 1.0)))
+    a, b = fit_platt(s, y)
+    assert a == pytest.approx(1.5, rel=0.1) and b == pytest.approx(-1.0, abs=0.1)
+    p = platt(np.array([-100.0, 0.0, 100.0]), a, b)
+    assert p.dtype == np.float32 and p[0] < 1e-6 and p[2] > 1 - 1e-6 and 0 < p[1] < 0.5
+    # perfectly separated scores: Platt's smoothed targets keep the slope finite
+    a2, b2 = fit_platt(np.r_[np.full(10, -1.0), np.full(10, 1.0)], np.r_[np.zeros(10), np.ones(10)])
+    assert np.isfinite([a2, b2]).all() and a2 > 0
+    with pytest.raises(ValueError, match="both"):
+        fit_platt(np.ones(5), np.ones(5))
+
+
+def test_select_detections_uses_each_names_own_boxes():
+    from rcnn.demo import select_detections
+
+    boxes = np.array([[0, 0, 10, 10], [100, 100, 150, 150]], np.float32)
+    scores = np.array([[0.9, 0.1], [0.2, 0.8]], np.float32)
+    class_boxes = np.repeat(boxes[:, None], 2, axis=1).copy()
+    class_boxes[1, 1] = [98, 101, 152, 149]  # name 1's regressed box of region 1
+    b, _s, lab = select_detections(boxes, scores, DemoConfig(threshold=0.5), class_boxes)
+    assert lab.tolist() == [0, 1] and b.tolist() == [[0, 0, 10, 10], [98, 101, 152, 149]]
+    assert len(select_detections(np.zeros((0, 4)), np.zeros((0, 2)), DemoConfig())[0]) == 0
+    with pytest.raises(ValueError, match="rows"):
+        select_detections(boxes, scores[:1])
+
+
+def test_contact_sheet_columns():
+    from rcnn.demo import contact_sheet
+
+    ims = [np.zeros((10, 20, 3), np.uint8)] * 5
+    assert contact_sheet(ims, height=10, gap=2).shape == (10, 5 * 20 + 4 * 2, 3)
+    assert contact_sheet(ims, height=10, gap=2, columns=2).shape == (3 * 10 + 2 * 2, 2 * 20 + 2, 3)

@@ -37,14 +37,15 @@ def demo(
     ),
     max_detections: int = typer.Option(10, help="At most this many detections per image."),
 ) -> None:
-    """Detect objects with no training: selective search -> ImageNet classifier per region -> readable names.
+    """Detect objects with no training: selective search -> ImageNet classifier per region -> readable names,
+    plus people from the shipped person head (rcnn models).
 
     Writes OUTPUT/<image>.png (annotated), OUTPUT/detections.json (COCO layout) and
-    OUTPUT/index.html. A demonstration of the pipeline; train a real detector with `rcnn train`.
+    OUTPUT/index.html. Train a detector for your own classes with `rcnn train`.
     """
+    from rcnn import zoo
     from rcnn.demo import (
         DemoConfig,
-        ImagenetDetector,
         ImageReport,
         VocabularyError,
         check_writable,
@@ -73,8 +74,8 @@ def demo(
         sources = sample_images()
     try:
         vocab = load_vocabulary(vocabulary) if vocabulary is not None else None
-        detector = ImagenetDetector(vocab, config)
-    except VocabularyError as e:
+        detector = zoo.load("imagenet", config=config, vocabulary=vocab)
+    except (VocabularyError, zoo.ZooError) as e:
         raise fail(str(e), 2) from None
 
     table = Table(title="rcnn demo (imagenet detector, zero training)")

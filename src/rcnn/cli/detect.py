@@ -199,8 +199,9 @@ MODEL_ONLY_OPTIONS = {"no_bbox_reg": "--no-bbox-reg", "flip": "--flip", "relocal
 @app.command()
 def detect(
     ctx: typer.Context,
-    model_path: Annotated[Path, typer.Argument(help="Model file written by `rcnn train` (.rcnn), or `imagenet` (the "
-                                               "zero-training demo detector, also used when the first argument is an image)")],
+    model_path: Annotated[Path, typer.Argument(help="Model file written by `rcnn train` (.rcnn), or the name of a shipped "
+                                               "detector (`rcnn models`: imagenet = the zero-training detector, also used "
+                                               "when the first argument is an image; person)")],
     images: Annotated[list[Path] | None, typer.Argument(help="Image files")] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Output folder")] = Path("rcnn-detect"),
     threshold: Annotated[float | None, typer.Option("--threshold", "-t", help="Keep detections scoring above this: an SVM "
@@ -221,26 +222,36 @@ def detect(
     and an annotated PNG per image.
 
     Without a trained model (`rcnn detect IMAGE...` or `rcnn detect imagenet IMAGE...`) the
-    zero-training ImageNet-vocabulary detector of `rcnn demo` is used; it takes --threshold,
-    --max-detections and --no-png, and refuses the trained-model options."""
+    zero-training detector of `rcnn demo` is used (the ImageNet vocabulary + the shipped person head);
+    it takes --threshold, --max-detections and --no-png, and refuses the trained-model options.
+    `rcnn detect person IMAGE...` uses the shipped person model (`rcnn models` lists them)."""
+    from rcnn import zoo
     from rcnn.data import IMAGE_SUFFIXES
     from rcnn.detect import detect_image
 
     images = list(images or [])
-    if str(model_path) == "imagenet" or model_path.suffix.lower() in IMAGE_SUFFIXES:
-        if str(model_path) != "imagenet":
+    is_image = model_path.suffix.lower() in IMAGE_SUFFIXES
+    try:  # a shipped detector's name, unless a file of that name exists
+        shipped = None if is_image or model_path.exists() else zoo.manifest().get(str(model_path))
+    except zoo.ZooError as e:
+        raise fail(str(e), 2) from None
+    if is_image or (shipped is not None and shipped.kind == "imagenet"):
+        if is_image:
             images.insert(0, model_path)
         # typer vendors its own click: compare the ParameterSource by name
         given = [flag for name, flag in MODEL_ONLY_OPTIONS.items()
                  if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")]
         if given:
             raise fail(f"{', '.join(given)}: only for a trained model (.rcnn), not the zero-training imagenet detector", 2)
-        return _detect_imagenet(images, output, threshold, top_k, no_png)
+        return _detect_imagenet("imagenet" if shipped is None else shipped.name, images, output, threshold, top_k, no_png)
     if not images:
         raise fail("no images given: rcnn detect MODEL IMAGE... (or rcnn detect IMAGE... for the ImageNet demo detector)", 2)
     check_engine(engine, address)
     _log_warnings()
-    model = _load_model(model_path)
+    try:
+        model = _load_model(model_path) if shipped is None else zoo.load_rcnn(shipped.name)
+    except zoo.ZooError as e:
+        raise fail(str(e), 2) from None
     if relocalize and (no_bbox_reg or model.bbox_reg is None):
         raise fail(f"--relocalize needs box regression: {model_path} has no box regressor (add one with rcnn bbox-reg)"
                    if model.bbox_reg is None else "--relocalize needs box regression, not --no-bbox-reg", 2)
@@ -257,9 +268,11 @@ def detect(
     _detect_images(images, detect_one, model.classes, output, no_png)
 
 
-def _detect_imagenet(images: list[Path], output: Path, threshold: float | None, top_k: int | None, no_png: bool) -> None:
-    """`rcnn detect` with the zero-training demo detector (rcnn.demo.ImagenetDetector)."""
-    from rcnn.demo import DemoConfig, ImagenetDetector
+def _detect_imagenet(name: str, images: list[Path], output: Path, threshold: float | None, top_k: int | None,
+                     no_png: bool) -> None:
+    """`rcnn detect` with the shipped zero-training detector ``name`` (rcnn.zoo.load → rcnn.demo.ImagenetDetector)."""
+    from rcnn import zoo
+    from rcnn.demo import DemoConfig
 
     settings = {k: v for k, v in (("threshold", threshold), ("max_detections", top_k)) if v is not None}
     try:
@@ -268,7 +281,10 @@ def _detect_imagenet(images: list[Path], output: Path, threshold: float | None, 
         raise fail(f"bad option for the imagenet detector: {e}", 2) from None
     if not images:
         raise fail("no images given", 2)
-    det = ImagenetDetector(config=config)
+    try:
+        det = zoo.load(name, config=config)
+    except zoo.ZooError as e:
+        raise fail(str(e), 2) from None
     _detect_images(images, lambda img, p: det(img), det.class_names, output, no_png)
 
 
