@@ -270,7 +270,7 @@ def main() -> None:
     ap.add_argument("--recipe", default=RECIPE, help="rcnn train options of the shipped models")
     ap.add_argument("--svm-c", type=float, nargs="+", default=[1e-3], help="SVM C candidates, chosen on val")
     ap.add_argument("--lambdas", type=float, nargs="+", default=[100.0, 1000.0, 10000.0])
-    ap.add_argument("--bccd-step", type=int, default=5)
+    ap.add_argument("--bccd-step", type=int, default=10)
     args = ap.parse_args()
     doc = load_doc()
     doc["command"] = "python bench/train_zoo.py " + " ".join(sys.argv[1:])

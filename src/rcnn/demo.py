@@ -218,7 +218,8 @@ class DemoConfig:
     (fast, default) or "warp" (the paper's per-region warp, §2.1). ``contain``: part
     suppression (:func:`suppress_parts`; 0 = off). ``tightness``: with a tightness scorer
     (:mod:`rcnn.tightness`), each vocabulary score is multiplied by the region's predicted IoU
-    with its object to this power before the decision (0 = off).
+    with its object to this power before the decision (0 = off). ``vote_iou``: box voting after
+    the per-name NMS (:func:`vote_boxes`; 0 = off).
     """
 
     backbone: str = "efficientnet_lite0"
@@ -234,6 +235,7 @@ class DemoConfig:
     contain: float = 0.7
     batch_size: int = 256
     tightness: float = 0.0  # vocabulary scores × predicted IoU ** tightness (needs a tightness scorer)
+    vote_iou: float = 0.0  # box voting after NMS (vote_boxes); 0 = off
 
     def __post_init__(self) -> None:
         if self.mode not in ("shared", "warp"):
@@ -295,13 +297,34 @@ def select_detections(
     cb = boxes[ri] if class_boxes is None else np.asarray(class_boxes, np.float32)[ri, gi]
     cs, cl = scores[ri, gi].astype(np.float32), gi.astype(np.int64)
     keep = batched_nms(cb, cs, cl, config.nms_iou)  # paper §2.2: greedy NMS per class
-    cb, cs, cl = cb[keep], cs[keep], cl[keep]
+    if config.vote_iou > 0:
+        voted = vote_boxes(cb[keep], cl[keep], cb, cs, cl, config.vote_iou)
+        cb, cs, cl = voted, cs[keep], cl[keep]
+    else:
+        cb, cs, cl = cb[keep], cs[keep], cl[keep]
     if config.contain > 0:
         keep = suppress_parts(cb, cs, cl, config.contain)
         cb, cs, cl = cb[keep], cs[keep], cl[keep]
     keep = nms(cb, cs, config.cross_class_iou)  # one object, one label
     keep = keep[: config.max_detections]
     return cb[keep], cs[keep], cl[keep]
+
+
+def vote_boxes(kept: np.ndarray, kept_labels: np.ndarray, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray,
+               iou: float = 0.5) -> np.ndarray:
+    """Box voting (Gidaris & Komodakis 2015, not in R-CNN): each kept box ``(K,4)`` becomes the
+    score-weighted mean of the candidates ``(N,4)`` of its class overlapping it by IoU ≥ ``iou``
+    (itself included). Returns ``(K,4)`` float32."""
+    from rcnn.boxes import box_iou
+
+    kept = np.asarray(kept, np.float32).reshape(-1, 4)
+    if len(kept) == 0:
+        return kept
+    ov = np.asarray(box_iou(kept, np.asarray(boxes, np.float32)))
+    w = (ov >= iou) & (np.asarray(kept_labels)[:, None] == np.asarray(labels)[None, :])
+    w = w * np.asarray(scores, np.float64)[None, :]
+    out = (w @ np.asarray(boxes, np.float64)) / np.maximum(w.sum(1, keepdims=True), 1e-12)
+    return np.where(w.sum(1, keepdims=True) > 0, out, kept).astype(np.float32)
 
 
 def suppress_parts(
@@ -390,13 +413,22 @@ class ModelHead:
     probabilities by Platt scaling (``platt_ab``, fitted on held-out data) so one threshold serves the
     vocabulary's summed softmax probabilities and these. Its box regressor (if any) refines each
     region's box for its classes. The model's network runs once per image over the shared
-    proposals, computing the SVM tap and the regressor's tap in the same pass.
+    proposals, computing the SVM tap and the regressor's tap in the same pass. ``precision``
+    overrides the model's CNN arithmetic (``"fp32"``/``"bf16"``; None: as trained).
     """
 
-    def __init__(self, model, platt_ab: tuple[float, float], bbox_reg: bool = True):
+    def __init__(self, model, platt_ab: tuple[float, float], bbox_reg: bool = True, precision: str | None = None):
         self.model = model
         self.platt_ab = (float(platt_ab[0]), float(platt_ab[1]))
         self.source = model.feature_source()
+        if precision is not None and precision != self.source.feature_config.precision:
+            # a speed knob: bf16 autocast is slower than fp32 on CPUs without native bf16, and the
+            # features agree within ~1% (the SVM was trained on float16-stored features anyway)
+            from rcnn.detect import CNNFeatures
+
+            src = self.source
+            self.source = CNNFeatures(src.proposal_config, replace(src.feature_config, precision=precision),
+                                      backbone=src.backbone)
         self.bbox_reg = bbox_reg and model.bbox_reg is not None
         self.active = np.flatnonzero(np.asarray(model.trained, bool))
         self.names = [model.classes[i] for i in self.active]
@@ -411,7 +443,7 @@ class ModelHead:
         """Whether ``feature_config`` (a :class:`rcnn.features.FeatureConfig`) differs from this head's
         features only by layer: its tap can then come from this head's forward pass."""
         mine = self.source.feature_config
-        return replace(feature_config, layer=mine.layer, with_gt=False) == replace(mine, with_gt=False)
+        return replace(feature_config, layer=mine.layer, with_gt=False, precision=mine.precision) == replace(mine, with_gt=False)
 
     def score(self, image: np.ndarray, boxes: np.ndarray, extra_taps: Sequence[str] = ()
               ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
@@ -871,5 +903,7 @@ __all__ = [
     "sample_images",
     "select_detections",
     "softmax",
+    "suppress_parts",
+    "vote_boxes",
     "write_html",
 ]

@@ -26,6 +26,9 @@ ZOO_DIR = Path(__file__).resolve().parent / "resources" / "zoo"
 MANIFEST_PATH = ZOO_DIR / "manifest.json"
 #: the manifest layout this module reads
 MANIFEST_VERSION = 1
+#: CNN arithmetic of the imagenet detector's heads: fp32 (bf16 autocast is slower without native
+#: bf16 support, and the features agree within ~1%: bench/results/demo.json)
+HEAD_PRECISION = "fp32"
 
 
 class ZooError(ValueError):
@@ -49,6 +52,8 @@ class ModelInfo:
     heads: list[str] = field(default_factory=list)
     calibration: dict[str, Any] = field(default_factory=dict)
     numbers: dict[str, Any] = field(default_factory=dict)
+    tightness: str | None = None  # imagenet: the class-agnostic tightness scorer file (rcnn.tightness)
+    tightness_sha256: str | None = None
 
     @property
     def path(self) -> Path | None:
@@ -88,27 +93,37 @@ def info(name: str) -> ModelInfo:
 
 def load_rcnn(name: str):
     """The shipped :class:`rcnn.detect.RCNNModel` ``name`` (its file checked against the manifest's sha256)."""
-    from rcnn.cache import file_sha256
     from rcnn.detect import ModelError, RCNNModel
 
     entry = info(name)
-    if entry.kind != "rcnn" or entry.path is None:
+    if entry.kind != "rcnn" or entry.file is None:
         raise ZooError(f"{name!r} is not a model file but a {entry.kind!r} detector")
-    if not entry.path.is_file():
-        raise ZooError(f"{name!r}: shipped file {entry.path} is missing (reinstall rcnn)")
-    if entry.sha256 and file_sha256(entry.path) != entry.sha256:
-        raise ZooError(f"{name!r}: {entry.path} does not match the manifest's sha256 (reinstall rcnn)")
+    path = _checked(entry, entry.file, entry.sha256)
     try:
-        return RCNNModel.load(entry.path)
+        return RCNNModel.load(path)
     except ModelError as e:
         raise ZooError(str(e)) from None
+
+
+def _checked(entry: ModelInfo, file: str, sha256: str | None) -> Path:
+    path = ZOO_DIR / file
+    if not path.is_file():
+        raise ZooError(f"{entry.name!r}: shipped file {path} is missing (reinstall rcnn)")
+    if sha256:
+        from rcnn.cache import file_sha256
+
+        if file_sha256(path) != sha256:
+            raise ZooError(f"{entry.name!r}: {path} does not match the manifest's sha256 (reinstall rcnn)")
+    return path
 
 
 def load(name: str, config=None, vocabulary=None, heads: bool = True):
     """The shipped detector ``name``: an :class:`rcnn.demo.ImagenetDetector` for ``"imagenet"``
     (``config``: a :class:`rcnn.demo.DemoConfig`; ``vocabulary``: a vocabulary or its JSON path;
-    ``heads=False``: without the shipped person head), else an :class:`rcnn.detect.RCNNModel`."""
+    ``heads=False``: the ImageNet vocabulary alone, without the shipped person head and tightness
+    scorer), else an :class:`rcnn.detect.RCNNModel`."""
     from rcnn.demo import ImagenetDetector, ModelHead
+    from rcnn.tightness import TightnessScorer
 
     entry = info(name)
     if entry.kind == "rcnn":
@@ -121,8 +136,14 @@ def load(name: str, config=None, vocabulary=None, heads: bool = True):
         ab = hinfo.calibration.get("platt")
         if not ab or len(ab) != 2:
             raise ZooError(f"{h!r}: the manifest holds no Platt calibration ('calibration': {{'platt': [a, b]}})")
-        head_objs.append(ModelHead(load_rcnn(h), (float(ab[0]), float(ab[1]))))
-    return ImagenetDetector(vocabulary, config, heads=head_objs)
+        head_objs.append(ModelHead(load_rcnn(h), (float(ab[0]), float(ab[1])), precision=HEAD_PRECISION))
+    tight = None
+    if heads and entry.tightness:
+        try:
+            tight = TightnessScorer.load(_checked(entry, entry.tightness, entry.tightness_sha256))
+        except ValueError as e:
+            raise ZooError(str(e)) from None
+    return ImagenetDetector(vocabulary, config, heads=head_objs, tightness=tight)
 
 
 __all__ = ["MANIFEST_PATH", "ZOO_DIR", "ModelInfo", "ZooError", "info", "load", "load_rcnn", "manifest", "names"]
