@@ -29,12 +29,14 @@ from __future__ import annotations
 import datetime as _dt
 import difflib
 import html
+import itertools
 import json
 import os
 import re
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -469,6 +471,17 @@ class ModelHead:
 
 
 @dataclass
+class Proposals:
+    """Selective-search boxes of one image: ``image`` the (possibly shrunk) RGB image they are in,
+    ``boxes`` (N,4) xyxy in its pixels, ``size`` the original image's (width, height)."""
+
+    image: np.ndarray
+    boxes: np.ndarray
+    size: tuple[int, int]
+    seconds: float = 0.0
+
+
+@dataclass
 class RegionScores:
     """Every region of one image with each name's score, before the decision.
 
@@ -531,14 +544,14 @@ class ImagenetDetector:
         )
         return softmax(logits)
 
-    def score_regions(self, image: np.ndarray) -> RegionScores:
-        """Steps 1-3 on an ``(H,W,3)`` RGB uint8 image: proposals and each name's score per region."""
+    def propose(self, image: np.ndarray) -> Proposals:
+        """Step 1 on an ``(H,W,3)`` RGB uint8 image: selective search on the image shrunk to
+        ``max_side``, small boxes dropped. Runs no network, so it can run in another thread while
+        the previous image's regions are scored (:func:`run_demo` does)."""
         import cv2
 
-        from rcnn.backbones import set_threads
         from rcnn.proposals import selective_search
 
-        set_threads()
         cfg = self.config
         if not image.flags.writeable:  # e.g. np.asarray(PIL image); torch warns on read-only input
             image = image.copy()
@@ -547,7 +560,7 @@ class ImagenetDetector:
         scale = min(1.0, cfg.max_side / max(h, w))
         small = image
         if scale < 1.0:
-            # shrinking large photos bounds the time; boxes are mapped back below
+            # shrinking large photos bounds the time; boxes are mapped back in score_regions
             small = cv2.resize(
                 image, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA
             )
@@ -556,11 +569,22 @@ class ImagenetDetector:
         bw, bh = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
         ok = (np.minimum(bw, bh) >= cfg.min_box_size) & (bw * bh >= cfg.min_box_frac * sw * sh)
         boxes = boxes[ok] if ok.any() else boxes
+        return Proposals(small, boxes, (w, h), time.perf_counter() - t0)
+
+    def score_regions(self, image: np.ndarray | Proposals) -> RegionScores:
+        """Steps 1-3: proposals (unless ``image`` is already :meth:`propose` 's result) and each
+        name's score per region."""
+        from rcnn.backbones import set_threads
+
+        set_threads()
+        prop = image if isinstance(image, Proposals) else self.propose(image)
+        small, boxes, (w, h) = prop.image, prop.boxes, prop.size
+        sh, sw = small.shape[:2]
         t1 = time.perf_counter()
         scores = self.vocabulary.group_scores(self.region_probs(small, boxes))
         t2 = time.perf_counter()
         back = np.array([w / sw, h / sh, w / sw, h / sh], np.float32)
-        seconds = {"proposals": t1 - t0, "features": t2 - t1}
+        seconds = {"proposals": prop.seconds, "features": t2 - t1}
         class_boxes, extras = None, {}
         if self.heads:
             # the heads score the same proposals (no second proposal pass); their own network runs once
@@ -849,16 +873,8 @@ def run_demo(
     used: set[str] = {"index", "detections", "summary"}
     thumbs: list[np.ndarray] = []
     json_path, html_path = out / "detections.json", out / "index.html"
-    for src in sources:
-        try:
-            image = src.load()
-        except ImageReadError as e:
-            msg = str(e).splitlines()[0]
-            skipped.append(msg)
-            if on_skip:
-                on_skip(msg)
-            continue
-        res = detector.detect(image)
+
+    def report_image(src: ImageSource, image: np.ndarray, res: DetectionResult) -> None:
         stem = _safe_stem(src.name, used)
         drawn = draw_detections(image, res.boxes, res.labels, res.scores, res.class_names)
         save_png(out / f"{stem}.png", drawn)
@@ -869,6 +885,30 @@ def run_demo(
         write_html(html_path, reports, skipped)
         if on_image:
             on_image(rep)
+
+    def load_and_propose(src: ImageSource) -> tuple[np.ndarray, Proposals] | str:
+        try:
+            image = src.load()
+        except ImageReadError as e:
+            return str(e).splitlines()[0]
+        return image, detector.propose(image)
+
+    # the next image's selective search (one core, no network) runs while this image's regions
+    # are scored (torch threads): the stages overlap instead of taking turns
+    with ThreadPoolExecutor(1) as pool:
+        it = iter(sources)
+        pending = [(src, pool.submit(load_and_propose, src)) for src in itertools.islice(it, 1)]
+        while pending:
+            src, fut = pending.pop(0)
+            got = fut.result()
+            pending += [(nxt, pool.submit(load_and_propose, nxt)) for nxt in itertools.islice(it, 1)]
+            if isinstance(got, str):
+                skipped.append(got)
+                if on_skip:
+                    on_skip(got)
+                continue
+            image, prop = got
+            report_image(src, image, detector.decide(detector.score_regions(prop)))
     make_public(save_json(json_path, coco_document(reports, detector.vocabulary, detector.config, detector.heads)))
     write_html(html_path, reports, skipped)
     if thumbs:
@@ -887,6 +927,7 @@ __all__ = [
     "ImageSource",
     "ImagenetDetector",
     "ModelHead",
+    "Proposals",
     "RegionScores",
     "Vocabulary",
     "VocabularyError",
