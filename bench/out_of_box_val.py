@@ -80,7 +80,7 @@ def main() -> None:
 
     rows = {}
     for which, col in (("classifier", proxy), ("head", head_col)):
-        for contain, vote, a in itertools.product((0.7, 0.0), (0.0, 0.5), args.alphas):
+        for contain, vote, a in itertools.product((0.7, 0.0, 0.5, 0.9), (0.0, 0.5), args.alphas):
             cfg = replace(base_cfg, tightness=a if which == "classifier" else 0.0, contain=contain, vote_iou=vote)
             parts = []
             for r in ds.records:

@@ -511,3 +511,14 @@ def test_model_head_scores_shared_proposals_with_calibration_and_regression():
     assert vocab_max[1] == pytest.approx(0.75 * vocab_max[0], rel=1e-5)  # vocabulary names × 0.75
     head_max = [r.scores[r.labels == g].max() for r in (plain, tighter)]
     assert head_max[0] == head_max[1]  # the head's calibrated SVM scores are not re-scored
+
+
+def test_cross_name_nms_only_within_a_family():
+    from rcnn.demo import select_detections
+
+    boxes = np.array([[0, 0, 100, 200], [2, 0, 100, 200]], np.float32)
+    scores = np.array([[0.9, 0.0, 0.0], [0.0, 0.8, 0.7]], np.float32)  # uniform, hat (vocabulary) | person (head)
+    _b, _s, lab = select_detections(boxes, scores, DemoConfig(threshold=0.5))
+    assert lab.tolist() == [0]  # one family: one label per object
+    _b, s, lab = select_detections(boxes, scores, DemoConfig(threshold=0.5), families=np.array([0, 0, 1]))
+    assert lab.tolist() == [0, 2] and s.tolist() == pytest.approx([0.9, 0.7])  # the person keeps its box

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rcnn.boxes import batched_nms, nms
+from rcnn.boxes import batched_nms
 from rcnn.cache import save_json
 from rcnn.data import ImageReadError, load_image
 from rcnn.visualize import draw_detections, make_public, save_png
@@ -218,7 +218,8 @@ class DemoConfig:
     so their longer side is at most this many pixels before proposals and features
     (boxes are mapped back), which bounds the time on large photos. ``mode``: "shared"
     (fast, default) or "warp" (the paper's per-region warp, §2.1). ``contain``: part
-    suppression (:func:`suppress_parts`; 0 = off). ``tightness``: with a tightness scorer
+    suppression (:func:`suppress_parts`; 0 = off). ``cross_class_iou`` applies among the
+    vocabulary's names, and among each head's (:func:`select_detections`). ``tightness``: with a tightness scorer
     (:mod:`rcnn.tightness`), each vocabulary score is multiplied by the region's predicted IoU
     with its object to this power before the decision (0 = off). ``vote_iou``: box voting after
     the per-name NMS (:func:`vote_boxes`; 0 = off).
@@ -276,14 +277,18 @@ def group_detections(
 
 
 def select_detections(
-    boxes: np.ndarray, scores: np.ndarray, config: DemoConfig | None = None, class_boxes: np.ndarray | None = None
+    boxes: np.ndarray, scores: np.ndarray, config: DemoConfig | None = None, class_boxes: np.ndarray | None = None,
+    families: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Steps 4-6 on per-name scores: ``boxes`` (N,4) xyxy, ``scores`` (N,G) in 0..1, ``class_boxes``
     (N,G,4) or None (a name's own refined box of each region, e.g. after box regression).
 
     Every (region, name) pair scoring at least ``threshold`` is a candidate; per-name NMS at
-    ``nms_iou``; part suppression (``contain``); class-agnostic NMS at ``cross_class_iou``; at most
-    ``max_detections``. Returns ``boxes (K,4) float32``, ``scores (K,) float32`` (decreasing),
+    ``nms_iou``; part suppression (``contain``); NMS across names at ``cross_class_iou``; at most
+    ``max_detections``. ``families`` (G,) int: only names of one family compete across names
+    (default: all one family). The vocabulary's names are one family — alternatives of one softmax,
+    one label per object — and each head another: a person and the uniform, tie or hat they wear
+    share a box legitimately. Returns ``boxes (K,4) float32``, ``scores (K,) float32`` (decreasing),
     ``labels (K,) int64`` (name indices)."""
     config = config or DemoConfig()
     boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
@@ -307,8 +312,9 @@ def select_detections(
     if config.contain > 0:
         keep = suppress_parts(cb, cs, cl, config.contain)
         cb, cs, cl = cb[keep], cs[keep], cl[keep]
-    keep = nms(cb, cs, config.cross_class_iou)  # one object, one label
-    keep = keep[: config.max_detections]
+    fam = np.zeros(len(cl), np.int64) if families is None else np.asarray(families, np.int64)[cl]
+    keep = np.asarray(batched_nms(cb, cs, fam, config.cross_class_iou), np.int64)  # one object, one label
+    keep = keep[np.argsort(-cs[keep], kind="stable")][: config.max_detections]
     return cb[keep], cs[keep], cl[keep]
 
 
@@ -627,7 +633,12 @@ class ImagenetDetector:
             g = len(self.vocabulary)
             scores = scores.copy()
             scores[:, :g] *= np.power(np.clip(regions.tightness, 1e-6, 1.0), config.tightness)[:, None]
-        db, ds, dl = select_detections(regions.boxes, scores, config, regions.class_boxes)
+        families = np.zeros(len(self.class_names), np.int64)
+        k = len(self.vocabulary)
+        for f, head in enumerate(self.heads, 1):
+            families[k : k + len(head.names)] = f
+            k += len(head.names)
+        db, ds, dl = select_detections(regions.boxes, scores, config, regions.class_boxes, families)
         seconds = {**regions.seconds, "postprocess": time.perf_counter() - t0}
         seconds["total"] = sum(seconds.values())
         return DetectionResult(db, ds, dl, self.class_names, num_proposals=regions.num_proposals, seconds=seconds)
