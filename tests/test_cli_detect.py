@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -145,6 +146,58 @@ def test_detect_without_model_uses_imagenet_demo_detector(tmp_path):
     assert "cat" in out.output
     rows = json.loads((tmp_path / "out" / "detections_coco.json").read_text())
     assert rows and (tmp_path / "out" / "chelsea.png").is_file()
+    # one comp4 file per class that was detected, not one per vocabulary name
+    files = sorted(f.name for f in (tmp_path / "out").glob("comp4_det_detect_*.txt"))
+    assert "comp4_det_detect_cat.txt" in files and len(files) == len({r["category_id"] for r in rows})
+
+
+class _FakeImagenet:
+    """Stands in for rcnn.demo.ImagenetDetector: records its config, finds one 'tv monitor'."""
+
+    seen: ClassVar[list] = []
+
+    def __init__(self, vocabulary=None, config=None, heads=()):
+        self.config = config
+        self.class_names = ["cat", "tv monitor", "teddy bear"]
+        _FakeImagenet.seen.append(config)
+
+    def __call__(self, image):
+        return np.array([[1, 2, 30, 40]], np.float32), np.array([0.7], np.float32), np.array([1])
+
+
+def test_detect_imagenet_honours_threshold_and_max_detections(tmp_path, monkeypatch):
+    import rcnn.demo
+
+    monkeypatch.setattr(rcnn.demo, "ImagenetDetector", _FakeImagenet)
+    img, out = _image(tmp_path), tmp_path / "out"
+    r = runner.invoke(app, ["detect", "imagenet", str(img), "-o", str(out), "--threshold", "0.05", "--max-detections", "3"])
+    assert r.exit_code == 0, r.output
+    cfg = _FakeImagenet.seen[-1]
+    assert cfg.threshold == 0.05 and cfg.max_detections == 3
+    # only the detected class gets a comp4 file, named without spaces; it reads back by class name
+    assert sorted(f.name for f in out.glob("comp4*")) == ["comp4_det_detect_tv_monitor.txt"]
+    from rcnn.evaluate import read_comp4
+
+    back = read_comp4(out, ["cat", "tv monitor", "teddy bear"])
+    assert back.labels.tolist() == [1] and back.image_ids.tolist() == ["img"]
+    # without the options: the detector's own defaults
+    r = runner.invoke(app, ["detect", str(img), "-o", str(out)])
+    assert r.exit_code == 0 and _FakeImagenet.seen[-1].threshold == 0.5 and _FakeImagenet.seen[-1].max_detections == 10
+
+
+@pytest.mark.parametrize("opt", [["--flip"], ["--relocalize", "1"], ["--engine", "ray"], ["--no-bbox-reg"],
+                                 ["--workers", "2"], ["--address", "auto"], ["--engine", "local"]])
+def test_detect_imagenet_refuses_model_options(tmp_path, opt):
+    r = runner.invoke(app, ["detect", "imagenet", str(_image(tmp_path)), "-o", str(tmp_path / "o"), *opt])
+    assert r.exit_code == 2, r.output
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and opt[0] in lines[0] and "trained model" in lines[0]
+    assert not (tmp_path / "o").exists()  # refused before any work
+
+
+def test_detect_imagenet_bad_threshold(tmp_path):
+    r = runner.invoke(app, ["detect", str(_image(tmp_path)), "-o", str(tmp_path / "o"), "--threshold", "-0.5"])
+    assert r.exit_code == 2 and "threshold" in r.output and not (tmp_path / "o").exists()
 
 
 def test_relocalize_needs_a_box_regressor(tmp_path):

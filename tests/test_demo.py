@@ -370,3 +370,151 @@ def test_cli_bad_vocabulary_exit_2(tmp_path):
 def test_cli_missing_images_path_exit_2(tmp_path):
     r = _cli("--images", str(tmp_path / "nope"), "-o", str(tmp_path / "out"))
     assert r.exit_code == 2 and "no such file or folder" in r.output
+
+
+# ----------------------------------------------------------------------------- VOC mapping, calibration, heads
+
+
+def test_builtin_voc_mapping_is_versioned_and_names_real_classes():
+    from rcnn.demo import load_class_mapping
+
+    m = load_class_mapping()
+    assert isinstance(m.version, int) and m.version >= 1 and m.target == "voc2007"
+    voc = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable", "dog",
+           "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor"]  # fmt: skip
+    assert set(m.pairs.values()) == set(voc)  # every VOC class once, nothing else
+    assert len(set(m.pairs.values())) == len(m.pairs)
+    names = [*load_vocabulary().names, "person"]
+    assert set(m.pairs) <= set(names)  # every mapped name is a detector name
+    lab = m.label_map(["tv monitor", "truck", "table", "person"], voc)
+    assert lab.tolist() == [voc.index("tvmonitor"), -1, voc.index("diningtable"), voc.index("person")]
+
+
+@pytest.mark.parametrize(("content", "needle"), [
+    ("{", "not valid JSON"), (json.dumps({"pairs": {"a": "b"}}), "version"),
+    (json.dumps({"version": 1, "pairs": {}}), "pairs"), (json.dumps({"version": True, "pairs": {"a": "b"}}), "version"),
+    (json.dumps({"version": 1, "pairs": {"a": 3}}), "pairs"),
+])  # fmt: skip
+def test_bad_class_mapping_one_line(tmp_path, content, needle):
+    from rcnn.demo import load_class_mapping
+
+    p = tmp_path / "m.json"
+    p.write_text(content)
+    with pytest.raises(VocabularyError) as e:
+        load_class_mapping(p)
+    assert needle in str(e.value) and str(p) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_fit_platt_recovers_a_logistic_and_stays_finite_when_separable():
+    from rcnn.demo import fit_platt, platt
+
+    rng = np.random.default_rng(0)
+    s = rng.normal(0, 2, 20000)
+    y = rng.random(20000) < 1 / (1 + np.exp(-(1.5 * s - 1.0)))
+    a, b = fit_platt(s, y)
+    assert a == pytest.approx(1.5, rel=0.1) and b == pytest.approx(-1.0, abs=0.1)
+    p = platt(np.array([-100.0, 0.0, 100.0]), a, b)
+    assert p.dtype == np.float32 and p[0] < 1e-6 and p[2] > 1 - 1e-6 and 0 < p[1] < 0.5
+    # perfectly separated scores: Platt's smoothed targets keep the slope finite
+    a2, b2 = fit_platt(np.r_[np.full(10, -1.0), np.full(10, 1.0)], np.r_[np.zeros(10), np.ones(10)])
+    assert np.isfinite([a2, b2]).all() and a2 > 0
+    with pytest.raises(ValueError, match="both"):
+        fit_platt(np.ones(5), np.ones(5))
+
+
+def test_select_detections_uses_each_names_own_boxes():
+    from rcnn.demo import select_detections
+
+    boxes = np.array([[0, 0, 10, 10], [100, 100, 150, 150]], np.float32)
+    scores = np.array([[0.9, 0.1], [0.2, 0.8]], np.float32)
+    class_boxes = np.repeat(boxes[:, None], 2, axis=1).copy()
+    class_boxes[1, 1] = [98, 101, 152, 149]  # name 1's regressed box of region 1
+    b, _s, lab = select_detections(boxes, scores, DemoConfig(threshold=0.5), class_boxes)
+    assert lab.tolist() == [0, 1] and b.tolist() == [[0, 0, 10, 10], [98, 101, 152, 149]]
+    assert len(select_detections(np.zeros((0, 4)), np.zeros((0, 2)), DemoConfig())[0]) == 0
+    with pytest.raises(ValueError, match="rows"):
+        select_detections(boxes, scores[:1])
+
+
+def test_contact_sheet_columns():
+    from rcnn.demo import contact_sheet
+
+    ims = [np.zeros((10, 20, 3), np.uint8)] * 5
+    assert contact_sheet(ims, height=10, gap=2).shape == (10, 5 * 20 + 4 * 2, 3)
+    assert contact_sheet(ims, height=10, gap=2, columns=2).shape == (3 * 10 + 2 * 2, 2 * 20 + 2, 3)
+
+
+def test_vote_boxes_weighted_mean_of_same_class_overlaps():
+    from rcnn.demo import vote_boxes
+
+    boxes = np.array([[0, 0, 100, 100], [10, 0, 110, 100], [0, 0, 100, 100], [300, 300, 310, 310]], np.float32)
+    scores = np.array([0.6, 0.2, 0.9, 0.9])
+    labels = np.array([0, 0, 1, 0])
+    # kept box 0 (class 0): votes with box 1 (IoU 0.82, class 0), not with box 2 (class 1) or box 3 (far)
+    out = vote_boxes(boxes[:1], labels[:1], boxes, scores, labels, 0.5)
+    assert np.allclose(out, [[2.5, 0, 102.5, 100]])
+    # a threshold above their IoU: the box stays itself
+    assert vote_boxes(boxes[:1], labels[:1], boxes, scores, labels, 0.9).tolist() == [[0, 0, 100, 100]]
+    assert vote_boxes(np.zeros((0, 4)), np.zeros(0), boxes, scores, labels).shape == (0, 4)
+
+
+def _tiny_person_model():
+    """An RCNNModel on squeezenet1_1 pool5+fire5 at a 2x2 grid (3072-d) with a pool5 box regressor."""
+    from rcnn.bbox_regression import BoxRegressor
+    from rcnn.detect import RCNNModel
+    from rcnn.features import FeatureConfig
+
+    fc = FeatureConfig(backbone="squeezenet1_1", layer="pool5+fire5", mode="shared", grid=2, with_gt=True)
+    opts = {k: v for k, v in fc.__dict__.items() if k not in ("batch_size", "device")}
+    rng = np.random.default_rng(0)
+    reg = BoxRegressor(["person"], np.zeros((1, 2048, 4), np.float32), np.array([[0.0, 0.0, 0.1, 0.1]], np.float32),
+                       np.ones(1, bool), 1.0, "pool5", {**opts, "layer": "pool5"})
+    return RCNNModel(["person"], rng.normal(0, 0.01, (3072, 1)).astype(np.float32), np.zeros(1, np.float32),
+                     np.ones(1, bool), 1.0, "squeezenet1_1", fc.weights_hash(), "pool5+fire5", "shared", opts,
+                     {"mode": "rcnn-fast"}, bbox_reg=reg)
+
+
+def test_model_head_scores_shared_proposals_with_calibration_and_regression():
+    from skimage import data
+
+    from rcnn.demo import ImagenetDetector, ModelHead, platt
+    from rcnn.tightness import TightnessScorer
+
+    model = _tiny_person_model()
+    head = ModelHead(model, (2.0, -1.0))
+    image = np.ascontiguousarray(data.chelsea()[::2, ::2])
+    boxes = np.array([[0, 0, 100, 80], [50, 20, 200, 140]], np.float32)
+    probs, cboxes, extras = head.score(image, boxes, ["pool5"])
+    assert probs.shape == (2, 1) and cboxes.shape == (2, 1, 4) and extras["pool5"].shape == (2, 2048)
+    feats = head.source.extract(image, boxes)
+    assert np.allclose(probs[:, 0], platt(model.score(feats)[:, 0], 2.0, -1.0), atol=1e-5)
+    # the regressor's constant log-size offsets 0.1 grow every box by e^0.1 about its centre
+    half = 0.5 * (boxes[:, 2:] - boxes[:, :2]) * np.exp(0.1)
+    centre = 0.5 * (boxes[:, 2:] + boxes[:, :2])
+    assert np.allclose(cboxes[1, 0], np.r_[centre[1] - half[1], centre[1] + half[1]], atol=0.01)
+    assert np.allclose(cboxes[0, 0], [0, 0, centre[0, 0] + half[0, 0], centre[0, 1] + half[0, 1]], atol=0.01)  # clipped
+    # the tightness scorer's pool5 tap comes from the head's pass (same network and settings)
+    tight = TightnessScorer(np.zeros(2048, np.float32), 0.75, 1.0, "pool5", {**model.feature_options, "layer": "pool5"})
+    det = ImagenetDetector(config=DemoConfig(threshold=0.05), heads=[head], tightness=tight)
+    assert det.class_names[-1] == "person" and det._tight_host is head
+    rs = det.score_regions(image)
+    assert rs.scores.shape == (rs.boxes.shape[0], len(det.class_names)) and rs.class_boxes.shape[1:] == (102, 4)
+    assert np.allclose(rs.tightness, 0.75) and "heads" in rs.seconds
+    plain = det.decide(rs)
+    tighter = det.decide(rs, DemoConfig(threshold=0.05, tightness=1.0))
+    g = len(det.vocabulary)
+    vocab_max = [r.scores[r.labels < g].max() for r in (plain, tighter)]
+    assert vocab_max[1] == pytest.approx(0.75 * vocab_max[0], rel=1e-5)  # vocabulary names × 0.75
+    head_max = [r.scores[r.labels == g].max() for r in (plain, tighter)]
+    assert head_max[0] == head_max[1]  # the head's calibrated SVM scores are not re-scored
+
+
+def test_cross_name_nms_only_within_a_family():
+    from rcnn.demo import select_detections
+
+    boxes = np.array([[0, 0, 100, 200], [2, 0, 100, 200]], np.float32)
+    scores = np.array([[0.9, 0.0, 0.0], [0.0, 0.8, 0.7]], np.float32)  # uniform, hat (vocabulary) | person (head)
+    _b, _s, lab = select_detections(boxes, scores, DemoConfig(threshold=0.5))
+    assert lab.tolist() == [0]  # one family: one label per object
+    _b, s, lab = select_detections(boxes, scores, DemoConfig(threshold=0.5), families=np.array([0, 0, 1]))
+    assert lab.tolist() == [0, 2] and s.tolist() == pytest.approx([0.9, 0.7])  # the person keeps its box

@@ -29,23 +29,26 @@ from __future__ import annotations
 import datetime as _dt
 import difflib
 import html
+import itertools
 import json
 import os
 import re
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from rcnn.boxes import batched_nms, nms
+from rcnn.boxes import batched_nms
 from rcnn.cache import save_json
 from rcnn.data import ImageReadError, load_image
 from rcnn.visualize import draw_detections, make_public, save_png
 
 VOCABULARY_PATH = Path(__file__).resolve().parent / "resources" / "vocabulary.json"
+VOC_MAPPING_PATH = Path(__file__).resolve().parent / "resources" / "voc_mapping.json"
 NUM_IMAGENET_CLASSES = 1000
 
 
@@ -164,6 +167,43 @@ def _imagenet_categories() -> list[str]:
     return imagenet_categories()
 
 
+@dataclass(frozen=True)
+class ClassMapping:
+    """A versioned renaming of detector names to a dataset's class names (``pairs``: name → class)."""
+
+    version: int
+    pairs: dict[str, str]
+    target: str = ""
+    source: str = "builtin"
+
+    def label_map(self, names: Sequence[str], classes: Sequence[str]) -> np.ndarray:
+        """``(len(names),)`` int64: each detector name's index in ``classes``, -1 when unmapped."""
+        index = {c: i for i, c in enumerate(classes)}
+        return np.array([index.get(self.pairs.get(n, ""), -1) for n in names], np.int64)
+
+
+def load_class_mapping(path: str | Path | None = None) -> ClassMapping:
+    """Read a class-mapping JSON (default: the built-in ``resources/voc_mapping.json``, detector
+    names → PASCAL VOC 2007 classes): ``{"version": int, "pairs": {name: class}, "target": str}``.
+    Raises :class:`VocabularyError` (one line) on any problem."""
+    src = Path(path) if path is not None else VOC_MAPPING_PATH
+    where = str(src) if path is not None else "built-in VOC mapping"
+    try:
+        doc = json.loads(src.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise VocabularyError(f"{where}: file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise VocabularyError(f"{where}: cannot read ({e})") from None
+    except json.JSONDecodeError as e:
+        raise VocabularyError(f"{where}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("version"), int) or isinstance(doc.get("version"), bool):
+        raise VocabularyError(f'{where}: needs an integer "version"')
+    pairs = doc.get("pairs")
+    if not isinstance(pairs, dict) or not pairs or not all(isinstance(k, str) and isinstance(v, str) for k, v in pairs.items()):
+        raise VocabularyError(f'{where}: "pairs" must be a non-empty {{name: class}} mapping of strings')
+    return ClassMapping(doc["version"], dict(pairs), str(doc.get("target", "")), where)
+
+
 # ----------------------------------------------------------------------------- grouping + suppression
 
 
@@ -177,7 +217,12 @@ class DemoConfig:
     ``max_detections``: per image, highest scores first. ``max_side``: images are shrunk
     so their longer side is at most this many pixels before proposals and features
     (boxes are mapped back), which bounds the time on large photos. ``mode``: "shared"
-    (fast, default) or "warp" (the paper's per-region warp, §2.1).
+    (fast, default) or "warp" (the paper's per-region warp, §2.1). ``contain``: part
+    suppression (:func:`suppress_parts`; 0 = off). ``cross_class_iou`` applies among the
+    vocabulary's names, and among each head's (:func:`select_detections`). ``tightness``: with a tightness scorer
+    (:mod:`rcnn.tightness`), each vocabulary score is multiplied by the region's predicted IoU
+    with its object to this power before the decision (0 = off). ``vote_iou``: box voting after
+    the per-name NMS (:func:`vote_boxes`; 0 = off).
     """
 
     backbone: str = "efficientnet_lite0"
@@ -192,6 +237,8 @@ class DemoConfig:
     scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.5)
     contain: float = 0.7
     batch_size: int = 256
+    tightness: float = 0.0  # vocabulary scores × predicted IoU ** tightness (needs a tightness scorer)
+    vote_iou: float = 0.0  # box voting after NMS (vote_boxes); 0 = off
 
     def __post_init__(self) -> None:
         if self.mode not in ("shared", "warp"):
@@ -200,6 +247,10 @@ class DemoConfig:
             raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
         if not 0.0 < self.nms_iou <= 1.0 or not 0.0 < self.cross_class_iou <= 1.0:
             raise ValueError("IoU thresholds must be in (0, 1]")
+        if self.tightness < 0:
+            raise ValueError(f"tightness must be >= 0, got {self.tightness}")
+        if self.max_detections < 1:
+            raise ValueError(f"max_detections must be >= 1, got {self.max_detections}")
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -221,24 +272,67 @@ def group_detections(
     ``cross_class_iou``; at most ``max_detections``. Returns ``boxes (K,4) float32``,
     ``scores (K,) float32`` (decreasing), ``labels (K,) int64`` (vocabulary indices).
     """
+    scores = vocabulary.group_scores(probs)
+    return select_detections(boxes, scores, config)
+
+
+def select_detections(
+    boxes: np.ndarray, scores: np.ndarray, config: DemoConfig | None = None, class_boxes: np.ndarray | None = None,
+    families: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Steps 4-6 on per-name scores: ``boxes`` (N,4) xyxy, ``scores`` (N,G) in 0..1, ``class_boxes``
+    (N,G,4) or None (a name's own refined box of each region, e.g. after box regression).
+
+    Every (region, name) pair scoring at least ``threshold`` is a candidate; per-name NMS at
+    ``nms_iou``; part suppression (``contain``); NMS across names at ``cross_class_iou``; at most
+    ``max_detections``. ``families`` (G,) int: only names of one family compete across names
+    (default: all one family). The vocabulary's names are one family — alternatives of one softmax,
+    one label per object — and each head another: a person and the uniform, tie or hat they wear
+    share a box legitimately. Returns ``boxes (K,4) float32``, ``scores (K,) float32`` (decreasing),
+    ``labels (K,) int64`` (name indices)."""
     config = config or DemoConfig()
     boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
-    scores = vocabulary.group_scores(probs)
+    scores = np.asarray(scores, dtype=np.float32)
     if len(scores) != len(boxes):
-        raise ValueError(f"{len(boxes)} boxes but {len(scores)} probability rows")
-    ri, gi = np.nonzero(scores >= config.threshold)
+        raise ValueError(f"{len(boxes)} boxes but {len(scores)} score rows")
     empty = (np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64))
+    if len(boxes) == 0:
+        return empty
+    ri, gi = np.nonzero(scores >= config.threshold)
     if len(ri) == 0:
         return empty
-    cb, cs, cl = boxes[ri], scores[ri, gi].astype(np.float32), gi.astype(np.int64)
+    cb = boxes[ri] if class_boxes is None else np.asarray(class_boxes, np.float32)[ri, gi]
+    cs, cl = scores[ri, gi].astype(np.float32), gi.astype(np.int64)
     keep = batched_nms(cb, cs, cl, config.nms_iou)  # paper §2.2: greedy NMS per class
-    cb, cs, cl = cb[keep], cs[keep], cl[keep]
+    if config.vote_iou > 0:
+        voted = vote_boxes(cb[keep], cl[keep], cb, cs, cl, config.vote_iou)
+        cb, cs, cl = voted, cs[keep], cl[keep]
+    else:
+        cb, cs, cl = cb[keep], cs[keep], cl[keep]
     if config.contain > 0:
         keep = suppress_parts(cb, cs, cl, config.contain)
         cb, cs, cl = cb[keep], cs[keep], cl[keep]
-    keep = nms(cb, cs, config.cross_class_iou)  # one object, one label
-    keep = keep[: config.max_detections]
+    fam = np.zeros(len(cl), np.int64) if families is None else np.asarray(families, np.int64)[cl]
+    keep = np.asarray(batched_nms(cb, cs, fam, config.cross_class_iou), np.int64)  # one object, one label
+    keep = keep[np.argsort(-cs[keep], kind="stable")][: config.max_detections]
     return cb[keep], cs[keep], cl[keep]
+
+
+def vote_boxes(kept: np.ndarray, kept_labels: np.ndarray, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray,
+               iou: float = 0.5) -> np.ndarray:
+    """Box voting (Gidaris & Komodakis 2015, not in R-CNN): each kept box ``(K,4)`` becomes the
+    score-weighted mean of the candidates ``(N,4)`` of its class overlapping it by IoU ≥ ``iou``
+    (itself included). Returns ``(K,4)`` float32."""
+    from rcnn.boxes import box_iou
+
+    kept = np.asarray(kept, np.float32).reshape(-1, 4)
+    if len(kept) == 0:
+        return kept
+    ov = np.asarray(box_iou(kept, np.asarray(boxes, np.float32)))
+    w = (ov >= iou) & (np.asarray(kept_labels)[:, None] == np.asarray(labels)[None, :])
+    w = w * np.asarray(scores, np.float64)[None, :]
+    out = (w @ np.asarray(boxes, np.float64)) / np.maximum(w.sum(1, keepdims=True), 1e-12)
+    return np.where(w.sum(1, keepdims=True) > 0, out, kept).astype(np.float32)
 
 
 def suppress_parts(
@@ -289,16 +383,141 @@ class DetectionResult:
         ]
 
 
+def platt(scores: np.ndarray, a: float, b: float) -> np.ndarray:
+    """Platt scaling: SVM scores → probabilities ``1 / (1 + exp(-(a·s + b)))`` (float32, same shape)."""
+    z = np.clip(a * np.asarray(scores, np.float64) + b, -60.0, 60.0)
+    return (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
+
+
+def fit_platt(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """Platt's calibration of SVM ``scores`` (N,) against 0/1 ``labels`` (N,): ``(a, b)`` of the
+    logistic regression ``P(y=1|s) = 1/(1+exp(-(a s + b)))``, fitted by maximum likelihood with
+    Platt's smoothed targets ``(N₊+1)/(N₊+2)`` and ``1/(N₋+2)`` (they keep it finite when the
+    classes separate). Fit it on held-out scores, never on the SVM's own training regions."""
+    from scipy.optimize import minimize
+
+    s = np.asarray(scores, np.float64).reshape(-1)
+    y = np.asarray(labels, bool).reshape(-1)
+    if len(s) != len(y) or not y.any() or y.all():
+        raise ValueError("Platt scaling needs scores with both positive and negative labels")
+    npos, nneg = int(y.sum()), int((~y).sum())
+    t = np.where(y, (npos + 1.0) / (npos + 2.0), 1.0 / (nneg + 2.0))
+
+    def loss(p: np.ndarray) -> tuple[float, np.ndarray]:
+        z = p[0] * s + p[1]
+        # log(1+exp(z)) - t z, stable for either sign of z
+        ll = np.logaddexp(0.0, z) - t * z
+        g = 1.0 / (1.0 + np.exp(-z)) - t
+        return float(ll.sum()), np.array([float((g * s).sum()), float(g.sum())])
+
+    a0 = 1.0 / max(float(s.std()), 1e-6)
+    res = minimize(loss, np.array([a0, 0.0]), jac=True, method="L-BFGS-B")
+    return float(res.x[0]), float(res.x[1])
+
+
+class ModelHead:
+    """More names for the zero-training detector: a trained R-CNN model (:class:`rcnn.detect.RCNNModel`,
+    e.g. the packaged person SVM) scoring the detector's *own* proposals, its SVM scores turned into
+    probabilities by Platt scaling (``platt_ab``, fitted on held-out data) so one threshold serves the
+    vocabulary's summed softmax probabilities and these. Its box regressor (if any) refines each
+    region's box for its classes. The model's network runs once per image over the shared
+    proposals, computing the SVM tap and the regressor's tap in the same pass. ``precision``
+    overrides the model's CNN arithmetic (``"fp32"``/``"bf16"``; None: as trained).
+    """
+
+    def __init__(self, model, platt_ab: tuple[float, float], bbox_reg: bool = True, precision: str | None = None):
+        self.model = model
+        self.platt_ab = (float(platt_ab[0]), float(platt_ab[1]))
+        self.source = model.feature_source()
+        if precision is not None and precision != self.source.feature_config.precision:
+            # a speed knob: bf16 autocast is slower than fp32 on CPUs without native bf16, and the
+            # features agree within ~1% (the SVM was trained on float16-stored features anyway)
+            from rcnn.detect import CNNFeatures
+
+            src = self.source
+            self.source = CNNFeatures(src.proposal_config, replace(src.feature_config, precision=precision),
+                                      backbone=src.backbone)
+        self.bbox_reg = bbox_reg and model.bbox_reg is not None
+        self.active = np.flatnonzero(np.asarray(model.trained, bool))
+        self.names = [model.classes[i] for i in self.active]
+
+    def describe(self) -> str:
+        """One line: the model's network, layer and calibration."""
+        m = self.model
+        return (f"{m.backbone} {m.layer} SVM{' + box regression' if self.bbox_reg else ''}, "
+                f"Platt a={self.platt_ab[0]:.4g} b={self.platt_ab[1]:.4g}")
+
+    def same_features(self, feature_config) -> bool:
+        """Whether ``feature_config`` (a :class:`rcnn.features.FeatureConfig`) differs from this head's
+        features only by layer: its tap can then come from this head's forward pass."""
+        mine = self.source.feature_config
+        return replace(feature_config, layer=mine.layer, with_gt=False, precision=mine.precision) == replace(mine, with_gt=False)
+
+    def score(self, image: np.ndarray, boxes: np.ndarray, extra_taps: Sequence[str] = ()
+              ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """Calibrated probabilities ``(N,C)`` of the trained classes for ``boxes`` (N,4) of ``image``,
+        each class's box of every region ``(N,C,4)`` (regressed when the model has a regressor), and
+        ``{tap: (N,D)}`` of the ``extra_taps`` computed in the same forward pass."""
+        boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+        layer = self.model.layer
+        taps = [layer]
+        reg_layer = self.model.bbox_reg.layer if self.bbox_reg else None
+        if reg_layer is not None:
+            if not self.same_features(self.model.bbox_reg.feature_config()):
+                raise ValueError("the model's box regressor reads other features than its SVMs: not supported here")
+            taps.append(reg_layer)
+        out = self.source.extract(image, boxes, list(dict.fromkeys([*taps, *extra_taps])))
+        probs = platt(self.model.score(out[layer])[:, self.active], *self.platt_ab)
+        extras = {t: out[t] for t in extra_taps}
+        if reg_layer is None:
+            return probs, np.repeat(boxes[:, None, :], len(self.active), axis=1), extras
+        h, w = image.shape[:2]
+        refined = self.model.bbox_reg.refine(boxes, out[reg_layer], w, h)[:, self.active]
+        return probs, refined, extras
+
+
+@dataclass
+class Proposals:
+    """Selective-search boxes of one image: ``image`` the (possibly shrunk) RGB image they are in,
+    ``boxes`` (N,4) xyxy in its pixels, ``size`` the original image's (width, height)."""
+
+    image: np.ndarray
+    boxes: np.ndarray
+    size: tuple[int, int]
+    seconds: float = 0.0
+
+
+@dataclass
+class RegionScores:
+    """Every region of one image with each name's score, before the decision.
+
+    ``boxes`` (N,4) xyxy in the input image's pixels; ``scores`` (N,G) float32 in 0..1 (G names);
+    ``class_boxes`` (N,G,4) or None: a name's own (refined) box of each region; ``image_size``
+    (width, height); ``seconds`` per stage so far; ``tightness`` (N,) or None: each region's
+    predicted IoU with its object (:class:`rcnn.tightness.TightnessScorer`)."""
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    class_boxes: np.ndarray | None
+    image_size: tuple[int, int]
+    num_proposals: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+    tightness: np.ndarray | None = None
+
+
 class ImagenetDetector:
     """The zero-training detector (model name ``imagenet``); ``detect(image)`` like a trained model.
 
     ``vocabulary``: a :class:`Vocabulary`, a path to a vocabulary JSON, or None (built-in).
-    The backbone is loaded once (from installed packages; no download).
+    ``heads``: :class:`ModelHead` s adding trained names (e.g. the packaged person SVM,
+    :func:`rcnn.zoo.load` ``("imagenet")``) scored over the same proposals; their names follow the
+    vocabulary's in ``class_names``. The backbone is loaded once (from installed packages; no download).
     """
 
     name = "imagenet"
 
-    def __init__(self, vocabulary: Vocabulary | str | Path | None = None, config: DemoConfig | None = None):
+    def __init__(self, vocabulary: Vocabulary | str | Path | None = None, config: DemoConfig | None = None,
+                 heads: Sequence[ModelHead] = (), tightness=None):
         from rcnn.backbones import get_backbone
 
         self.config = config or DemoConfig()
@@ -306,7 +525,15 @@ class ImagenetDetector:
         if not isinstance(vocabulary, Vocabulary):
             vocabulary = load_vocabulary(vocabulary, categories=self.backbone.categories)
         self.vocabulary = vocabulary
-        self.class_names = list(vocabulary.names)
+        self.heads = list(heads)
+        self.class_names = list(vocabulary.names) + [n for h in self.heads for n in h.names]
+        if len(set(self.class_names)) != len(self.class_names):
+            raise ValueError(f"a head's class name repeats a vocabulary name: {self.class_names[len(vocabulary):]}")
+        self.tightness = tightness
+        # the tightness scorer reads its tap from a head's forward pass when the features agree
+        self._tight_host = None if tightness is None else next(
+            (h for h in self.heads if h.same_features(tightness.feature_config())), None)
+        self._tight_source = None
 
     def region_probs(self, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
         """``(N,1000)`` ImageNet softmax probabilities of each region (``logits`` tap)."""
@@ -323,14 +550,14 @@ class ImagenetDetector:
         )
         return softmax(logits)
 
-    def detect(self, image: np.ndarray) -> DetectionResult:
-        """Detect vocabulary objects in an ``(H,W,3)`` RGB uint8 image."""
+    def propose(self, image: np.ndarray) -> Proposals:
+        """Step 1 on an ``(H,W,3)`` RGB uint8 image: selective search on the image shrunk to
+        ``max_side``, small boxes dropped. Runs no network, so it can run in another thread while
+        the previous image's regions are scored (:func:`run_demo` does)."""
         import cv2
 
-        from rcnn.backbones import set_threads
         from rcnn.proposals import selective_search
 
-        set_threads()
         cfg = self.config
         if not image.flags.writeable:  # e.g. np.asarray(PIL image); torch warns on read-only input
             image = image.copy()
@@ -339,7 +566,7 @@ class ImagenetDetector:
         scale = min(1.0, cfg.max_side / max(h, w))
         small = image
         if scale < 1.0:
-            # shrinking large photos bounds the time; boxes are mapped back below
+            # shrinking large photos bounds the time; boxes are mapped back in score_regions
             small = cv2.resize(
                 image, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA
             )
@@ -348,16 +575,77 @@ class ImagenetDetector:
         bw, bh = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
         ok = (np.minimum(bw, bh) >= cfg.min_box_size) & (bw * bh >= cfg.min_box_frac * sw * sh)
         boxes = boxes[ok] if ok.any() else boxes
+        return Proposals(small, boxes, (w, h), time.perf_counter() - t0)
+
+    def score_regions(self, image: np.ndarray | Proposals) -> RegionScores:
+        """Steps 1-3: proposals (unless ``image`` is already :meth:`propose` 's result) and each
+        name's score per region."""
+        from rcnn.backbones import set_threads
+
+        set_threads()
+        prop = image if isinstance(image, Proposals) else self.propose(image)
+        small, boxes, (w, h) = prop.image, prop.boxes, prop.size
+        sh, sw = small.shape[:2]
         t1 = time.perf_counter()
-        probs = self.region_probs(small, boxes)
+        scores = self.vocabulary.group_scores(self.region_probs(small, boxes))
         t2 = time.perf_counter()
-        db, ds, dl = group_detections(boxes, probs, self.vocabulary, cfg)
-        db = db * np.array([w / sw, h / sh, w / sw, h / sh], np.float32)
-        t3 = time.perf_counter()
-        return DetectionResult(
-            db.astype(np.float32), ds, dl, self.class_names, num_proposals=len(boxes),
-            seconds={"proposals": t1 - t0, "features": t2 - t1, "postprocess": t3 - t2, "total": t3 - t0},
-        )  # fmt: skip
+        back = np.array([w / sw, h / sh, w / sw, h / sh], np.float32)
+        seconds = {"proposals": prop.seconds, "features": t2 - t1}
+        class_boxes, extras = None, {}
+        if self.heads:
+            # the heads score the same proposals (no second proposal pass); their own network runs once
+            parts, pboxes = [scores], [np.repeat(boxes[:, None, :], scores.shape[1], axis=1)]
+            for head in self.heads:
+                extra = [self.tightness.layer] if head is self._tight_host else []
+                hp, hb, ex = head.score(small, boxes, extra)
+                parts.append(hp)
+                pboxes.append(hb)
+                extras.update(ex)
+            scores = np.concatenate(parts, axis=1)
+            class_boxes = (np.concatenate(pboxes, axis=1) * back).astype(np.float32)
+            seconds["heads"] = time.perf_counter() - t2
+        tight = None
+        if self.tightness is not None:
+            t3 = time.perf_counter()
+            feats = extras.get(self.tightness.layer) if self._tight_host is not None else None
+            if feats is None:
+                feats = self._tightness_source().extract(small, boxes)
+            tight = self.tightness.predict(feats)
+            seconds["tightness"] = time.perf_counter() - t3
+        return RegionScores((boxes * back).astype(np.float32), scores, class_boxes, (w, h), len(boxes), seconds, tight)
+
+    def _tightness_source(self):
+        """The tightness scorer's own feature source (used when no head shares its network pass)."""
+        if self._tight_source is None:
+            from rcnn.detect import CNNFeatures
+            from rcnn.proposals import ProposalConfig
+
+            self._tight_source = CNNFeatures(ProposalConfig(), self.tightness.feature_config())
+        return self._tight_source
+
+    def decide(self, regions: RegionScores, config: DemoConfig | None = None) -> DetectionResult:
+        """Steps 4-6 on scored regions (``config``: this detector's unless given)."""
+        t0 = time.perf_counter()
+        config = config or self.config
+        scores = regions.scores
+        if regions.tightness is not None and config.tightness > 0:
+            # vocabulary names only: a head's SVM already learned to reject loose boxes and parts
+            g = len(self.vocabulary)
+            scores = scores.copy()
+            scores[:, :g] *= np.power(np.clip(regions.tightness, 1e-6, 1.0), config.tightness)[:, None]
+        families = np.zeros(len(self.class_names), np.int64)
+        k = len(self.vocabulary)
+        for f, head in enumerate(self.heads, 1):
+            families[k : k + len(head.names)] = f
+            k += len(head.names)
+        db, ds, dl = select_detections(regions.boxes, scores, config, regions.class_boxes, families)
+        seconds = {**regions.seconds, "postprocess": time.perf_counter() - t0}
+        seconds["total"] = sum(seconds.values())
+        return DetectionResult(db, ds, dl, self.class_names, num_proposals=regions.num_proposals, seconds=seconds)
+
+    def detect(self, image: np.ndarray) -> DetectionResult:
+        """Detect vocabulary objects in an ``(H,W,3)`` RGB uint8 image."""
+        return self.decide(self.score_regions(image))
 
     def __call__(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         r = self.detect(image)
@@ -463,9 +751,12 @@ def _safe_stem(name: str, used: set[str]) -> str:
     return cand
 
 
-def coco_document(reports: Sequence[ImageReport], vocabulary: Vocabulary, config: DemoConfig) -> dict:
-    """The ``detections.json`` document (COCO layout; ``bbox`` = [x, y, w, h] pixels, 0-based)."""
+def coco_document(reports: Sequence[ImageReport], vocabulary: Vocabulary, config: DemoConfig,
+                  heads: Sequence[ModelHead] = ()) -> dict:
+    """The ``detections.json`` document (COCO layout; ``bbox`` = [x, y, w, h] pixels, 0-based).
+    Categories: the vocabulary's names (with their ImageNet ids), then each head's names."""
     from rcnn._version import __version__
+
 
     anns = []
     for i, r in enumerate(reports, 1):
@@ -500,6 +791,10 @@ def coco_document(reports: Sequence[ImageReport], vocabulary: Vocabulary, config
         "categories": [
             {"id": g + 1, "name": n, "imagenet_ids": list(vocabulary.members[g])}
             for g, n in enumerate(vocabulary.names)
+        ]
+        + [
+            {"id": len(vocabulary.names) + k + 1, "name": n, "head": h.describe()}
+            for k, (h, n) in enumerate((h, n) for h in heads for n in h.names)
         ],
         "annotations": anns,
     }
@@ -551,18 +846,22 @@ Detections: <a href="detections.json">detections.json</a> (COCO layout).</p>
     return path
 
 
-def contact_sheet(images: Sequence[np.ndarray], height: int = 240, gap: int = 4) -> np.ndarray:
-    """The annotated images side by side, each resized to ``height`` px: (height, W, 3) uint8."""
+def contact_sheet(images: Sequence[np.ndarray], height: int = 240, gap: int = 4, columns: int | None = None) -> np.ndarray:
+    """The annotated images side by side, each resized to ``height`` px: (H, W, 3) uint8.
+    ``columns``: at most this many per row, rows stacked top to bottom (default: one row)."""
     from PIL import Image
 
     tiles = [Image.fromarray(im).resize((max(1, round(im.shape[1] * height / im.shape[0])), height), Image.LANCZOS)
              for im in images]  # fmt: skip
-    width = sum(t.width for t in tiles) + gap * max(len(tiles) - 1, 0)
-    sheet = Image.new("RGB", (max(width, 1), height), (255, 255, 255))
-    x = 0
-    for t in tiles:
-        sheet.paste(t, (x, 0))
-        x += t.width + gap
+    per_row = max(1, columns or len(tiles) or 1)
+    rows = [tiles[i : i + per_row] for i in range(0, len(tiles), per_row)] or [[]]
+    width = max(sum(t.width for t in r) + gap * max(len(r) - 1, 0) for r in rows)
+    sheet = Image.new("RGB", (max(width, 1), height * len(rows) + gap * (len(rows) - 1)), (255, 255, 255))
+    for k, r in enumerate(rows):
+        x = 0
+        for t in r:
+            sheet.paste(t, (x, k * (height + gap)))
+            x += t.width + gap
     return np.asarray(sheet)
 
 
@@ -586,27 +885,43 @@ def run_demo(
     used: set[str] = {"index", "detections", "summary"}
     thumbs: list[np.ndarray] = []
     json_path, html_path = out / "detections.json", out / "index.html"
-    for src in sources:
-        try:
-            image = src.load()
-        except ImageReadError as e:
-            msg = str(e).splitlines()[0]
-            skipped.append(msg)
-            if on_skip:
-                on_skip(msg)
-            continue
-        res = detector.detect(image)
+
+    def report_image(src: ImageSource, image: np.ndarray, res: DetectionResult) -> None:
         stem = _safe_stem(src.name, used)
         drawn = draw_detections(image, res.boxes, res.labels, res.scores, res.class_names)
         save_png(out / f"{stem}.png", drawn)
         thumbs.append(contact_sheet([drawn]))
         rep = ImageReport(src.name, src.origin, f"{stem}.png", image.shape[1], image.shape[0], res)
         reports.append(rep)
-        save_json(json_path, coco_document(reports, detector.vocabulary, detector.config))
+        save_json(json_path, coco_document(reports, detector.vocabulary, detector.config, detector.heads))
         write_html(html_path, reports, skipped)
         if on_image:
             on_image(rep)
-    make_public(save_json(json_path, coco_document(reports, detector.vocabulary, detector.config)))
+
+    def load_and_propose(src: ImageSource) -> tuple[np.ndarray, Proposals] | str:
+        try:
+            image = src.load()
+        except ImageReadError as e:
+            return str(e).splitlines()[0]
+        return image, detector.propose(image)
+
+    # the next image's selective search (one core, no network) runs while this image's regions
+    # are scored (torch threads): the stages overlap instead of taking turns
+    with ThreadPoolExecutor(1) as pool:
+        it = iter(sources)
+        pending = [(src, pool.submit(load_and_propose, src)) for src in itertools.islice(it, 1)]
+        while pending:
+            src, fut = pending.pop(0)
+            got = fut.result()
+            pending += [(nxt, pool.submit(load_and_propose, nxt)) for nxt in itertools.islice(it, 1)]
+            if isinstance(got, str):
+                skipped.append(got)
+                if on_skip:
+                    on_skip(got)
+                continue
+            image, prop = got
+            report_image(src, image, detector.decide(detector.score_regions(prop)))
+    make_public(save_json(json_path, coco_document(reports, detector.vocabulary, detector.config, detector.heads)))
     write_html(html_path, reports, skipped)
     if thumbs:
         save_png(out / "summary.png", contact_sheet(thumbs), colors=256)
@@ -615,22 +930,33 @@ def run_demo(
 
 __all__ = [
     "VOCABULARY_PATH",
+    "VOC_MAPPING_PATH",
+    "ClassMapping",
     "DemoConfig",
     "DemoReport",
     "DetectionResult",
     "ImageReport",
     "ImageSource",
     "ImagenetDetector",
+    "ModelHead",
+    "Proposals",
+    "RegionScores",
     "Vocabulary",
     "VocabularyError",
     "check_writable",
     "coco_document",
     "contact_sheet",
+    "fit_platt",
     "folder_images",
     "group_detections",
+    "load_class_mapping",
     "load_vocabulary",
+    "platt",
     "run_demo",
     "sample_images",
+    "select_detections",
     "softmax",
+    "suppress_parts",
+    "vote_boxes",
     "write_html",
 ]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -389,16 +390,26 @@ def read_coco_results(path: str | Path, dataset: Dataset) -> Detections:
     return Detections(np.array(ids, dtype=object), xywh_to_xyxy(np.array(boxes, np.float32)), np.array(scores, np.float32), np.array(labels, np.int64))
 
 
-def write_comp4(dets: Detections, classes: Sequence[str], out_dir: str | Path, split: str = "test") -> list[Path]:
+def comp4_name(class_name: str) -> str:
+    """The file-name form of a class name in comp4 files: characters other than letters, digits,
+    ``-`` and ``.`` become ``_`` (``"tv monitor"`` → ``tv_monitor``), so the files need no quoting."""
+    return re.sub(r"[^A-Za-z0-9.-]", "_", class_name)
+
+
+def write_comp4(dets: Detections, classes: Sequence[str], out_dir: str | Path, split: str = "test",
+                skip_empty: bool = False) -> list[Path]:
     """VOC ``comp4_det_<split>_<class>.txt`` files: ``image_id score xmin ymin xmax ymax``
-    with 1-based inclusive coordinates, one file per class."""
+    with 1-based inclusive coordinates, one file per class (the devkit's layout; ``<class>`` is
+    :func:`comp4_name` of the class). ``skip_empty``: only classes with detections get a file."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     voc = xyxy_to_voc(dets.boxes)
     for c, name in enumerate(classes):
-        p = out_dir / f"comp4_det_{split}_{name}.txt"
         sel = np.nonzero(dets.labels == c)[0]
+        if skip_empty and len(sel) == 0:
+            continue
+        p = out_dir / f"comp4_det_{split}_{comp4_name(name)}.txt"
         p.write_text("".join(f"{dets.image_ids[i]} {dets.scores[i]:.6f} {voc[i,0]:.1f} {voc[i,1]:.1f} {voc[i,2]:.1f} {voc[i,3]:.1f}\n" for i in sel))
         paths.append(p)
     return paths
@@ -411,7 +422,8 @@ def read_comp4(path: str | Path, classes: Sequence[str]) -> Detections:
     index = {c: i for i, c in enumerate(classes)}
     parts = []
     for f in files:
-        cls = next((c for c in sorted(classes, key=len, reverse=True) if f.stem.endswith("_" + c)), None)
+        cls = next((c for c in sorted(classes, key=len, reverse=True)
+                    if f.stem.endswith("_" + c) or f.stem.endswith("_" + comp4_name(c))), None)
         if cls is None:
             raise ValueError(f"{f}: file name names no class of {list(classes)}")
         rows = [ln.split() for ln in f.read_text().splitlines() if ln.strip()]

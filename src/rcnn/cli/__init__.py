@@ -14,6 +14,7 @@ from rcnn.cli import features as _features  # noqa: F401
 from rcnn.cli import finetune as _finetune  # noqa: F401
 from rcnn.cli import proposals as _proposals  # noqa: F401
 from rcnn.cli import segmentation as _segmentation  # noqa: F401
+from rcnn.cli import zoo as _zoo  # noqa: F401
 from rcnn.cli.app import app
 
 

@@ -37,13 +37,15 @@ def demo(
     ),
     top_k: int = typer.Option(10, "--top-k", help="At most this many detections per image."),
 ) -> None:
-    """Detect objects with no training: selective search -> ImageNet classifier per region -> readable names.
+    """Detect objects with no training: selective search -> ImageNet classifier per region -> readable names,
+    plus people from the shipped person head (rcnn models).
 
     Writes OUTPUT/<image>.png (annotated), OUTPUT/detections.json (COCO layout) and OUTPUT/index.html. A demonstration of the pipeline; train a real detector with rcnn train.
+
     """
+    from rcnn import zoo
     from rcnn.demo import (
         DemoConfig,
-        ImagenetDetector,
         ImageReport,
         VocabularyError,
         check_writable,
@@ -76,8 +78,9 @@ def demo(
     except OSError as e:
         raise fail(f"output folder {e}", 2) from None
     try:
-        detector = ImagenetDetector(vocab, config)
-    except VocabularyError as e:
+        detector = zoo.load("imagenet", config=config, vocabulary=vocab)
+    except (VocabularyError, zoo.ZooError) as e:
+
         raise fail(str(e), 2) from None
 
     table = Table(title="rcnn demo (imagenet detector, zero training)")

@@ -37,6 +37,11 @@ log = logging.getLogger(__name__)
 ModelArg = Annotated[Path, typer.Argument(help="Model file written by `rcnn train` (.rcnn)")]
 
 
+#: `rcnn detect`'s default threshold on a trained model's SVM scores (rare classes score just below 0)
+SVM_THRESHOLD = -0.5
+
+
+
 class _WarnToConsole(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         err_console.print(f"[yellow]warning:[/] {record.getMessage()}", highlight=False, soft_wrap=True)
@@ -191,15 +196,26 @@ def _write_outputs(dets: Detections, classes, out: Path, split: str) -> None:
     write_comp4(dets, classes, out, split)
 
 
+#: `rcnn detect` options that only a trained model (.rcnn) uses: refused for the zero-training detector
+MODEL_ONLY_OPTIONS = {"no_bbox_reg": "--no-bbox-reg", "flip": "--flip", "relocalize": "--relocalize",
+                      "engine": "--engine", "address": "--address", "workers": "--workers"}
+
+
 @app.command()
 def detect(
-    model_path: Annotated[Path, typer.Argument(help="Model file written by `rcnn train` (.rcnn), or `imagenet` (the "
-                                               "zero-training demo detector, also used when the first argument is an image)")],
+    ctx: typer.Context,
+    model_path: Annotated[Path, typer.Argument(help="Model file written by `rcnn train` (.rcnn), or the name of a shipped "
+                                               "detector (`rcnn models`: imagenet = the zero-training detector, also used "
+                                               "when the first argument is an image; person)")],
     images: Annotated[list[Path] | None, typer.Argument(help="Image files")] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Output folder")] = Path("rcnn-detect"),
-    threshold: Annotated[float, typer.Option("--threshold", "-t", help="Keep detections scoring above this SVM score "
-                                             "(0 = the decision boundary; rare classes, e.g. BCCD's WBC, often score just below it)")] = -0.5,
-    top_k: Annotated[int | None, typer.Option("--top-k", help="At most this many detections per image", show_default="all")] = None,
+    threshold: Annotated[float | None, typer.Option("--threshold", "-t", help="Keep detections scoring above this: an SVM "
+                                                    "score for a trained model (0 = the decision boundary; rare classes, "
+                                                    "e.g. BCCD's WBC, often score just below it), a probability in (0, 1] "
+                                                    "for imagenet", show_default="-0.5 (trained model), 0.5 (imagenet)")] = None,
+    top_k: Annotated[int | None, typer.Option("--top-k", min=1, help="At most this many detections per image",
+                                              show_default="all (trained model), 10 (imagenet)")] = None,
+
     no_png: Annotated[bool, typer.Option("--no-png", help="Skip the annotated PNGs")] = False,
     no_bbox_reg: Annotated[bool, typer.Option("--no-bbox-reg", help="Do not refine boxes with the model's box regressor")] = False,
     flip: FlipOpt = False,
@@ -208,56 +224,81 @@ def detect(
     address: AddressOpt = None,
     workers: WorkersOpt = None,
 ) -> None:
-    """Detect objects in images: COCO results JSON, VOC comp4 files and an annotated PNG per image.
+    """Detect objects in images: COCO results JSON, VOC comp4 files (one per class with detections)
+    and an annotated PNG per image.
 
     Without a trained model (`rcnn detect IMAGE...` or `rcnn detect imagenet IMAGE...`) the
-    zero-training ImageNet-vocabulary detector of `rcnn demo` is used."""
+    zero-training detector of `rcnn demo` is used (the ImageNet vocabulary + the shipped person head);
+    it takes --threshold, --max-detections and --no-png, and refuses the trained-model options.
+    `rcnn detect person IMAGE...` uses the shipped person model (`rcnn models` lists them)."""
+    from rcnn import zoo
     from rcnn.data import IMAGE_SUFFIXES
     from rcnn.detect import detect_image
 
     images = list(images or [])
-    if str(model_path) == "imagenet" or model_path.suffix.lower() in IMAGE_SUFFIXES:
-        if str(model_path) != "imagenet":
+    is_image = model_path.suffix.lower() in IMAGE_SUFFIXES
+    try:  # a shipped detector's name, unless a file of that name exists
+        shipped = None if is_image or model_path.exists() else zoo.manifest().get(str(model_path))
+    except zoo.ZooError as e:
+        raise fail(str(e), 2) from None
+    if is_image or (shipped is not None and shipped.kind == "imagenet"):
+        if is_image:
             images.insert(0, model_path)
-        return _detect_imagenet(images, output, top_k, no_png)
+        # typer vendors its own click: compare the ParameterSource by name
+        given = [flag for name, flag in MODEL_ONLY_OPTIONS.items()
+                 if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")]
+        if given:
+            raise fail(f"{', '.join(given)}: only for a trained model (.rcnn), not the zero-training imagenet detector", 2)
+        return _detect_imagenet("imagenet" if shipped is None else shipped.name, images, output, threshold, top_k, no_png)
     if not images:
         raise fail("no images given: rcnn detect MODEL IMAGE... (or rcnn detect IMAGE... for the ImageNet demo detector)", 2)
     check_engine(engine, address)
     _log_warnings()
-    model = load_model(model_path)
+    try:
+        model = load_model(model_path) if shipped is None else zoo.load_rcnn(shipped.name)
+    except zoo.ZooError as e:
+        raise fail(str(e), 2) from None
+
     if relocalize and (no_bbox_reg or model.bbox_reg is None):
         raise fail(f"--relocalize needs box regression: {model_path} has no box regressor (add one with rcnn bbox-reg)"
                    if model.bbox_reg is None else "--relocalize needs box regression, not --no-bbox-reg", 2)
     source = _source(model, flip=flip)
     # --engine ray: proposals + features on Ray workers into the cache first (rcnn.distributed)
     cached = ray_fill_images(images, source, address, workers) if engine == "ray" else None
+    svm_threshold = SVM_THRESHOLD if threshold is None else threshold
 
     def detect_one(img: np.ndarray, p: Path):
         src = source if cached is None or p.resolve() not in cached else CachedRegions(source, cached[p.resolve()])
-        return detect_image(model, img, src, threshold=threshold, top_k=top_k, bbox_reg=not no_bbox_reg,
+        return detect_image(model, img, src, threshold=svm_threshold, top_k=top_k, bbox_reg=not no_bbox_reg,
                             relocalize_rounds=relocalize)
 
     _detect_images(images, detect_one, model.classes, output, no_png)
 
 
-def _detect_imagenet(images: list[Path], output: Path, top_k: int | None, no_png: bool) -> None:
-    """`rcnn detect` with the zero-training demo detector (rcnn.demo.ImagenetDetector)."""
-    from rcnn.demo import ImagenetDetector
+def _detect_imagenet(name: str, images: list[Path], output: Path, threshold: float | None, top_k: int | None,
+                     no_png: bool) -> None:
+    """`rcnn detect` with the shipped zero-training detector ``name`` (rcnn.zoo.load → rcnn.demo.ImagenetDetector)."""
+    from rcnn import zoo
+    from rcnn.demo import DemoConfig
 
+    settings = {k: v for k, v in (("threshold", threshold), ("max_detections", top_k)) if v is not None}
+    try:
+        config = DemoConfig(**settings)
+    except ValueError as e:
+        raise fail(f"bad option for the imagenet detector: {e}", 2) from None
     if not images:
         raise fail("no images given", 2)
-    det = ImagenetDetector()
-
-    def detect_one(img: np.ndarray, p: Path):
-        b, s, lab = det(img)  # sorted by score
-        return (b[:top_k], s[:top_k], lab[:top_k]) if top_k is not None else (b, s, lab)
-
-    _detect_images(images, detect_one, det.class_names, output, no_png)
+    try:
+        det = zoo.load(name, config=config)
+    except zoo.ZooError as e:
+        raise fail(str(e), 2) from None
+    _detect_images(images, lambda img, p: det(img), det.class_names, output, no_png)
 
 
 def _detect_images(images: list[Path], detect_one, classes: list[str], output: Path, no_png: bool) -> None:
     """Run ``detect_one(image, path) -> (boxes, scores, labels)`` over image files; write COCO JSON,
-    comp4 files and an annotated PNG per image; unreadable files are reported and counted."""
+    comp4 files (only for classes with detections) and an annotated PNG per image; unreadable files
+    are reported and counted."""
     from rcnn.visualize import draw_detections, save_png
 
     output.mkdir(parents=True, exist_ok=True)
@@ -280,7 +321,8 @@ def _detect_images(images: list[Path], detect_one, classes: list[str], output: P
             counts = ", ".join(f"{classes[c]} {int((lab == c).sum())}" for c in np.unique(lab)) or "nothing"
             report(progress, "detect", i + 1, len(images), f"{p.name}: {counts} ({dt:.1f} s)")
     dets = Detections.concat(parts)
-    _write_outputs(dets, classes, output, "detect")
+    write_coco_results(dets, list(range(1, len(classes) + 1)), output / "detections_coco.json")
+    write_comp4(dets, classes, output, "detect", skip_empty=True)
     console.print(f"{len(dets)} detections in {len(parts)} image(s) → {output}")
     if failed:
         raise fail(f"{len(failed)} image(s) could not be read", 1)
