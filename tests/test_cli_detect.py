@@ -156,7 +156,7 @@ class _FakeImagenet:
 
     seen: ClassVar[list] = []
 
-    def __init__(self, vocabulary=None, config=None, heads=()):
+    def __init__(self, vocabulary=None, config=None, heads=(), **parts):
         self.config = config
         self.class_names = ["cat", "tv monitor", "teddy bear"]
         _FakeImagenet.seen.append(config)
@@ -170,7 +170,7 @@ def test_detect_imagenet_honours_threshold_and_max_detections(tmp_path, monkeypa
 
     monkeypatch.setattr(rcnn.demo, "ImagenetDetector", _FakeImagenet)
     img, out = _image(tmp_path), tmp_path / "out"
-    r = runner.invoke(app, ["detect", "imagenet", str(img), "-o", str(out), "--threshold", "0.05", "--max-detections", "3"])
+    r = runner.invoke(app, ["detect", "imagenet", str(img), "-o", str(out), "--threshold", "0.05", "--top-k", "3"])
     assert r.exit_code == 0, r.output
     cfg = _FakeImagenet.seen[-1]
     assert cfg.threshold == 0.05 and cfg.max_detections == 3

@@ -463,7 +463,7 @@ class ModelHead:
         taps = [layer]
         reg_layer = self.model.bbox_reg.layer if self.bbox_reg else None
         if reg_layer is not None:
-            if not self.same_features(self.model.bbox_reg.feature_config()):
+            if not self.same_features(self.source.with_options(self.model.bbox_reg.feature_options).feature_config):
                 raise ValueError("the model's box regressor reads other features than its SVMs: not supported here")
             taps.append(reg_layer)
         out = self.source.extract(image, boxes, list(dict.fromkeys([*taps, *extra_taps])))

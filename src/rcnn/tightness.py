@@ -33,7 +33,7 @@ import numpy as np
 
 from rcnn.bbox_regression import ridge_fit
 from rcnn.boxes import box_area, box_iou
-from rcnn.svm import TARGET_NORM, block_norms, block_scale, scale_from_json, scale_to_json, source_blocks
+from rcnn.sources import TARGET_NORM, block_norms, block_scale, scale_from_json, scale_to_json, source_blocks
 
 #: training regions: IoU with their best ground truth at least this (regions touching an object)
 MIN_OVERLAP = 0.1

@@ -23,7 +23,7 @@ from rcnn._version import __version__
 # `rcnn --help` lists the commands under these panels, in this order (the order of a project's work).
 # A command missing here is listed last under "Other" (tests/test_cli_vocabulary.py fails on it).
 WORKFLOW: dict[str, tuple[str, ...]] = {
-    "Try it": ("demo", "detect"),
+    "Try it": ("demo", "detect", "models"),
     "Data": ("info", "propose", "proposals-recall"),
     "Train": ("backbones", "features", "train", "bbox-reg", "finetune", "softmax-model"),
     "Evaluate & analyse": ("evaluate", "evaluate-dets", "report", "fp-analysis", "sensitivity", "show-warps", "units"),

@@ -14,7 +14,7 @@ def _numbers(numbers: dict) -> str:
 
 @app.command()
 def models() -> None:
-    """List the shipped detectors: `rcnn detect NAME IMAGE...` runs one, `rcnn.zoo.load(NAME)` loads one."""
+    """List the shipped detectors: `rcnn detect NAME IMAGE...` runs one, or load it in Python by name."""
     from rcnn import zoo
 
     try:
