@@ -148,7 +148,8 @@ def own_validation() -> str:
                          f(sc["map_voc07"]), f(sc["coco_map"])])
     ch = doc.get("chosen", {})
     note = (f"Chosen: **{ch['candidate']}, {ch['variant']}** (mean validation mAP {f(ch['mean_val_map'])}; "
-            f"{ch['rule']})." if ch else "")
+            f"{ch['rule']})." if ch else "No choice recorded yet: the validation runs of every dataset have not "
+            "completed.")
     return "\n\n".join([md(["dataset", "detection", "train → val images", "val mAP (VOC07)", "val COCO mAP"],
                             rows, "lllrr"), note,
                          source("own_dataset.json: validation, chosen")])
@@ -166,6 +167,8 @@ def own_test() -> str:
                      + (" (cold cache)" if row.get("cold_cache") else ""),
                      f"{row['feature_cache_mb_per_image']:.2f} MB", f"{row['peak_rss_gb']:.1f} GB",
                      load_avg(row["machine"]["load_avg_1_5_15"])])
+    if not rows:
+        return "*Not measured yet: `python bench/own_dataset.py test` has not completed a dataset.*"
     return "\n\n".join([md(["dataset", "selection", "train images", "test mAP (VOC07)", "test COCO mAP",
                              "training (2 cores)", "cache / image", "peak RSS", "load"], rows, "llrrrlrrr"),
                          source("own_dataset.json: test")])
@@ -180,7 +183,8 @@ def own_speed() -> str:
              f"{doc['region_cache_s_per_image']:.2f} s", f"{doc['region_cache_mb_per_image']:.1f} MB"],
             ["feature extraction, trunk cache (float16 maps, zstd)", f"{doc['trunk_cache_s_per_image']:.2f} s",
              f"{doc['trunk_cache_mb_per_image']:.2f} MB"],
-            ["detection, default BCCD model (proposals, trunk, SVMs, box regression)",
+            ["detection with a default-recipe model (proposals, trunk, SVMs, box regression; the model was "
+             "trained on 2 BCCD images, for timing only)",
              f"{doc['detect_wall_s_per_image']:.2f} s wall / {doc['detect_cpu_s_per_image']:.2f} CPU-s", "–"]]
     return "\n\n".join([md(["per 640×480 image", "time", "cache"], rows, "lrr"),
                          f"{doc['images']} BCCD images (extraction) and {doc['detect_images']} (detection), "
