@@ -71,7 +71,7 @@ class Recipe:
     svm: SVMConfig = field(default_factory=SVMConfig)
     bbox_reg: bool = True  # paper appendix C ("R-CNN BB")
     bbox_lambda: float = LAMBDA
-    relocalize: int = 0  # rounds of iterative localisation at detection (0 = the paper)
+    relocalize: int = 1  # rounds of iterative localisation at detection (0 = the paper; 1 chosen on validation)
     finetune: int = 0  # SGD iterations of fine-tuning before the SVMs (paper §2.3; 0 = frozen ImageNet net)
 
     def __post_init__(self) -> None:
@@ -99,7 +99,7 @@ class Recipe:
 #: regression, image size from the data (chosen on validation splits, ``bench/own_dataset.py``).
 PRESETS: dict[str, Recipe] = {
     "paper": Recipe(name="paper", layer="fc7", mode="warp", grid=6, scales=(1.5,), short_side=None, min_size=None,
-                    bbox_reg=False),
+                    bbox_reg=False, relocalize=0),
     "default": Recipe(),
 }
 
@@ -115,6 +115,8 @@ def recipe(preset: str | Recipe = "default", **overrides) -> Recipe:
     bad = [k for k in overrides if k not in Recipe.__dataclass_fields__]
     if bad:
         raise ValueError(f"unknown recipe setting(s) {bad}")
+    if overrides.get("bbox_reg") is False and overrides.get("relocalize") is None:
+        overrides = {**overrides, "relocalize": 0}  # relocalisation regresses boxes: off with box regression
     return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 

@@ -92,7 +92,7 @@ def train(
     bbox_reg: Annotated[bool | None, typer.Option("--bbox-reg/--no-bbox-reg", help="Train box regressors (paper "
                                                   "appendix C)", show_default="preset: yes (paper: no)")] = None,
     relocalize: Annotated[int | None, typer.Option("--relocalize", min=0, help="Rounds of iterative localisation the "
-                                                   "model applies at detection", show_default="preset: 0")] = None,
+                                                   "model applies at detection", show_default="preset: 1 (paper: 0)")] = None,
     backbone: Annotated[str | None, typer.Option("--backbone", "-b", help="squeezenet1_1, efficientnet_lite0, alexnet, a "
                                                  "torchvision classifier (needs --weights), or 'hog'",
                                                  show_default="preset: squeezenet1_1")] = None,
