@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +23,6 @@ from rcnn.detect import (
 from rcnn.evaluate import evaluate_model, save_pr_curves
 from rcnn.sources import FeatureSource, hog_features
 from rcnn.svm import SVMConfig
-
-sys.path.insert(0, str(Path(__file__).parent))
 from synthetic_regions import CLASSES, SyntheticSource, synthetic_records
 
 

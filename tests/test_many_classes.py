@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +19,6 @@ from rcnn.detect import (
 from rcnn.evaluate import evaluate_model
 from rcnn.scoring import score_topk
 from rcnn.svm import SVMConfig
-
-sys.path.insert(0, str(Path(__file__).parent))
 from synthetic_regions import CLASSES, SyntheticSource, synthetic_records
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +18,6 @@ from rcnn.svm import (
     train_detector,
     train_svm,
 )
-
-sys.path.insert(0, str(Path(__file__).parent))
 from synthetic_regions import CLASSES, SyntheticSource, synthetic_records
 
 
