@@ -518,3 +518,34 @@ def test_cross_name_nms_only_within_a_family():
     assert lab.tolist() == [0]  # one family: one label per object
     _b, s, lab = select_detections(boxes, scores, DemoConfig(threshold=0.5), families=np.array([0, 0, 1]))
     assert lab.tolist() == [0, 2] and s.tolist() == pytest.approx([0.9, 0.7])  # the person keeps its box
+
+
+# Hand-measured on examples/000084.jpg (500x375, the R-CNN release's demo photo; the same file as the
+# VOC sample's JPEGImages/000084.jpg, whose 000084.xml describes another picture — chairs, a sofa and a
+# table — so it cannot serve as the ground truth here): pixel-edge xyxy, read off a 4x crop with a 10-px grid.
+RIDER_084 = (305, 103, 366, 201)  # helmet top to shoe soles, outstretched hand to back
+BICYCLE_084 = (262, 143, 380, 227)  # rear wheel's left edge to front wheel's right edge, handlebar to tyres
+HOUSES_084 = ((127, 145, 262, 258), (380, 183, 500, 252))  # the house fronts left and right of the rider
+
+
+def test_000084_one_person_one_bicycle_nothing_on_the_houses():
+    from conftest import data_path
+    from rcnn import zoo
+    from rcnn.boxes import box_iou
+    from rcnn.data import load_image
+
+    image = load_image(data_path("examples", "000084.jpg"))
+    res = zoo.load("imagenet").detect(image)
+    names = [res.class_names[int(k)] for k in res.labels]
+    for name, truth in (("person", RIDER_084), ("bicycle", BICYCLE_084)):
+        found = res.boxes[[n == name for n in names]]
+        assert len(found) == 1, (name, res.top(10))
+        assert float(box_iou(found, np.array([truth], np.float32))[0, 0]) >= 0.5, (name, found)
+    for b, n in zip(res.boxes, names, strict=True):
+        if n in ("person", "bicycle"):
+            continue
+        x1, y1, x2, y2 = (float(v) for v in b)
+        area = max((x2 - x1) * (y2 - y1), 1e-6)
+        inside = sum(max(0.0, min(x2, hx2) - max(x1, hx1)) * max(0.0, min(y2, hy2) - max(y1, hy1))
+                     for hx1, hy1, hx2, hy2 in HOUSES_084)
+        assert inside < 0.5 * area, f"{n} box {b.tolist()} lies on a house front"

@@ -8,7 +8,8 @@ so no backbone is copied.
 
 * ``imagenet``: the zero-training detector (:class:`rcnn.demo.ImagenetDetector`): the ImageNet
   classifier over selective-search regions, 101 readable names, plus the shipped ``person`` head
-  scoring the same proposals (its SVM scores calibrated to probabilities, Platt scaling).
+  scoring the same proposals (its SVM scores calibrated to probabilities, Platt scaling) and the
+  class-agnostic tightness scorer (:mod:`rcnn.tightness`) reading the head's forward pass.
 * ``person``: an R-CNN person detector (:class:`rcnn.detect.RCNNModel`) trained on Penn-Fudan.
 
 ``load(name)`` returns the detector: an ``ImagenetDetector`` (``detect(image)``) or an
