@@ -372,3 +372,24 @@ def test_shared_mode_caches_trunk_maps_not_regions(tmp_path, monkeypatch, squeez
     path.write_bytes(b"damaged")  # a damaged entry is recomputed, not an error
     runs.clear()
     assert get_trunk_maps(rec, joined, tmp_path).names() == {"trunk", "fire5"} and runs == [["fire5"]]
+
+
+def test_roi_cells_in_threads_equal_one_thread():
+    """Boxes pooled in chunks on several threads give exactly the one-thread cells."""
+    import torch
+
+    from rcnn.features import roi_cells
+
+    rng = np.random.default_rng(0)
+    fmap = torch.from_numpy(rng.standard_normal((1, 8, 20, 30)).astype(np.float32))
+    xy = rng.uniform(0, 400, (300, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(4, 150, (300, 2))], 1).astype(np.float32)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        threaded = roi_cells(fmap, boxes, 3, 16)
+        torch.set_num_threads(1)
+        serial = roi_cells(fmap, boxes, 3, 16)
+    finally:
+        torch.set_num_threads(before)
+    assert threaded.shape == (300, 8, 3, 3) and torch.equal(threaded, serial)

@@ -112,10 +112,19 @@ def train_svm(
     Returns ``w`` ``(D,)`` float32 and the bias ``b`` (already multiplied by ``bias_mult``, as
     ``rcnn_train.m`` does with ``llm.w(end) * bias_mult``).
     """
+    X = np.concatenate([X_pos, X_neg], dtype=np.float64)
+    return fit_liblinear(X, len(X_pos), C, bias_mult, pos_weight, tol, max_iter)
+
+
+def fit_liblinear(
+    X: np.ndarray, num_pos: int, C: float = 1e-3, bias_mult: float = 10.0, pos_weight: float = 2.0,
+    tol: float = 1e-3, max_iter: int = 5000,
+) -> tuple[np.ndarray, float]:
+    """:func:`train_svm` on ``X`` ``(P+M, D)`` float64 whose first ``num_pos`` rows are the positives
+    (the layout liblinear reads, built once by the caller without a float32 copy beside it)."""
     from sklearn.svm import LinearSVC
 
-    X = np.concatenate([X_pos, X_neg]).astype(np.float64, copy=False)
-    y = np.concatenate([np.ones(len(X_pos)), -np.ones(len(X_neg))])
+    y = np.concatenate([np.ones(num_pos), -np.ones(len(X) - num_pos)])
     # fit_intercept + intercept_scaling = liblinear's -B: a constant feature whose weight is
     # regularised like the rest (sklearn docs), i.e. exactly the released bias_mult trick.
     clf = LinearSVC(
@@ -212,10 +221,34 @@ def negative_overlaps(boxes: np.ndarray, record: ImageRecord, num_classes: int) 
     return ov
 
 
+def scaled_rows(parts: Sequence[np.ndarray], scale: Scale, dtype=np.float32, chunk: int = 1024) -> np.ndarray:
+    """Rows of ``parts`` (each ``(n_i, D)`` unscaled features, any float dtype) stacked and multiplied
+    by ``scale`` in float32 — the values training sees — as one ``(sum n_i, D)`` array of ``dtype``.
+    Built chunk by chunk, so a float64 copy for liblinear never has a float32 twin beside it."""
+    D = next((p.shape[1] for p in parts if p.ndim == 2), 0)
+    out = np.empty((sum(len(p) for p in parts), D), dtype)
+    i = 0
+    for p in parts:
+        for s in range(0, len(p), chunk):
+            block = p[s : s + chunk]
+            out[i : i + len(block)] = np.asarray(block, np.float32) * scale
+            i += len(block)
+    return out
+
+
+def _scaled_scores(X: np.ndarray, scale: Scale, w: np.ndarray, bias: float, chunk: int = 4096) -> np.ndarray:
+    """``(N,)`` float32 scores ``(X * scale) @ w + bias`` of unscaled rows ``X`` ``(N, D)``, chunk by chunk."""
+    return np.concatenate([scaled_rows([X[s : s + chunk]], scale) @ w + bias for s in range(0, len(X), chunk)]
+                          or [np.zeros(0, np.float32)])
+
+
 @dataclass
 class _ClassCache:
+    """One class's training regions, stored *unscaled* in the source's dtype (float16 for CNN
+    features: half the memory of the scaled float32 rows, and the same values once scaled)."""
+
     X_pos: np.ndarray
-    X_neg: np.ndarray  # (M, D) float32
+    X_neg: np.ndarray  # (M, D) unscaled, the source's dtype
     keys: np.ndarray  # (M, 2) int64 (image index, row)
     pending_X: list = field(default_factory=list)
     pending_keys: list = field(default_factory=list)
@@ -287,7 +320,7 @@ def train_detector(
     for i, r in enumerate(records):
         keep = ~r.difficult.astype(bool)
         if keep.any():
-            f = np.asarray(source.gt_features(r), np.float32) * scale
+            f = np.asarray(source.gt_features(r))
             D = f.shape[1]
             for c in range(C):
                 m = keep & (r.labels == c)
@@ -297,14 +330,14 @@ def train_detector(
     if D is None:
         _, f = source.regions(records[0])
         D = f.shape[1]
-    X_pos = [np.concatenate(p) if p else np.zeros((0, D), np.float32) for p in pos]
+    X_pos = [np.concatenate(p) if p else np.zeros((0, D), np.float16) for p in pos]  # unscaled
     trained = np.array([len(x) > 0 for x in X_pos])
     for c in np.nonzero(~trained)[0]:
         msg = f"class {classes[c]!r} has no (non-difficult) positives in the training images: skipped, it will never be detected"
         log.warning(msg)
         warn.append(msg)
 
-    caches = [_ClassCache(X_pos[c], np.zeros((0, D), np.float32), np.zeros((0, 2), np.int64)) for c in range(C)]
+    caches = [_ClassCache(X_pos[c], np.zeros((0, D), X_pos[c].dtype), np.zeros((0, 2), np.int64)) for c in range(C)]
     max_neg = max(1, int(config.max_cache_mb * 1e6 / (4 * D)))
     W = np.zeros((D, C), np.float32)
     b = np.zeros(C, np.float32)
@@ -315,12 +348,15 @@ def train_detector(
         if len(cache.X_neg) == 0 or len(cache.X_pos) == 0:
             return
         ts = time.perf_counter()
-        w, bias = train_svm(cache.X_pos, cache.X_neg, config.C, config.bias_mult, config.pos_weight, config.tol, config.max_iter)
+        P = len(cache.X_pos)
+        X = scaled_rows([cache.X_pos, cache.X_neg], scale, np.float64)
+        w, bias = fit_liblinear(X, P, config.C, config.bias_mult, config.pos_weight, config.tol, config.max_iter)
+        obj = svm_objective(w, bias, X[:P], X[P:], config.C, config.bias_mult, config.pos_weight)
+        del X
         W[:, c], b[c] = w, bias
         cache.num_added = 0
-        zp = cache.X_pos @ w + bias
-        zn = cache.X_neg @ w + bias
-        obj = svm_objective(w, bias, cache.X_pos, cache.X_neg, config.C, config.bias_mult, config.pos_weight)
+        zp = _scaled_scores(cache.X_pos, scale, w, bias)
+        zn = _scaled_scores(cache.X_neg, scale, w, bias)
         entry = {
             "image": image_index + 1, "objective": obj.total, "pos_loss": obj.pos, "neg_loss": obj.neg, "reg_loss": obj.reg,
             "num_pos": len(cache.X_pos), "num_neg": len(cache.X_neg),
@@ -346,14 +382,14 @@ def train_detector(
     n = len(records)
     for epoch in range(config.passes):
         for i, r in enumerate(records):
-            boxes, feats = source.regions(r)
+            boxes, raw = source.regions(r)
             boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
-            feats = np.asarray(feats, np.float32)
+            raw = np.asarray(raw)
             if len(r.boxes):  # ground-truth boxes are candidate negatives for the other classes
-                gtf = np.asarray(source.gt_features(r), np.float32)
+                gtf = np.asarray(source.gt_features(r))
                 boxes = np.concatenate([r.boxes.astype(np.float32), boxes])
-                feats = np.concatenate([gtf, feats]) if len(feats) else gtf
-            feats = feats * scale
+                raw = np.concatenate([gtf, raw]) if len(raw) else gtf
+            feats = np.asarray(raw, np.float32) * scale
             last = epoch == config.passes - 1 and i == n - 1
             if len(boxes):
                 ov = negative_overlaps(boxes, r, C)
@@ -373,12 +409,13 @@ def train_detector(
                             idx = np.sort(rng.permutation(idx)[: config.max_new_neg_per_image])
                     if len(idx):
                         cache = caches[c]
-                        cache.pending_X.append(feats[idx])
+                        cache.pending_X.append(raw[idx])
                         k = np.stack([np.full(len(idx), i, np.int64), idx.astype(np.int64)], axis=1)
                         cache.pending_keys.append(k)
                         if config.passes > 1:
                             cache.key_set.update(map(tuple, k))
                         cache.num_added += len(idx)
+            del raw, feats  # this image's regions (hundreds of MB for hypercolumns) before any retraining
             for c in np.nonzero(trained)[0]:
                 cache = caches[c]
                 if first_time or cache.num_added > config.retrain_limit or last:
