@@ -22,8 +22,8 @@ from pathlib import Path
 from PIL import Image
 
 from rcnn.analysis.report import ReportInputs, write_report
+from rcnn.analysis.units import run_units
 from rcnn.cache import cache_dir, save_json
-from rcnn.cli.analysis import run_units
 from rcnn.data import load_dataset
 from rcnn.detect import RCNNModel, detect_dataset, fit
 from rcnn.features import FeatureConfig, get_features

@@ -720,6 +720,28 @@ def check_writable(out_dir: str | Path) -> Path:
     return out
 
 
+def demo_inputs(images: str | Path | None, vocabulary: str | Path | None, out_dir: str | Path,
+                ) -> tuple[list[ImageSource], Vocabulary | None]:
+    """``rcnn demo``'s inputs, checked before any slow work and before ``out_dir`` is created (a
+    refused run leaves nothing behind): the photos of ``images`` (a folder or one file; None:
+    :func:`sample_images`) and the vocabulary file (None: the built-in one), then
+    :func:`check_writable` of ``out_dir``. ``ValueError`` (one line) for any problem."""
+    if images is not None:
+        if not Path(images).exists():
+            raise ValueError(f"{images}: no such file or folder")
+        sources = folder_images(images)
+        if not sources:
+            raise ValueError(f"{images}: folder is empty, no images to run on")
+    else:
+        sources = sample_images()
+    vocab = load_vocabulary(vocabulary) if vocabulary is not None else None
+    try:
+        check_writable(out_dir)
+    except OSError as e:
+        raise ValueError(f"output folder {e}") from None
+    return sources, vocab
+
+
 # ----------------------------------------------------------------------------- outputs
 
 
@@ -946,6 +968,7 @@ __all__ = [
     "check_writable",
     "coco_document",
     "contact_sheet",
+    "demo_inputs",
     "fit_platt",
     "folder_images",
     "group_detections",

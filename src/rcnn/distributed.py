@@ -325,11 +325,37 @@ def extract_dataset(
     return summary
 
 
+def extract_images(paths: Sequence[str | Path], proposal_config, feature_config, address: str | None = None,
+                   workers: int | None = None, progress: ProgressFn | None = None,
+                   ) -> tuple[dict[Path, ImageRecord], list[EngineSummary]]:
+    """Fill the caches of loose image files on Ray (:func:`extract_dataset` with ``engine="ray"``,
+    one dataset per folder, all in one Ray session). Returns ``{resolved path: ImageRecord}`` of
+    the images that did not fail (their cache id is the file name: ``a.jpg`` and ``a.png`` of one
+    folder stay apart) and one summary per folder (its ``failed``: one line per image)."""
+    import numpy as np
+
+    groups: dict[Path, list[ImageRecord]] = {}
+    for p in paths:
+        p = Path(p).resolve()
+        e = np.zeros((0, 4), np.float32)
+        groups.setdefault(p.parent, []).append(ImageRecord(p.name, p, 0, 0, e, np.zeros(0, np.int64), np.zeros(0, bool)))
+    records: dict[Path, ImageRecord] = {}
+    summaries = []
+    with ray_session(address, workers):
+        for parent, recs in groups.items():
+            s = extract_dataset(Dataset(parent, None, [], recs), proposal_config, feature_config, engine="ray",
+                                address=address, workers=workers, progress=progress)
+            summaries.append(s)
+            bad = {m.split(":", 1)[0] for m in s.failed}
+            records.update({r.path: r for r in recs if str(r.path) not in bad})
+    return records, summaries
+
+
 def _subset(dataset: Dataset, records: Sequence[ImageRecord]) -> Dataset:
     from dataclasses import replace
 
     return replace(dataset, records=list(records))
 
 
-__all__ = ["DEFAULT_RAY_CPUS", "ENGINES", "EngineSummary", "extract_dataset", "ray_available", "ray_session",
+__all__ = ["DEFAULT_RAY_CPUS", "ENGINES", "EngineSummary", "extract_dataset", "extract_images", "ray_available", "ray_session",
            "ray_task_overhead"]

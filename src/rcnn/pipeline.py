@@ -20,17 +20,28 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from rcnn.bbox_regression import LAMBDA, attach, train_box_regressor
+from rcnn.bbox_regression import LAMBDA, MIN_IOU, BoxRegressor, attach, train_box_regressor
+from rcnn.cache import save_json
 from rcnn.data import Dataset, ImageReadError, ImageRecord, load_dataset, load_image
 from rcnn.detect import DetectStats, ModelError, RCNNModel, detect_dataset, detect_image, fit
-from rcnn.evaluate import Detections, EvalResult, coco_metrics, evaluate_model
+from rcnn.evaluate import (
+    CocoMetrics,
+    Detections,
+    EvalResult,
+    coco_metrics,
+    evaluate_model,
+    save_pr_curves,
+    write_coco_results,
+    write_comp4,
+)
 from rcnn.features import FeatureConfig, check_layer, features_for_dataset
-from rcnn.progress import ProgressFn
+from rcnn.progress import ProgressFn, report
 from rcnn.proposals import ProposalConfig, propose_dataset
 from rcnn.sources import CNNFeatures, HOGFeatures
 from rcnn.svm import SVMConfig
@@ -376,6 +387,19 @@ def _finetuned(rec: Recipe, ds: Dataset, pc: ProposalConfig, fc: FeatureConfig, 
     return fc, CNNFeatures(pc, fc, ds.root, backbone=fc.backbone_obj())
 
 
+def add_box_regressor(model: RCNNModel, ds: Dataset, layer: str = "pool5", lam: float = LAMBDA,
+                      min_iou: float = MIN_IOU, progress: ProgressFn | None = None,
+                      ) -> tuple[BoxRegressor, PrepareSummary]:
+    """Train per-class box regressors (paper appendix C) on the ``layer`` features of the model's
+    network over ``ds`` (proposal and feature caches filled first; unreadable images left out)
+    and attach them to ``model``. Returns the regressor and what filling the caches did."""
+    reg_src = model.feature_source(ds.root).with_layer(layer)
+    prep = prepare(ds, reg_src.proposal_config, reg_src.feature_config, None, progress)
+    reg = train_box_regressor(ds.records, model.classes, reg_src, lam=lam, min_iou=min_iou)
+    attach(model, reg)
+    return reg, prep
+
+
 # ------------------------------------------------------------------ evaluation
 
 
@@ -391,6 +415,9 @@ class Evaluation:
     images: int
     failed: list[str]
     warnings: list[str]
+    no_proposals: list[str] = field(default_factory=list)  # image ids without a region proposal
+    prepare: PrepareSummary | None = None  # the caches filled first (its ``failed``: images left out)
+    coco_metrics: CocoMetrics | None = None  # ``coco`` as computed (``line()`` for one printed line)
 
     @property
     def map(self) -> float:
@@ -408,15 +435,16 @@ class Evaluation:
 def evaluate(model: Detector | RCNNModel | str | Path, data: Dataset | str | Path, split: str | None = "test",
              metric: str = "voc07", *, relocalize: int | None = None, threshold: float | None = None,
              bbox_reg: bool = True, flip: bool = False, workers: int | None = None,
-             progress: ProgressFn | None = None) -> Evaluation:
+             progress: ProgressFn | None = None, source=None) -> Evaluation:
     """Detect on every image of ``split`` (proposals and features from the caches, filled first) and
     score: VOC AP (``metric`` ``voc07`` or ``voc2010``) and COCO mAP@[.5:.95] / AP50 / AP75.
     ``relocalize``: rounds of iterative localisation (None: the model's recipe); ``bbox_reg=False``
-    scores the proposals' own boxes; ``flip``: test-time flip averaging (CNN features only)."""
+    scores the proposals' own boxes; ``flip``: test-time flip averaging (CNN features only);
+    ``source``: the model's feature source for the dataset, when the caller built it already."""
     det = model if isinstance(model, Detector) else Detector(model if isinstance(model, RCNNModel) else
                                                              RCNNModel.load(model))
     ds = open_dataset(data, split)
-    src = det.model.feature_source(ds.root, flip=True if flip else None)
+    src = source or det.model.feature_source(ds.root, flip=True if flip else None)
     pc = det.model.proposal_config()
     prep = prepare(ds, pc, getattr(src, "feature_config", None), workers, progress)
     stats = DetectStats()
@@ -426,9 +454,99 @@ def evaluate(model: Detector | RCNNModel | str | Path, data: Dataset | str | Pat
     dets = detect_dataset(det.model, ds, src, threshold=threshold, stats=stats, bbox_reg=bbox_reg,
                           relocalize_rounds=rounds, progress=progress)
     result, warnings = evaluate_model(det.model, ds, dets, metric)
-    coco = coco_metrics(ds, dets, det.model.classes).as_dict()
-    return Evaluation(result, coco, dets, stats.seconds_per_image, stats.images, prep.failed + stats.failed, warnings)
+    coco = coco_metrics(ds, dets, det.model.classes)
+    return Evaluation(result, coco.as_dict(), dets, stats.seconds_per_image, stats.images, prep.failed + stats.failed,
+                      warnings, stats.no_proposals, prep, coco)
 
 
-__all__ = ["PRESETS", "Detector", "Evaluation", "Geometry", "ImageDetections", "ImageReadError", "PrepareSummary",
-           "Recipe", "check_recipe", "data_geometry", "evaluate", "load", "prepare", "recipe", "resolve", "train"]
+def write_detections(dets: Detections, classes: Sequence[str], out_dir: str | Path, split: str,
+                     skip_empty: bool = False) -> None:
+    """``out_dir/detections_coco.json`` (category ids 1..len(classes)) and the VOC comp4 files of
+    ``split`` (``skip_empty``: only for classes with detections)."""
+    write_coco_results(dets, list(range(1, len(classes) + 1)), Path(out_dir) / "detections_coco.json")
+    write_comp4(dets, classes, out_dir, split, skip_empty=skip_empty)
+
+
+def write_evaluation(ev: Evaluation, classes: Sequence[str], out_dir: str | Path, meta: dict) -> list[Path]:
+    """``out_dir/results.json`` (AP table, COCO metrics, ``meta``, warnings, timing), one PR-curve
+    PNG per class with a defined AP, and the detections (:func:`write_detections` of
+    ``meta["split"]``). Returns the PR-curve paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_json(out_dir / "results.json", {**ev.result.as_dict(), "coco": ev.coco, **meta, "warnings": ev.warnings,
+                                         "images": ev.images, "seconds_per_image_cached": ev.seconds_per_image,
+                                         "no_proposals": ev.no_proposals})
+    pngs = save_pr_curves(ev.result, out_dir)
+    write_detections(ev.detections, classes, out_dir, meta["split"])
+    return pngs
+
+
+# ------------------------------------------------------------------ image files
+
+
+@dataclass
+class FileDetections:
+    """What :func:`detect_files` did: the detections (image ids: file stems) and the files it
+    could not read (one line each)."""
+
+    detections: Detections
+    images: int
+    failed: list[str]
+
+
+def detect_files(images: Sequence[Path], detect_one: Callable[[np.ndarray, Path], tuple], classes: Sequence[str],
+                 out_dir: Path, png: bool = True, progress: ProgressFn | None = None,
+                 on_error: Callable[[str], None] | None = None) -> FileDetections:
+    """Run ``detect_one(rgb uint8 (H,W,3) image, path) -> (boxes (K,4) xyxy px, scores (K,), labels
+    (K,) indices into classes)`` over image files, into ``out_dir``: COCO results JSON, comp4 files
+    (only classes with detections) and, with ``png``, an annotated PNG per image. An unreadable
+    file is passed to ``on_error`` (one line) and skipped."""
+    from rcnn.visualize import draw_detections, save_png
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    parts, failed = [], []
+    for i, p in enumerate(images):
+        try:
+            img = load_image(p)
+        except ImageReadError as e:
+            failed.append(str(e))
+            if on_error is not None:
+                on_error(str(e))
+            report(progress, "detect", i + 1, len(images))
+            continue
+        t0 = time.perf_counter()
+        b, s, lab = detect_one(img, p)
+        dt = time.perf_counter() - t0
+        parts.append(Detections(np.array([p.stem] * len(s), dtype=object), b, s, lab))
+        if png:
+            save_png(out_dir / f"{p.stem}.png", draw_detections(img, b, lab, s, classes))
+        counts = ", ".join(f"{classes[c]} {int((lab == c).sum())}" for c in np.unique(lab)) or "nothing"
+        report(progress, "detect", i + 1, len(images), f"{p.name}: {counts} ({dt:.1f} s)")
+    dets = Detections.concat(parts)
+    write_detections(dets, classes, out_dir, "detect", skip_empty=True)
+    return FileDetections(dets, len(parts), failed)
+
+
+__all__ = [
+    "PRESETS",
+    "Detector",
+    "Evaluation",
+    "FileDetections",
+    "Geometry",
+    "ImageDetections",
+    "ImageReadError",
+    "PrepareSummary",
+    "Recipe",
+    "add_box_regressor",
+    "check_recipe",
+    "data_geometry",
+    "detect_files",
+    "evaluate",
+    "load",
+    "prepare",
+    "recipe",
+    "resolve",
+    "train",
+    "write_detections",
+    "write_evaluation",
+]

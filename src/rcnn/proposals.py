@@ -38,7 +38,16 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from rcnn.cache import cache_dir, dir_size_mb, file_sha256, load_npz, safe_filename, save_npz, settings_hash
+from rcnn.cache import (
+    cache_dir,
+    dir_size_mb,
+    file_sha256,
+    load_npz,
+    safe_filename,
+    save_json,
+    save_npz,
+    settings_hash,
+)
 from rcnn.data import Dataset, ImageReadError, ImageRecord, load_image
 from rcnn.progress import ProgressFn, report
 
@@ -570,6 +579,23 @@ def proposal_recall(
         per_class=per_class,
         curve=curve,
     )
+
+
+def dataset_recall(ds: Dataset, config: ProposalConfig, json_path: str | Path, png_path: str | Path,
+                   meta: dict | None = None, title: str = "", workers: int | None = None,
+                   progress: ProgressFn | None = None) -> tuple[ProposalSummary, RecallResult]:
+    """Fill the proposal cache of ``ds`` (:func:`propose_dataset`) and measure the proposals' recall
+    (:func:`proposal_recall`) over the images that could be read; write the result as JSON to
+    ``json_path`` (``meta`` first, then ``config`` and ``cache_mb``) and the recall-vs-#proposals
+    curve as a PNG to ``png_path``. Returns the cache summary (its ``failed`` were left out) and
+    the recall."""
+    s = propose_dataset(ds, config, workers=workers, progress=progress)
+    failed = {i for i, _ in s.failed}
+    recs = [r for r in ds.records if r.image_id not in failed]
+    res = proposal_recall(recs, [get_proposals(r, config, ds.root) for r in recs], ds.classes)
+    save_json(json_path, {**(meta or {}), "config": config.describe(), "cache_mb": s.cache_mb, **res.as_dict()})
+    plot_recall_curve({config.mode: res}, png_path, title=title)
+    return s, res
 
 
 def plot_recall_curve(

@@ -22,9 +22,11 @@ otherwise (TIDE's ``Dupe`` fix).
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -412,3 +414,15 @@ def dap_figure(analysis: FPAnalysis, path, title: str = "AP gained by fixing eac
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
+
+
+def write_fp_analysis(analysis: FPAnalysis, out_dir: str | Path) -> tuple[Path, Path, Path]:
+    """``fp_types.png`` (:func:`fp_figure`), ``dap.png`` (:func:`dap_figure`) and
+    ``fp_analysis.json`` (every number) in ``out_dir`` (created); returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = out / "fp_types.png", out / "dap.png", out / "fp_analysis.json"
+    fp_figure(analysis, paths[0])
+    dap_figure(analysis, paths[1])
+    paths[2].write_text(json.dumps(analysis.as_dict(), indent=1))
+    return paths

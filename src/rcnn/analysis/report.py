@@ -19,10 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
+from rcnn.analysis.detections import detections_of, named
 from rcnn.analysis.fp import FP_TYPES, LOC, TP, FPAnalysis, analyze_false_positives, dap_figure, fp_figure
 from rcnn.analysis.sensitivity import SensitivityResult, sensitivity, sensitivity_figure, subsets_figure
+from rcnn.analysis.units import run_units
 from rcnn.data import Dataset, ImageReadError, ImageRecord, load_image
+from rcnn.detect import DetectStats
 from rcnn.evaluate import Detections, EvalResult, evaluate_detections
+from rcnn.progress import ProgressFn
 
 log = logging.getLogger(__name__)
 
@@ -281,3 +285,66 @@ performing subset of each characteristic (paper Figure 5); dashed: overall norma
 <div class="row">{units}</div>
 </body></html>
 """
+
+
+def _report_detections(model: Path, ds: Dataset, progress: ProgressFn | None,
+                       ) -> tuple[Dataset, Detections, object | None, dict[str, str]]:
+    """The report's detections; images a model cannot read are left out of the dataset (as
+    ``rcnn evaluate`` does: not counted as misses), each with one warning, and returned as
+    ``{image id: reason}``."""
+    stats = DetectStats()
+    dets, m = detections_of(model, ds, stats, progress)
+    skipped: dict[str, str] = {}
+    for r in ds.records:
+        msg = next((f for f in stats.failed if f.startswith(f"{r.path}:")), None)
+        if msg is not None:
+            skipped[r.image_id] = msg
+            log.warning("%s; left out of the report", msg)
+    if skipped:
+        ds = replace(ds, records=[r for r in ds.records if r.image_id not in skipped])
+    return ds, dets, m, skipped
+
+
+def _readable(records: list[ImageRecord], skipped: dict[str, str]) -> list[ImageRecord]:
+    """The records whose image can be read; the others are added to ``skipped`` with one warning."""
+    out = []
+    for r in records:
+        try:
+            load_image(r.path)
+            out.append(r)
+        except ImageReadError as e:
+            skipped[r.image_id] = str(e)
+            log.warning("%s; left out of the unit grids and pictures", e)
+    return out
+
+
+def report_for(model: Path, ds: Dataset, out_dir: str | Path, compare: Sequence[str] = (), units: str = "auto",
+               unit_images: int = 20, backbone: str | None = None, groups: dict[str, tuple[str, ...]] | None = None,
+               metric: str = "voc07", samples: int = 4, progress: ProgressFn | None = None) -> Path:
+    """``rcnn report``: :func:`write_report` for a model file or detections file ``model`` on
+    ``ds``, with the ``compare`` models/detections (``NAME=PATH`` or ``PATH``) in the sensitivity
+    plot and, unless ``units`` is ``"none"``, pool5 unit grids over the first ``unit_images``
+    readable images (of the model, or of ``backbone`` when ``model`` is a detections file).
+    Images that cannot be read are left out with one warning each. Returns the HTML path."""
+    out = Path(out_dir)
+    ds, dets, m, skipped = _report_detections(model, ds, progress)
+    others = []
+    for spec in compare:
+        name, path = named(spec)
+        stats = DetectStats()
+        others.append((name, detections_of(path, ds, stats, progress)[0]))
+        for msg in stats.failed:
+            log.warning("%s", msg)
+    out.mkdir(parents=True, exist_ok=True)
+    notes = [f"Detections: {model} ({len(dets)} boxes)."]
+    unit_grids = []
+    source = str(model) if m is not None else backbone
+    if units != "none" and source:
+        recs = _readable(ds.records[:unit_images] if unit_images else ds.records, skipped)
+        path, us, _ = run_units(source, replace(ds, records=recs), units, out / "units.png", 16, None,
+                                progress=progress)
+        unit_grids.append((f"Top 16 activations of {len(us)} pool5 units over {len(recs)} images", path))
+    elif units != "none":
+        notes.append("No unit grids: MODEL is a detections file; pass --backbone to add them.")
+    return write_report(ReportInputs(model.stem, ds, dets, metric, groups, others, unit_grids, notes, samples, skipped),
+                        out)

@@ -18,9 +18,11 @@ where the dataset annotates them, ``truncation``, ``occlusion`` and ``viewpoint`
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -282,3 +284,17 @@ def subsets_figure(result: SensitivityResult, path):
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
+
+
+def write_sensitivity(results: Sequence[SensitivityResult], out_dir: str | Path) -> Path:
+    """``sensitivity.png`` (all results, :func:`sensitivity_figure`), one
+    ``sensitivity_subsets_<model>.png`` per result with characteristics and ``sensitivity.json``
+    in ``out_dir`` (created); returns the first PNG's path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sensitivity_figure(results, out / "sensitivity.png")
+    for r in results:
+        if r.characteristics:
+            subsets_figure(r, out / f"sensitivity_subsets_{r.model}.png")
+    (out / "sensitivity.json").write_text(json.dumps([r.as_dict() for r in results], indent=1))
+    return out / "sensitivity.png"

@@ -412,3 +412,69 @@ def render_units(
                                    title=u.label()))
              for u in units]
     return Path(units_figure(grids, out_path, title)), top
+
+
+class UnitsError(ValueError):
+    """A units spec that cannot be drawn: unparsable, or units outside the network's pool5."""
+
+
+def feature_settings(model_or_backbone: str, weights: str | None = None, mode: str | None = None):
+    """``(FeatureConfig, ProposalConfig, model or None)`` of a model file (its features, ``mode``
+    overriding its mode) or of a backbone name (``mode`` default warp, the paper's).
+    ``ValueError`` (one line) for a HOG model, a path that is not a model, an unknown backbone."""
+    from dataclasses import replace
+
+    from rcnn.analysis.detections import is_model
+    from rcnn.detect import RCNNModel
+    from rcnn.features import FeatureConfig
+    from rcnn.proposals import ProposalConfig
+    from rcnn.sources import HOG_BACKBONE, CNNFeatures
+
+    p = Path(model_or_backbone)
+    if is_model(p):
+        model = RCNNModel.load(p)
+        if model.backbone == HOG_BACKBONE:
+            raise ValueError(f"{p}: a HOG model has no CNN units to visualise")
+        fc = CNNFeatures.from_options(model.proposal_config(), model.feature_options).feature_config
+        if mode:
+            fc = replace(fc, mode=mode)
+        return fc, model.proposal_config(), model
+    if p.exists():
+        raise ValueError(f"{p}: not a model file (a folder or a detections file; expected e.g. .rcnn)")
+    try:
+        fc = FeatureConfig(backbone=model_or_backbone, weights=weights, mode=mode or "warp")
+        fc.backbone_obj()
+    except Exception as e:
+        raise ValueError(f"{model_or_backbone}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return fc, ProposalConfig(), None
+
+
+def run_units(model_or_backbone: str, ds, units_spec: str, out_path, top: int = TOP_K, max_images: int | None = None,
+              weights: str | None = None, mode: str | None = None, cache: bool = False,
+              progress: ProgressFn | None = None) -> tuple[Path, list[Unit], dict[Unit, list[Hit]]]:
+    """Top-``top`` activation grids of pool5 units over the first ``max_images`` images of ``ds``
+    (all if None) as one PNG at ``out_path`` (``rcnn units``, ``rcnn report``). ``units_spec``:
+    ``"auto"`` (a model's highest-weighted units, a backbone's most active ones) or
+    :func:`parse_units`' format. Returns (PNG path, units, hits); :class:`UnitsError` for a bad
+    spec, ``ValueError`` for unusable settings (:func:`feature_settings`)."""
+    fc, pc, model = feature_settings(model_or_backbone, weights, mode)
+    fc, bb, features = pool5_source(fc, pc, ds.root, cache)
+    recs = ds.records[:max_images] if max_images else ds.records
+    grid = fc.grid
+    if units_spec == "auto":
+        if model is not None:
+            units = auto_units(model, bb, grid)
+        else:
+            units = backbone_units_by_max(tracked(recs, progress, "finding the most active units"), features, grid)
+    else:
+        try:
+            units = parse_units(units_spec, grid)
+        except ValueError as e:
+            raise UnitsError(str(e)) from None
+    channels = bb.dim("pool5", grid) // (grid * grid)
+    bad = [u.label() for u in units if u.channel >= channels]
+    if bad:
+        raise UnitsError(f"{bad} outside the {channels} channels of {bb.name}'s pool5")
+    path, hits = render_units(recs, features, units, bb, fc, out_path, k=top, progress=progress,
+                              title=f"Top activations of pool5 units — {bb.name}, {fc.mode} mode, {len(recs)} images")
+    return path, units, hits

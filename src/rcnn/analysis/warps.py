@@ -119,3 +119,18 @@ def warps_figure(crops: np.ndarray, path, title: str, caption: str, cols: int = 
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
+
+
+def show_warps(dataset: Dataset, class_name: str, n: int, seed: int, feature_config, proposal_config, path) -> str:
+    """``rcnn show-warps``: :func:`sample_regions` of ``class_name`` (with proposals when
+    ``proposal_config`` is given) warped as ``feature_config``'s extractor warps them, drawn
+    as one PNG at ``path``; returns the figure's caption."""
+    bb = feature_config.backbone_obj()
+    samples = sample_regions(dataset, class_name, n, seed, proposal_config)
+    crops = warp_samples(samples, bb.input_size, feature_config.context_pad, feature_config.method, bb.mean_rgb(),
+                         bb.interpolation)
+    caption = (f"{len(crops)} random {'ground-truth' if proposal_config is None else 'ground-truth and proposal'} "
+               f"regions from {len({r.image_id for r, _ in samples})} images, {feature_config.method} to "
+               f"{bb.input_size}×{bb.input_size}, context {feature_config.context_pad} px ({bb.name})")
+    warps_figure(crops, path, f"Warped training samples: {class_name}", caption)
+    return caption

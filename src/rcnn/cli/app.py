@@ -130,3 +130,13 @@ def load_model(path: Path, load: Callable[[Path], Any] | None = None) -> Any:
         return load(path)
     except ValueError as e:
         raise fail(str(e), 2) from None
+
+
+def open_dataset(path: Path, split: str | None):
+    """The dataset at ``path`` (:func:`rcnn.data.load_dataset`), or exit (code 2) with one clear error line."""
+    from rcnn.data import AnnotationError, load_dataset
+
+    try:
+        return load_dataset(path, split)
+    except (FileNotFoundError, ValueError, AnnotationError) as e:
+        raise fail(str(e), 2) from None

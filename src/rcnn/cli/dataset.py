@@ -4,31 +4,17 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 import numpy as np
 import typer
 from rich.table import Table
 
 from rcnn.cache import save_json
-from rcnn.cli.app import app, console, fail
-from rcnn.data import AnnotationError, holdout_split, load_dataset
-from rcnn.evaluate import METRICS, coco_metrics, evaluate_detections, read_detections
-
-DatasetArg = Annotated[Path, typer.Argument(help="Dataset root (VOC, PASCAL v1.00 or YOLO layout), a YOLO data.yaml, "
-                                            "or a COCO .json")]
-SplitOpt = Annotated[str | None, typer.Option("--split", "-s", help="Split name (VOC: ImageSets/Main/<split>.txt; YOLO: "
-                                              "data.yaml train/val/test or images/<split>/)", show_default="all images")]
-MetricOpt = Annotated[Literal[METRICS], typer.Option("--metric", help="AP metric of the VOC devkit "
-                                                     "(voc07: 11-point interpolated; voc2010: area under the curve)")]
-
-
-def open_dataset(path: Path, split: str | None):
-    """Load a dataset or exit with one clear error line."""
-    try:
-        return load_dataset(path, split)
-    except (FileNotFoundError, ValueError, AnnotationError) as e:
-        raise fail(str(e), 2) from None
+from rcnn.cli.app import app, console, fail, open_dataset
+from rcnn.cli.options import DatasetArg, MetricOpt, SplitOpt
+from rcnn.data import holdout_split
+from rcnn.evaluate import coco_metrics, evaluate_detections, read_detections
 
 
 def _class_counts(records) -> Counter:

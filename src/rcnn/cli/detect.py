@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Literal
@@ -12,34 +11,34 @@ import numpy as np
 import typer
 from rich.table import Table
 
-from rcnn.cache import save_json
-from rcnn.cli.app import app, console, err_console, fail, load_model
-from rcnn.cli.dataset import DatasetArg, MetricOpt, open_dataset, print_ap_table
-from rcnn.cli.engine import (
+from rcnn.cli.app import app, console, err_console, fail, load_model, open_dataset
+from rcnn.cli.dataset import print_ap_table
+from rcnn.cli.engine import check_engine, ray_extract, ray_fill_images
+from rcnn.cli.options import (
     AddressOpt,
+    DatasetArg,
     EngineOpt,
-    check_engine,
-    ray_extract,
-    ray_fill_images,
+    FlipOpt,
+    KsOpt,
+    MetricOpt,
+    MinSizeOpt,
+    ModelArg,
+    NoBboxRegOpt,
+    RelocalizeOpt,
+    TrainSplitOpt,
+    WidthOpt,
+    WorkersOpt,
 )
 from rcnn.cli.progress import show_progress
-from rcnn.cli.proposals import KsOpt, MinSizeOpt, WidthOpt, WorkersOpt
-from rcnn.data import ImageReadError, load_image
+from rcnn.data import ImageReadError
 from rcnn.device import PRECISIONS
-from rcnn.evaluate import METRICS, Detections, write_coco_results, write_comp4
+from rcnn.evaluate import METRICS
 from rcnn.features import MODES as FEATURE_MODES
-from rcnn.progress import report
 from rcnn.proposals import MODES as PROPOSAL_MODES
 from rcnn.sources import CachedRegions
 
-log = logging.getLogger(__name__)
-
-ModelArg = Annotated[Path, typer.Argument(help="Model file written by `rcnn train` (.rcnn)")]
-
-
 #: `rcnn detect`'s default threshold on a trained model's SVM scores (rare classes score just below 0)
 SVM_THRESHOLD = -0.5
-
 
 
 class _WarnToConsole(logging.Handler):
@@ -56,15 +55,6 @@ def _log_warnings() -> None:
             lg.propagate = False
 
 
-FlipOpt = Annotated[bool, typer.Option("--flip", help="Test-time flip averaging: each region's pooled map averaged with its "
-                                       "mirror's (2x the CNN work; not in the paper, no gain measured on BCCD)")]
-
-
-RelocalizeOpt = Annotated[int, typer.Option("--relocalize", min=0, help="Rounds of iterative localisation after box "
-                                           "regression: each class's best boxes are re-scored and regressed again (not in "
-                                           "the paper; BCCD fine-tuned: +5 mAP with 1 round)")]
-
-
 def _source(model, root=None, flip: bool = False):
     from rcnn.backbones import WeightsError
     from rcnn.detect import ModelError
@@ -75,11 +65,21 @@ def _source(model, root=None, flip: bool = False):
         raise fail(f"cannot use this model here: {e}", 2) from None
 
 
+def _check_relocalize(model, model_path: Path, relocalize: int, no_bbox_reg: bool) -> None:
+    if relocalize and (no_bbox_reg or model.bbox_reg is None):
+        raise fail(f"--relocalize needs box regression: {model_path} has no box regressor (add one with rcnn bbox-reg)"
+                   if model.bbox_reg is None else "--relocalize needs box regression, not --no-bbox-reg", 2)
+
+
+def _print_error(msg: str) -> None:
+    err_console.print(f"[red]error:[/] {msg}", highlight=False, soft_wrap=True)
+
+
 @app.command()
 def train(
     dataset: DatasetArg,
     output: Annotated[Path, typer.Option("--output", "-o", help="Model file to write")],
-    split: Annotated[str, typer.Option("--split", "-s", help="Training split")] = "trainval",
+    split: TrainSplitOpt = "trainval",
     preset: Annotated[Literal["default", "paper"], typer.Option("--preset", help="The recipe: the validated one (shared trunk, pool5+fire5, "
                                         "box regression, sizes from the data) or the paper's (warp, fc7, no box regression)")] = "default",
     finetune: Annotated[bool, typer.Option("--finetune", help="Fine-tune the network on the training regions first "
@@ -115,10 +115,7 @@ def train(
                                                   "with AVX512-BF16/AMX)", show_default="preset: fp32")] = None,
     proposals: Annotated[Literal[PROPOSAL_MODES] | None, typer.Option("--proposals", help="Proposal mode (rcnn-fast | fast | quality) "
                                                   "", show_default="preset: rcnn-fast")] = None,
-    ks: KsOpt = None,
-    min_size: MinSizeOpt = None,
-    resize_width: WidthOpt = None,
-    workers: WorkersOpt = None,
+    ks: KsOpt = None, min_size: MinSizeOpt = None, resize_width: WidthOpt = None, workers: WorkersOpt = None,
     C: Annotated[float | None, typer.Option("--C", help="SVM C", show_default="preset: 1e-3, rcnn_train.m")] = None,
     pos_weight: Annotated[float | None, typer.Option("--pos-weight", help="Positive loss weight",
                                                      show_default="preset: 2")] = None,
@@ -129,9 +126,8 @@ def train(
     §2.3) → box regressors; resumes from the caches after a kill."""
     from rcnn.backbones import WeightsError
     from rcnn.data import holdout_split
-    from rcnn.pipeline import check_recipe
+    from rcnn.pipeline import check_recipe, recipe
     from rcnn.pipeline import evaluate as run_evaluate
-    from rcnn.pipeline import recipe as make_recipe
     from rcnn.pipeline import train as run_train
 
     _log_warnings()
@@ -139,18 +135,16 @@ def train(
     if not ds.records:
         raise fail(f"{dataset}: split {split!r} has no images", 2)
     try:
-        rec = make_recipe(preset, backbone=backbone, weights=str(weights) if weights else None, layer=layer, mode=mode,
-                          short_side=short_side, grid=grid, context_pad=context_pad, precision=precision,
-                          scales=tuple(float(x) for x in scales.split(",")) if scales else None, proposals=proposals,
-                          ks=tuple(int(k) for k in ks.split(",")) if ks else None, min_size=min_size,
-                          resize_width=resize_width, bbox_reg=bbox_reg, relocalize=relocalize,
-                          finetune=iterations if finetune else None)
+        rec = recipe(preset, backbone=backbone, weights=str(weights) if weights else None, layer=layer, mode=mode,
+                     short_side=short_side, grid=grid, context_pad=context_pad, precision=precision,
+                     scales=tuple(float(x) for x in scales.split(",")) if scales else None, proposals=proposals,
+                     ks=tuple(int(k) for k in ks.split(",")) if ks else None, min_size=min_size,
+                     resize_width=resize_width, bbox_reg=bbox_reg, relocalize=relocalize,
+                     finetune=iterations if finetune else None)
         svm = {k: v for k, v in {"C": C, "pos_weight": pos_weight, "passes": passes}.items() if v is not None}
         rec = replace(rec, svm=replace(rec.svm, **svm))
         check_recipe(rec)
-        val = None
-        if val_fraction is not None:
-            ds, val = holdout_split(ds, val_fraction)
+        ds, val = holdout_split(ds, val_fraction) if val_fraction is not None else (ds, None)
     except (ValueError, WeightsError) as e:
         raise fail(f"bad option: {e}", 2) from None
     console.print(f"{len(ds)} images of {dataset} ({split}{', ' + str(len(val)) + ' held out' if val else ''}); "
@@ -162,17 +156,20 @@ def train(
                             net_path=output.with_suffix(".net.safetensors") if rec.finetune else None)
         except (ValueError, ImageReadError) as e:
             raise fail(str(e), 1) from None
-    model = det.model
-    prep = model.training["prepare"]
-    if prep["failed"]:
-        err_console.print(f"[yellow]warning:[/] trained without {prep['failed']} unreadable image(s)")
+    if det.model.training["prepare"]["failed"]:
+        err_console.print(f"[yellow]warning:[/] trained without {det.model.training['prepare']['failed']} unreadable image(s)")
     if val is not None:
         with show_progress() as progress:
             ev = run_evaluate(det, val, None, progress=progress)
-        model.training["validation"] = {"images": len(val), "fraction": val_fraction, **ev.as_dict()}
+        det.model.training["validation"] = {"images": len(val), "fraction": val_fraction, **ev.as_dict()}
         console.print(f"validation ({len(val)} held-out images): mAP {ev.map:.3f} (VOC07), COCO mAP@[.5:.95] "
                       f"{ev.coco['mAP@[.5:.95]'] or float('nan'):.3f}", highlight=False)
-    model.save(output)
+    det.model.save(output)
+    _print_training(det.model, output)
+
+
+def _print_training(model, output: Path) -> None:
+    """`rcnn train`'s summary: the SVMs table, the sizes resolved from the data, the timings."""
     t = Table(title="SVMs")
     for col in ("class", "positives", "retrains", "final negatives", "objective"):
         t.add_column(col, justify="left" if col == "class" else "right")
@@ -185,15 +182,10 @@ def train(
     if res:
         console.print(f"sizes from {res['objects']} training objects: trunk images {res['short_side']} px (shorter "
                       f"side), proposals from {res['min_size']:g} px", highlight=False)
-    st = model.training["seconds_by_stage"]
+    st, prep = model.training["seconds_by_stage"], model.training["prepare"]
     console.print(f"wrote {output} ({model.training['seconds_total'] / 60:.1f} min: caches {st['prepare']:.0f} s, "
                   f"SVMs {st['svm']:.0f} s, box regression {st['bbox_reg']:.0f} s; feature cache "
                   f"{prep['cache_mb']:.0f} MB)", highlight=False)
-
-
-def _write_outputs(dets: Detections, classes, out: Path, split: str) -> None:
-    write_coco_results(dets, list(range(1, len(classes) + 1)), out / "detections_coco.json")
-    write_comp4(dets, classes, out, split)
 
 
 #: `rcnn detect` options that only a trained model (.rcnn) uses: refused for the zero-training detector
@@ -215,14 +207,9 @@ def detect(
                                                     "for imagenet", show_default="-0.5 (trained model), 0.5 (imagenet)")] = None,
     top_k: Annotated[int | None, typer.Option("--top-k", min=1, help="At most this many detections per image",
                                               show_default="all (trained model), 10 (imagenet)")] = None,
-
     no_png: Annotated[bool, typer.Option("--no-png", help="Skip the annotated PNGs")] = False,
-    no_bbox_reg: Annotated[bool, typer.Option("--no-bbox-reg", help="Do not refine boxes with the model's box regressor")] = False,
-    flip: FlipOpt = False,
-    relocalize: RelocalizeOpt = 0,
-    engine: EngineOpt = "local",
-    address: AddressOpt = None,
-    workers: WorkersOpt = None,
+    no_bbox_reg: NoBboxRegOpt = False, flip: FlipOpt = False, relocalize: RelocalizeOpt = 0,
+    engine: EngineOpt = "local", address: AddressOpt = None, workers: WorkersOpt = None,
 ) -> None:
     """Detect objects in images: COCO results JSON, VOC comp4 files (one per class with detections)
     and an annotated PNG per image.
@@ -258,10 +245,7 @@ def detect(
         model = load_model(model_path) if shipped is None else zoo.load_rcnn(shipped.name)
     except zoo.ZooError as e:
         raise fail(str(e), 2) from None
-
-    if relocalize and (no_bbox_reg or model.bbox_reg is None):
-        raise fail(f"--relocalize needs box regression: {model_path} has no box regressor (add one with rcnn bbox-reg)"
-                   if model.bbox_reg is None else "--relocalize needs box regression, not --no-bbox-reg", 2)
+    _check_relocalize(model, model_path, relocalize, no_bbox_reg)
     source = _source(model, flip=flip)
     # --engine ray: proposals + features on Ray workers into the cache first (rcnn.distributed)
     cached = ray_fill_images(images, source, address, workers) if engine == "ray" else None
@@ -296,36 +280,14 @@ def _detect_imagenet(name: str, images: list[Path], output: Path, threshold: flo
 
 
 def _detect_images(images: list[Path], detect_one, classes: list[str], output: Path, no_png: bool) -> None:
-    """Run ``detect_one(image, path) -> (boxes, scores, labels)`` over image files; write COCO JSON,
-    comp4 files (only for classes with detections) and an annotated PNG per image; unreadable files
-    are reported and counted."""
-    from rcnn.visualize import draw_detections, save_png
+    """:func:`rcnn.pipeline.detect_files` with a progress bar, one line per unreadable file and the summary."""
+    from rcnn.pipeline import detect_files
 
-    output.mkdir(parents=True, exist_ok=True)
-    parts, failed = [], []
     with show_progress() as progress:
-        for i, p in enumerate(images):
-            try:
-                img = load_image(p)
-            except ImageReadError as e:
-                failed.append(str(e))
-                err_console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
-                report(progress, "detect", i + 1, len(images))
-                continue
-            t0 = time.perf_counter()
-            b, s, lab = detect_one(img, p)
-            dt = time.perf_counter() - t0
-            parts.append(Detections(np.array([p.stem] * len(s), dtype=object), b, s, lab))
-            if not no_png:
-                save_png(output / f"{p.stem}.png", draw_detections(img, b, lab, s, classes))
-            counts = ", ".join(f"{classes[c]} {int((lab == c).sum())}" for c in np.unique(lab)) or "nothing"
-            report(progress, "detect", i + 1, len(images), f"{p.name}: {counts} ({dt:.1f} s)")
-    dets = Detections.concat(parts)
-    write_coco_results(dets, list(range(1, len(classes) + 1)), output / "detections_coco.json")
-    write_comp4(dets, classes, output, "detect", skip_empty=True)
-    console.print(f"{len(dets)} detections in {len(parts)} image(s) → {output}")
-    if failed:
-        raise fail(f"{len(failed)} image(s) could not be read", 1)
+        res = detect_files(images, detect_one, classes, output, not no_png, progress, _print_error)
+    console.print(f"{len(res.detections)} detections in {res.images} image(s) → {output}")
+    if res.failed:
+        raise fail(f"{len(res.failed)} image(s) could not be read", 1)
 
 
 @app.command()
@@ -334,67 +296,44 @@ def evaluate(
     dataset: DatasetArg,
     split: Annotated[str, typer.Option("--split", "-s", help="Test split")] = "test",
     metric: MetricOpt = "voc07",
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Folder for results JSON, PR curves, detections", show_default="not written")] = None,
-    no_bbox_reg: Annotated[bool, typer.Option("--no-bbox-reg", help="Do not refine boxes with the model's box regressor")] = False,
-    flip: FlipOpt = False,
-    relocalize: RelocalizeOpt = 0,
-    workers: WorkersOpt = None,
-    engine: EngineOpt = "local",
-    address: AddressOpt = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Folder for results JSON, PR curves, detections",
+                                                show_default="not written")] = None,
+    no_bbox_reg: NoBboxRegOpt = False, flip: FlipOpt = False, relocalize: RelocalizeOpt = 0,
+    workers: WorkersOpt = None, engine: EngineOpt = "local", address: AddressOpt = None,
 ) -> None:
     """Detect over a split (using the caches) and print the per-class VOC AP table and mAP."""
-    from rcnn.detect import CNNFeatures, DetectStats, detect_dataset
-    from rcnn.evaluate import coco_metrics, evaluate_model, save_pr_curves
-    from rcnn.features import features_for_dataset
-    from rcnn.proposals import propose_dataset
+    from rcnn.pipeline import evaluate as run_evaluate
+    from rcnn.pipeline import write_evaluation
 
     if metric not in METRICS:
         raise fail(f"--metric must be one of {METRICS}, not {metric!r}", 2)
     check_engine(engine, address)
     _log_warnings()
     model = load_model(model_path)
-    if relocalize and (no_bbox_reg or model.bbox_reg is None):
-        raise fail(f"--relocalize needs box regression: {model_path} has no box regressor (add one with rcnn bbox-reg)"
-                   if model.bbox_reg is None else "--relocalize needs box regression, not --no-bbox-reg", 2)
+    _check_relocalize(model, model_path, relocalize, no_bbox_reg)
     ds = open_dataset(dataset, split)
     missing = [c for c in ds.classes if c not in model.classes]
     if missing:
         err_console.print(f"[yellow]warning:[/] dataset classes not in the model (AP undefined): {missing}")
     source = _source(model, ds.root, flip)
-    if engine == "ray":  # rcnn.distributed: proposals + features on Ray workers, same caches
-        if not isinstance(source, CNNFeatures):
+    if engine == "ray":  # rcnn.distributed: proposals + features on Ray workers into the caches first
+        if not hasattr(source, "feature_config"):
             raise fail("--engine ray needs a CNN-feature model (HOG features are computed in this process)", 2)
-        es = ray_extract(ds, source.proposal_config, source.feature_config, address, workers)
-        ps_failed = [(r.image_id, m) for r in ds.records for m in es.failed if m.startswith(f"{r.path}:")]
-    else:
-        with show_progress() as progress:
-            ps_failed = propose_dataset(ds, source.proposal_config, workers=workers, progress=progress).failed
-    for _, msg in ps_failed:
-        err_console.print(f"[red]error:[/] {msg}", highlight=False, soft_wrap=True)
-    bad = {i for i, _ in ps_failed}
-    ds.records = [r for r in ds.records if r.image_id not in bad]
-    if isinstance(source, CNNFeatures) and engine != "ray":
-        with show_progress() as progress:
-            features_for_dataset(ds, source.proposal_config, source.feature_config, progress=progress)
-    stats = DetectStats()
+        ray_extract(ds, source.proposal_config, source.feature_config, address, workers)
     with show_progress() as progress:
-        dets = detect_dataset(model, ds, source, progress=progress, stats=stats, bbox_reg=not no_bbox_reg,
-                              relocalize_rounds=relocalize)
-    result, warns = evaluate_model(model, ds, dets, metric)
-    for w in warns:
+        ev = run_evaluate(model, ds, None, metric, relocalize=relocalize, bbox_reg=not no_bbox_reg, workers=workers,
+                          progress=progress, source=source)
+    for msg in ev.prepare.failed:
+        _print_error(msg)
+    for w in ev.warnings:
         err_console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
-    print_ap_table(result, title=f"{model_path.name} on {dataset} ({split}, {metric})")
-    coco = coco_metrics(ds, dets, model.classes)
-    console.print(coco.line(), highlight=False)
+    print_ap_table(ev.result, title=f"{model_path.name} on {dataset} ({split}, {metric})")
+    console.print(ev.coco_metrics.line(), highlight=False)
     how = f" + {relocalize} round(s) of iterative localisation" if relocalize else ""
-    console.print(f"{stats.images} images, {stats.seconds_per_image:.2f} s/image from cached features{how}")
+    console.print(f"{ev.images} images, {ev.seconds_per_image:.2f} s/image from cached features{how}")
     if output:
-        output.mkdir(parents=True, exist_ok=True)
-        doc = {**result.as_dict(), "coco": coco.as_dict(), "model": str(model_path), "dataset": str(dataset), "split": split, "warnings": warns,
-               "images": stats.images, "seconds_per_image_cached": stats.seconds_per_image, "no_proposals": stats.no_proposals}
-        save_json(output / "results.json", doc)
-        pngs = save_pr_curves(result, output)
-        _write_outputs(dets, model.classes, output, split)
+        pngs = write_evaluation(ev, model.classes, output, {"model": str(model_path), "dataset": str(dataset),
+                                                            "split": split})
         console.print(f"wrote {output / 'results.json'}, {len(pngs)} PR curve(s) and the detections to {output}")
-    if bad:
-        raise fail(f"{len(bad)} image(s) could not be read", 1)
+    if ev.prepare.failed:
+        raise fail(f"{len(ev.prepare.failed)} image(s) could not be read", 1)

@@ -1,23 +1,11 @@
-"""``--engine local|ray`` and ``--address`` options shared by ``rcnn features`` and ``rcnn detect``
-(a thin layer over :mod:`rcnn.distributed`)."""
+"""``--engine local|ray``, ``--address`` and ``--device`` of ``rcnn features``, ``rcnn detect`` and
+``rcnn evaluate``: checks and console lines around :mod:`rcnn.distributed` and :mod:`rcnn.device`."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
-
-import typer
-
 from rcnn.cli.app import console, fail
 from rcnn.cli.progress import show_progress
-from rcnn.device import PRECISIONS
-from rcnn.distributed import ENGINES, EngineSummary, extract_dataset
-
-EngineOpt = Annotated[Literal[ENGINES], typer.Option(
-    "--engine", help="Where proposals + features are computed (ray: Ray tasks writing into the same cache; "
-    "without --address a local Ray instance)")]
-AddressOpt = Annotated[str | None, typer.Option(
-    "--address", help="ray: 'auto' (the cluster `ray start` made on this node) or HOST:PORT of a head node; "
-    "RCNN_CACHE_DIR must be a path every node sees", show_default="a local Ray instance")]
+from rcnn.distributed import ENGINES, EngineSummary, extract_dataset, extract_images
 
 
 def check_engine(engine: str, address: str | None) -> None:
@@ -26,6 +14,10 @@ def check_engine(engine: str, address: str | None) -> None:
         raise fail(f"--engine must be one of {list(ENGINES)}, not {engine!r}", 2)
     if address and engine != "ray":
         raise fail("--address needs --engine ray", 2)
+
+
+def _print_ray(s: EngineSummary) -> None:
+    console.print(f"ray: {s.workers} workers, startup {s.startup_s:.1f} s, {s.images_per_s:.2f} images/s", highlight=False)
 
 
 def ray_extract(dataset, proposal_config, feature_config, address: str | None, workers: int | None,
@@ -38,16 +30,8 @@ def ray_extract(dataset, proposal_config, feature_config, address: str | None, w
                                 workers=workers, progress=progress, records=records)
     except RuntimeError as e:
         raise fail(str(e), 2) from None
-    console.print(f"ray: {s.workers} workers, startup {s.startup_s:.1f} s, {s.images_per_s:.2f} images/s", highlight=False)
+    _print_ray(s)
     return s
-
-
-PrecisionOpt = Annotated[Literal[PRECISIONS], typer.Option(
-    "--precision", help="CPU arithmetic of the CNN: fp32 (faithful) or bf16 (bfloat16 autocast, ~2x faster on "
-    "AVX512-BF16/AMX CPUs)")]
-DeviceOpt = Annotated[str, typer.Option(
-    "--device", help="auto, cpu, cuda or cuda:N for the CNN (auto: a CUDA GPU when torch sees one; float16 "
-    "autocast and pinned-memory batches on CUDA)")]
 
 
 def report_device(device: str) -> str:
@@ -69,33 +53,19 @@ def report_device(device: str) -> str:
 
 
 def ray_fill_images(paths, source, address: str | None, workers: int | None) -> dict:
-    """``rcnn detect --engine ray``: proposals + features of loose image files on Ray, into the
-    cache (one dataset per folder, in one Ray session). Returns ``{path: ImageRecord}`` for
-    :class:`rcnn.sources.CachedRegions`; images that failed are left out (their errors are printed)."""
-    import numpy as np
-
-    from rcnn.data import Dataset, ImageRecord
-    from rcnn.distributed import ray_session
-
+    """``rcnn detect --engine ray``: :func:`rcnn.distributed.extract_images` with console lines.
+    Returns ``{path: ImageRecord}`` for :class:`rcnn.sources.CachedRegions`; images that failed
+    are left out (their errors are printed)."""
     if not hasattr(source, "feature_config"):
         raise fail("--engine ray needs a CNN-feature model (HOG features are computed in this process)", 2)
-    groups: dict = {}
-    for p in paths:
-        p = p.resolve()
-        e = np.zeros((0, 4), np.float32)
-        # the file name (not the stem) is the cache id: a.jpg and a.png in one folder stay apart
-        groups.setdefault(p.parent, []).append(ImageRecord(p.name, p, 0, 0, e, np.zeros(0, np.int64), np.zeros(0, bool)))
-    records, failed = {}, []
     try:
-        with ray_session(address, workers):
-            for parent, recs in groups.items():
-                ds = Dataset(parent, None, [], recs)
-                s = ray_extract(ds, source.proposal_config, source.feature_config, address, workers)
-                failed += s.failed
-                bad = {m.split(":", 1)[0] for m in s.failed}
-                records.update({r.path: r for r in recs if str(r.path) not in bad})
+        with show_progress() as progress:
+            records, summaries = extract_images(paths, source.proposal_config, source.feature_config, address,
+                                                workers, progress)
     except RuntimeError as e:
         raise fail(str(e), 2) from None
-    for msg in failed:
+    for s in summaries:
+        _print_ray(s)
+    for msg in [m for s in summaries for m in s.failed]:
         console.print(f"  [red]{msg}", highlight=False, soft_wrap=True)
     return records

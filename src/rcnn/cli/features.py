@@ -8,38 +8,30 @@ from typing import Annotated, Literal
 import typer
 
 from rcnn.backbones import WeightsError, available_backbones
-from rcnn.cli.app import app, console, fail
-from rcnn.cli.dataset import DatasetArg, SplitOpt, open_dataset
-from rcnn.cli.engine import (
+from rcnn.cli.app import app, console, fail, open_dataset
+from rcnn.cli.engine import check_engine, ray_extract, report_device
+from rcnn.cli.options import (
+    GRID,
+    SCALES,
     AddressOpt,
+    DatasetArg,
     DeviceOpt,
     EngineOpt,
+    FeatureModeOpt,
+    GridOpt,
+    KsOpt,
+    MaxBoxesOpt,
     PrecisionOpt,
-    check_engine,
-    ray_extract,
-    report_device,
+    ProposalsOpt,
+    ScalesOpt,
+    SplitOpt,
+    WorkersOpt,
+    floats,
+    make_config,
 )
 from rcnn.cli.progress import show_progress
-from rcnn.cli.proposals import KsOpt, MaxBoxesOpt, ProposalsOpt, WorkersOpt, make_config
-from rcnn.features import (
-    METHODS,
-    MODES,
-    SHARED_GRID,
-    SHARED_SCALES,
-    FeatureConfig,
-    check_layer,
-    features_for_dataset,
-    layer_dim,
-)
+from rcnn.features import METHODS, FeatureConfig, check_layer, features_for_dataset, layer_dim
 from rcnn.proposals import propose_dataset
-
-FeatureModeOpt = Annotated[Literal[MODES], typer.Option(
-    "--mode", "-m", help="Region features: warp = each region warped to the CNN input (faithful, §2.1); "
-    "shared = one trunk pass per image + RoI pooling (fast)")]
-ScalesOpt = Annotated[str, typer.Option("--scales", help="shared mode: image scale(s), comma-separated")]
-GridOpt = Annotated[int, typer.Option("--grid", help="RoI grid (cells per side) of shared mode and pool5")]
-# the defaults of --scales and --grid
-SCALES, GRID = ",".join(str(s) for s in SHARED_SCALES), SHARED_GRID
 
 
 @app.command()
@@ -75,9 +67,8 @@ def features(
     ds = open_dataset(dataset, split)
     pc = make_config(proposals, ks, max_boxes, None, None, False)
     try:
-        sc = tuple(float(s) for s in scales.split(","))
         fc = FeatureConfig(backbone=backbone, weights=str(weights) if weights else None, layer=layer, mode=mode,
-                           context_pad=context_pad, method=method, scales=sc, grid=grid, with_gt=with_gt,
+                           context_pad=context_pad, method=method, scales=floats(scales), grid=grid, with_gt=with_gt,
                            batch_size=batch_size, device=report_device(device),
                            precision=precision)
         bb = fc.backbone_obj()

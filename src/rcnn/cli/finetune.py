@@ -7,19 +7,32 @@ from typing import Annotated, Literal
 
 import typer
 
-from rcnn.cli.app import app, console, err_console, fail
-from rcnn.cli.dataset import DatasetArg, open_dataset
-from rcnn.cli.engine import PrecisionOpt
-from rcnn.cli.features import GRID, SCALES, FeatureModeOpt, GridOpt, ScalesOpt
+from rcnn.cli.app import app, console, err_console, fail, open_dataset
+from rcnn.cli.options import (
+    GRID,
+    SCALES,
+    DatasetArg,
+    FeatureModeOpt,
+    GridOpt,
+    KsOpt,
+    MaxBoxesOpt,
+    MinSizeOpt,
+    PrecisionOpt,
+    ProposalsOpt,
+    ScalesOpt,
+    TrainSplitOpt,
+    WidthOpt,
+    floats,
+    make_config,
+)
 from rcnn.cli.progress import show_progress
-from rcnn.cli.proposals import KsOpt, MaxBoxesOpt, MinSizeOpt, ProposalsOpt, WidthOpt, make_config
 
 
 @app.command()
 def finetune(
     dataset: DatasetArg,
     output: Annotated[Path, typer.Option("--output", "-o", help="Fine-tuned network to write (.safetensors)")],
-    split: Annotated[str, typer.Option("--split", "-s", help="Training split")] = "trainval",
+    split: TrainSplitOpt = "trainval",
     backbone: Annotated[str, typer.Option("--backbone", "-b", help="squeezenet1_1, efficientnet_lite0, alexnet, …")] = "squeezenet1_1",
     weights: Annotated[Path | None, typer.Option("--weights", "-w", help="Pre-trained weights (torchvision models)",
                                                  show_default="built-in")] = None,
@@ -64,7 +77,7 @@ def finetune(
         raise fail(f"{dataset}: split {split!r} has no images", 2)
     pc = make_config(proposals, ks, max_boxes, min_size, resize_width, False)
     try:
-        sc = tuple(float(s) for s in scales.split(",")) if scales else SHARED_SCALES
+        sc = floats(scales) if scales else SHARED_SCALES
         cfg = FinetuneConfig(backbone=backbone, weights=str(weights) if weights else None, mode=mode, iterations=iterations,
                              lr=lr, step_size=step_size, seed=seed, flip=flip, freeze=freeze, context_pad=context_pad,
                              scales=sc, grid=grid or SHARED_GRID, tap=layer, input_norm=input_norm, precision=precision,
@@ -110,7 +123,7 @@ def softmax_model(
 
     pc = make_config(proposals, ks, max_boxes, min_size, resize_width, False)
     try:
-        sc = tuple(float(s) for s in scales.split(",")) if scales else SHARED_SCALES
+        sc = floats(scales) if scales else SHARED_SCALES
         model = build(net, pc, FeatureConfig(mode=mode, scales=sc, context_pad=context_pad))
     except (ValueError, WeightsError) as e:
         raise fail(str(e), 2) from None
@@ -122,7 +135,7 @@ def softmax_model(
 def bbox_reg(
     model_path: Annotated[Path, typer.Argument(help="Model file (.rcnn) to add a box regressor to")],
     dataset: DatasetArg,
-    split: Annotated[str, typer.Option("--split", "-s", help="Training split")] = "trainval",
+    split: TrainSplitOpt = "trainval",
     layer: Annotated[str, typer.Option("--layer", "-l", help="Feature layer of the regressor (released code: pool5)")] = "pool5",
     lam: Annotated[float, typer.Option("--lambda", help="Ridge penalty (released code: 1000)")] = 1000.0,
     min_iou: Annotated[float, typer.Option("--min-iou", help="Training regions: IoU with a ground truth above this")] = 0.6,
@@ -133,10 +146,8 @@ def bbox_reg(
 
     rcnn detect / rcnn evaluate then refine every scored box before NMS (--no-bbox-reg switches it off)."""
 
-    from rcnn.bbox_regression import attach, train_box_regressor
     from rcnn.detect import CNNFeatures, ModelError, RCNNModel
-    from rcnn.features import features_for_dataset
-    from rcnn.proposals import propose_dataset
+    from rcnn.pipeline import add_box_regressor
 
     try:
         model = RCNNModel.load(model_path)
@@ -148,17 +159,10 @@ def bbox_reg(
     if layer not in src.backbone.taps:
         raise fail(f"--layer must be one of {list(src.backbone.taps)}, not {layer!r}", 2)
     ds = open_dataset(dataset, split)
-    reg_src = model.feature_source(ds.root).with_layer(layer)
     with show_progress() as progress:
-        ps = propose_dataset(ds, src.proposal_config, progress=progress)
-    bad = {i for i, _ in ps.failed}
-    for _, msg in ps.failed:
+        reg, prep = add_box_regressor(model, ds, layer, lam, min_iou, progress)
+    for msg in prep.failed:
         err_console.print(f"[red]error:[/] {msg}", highlight=False, soft_wrap=True)
-    ds.records = [r for r in ds.records if r.image_id not in bad]
-    with show_progress() as progress:
-        features_for_dataset(ds, src.proposal_config, reg_src.feature_config, progress=progress)
-    reg = train_box_regressor(ds.records, model.classes, reg_src, lam=lam, min_iou=min_iou)
-    attach(model, reg)
     out = output or model_path
     model.save(out)
     used = ", ".join(f"{c} {v['used']}/{v['seen']}" for c, v in reg.training["samples"].items())

@@ -3,108 +3,33 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from rcnn.cache import save_json
-from rcnn.cli.app import app, console, fail
-from rcnn.cli.dataset import DatasetArg, SplitOpt, open_dataset
-from rcnn.cli.progress import show_progress
-from rcnn.proposals import (
-    MODES,
-    ProposalConfig,
-    get_proposals,
-    plot_recall_curve,
-    proposal_recall,
-    propose_dataset,
+from rcnn.cli.app import app, console, fail, open_dataset
+from rcnn.cli.options import (
+    DatasetArg,
+    KsOpt,
+    MaxBoxesOpt,
+    MinSizeOpt,
+    ProposalsOpt,
+    SplitOpt,
+    UpscaleOpt,
+    WidthOpt,
+    WorkersOpt,
+    make_config,
 )
-
-ProposalsOpt = Annotated[
-    Literal[MODES],
-    typer.Option(
-        "--proposals",
-        help="Selective-search mode: rcnn-fast = the paper's fast mode (§2.1); fast, quality = OpenCV's presets",
-    ),
-]
-KsOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--ks",
-        help="Felzenszwalb k values for rcnn-fast, comma-separated (small objects: 25,50)",
-        show_default="50,100",
-    ),
-]
-WorkersOpt = Annotated[
-    int | None, typer.Option("--workers", "-j", help="Worker processes", show_default="CPU cores")
-]
-MaxBoxesOpt = Annotated[
-    int | None, typer.Option("--max-boxes", help="Keep only the best-ranked N boxes", show_default="all")
-]
-MinSizeOpt = Annotated[
-    float | None,
-    typer.Option(
-        "--min-size",
-        help="Drop boxes narrower than this (px, segmented image)",
-        show_default="20 for rcnn-fast",
-    ),
-]
-WidthOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--resize-width",
-        help="Segment at this width (px); 0 = original size",
-        show_default="500 for rcnn-fast",
-    ),
-]
-UpscaleOpt = Annotated[
-    bool,
-    typer.Option(
-        "--upscale/--no-upscale",
-        help="Also enlarge narrower images to --resize-width (the original code did)",
-    ),
-]
-
-
-def make_config(
-    mode: str,
-    ks: str | None,
-    max_boxes: int | None,
-    min_size: float | None,
-    resize_width: int | None,
-    upscale: bool,
-) -> ProposalConfig:
-    """Build a :class:`ProposalConfig` from CLI options or exit with one error line."""
-    kw: dict = {
-        "mode": mode,
-        "max_boxes": max_boxes,
-        "min_size": min_size,
-        "resize_width": resize_width,
-        "upscale": upscale,
-    }
-    if ks:
-        try:
-            kw["ks"] = tuple(int(k) for k in ks.split(","))
-        except ValueError:
-            raise fail(f"--ks must be comma-separated integers, not {ks!r}", 2) from None
-    try:
-        return ProposalConfig(**kw)
-    except ValueError as e:
-        raise fail(str(e), 2) from None
+from rcnn.cli.progress import show_progress
+from rcnn.proposals import dataset_recall, propose_dataset
 
 
 @app.command()
 def propose(
-    dataset: DatasetArg,
-    split: SplitOpt = None,
-    proposals: ProposalsOpt = "rcnn-fast",
-    ks: KsOpt = None,
-    workers: WorkersOpt = None,
-    max_boxes: MaxBoxesOpt = None,
-    min_size: MinSizeOpt = None,
-    resize_width: WidthOpt = None,
-    upscale: UpscaleOpt = False,
+    dataset: DatasetArg, split: SplitOpt = None, proposals: ProposalsOpt = "rcnn-fast", ks: KsOpt = None,
+    workers: WorkersOpt = None, max_boxes: MaxBoxesOpt = None, min_size: MinSizeOpt = None,
+    resize_width: WidthOpt = None, upscale: UpscaleOpt = False,
 ) -> None:
     """Compute selective-search proposals for every image into the cache (parallel, resumable)."""
     ds = open_dataset(dataset, split)
@@ -113,11 +38,8 @@ def propose(
     with show_progress() as progress:
         s = propose_dataset(ds, cfg, workers=workers, progress=progress)
     rate = f", {s.computed / s.seconds:.2f} img/s" if s.computed and s.seconds > 0 else ""
-    console.print(
-        f"computed {s.computed}, reused {s.cached} from the cache, failed {len(s.failed)} "
-        f"in {s.seconds:.1f} s{rate} ({s.workers} workers); {s.mean_boxes:.0f} boxes/img",
-        highlight=False,
-    )
+    console.print(f"computed {s.computed}, reused {s.cached} from the cache, failed {len(s.failed)} "
+                  f"in {s.seconds:.1f} s{rate} ({s.workers} workers); {s.mean_boxes:.0f} boxes/img", highlight=False)
     console.print(f"cache: {s.cache_dir} ({s.cache_mb:.1f} MB)", highlight=False)
     if s.failed:
         for _, msg in s.failed[:20]:
@@ -127,63 +49,30 @@ def propose(
 
 @app.command("proposals-recall")
 def proposals_recall(
-    dataset: DatasetArg,
-    split: SplitOpt = None,
-    proposals: ProposalsOpt = "rcnn-fast",
-    ks: KsOpt = None,
-    workers: WorkersOpt = None,
-    max_boxes: MaxBoxesOpt = None,
-    min_size: MinSizeOpt = None,
-    resize_width: WidthOpt = None,
-    upscale: UpscaleOpt = False,
-    output: Annotated[
-        Path | None,
-        typer.Option("--output", "-o", help="JSON path", show_default="proposals-recall-<split>.json"),
-    ] = None,
-    plot: Annotated[
-        Path | None, typer.Option("--plot", help="PNG path", show_default="the JSON path with .png")
-    ] = None,
+    dataset: DatasetArg, split: SplitOpt = None, proposals: ProposalsOpt = "rcnn-fast", ks: KsOpt = None,
+    workers: WorkersOpt = None, max_boxes: MaxBoxesOpt = None, min_size: MinSizeOpt = None,
+    resize_width: WidthOpt = None, upscale: UpscaleOpt = False,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="JSON path",
+                                                show_default="proposals-recall-<split>.json")] = None,
+    plot: Annotated[Path | None, typer.Option("--plot", help="PNG path", show_default="the JSON path with .png")] = None,
 ) -> None:
     """Recall@0.5/0.7 and MABO of the proposals (non-difficult objects), plus a recall-vs-#proposals plot."""
     ds = open_dataset(dataset, split)
     cfg = make_config(proposals, ks, max_boxes, min_size, resize_width, upscale)
+    out = output or Path(f"proposals-recall-{split or 'all'}.json")
+    png = plot or out.with_suffix(".png")
     with show_progress() as progress:
-        s = propose_dataset(ds, cfg, workers=workers, progress=progress)
-    failed = {i for i, _ in s.failed}
-    recs = [r for r in ds.records if r.image_id not in failed]
-    props = [get_proposals(r, cfg, ds.root) for r in recs]
-    res = proposal_recall(recs, props, ds.classes)
+        s, res = dataset_recall(ds, cfg, out, png, {"dataset": str(dataset), "split": split},
+                                f"{Path(dataset).name} {split or ''}", workers, progress)
     t = Table(title=f"{dataset} ({split or 'all'}): {cfg.describe()}")
     for col in ("class", "objects", "recall@0.5", "recall@0.7", "ABO"):
         t.add_column(col, justify="left" if col == "class" else "right")
     for name, v in res.per_class.items():
-        t.add_row(
-            name, str(v["objects"]), f"{v['recall@0.5']:.3f}", f"{v['recall@0.7']:.3f}", f"{v['abo']:.3f}"
-        )
-    t.add_row(
-        "[bold]all",
-        f"[bold]{res.objects}",
-        f"[bold]{res.recall['0.5']:.3f}",
-        f"[bold]{res.recall['0.7']:.3f}",
-        f"[bold]MABO {res.mabo:.3f}",
-    )
+        t.add_row(name, str(v["objects"]), f"{v['recall@0.5']:.3f}", f"{v['recall@0.7']:.3f}", f"{v['abo']:.3f}")
+    t.add_row("[bold]all", f"[bold]{res.objects}", f"[bold]{res.recall['0.5']:.3f}", f"[bold]{res.recall['0.7']:.3f}",
+              f"[bold]MABO {res.mabo:.3f}")
     console.print(t)
-    console.print(
-        f"{res.images} images, {res.mean_boxes:.0f} boxes/img; object-averaged ABO {res.abo_objects:.3f}"
-    )
-    out = output or Path(f"proposals-recall-{split or 'all'}.json")
-    png = plot or out.with_suffix(".png")
-    save_json(
-        out,
-        {
-            "dataset": str(dataset),
-            "split": split,
-            "config": cfg.describe(),
-            "cache_mb": s.cache_mb,
-            **res.as_dict(),
-        },
-    )
-    plot_recall_curve({cfg.mode: res}, png, title=f"{Path(dataset).name} {split or ''}")
+    console.print(f"{res.images} images, {res.mean_boxes:.0f} boxes/img; object-averaged ABO {res.abo_objects:.3f}")
     console.print(f"wrote {out} and {png}")
     if s.failed:
         raise fail(f"{len(s.failed)} of {s.images} images failed and were left out", 1)

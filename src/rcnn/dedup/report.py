@@ -16,9 +16,12 @@ from PIL import Image
 
 from rcnn.cache import atomic_write, save_json
 from rcnn.data import ImageReadError, load_image
-from rcnn.dedup.match import DedupResult
+from rcnn.dedup.gist import GistConfig
+from rcnn.dedup.index import ImageItem
+from rcnn.dedup.match import DEFAULT_THRESHOLD, DedupResult, find_duplicates
+from rcnn.progress import ProgressFn
 
-__all__ = ["write_report"]
+__all__ = ["dedup_collections", "write_report"]
 
 FIELDS = ("query", "reference", "distance", "method", "query_path", "reference_path")
 
@@ -112,3 +115,15 @@ figure{{margin:0}} img{{max-width:{thumb}px;max-height:{thumb}px}} figcaption{{f
 """
     html_path = atomic_write(out / "index.html", lambda tmp: tmp.write_text(page))
     return {"csv": csv_path, "json": json_path, "html": html_path}
+
+
+def dedup_collections(query: list[ImageItem], reference: list[ImageItem], out_dir: str | Path,
+                      threshold: float = DEFAULT_THRESHOLD, config: GistConfig = GistConfig(), *, k: int = 1,
+                      method: str = "exact", use_ids: bool = True, workers: int | None = None, cache: bool = True,
+                      nprobe: int = 16, progress: ProgressFn | None = None) -> tuple[DedupResult, dict]:
+    """``rcnn dedup``: :func:`~rcnn.dedup.match.find_duplicates` of ``query`` in ``reference``
+    (GIST distance ``threshold``, see there for the other settings), written to ``out_dir`` by
+    :func:`write_report`. Returns the result and the paths written."""
+    res = find_duplicates(query, reference, threshold, config, k=k, method=method, use_ids=use_ids, workers=workers,
+                          cache=cache, nprobe=nprobe, progress=progress)
+    return res, write_report(res, out_dir)
