@@ -3,52 +3,15 @@
 
 from __future__ import annotations
 
-import logging
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Literal
 
 import typer
 
-from rcnn.cli.app import app, console, err_console, fail, open_dataset
-from rcnn.cli.options import (
-    DatasetArg,
-    FpMetricOpt,
-    GroupOpt,
-    MetricOpt,
-    NoVocOpt,
-    PngOpt,
-    SplitOpt,
-    UnitWeightsOpt,
-)
+from rcnn.cli import options as opt
+from rcnn.cli.app import app, console, fail, log_to_console, open_dataset
 from rcnn.cli.progress import show_progress
 from rcnn.features import MODES as FEATURE_MODES
-
-
-class _ConsoleWarnings(logging.Handler):
-    def __init__(self, errors: bool) -> None:
-        super().__init__(logging.WARNING)
-        self.errors = errors
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.levelno >= logging.ERROR and not self.errors:
-            return
-        tag = "[red]error:[/]" if record.levelno >= logging.ERROR else "[yellow]warning:[/]"
-        err_console.print(f"{tag} {record.getMessage()}", highlight=False, soft_wrap=True)
-
-
-@contextmanager
-def _warnings_to_console(*loggers: str, errors: bool = True):
-    """Library warnings of ``loggers`` as one console line each, for the duration of a call;
-    ``errors=False`` drops their errors (the caller reports those itself)."""
-    handler = _ConsoleWarnings(errors)
-    for name in loggers:
-        logging.getLogger(name).addHandler(handler)
-    try:
-        yield
-    finally:
-        for name in loggers:
-            logging.getLogger(name).removeHandler(handler)
 
 
 def detections_for(path: Path, ds):
@@ -77,10 +40,9 @@ def _groups(group: list[str] | None, no_voc_groups: bool) -> dict[str, tuple[str
 @app.command("fp-analysis")
 def fp_analysis_cmd(
     detections: Annotated[Path, typer.Argument(help="Model file (.rcnn) or detections (COCO .json / comp4 files)")],
-    dataset: DatasetArg,
-    split: SplitOpt = None,
+    dataset: opt.DatasetArg, split: opt.SplitOpt = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for fp_types.png, dap.png, fp_analysis.json")] = Path("fp_analysis"),
-    group: GroupOpt = None, no_voc_groups: NoVocOpt = False, metric: FpMetricOpt = "voc07",
+    group: opt.GroupOpt = None, no_voc_groups: opt.NoVocOpt = False, metric: opt.FpMetricOpt = "voc07",
 ) -> None:
     """False-positive analysis (paper §3.3, Figure 4): Loc/Sim/Oth/BG per class and dAP per error type."""
     from rich.table import Table
@@ -108,9 +70,9 @@ def fp_analysis_cmd(
 
 @app.command("sensitivity")
 def sensitivity_cmd(
-    dataset: DatasetArg,
+    dataset: opt.DatasetArg,
     models: Annotated[list[str], typer.Argument(help="NAME=PATH or PATH of model files or detections, one panel each")],
-    split: SplitOpt = None,
+    split: opt.SplitOpt = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for sensitivity.png and sensitivity.json")] = Path("sensitivity"),
     normalized_count: Annotated[float | None, typer.Option(help="N of the normalized precision (Hoiem et al.)",
                                                            show_default="0.15 × images")] = None,
@@ -135,16 +97,14 @@ def sensitivity_cmd(
 
 @app.command("show-warps")
 def show_warps_cmd(
-    dataset: DatasetArg,
-    class_name: Annotated[str, typer.Option("--class", "-c", help="Class to show")],
-    split: SplitOpt = None,
-    n: Annotated[int, typer.Option("--regions", "-n", help="Number of regions")] = 32,
+    dataset: opt.DatasetArg, class_name: Annotated[str, typer.Option("--class", "-c", help="Class to show")],
+    split: opt.SplitOpt = None, n: Annotated[int, typer.Option("--regions", "-n", help="Number of regions")] = 32,
     seed: Annotated[int, typer.Option(help="Random seed of the sample")] = 0,
     model: Annotated[str, typer.Option("--model", help="Model file or backbone name giving the warp settings")] = "squeezenet1_1",
-    weights: UnitWeightsOpt = None,
+    weights: opt.UnitWeightsOpt = None,
     with_proposals: Annotated[bool, typer.Option("--with-proposals/--gt-only", help="Also proposals with IoU >= 0.5 "
                                             "(fine-tuning positives)")] = False,
-    output: PngOpt = Path("warps.png"),
+    output: opt.PngOpt = Path("warps.png"),
 ) -> None:
     """Warped training regions of a class exactly as the feature extractor sees them (paper Figure 2)."""
     from rcnn.analysis.units import feature_settings
@@ -162,18 +122,17 @@ def show_warps_cmd(
 @app.command("units")
 def units_cmd(
     model_or_backbone: Annotated[str, typer.Argument(help="Model file (.rcnn) or backbone name (squeezenet1_1, …)")],
-    dataset: DatasetArg,
+    dataset: opt.DatasetArg,
     units: Annotated[str, typer.Option("--units", "-u", help="'auto' or units 'y,x,channel; …' / flat indices")] = "auto",
-    split: SplitOpt = None,
-    top: Annotated[int, typer.Option(help="Regions per unit (paper: 16)")] = 16,
+    split: opt.SplitOpt = None, top: Annotated[int, typer.Option(help="Regions per unit (paper: 16)")] = 16,
     max_images: Annotated[int | None, typer.Option(help="Only the first N images of the split",
                                                    show_default="all")] = None,
-    weights: UnitWeightsOpt = None,
+    weights: opt.UnitWeightsOpt = None,
     mode: Annotated[Literal[FEATURE_MODES] | None, typer.Option(
         "--mode", "-m", help="Region features: warp (the paper's) or shared",
         show_default="the model's; warp for a backbone")] = None,
     cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Store pool5 features in the feature cache (large)")] = False,
-    output: PngOpt = Path("units.png"),
+    output: opt.PngOpt = Path("units.png"),
 ) -> None:
     """Top activations of pool5 units with their receptive fields (paper §3.1, Figures 3 and 6)."""
     from rcnn.analysis.units import UnitsError, run_units
@@ -196,7 +155,7 @@ def units_cmd(
 @app.command("report")
 def report_cmd(
     model: Annotated[Path, typer.Argument(help="Model file (.rcnn) or detections (COCO .json / comp4 files)")],
-    dataset: DatasetArg,
+    dataset: opt.DatasetArg,
     split: Annotated[str, typer.Option("--split", "-s", help="Split name (ImageSets/Main/<split>.txt)")] = "test",
     output: Annotated[Path, typer.Option("--output", "-o", help="Report folder (index.html + PNGs)")] = Path("report"),
     compare: Annotated[list[str] | None, typer.Option(help="NAME=PATH or PATH of another model/detections for the "
@@ -205,7 +164,7 @@ def report_cmd(
     unit_images: Annotated[int, typer.Option(help="Images of the split searched for unit activations")] = 20,
     backbone: Annotated[str | None, typer.Option("--backbone", "-b", help="Backbone for unit grids when MODEL is a "
                                                  "detections file", show_default="none: no unit grids")] = None,
-    group: GroupOpt = None, no_voc_groups: NoVocOpt = False, metric: MetricOpt = "voc07",
+    group: opt.GroupOpt = None, no_voc_groups: opt.NoVocOpt = False, metric: opt.MetricOpt = "voc07",
     samples: Annotated[int, typer.Option(help="Best and worst images shown")] = 4,
 ) -> None:
     """One self-contained HTML report: AP table, PR curves, best/worst detections, FP analysis, sensitivity, unit grids.
@@ -218,7 +177,7 @@ def report_cmd(
     groups = _groups(group, no_voc_groups)
     # library warnings (e.g. truncated JPEGs, undrawable images) one line each; the detector's read
     # errors are reported by the report as "left out" warnings
-    with _warnings_to_console("rcnn.analysis.report", "rcnn.data"), _warnings_to_console("rcnn.detect", errors=False):
+    with log_to_console("rcnn.analysis.report", "rcnn.data"), log_to_console("rcnn.detect", errors=None):
         try:
             with show_progress() as progress:
                 path = report_for(model, ds, output, compare or [], units, unit_images, backbone, groups, metric,

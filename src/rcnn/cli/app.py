@@ -7,6 +7,7 @@ printed as one ``error:`` line with exit code 2, like :func:`fail`.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -42,6 +43,35 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     """Print one red error line to stderr and return an ``Exit`` to raise."""
     err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
+
+
+class ConsoleLog(logging.Handler):
+    """Library log records (warning and above) as one stderr line each: ``warning: …``; errors as
+    ``error: …``, or with ``errors="warning"`` as warnings, or with ``errors=None`` dropped (the
+    command reports those itself)."""
+
+    def __init__(self, errors: str | None = "error") -> None:
+        super().__init__(logging.WARNING)
+        self.errors = errors
+
+    def emit(self, record: logging.LogRecord) -> None:
+        tag = "warning" if record.levelno < logging.ERROR else self.errors
+        if tag is not None:
+            color = "red" if tag == "error" else "yellow"
+            err_console.print(f"[{color}]{tag}:[/] {record.getMessage()}", highlight=False, soft_wrap=True)
+
+
+@contextmanager
+def log_to_console(*loggers: str, errors: str | None = "error"):
+    """:class:`ConsoleLog` on ``loggers`` for the duration of a block."""
+    handler = ConsoleLog(errors)
+    for name in loggers:
+        logging.getLogger(name).addHandler(handler)
+    try:
+        yield
+    finally:
+        for name in loggers:
+            logging.getLogger(name).removeHandler(handler)
 
 
 def usage_message(e: Exception) -> str:

@@ -11,8 +11,8 @@ import typer
 from rich.table import Table
 
 from rcnn.cache import save_json
+from rcnn.cli import options as opt
 from rcnn.cli.app import app, console, fail, open_dataset
-from rcnn.cli.options import DatasetArg, MetricOpt, SplitOpt
 from rcnn.data import holdout_split
 from rcnn.evaluate import coco_metrics, evaluate_detections, read_detections
 
@@ -23,8 +23,7 @@ def _class_counts(records) -> Counter:
 
 @app.command()
 def info(
-    dataset: DatasetArg,
-    split: SplitOpt = None,
+    dataset: opt.DatasetArg, split: opt.SplitOpt = None,
     val_fraction: Annotated[float | None, typer.Option(
         "--val-fraction", help="Also show the two parts of carving this fraction of the split's images out as "
         "validation data (a fixed choice by image id: what `rcnn train --val-fraction` holds out)", show_default="none")] = None,
@@ -82,8 +81,7 @@ def evaluate_dets(
     detections: Annotated[Path, typer.Argument(help="COCO results .json, or a comp4_det_*.txt file or folder")],
     dataset: Annotated[Path, typer.Argument(help="Dataset with the ground truth (VOC or PASCAL v1.00 layout) "
                                             "or COCO .json")],
-    split: SplitOpt = None,
-    metric: MetricOpt = "voc07",
+    split: opt.SplitOpt = None, metric: opt.MetricOpt = "voc07",
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the results JSON here",
                                                 show_default="not written")] = None,
 ) -> None:

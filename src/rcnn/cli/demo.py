@@ -8,8 +8,8 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from rcnn.cli import options as opt
 from rcnn.cli.app import app, console, err_console, fail
-from rcnn.cli.options import FeatureModeOpt
 
 
 @app.command()
@@ -21,7 +21,7 @@ def demo(
                                            "classes.", show_default="the built-in one"),
     threshold: float = typer.Option(0.5, "--threshold", "-t", help="A group whose summed probability is below this "
                                     "is background."),
-    mode: FeatureModeOpt = "shared",
+    mode: opt.FeatureModeOpt = "shared",
     backbone: str = typer.Option("efficientnet_lite0", "--backbone", "-b", help="ImageNet backbone: efficientnet_lite0 "
                                  "or squeezenet1_1."),
     top_k: int = typer.Option(10, "--top-k", help="At most this many detections per image."),

@@ -11,24 +11,10 @@ import numpy as np
 import typer
 from rich.table import Table
 
-from rcnn.cli.app import app, console, err_console, fail, load_model, open_dataset
+from rcnn.cli import options as opt
+from rcnn.cli.app import ConsoleLog, app, console, err_console, fail, load_model, open_dataset
 from rcnn.cli.dataset import print_ap_table
 from rcnn.cli.engine import check_engine, ray_extract, ray_fill_images
-from rcnn.cli.options import (
-    AddressOpt,
-    DatasetArg,
-    EngineOpt,
-    FlipOpt,
-    KsOpt,
-    MetricOpt,
-    MinSizeOpt,
-    ModelArg,
-    NoBboxRegOpt,
-    RelocalizeOpt,
-    TrainSplitOpt,
-    WidthOpt,
-    WorkersOpt,
-)
 from rcnn.cli.progress import show_progress
 from rcnn.data import ImageReadError
 from rcnn.device import PRECISIONS
@@ -41,17 +27,12 @@ from rcnn.sources import CachedRegions
 SVM_THRESHOLD = -0.5
 
 
-class _WarnToConsole(logging.Handler):
-    def emit(self, record: logging.LogRecord) -> None:
-        err_console.print(f"[yellow]warning:[/] {record.getMessage()}", highlight=False, soft_wrap=True)
-
-
 def _log_warnings() -> None:
+    """The training and detection warnings (and errors) of the library as console warnings."""
     for name in ("rcnn.svm", "rcnn.detect"):
         lg = logging.getLogger(name)
-        if not any(isinstance(h, _WarnToConsole) for h in lg.handlers):
-            h = _WarnToConsole(logging.WARNING)
-            lg.addHandler(h)
+        if not any(isinstance(h, ConsoleLog) for h in lg.handlers):
+            lg.addHandler(ConsoleLog(errors="warning"))
             lg.propagate = False
 
 
@@ -77,9 +58,8 @@ def _print_error(msg: str) -> None:
 
 @app.command()
 def train(
-    dataset: DatasetArg,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Model file to write")],
-    split: TrainSplitOpt = "trainval",
+    dataset: opt.DatasetArg, output: Annotated[Path, typer.Option("--output", "-o", help="Model file to write")],
+    split: opt.TrainSplitOpt = "trainval",
     preset: Annotated[Literal["default", "paper"], typer.Option("--preset", help="The recipe: the validated one (shared trunk, pool5+fire5, "
                                         "box regression, sizes from the data) or the paper's (warp, fc7, no box regression)")] = "default",
     finetune: Annotated[bool, typer.Option("--finetune", help="Fine-tune the network on the training regions first "
@@ -115,7 +95,7 @@ def train(
                                                   "with AVX512-BF16/AMX)", show_default="preset: fp32")] = None,
     proposals: Annotated[Literal[PROPOSAL_MODES] | None, typer.Option("--proposals", help="Proposal mode (rcnn-fast | fast | quality) "
                                                   "", show_default="preset: rcnn-fast")] = None,
-    ks: KsOpt = None, min_size: MinSizeOpt = None, resize_width: WidthOpt = None, workers: WorkersOpt = None,
+    ks: opt.KsOpt = None, min_size: opt.MinSizeOpt = None, resize_width: opt.WidthOpt = None, workers: opt.WorkersOpt = None,
     C: Annotated[float | None, typer.Option("--C", help="SVM C", show_default="preset: 1e-3, rcnn_train.m")] = None,
     pos_weight: Annotated[float | None, typer.Option("--pos-weight", help="Positive loss weight",
                                                      show_default="preset: 2")] = None,
@@ -208,8 +188,8 @@ def detect(
     top_k: Annotated[int | None, typer.Option("--top-k", min=1, help="At most this many detections per image",
                                               show_default="all (trained model), 10 (imagenet)")] = None,
     no_png: Annotated[bool, typer.Option("--no-png", help="Skip the annotated PNGs")] = False,
-    no_bbox_reg: NoBboxRegOpt = False, flip: FlipOpt = False, relocalize: RelocalizeOpt = 0,
-    engine: EngineOpt = "local", address: AddressOpt = None, workers: WorkersOpt = None,
+    no_bbox_reg: opt.NoBboxRegOpt = False, flip: opt.FlipOpt = False, relocalize: opt.RelocalizeOpt = 0,
+    engine: opt.EngineOpt = "local", address: opt.AddressOpt = None, workers: opt.WorkersOpt = None,
 ) -> None:
     """Detect objects in images: COCO results JSON, VOC comp4 files (one per class with detections)
     and an annotated PNG per image.
@@ -292,14 +272,12 @@ def _detect_images(images: list[Path], detect_one, classes: list[str], output: P
 
 @app.command()
 def evaluate(
-    model_path: ModelArg,
-    dataset: DatasetArg,
-    split: Annotated[str, typer.Option("--split", "-s", help="Test split")] = "test",
-    metric: MetricOpt = "voc07",
+    model_path: opt.ModelArg, dataset: opt.DatasetArg,
+    split: Annotated[str, typer.Option("--split", "-s", help="Test split")] = "test", metric: opt.MetricOpt = "voc07",
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Folder for results JSON, PR curves, detections",
                                                 show_default="not written")] = None,
-    no_bbox_reg: NoBboxRegOpt = False, flip: FlipOpt = False, relocalize: RelocalizeOpt = 0,
-    workers: WorkersOpt = None, engine: EngineOpt = "local", address: AddressOpt = None,
+    no_bbox_reg: opt.NoBboxRegOpt = False, flip: opt.FlipOpt = False, relocalize: opt.RelocalizeOpt = 0,
+    workers: opt.WorkersOpt = None, engine: opt.EngineOpt = "local", address: opt.AddressOpt = None,
 ) -> None:
     """Detect over a split (using the caches) and print the per-class VOC AP table and mAP."""
     from rcnn.pipeline import evaluate as run_evaluate

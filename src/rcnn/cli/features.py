@@ -8,27 +8,9 @@ from typing import Annotated, Literal
 import typer
 
 from rcnn.backbones import WeightsError, available_backbones
+from rcnn.cli import options as opt
 from rcnn.cli.app import app, console, fail, open_dataset
 from rcnn.cli.engine import check_engine, ray_extract, report_device
-from rcnn.cli.options import (
-    GRID,
-    SCALES,
-    AddressOpt,
-    DatasetArg,
-    DeviceOpt,
-    EngineOpt,
-    FeatureModeOpt,
-    GridOpt,
-    KsOpt,
-    MaxBoxesOpt,
-    PrecisionOpt,
-    ProposalsOpt,
-    ScalesOpt,
-    SplitOpt,
-    WorkersOpt,
-    floats,
-    make_config,
-)
 from rcnn.cli.progress import show_progress
 from rcnn.features import METHODS, FeatureConfig, check_layer, features_for_dataset, layer_dim
 from rcnn.proposals import propose_dataset
@@ -36,39 +18,32 @@ from rcnn.proposals import propose_dataset
 
 @app.command()
 def features(
-    dataset: DatasetArg,
-    split: SplitOpt = None,
+    dataset: opt.DatasetArg, split: opt.SplitOpt = None,
     backbone: Annotated[str, typer.Option("--backbone", "-b", help="squeezenet1_1, efficientnet_lite0, alexnet, "
                                           "or any torchvision classifier (needs --weights)")] = "squeezenet1_1",
     weights: Annotated[Path | None, typer.Option("--weights", "-w", help="State dict (.safetensors or "
                                                  "torch.save) for the backbone", show_default="built-in")] = None,
     layer: Annotated[str, typer.Option("--layer", "-l", help="pool5 | fc6 | fc7 | logits, or taps joined by + (pool5+fire5)")] = "fc7",
-    mode: FeatureModeOpt = "warp",
+    mode: opt.FeatureModeOpt = "warp",
     context_pad: Annotated[int, typer.Option("--context-pad", help="context pixels in the warped frame "
                                              "(released code: 16; shared mode pools the same window)")] = 0,
     method: Annotated[Literal[METHODS], typer.Option("--method", help="warp mode: how a box becomes the CNN "
                                                      "input (paper Appendix A)")] = "warp",
-    scales: ScalesOpt = SCALES,
-    grid: GridOpt = GRID,
+    scales: opt.ScalesOpt = opt.SCALES, grid: opt.GridOpt = opt.GRID,
     with_gt: Annotated[bool, typer.Option("--with-gt/--no-gt", help="Also describe the ground-truth boxes "
                                           "(stored first)")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Regions per forward pass")] = 128,
-    proposals: ProposalsOpt = "rcnn-fast",
-    ks: KsOpt = None,
-    max_boxes: MaxBoxesOpt = None,
-    workers: WorkersOpt = None,
-    engine: EngineOpt = "local",
-    address: AddressOpt = None,
-    device: DeviceOpt = "auto",
-    precision: PrecisionOpt = "fp32",
+    proposals: opt.ProposalsOpt = "rcnn-fast", ks: opt.KsOpt = None, max_boxes: opt.MaxBoxesOpt = None,
+    workers: opt.WorkersOpt = None, engine: opt.EngineOpt = "local", address: opt.AddressOpt = None,
+    device: opt.DeviceOpt = "auto", precision: opt.PrecisionOpt = "fp32",
 ) -> None:
     """Compute float16 CNN features of every proposal of every image into the cache (resumable)."""
     check_engine(engine, address)
     ds = open_dataset(dataset, split)
-    pc = make_config(proposals, ks, max_boxes, None, None, False)
+    pc = opt.make_config(proposals, ks, max_boxes, None, None, False)
     try:
         fc = FeatureConfig(backbone=backbone, weights=str(weights) if weights else None, layer=layer, mode=mode,
-                           context_pad=context_pad, method=method, scales=floats(scales), grid=grid, with_gt=with_gt,
+                           context_pad=context_pad, method=method, scales=opt.floats(scales), grid=grid, with_gt=with_gt,
                            batch_size=batch_size, device=report_device(device),
                            precision=precision)
         bb = fc.backbone_obj()

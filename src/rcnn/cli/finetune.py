@@ -7,36 +7,20 @@ from typing import Annotated, Literal
 
 import typer
 
+from rcnn.cli import options as opt
 from rcnn.cli.app import app, console, err_console, fail, open_dataset
-from rcnn.cli.options import (
-    GRID,
-    SCALES,
-    DatasetArg,
-    FeatureModeOpt,
-    GridOpt,
-    KsOpt,
-    MaxBoxesOpt,
-    MinSizeOpt,
-    PrecisionOpt,
-    ProposalsOpt,
-    ScalesOpt,
-    TrainSplitOpt,
-    WidthOpt,
-    floats,
-    make_config,
-)
 from rcnn.cli.progress import show_progress
 
 
 @app.command()
 def finetune(
-    dataset: DatasetArg,
+    dataset: opt.DatasetArg,
     output: Annotated[Path, typer.Option("--output", "-o", help="Fine-tuned network to write (.safetensors)")],
-    split: TrainSplitOpt = "trainval",
+    split: opt.TrainSplitOpt = "trainval",
     backbone: Annotated[str, typer.Option("--backbone", "-b", help="squeezenet1_1, efficientnet_lite0, alexnet, …")] = "squeezenet1_1",
     weights: Annotated[Path | None, typer.Option("--weights", "-w", help="Pre-trained weights (torchvision models)",
                                                  show_default="built-in")] = None,
-    mode: FeatureModeOpt = "warp",
+    mode: opt.FeatureModeOpt = "warp",
     iterations: Annotated[int, typer.Option("--iterations", help="SGD iterations (128 regions each)")] = 1000,
     lr: Annotated[float | None, typer.Option("--lr", help="Learning rate",
                                              show_default="1/10 of the backbone's pre-training rate")] = None,
@@ -46,21 +30,17 @@ def finetune(
     flip: Annotated[bool, typer.Option("--flip/--no-flip", help="Horizontal flip augmentation")] = True,
     freeze: Annotated[int, typer.Option("--freeze", help="Keep the first N trunk modules frozen (0: all trained, §2.3)")] = 0,
     context_pad: Annotated[int, typer.Option("--context-pad", help="warp: context pixels (must match the features)")] = 0,
-    scales: ScalesOpt = SCALES,
-    grid: GridOpt = GRID,
+    scales: opt.ScalesOpt = opt.SCALES, grid: opt.GridOpt = opt.GRID,
     layer: Annotated[Literal["fc7", "fc6", "pool5"], typer.Option("--layer", "-l", help="What the new classifier "
                                                                   "reads: fc7 (paper §2.3), fc6 or pool5 (the RoI grid)")] = "fc7",
     input_norm: Annotated[float | None, typer.Option("--input-norm", help="Scale the layer's features to this mean "
                                                      "L2 norm (e.g. 20)", show_default="as is")] = None,
-    precision: PrecisionOpt = "fp32",
+    precision: opt.PrecisionOpt = "fp32",
     val_images: Annotated[int, typer.Option("--val-images", help="Training images held out for the validation curve")] = 16,
     val_every: Annotated[int, typer.Option("--val-every", help="Validate every N iterations")] = 50,
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Checkpoint every N iterations")] = 50,
-    proposals: ProposalsOpt = "rcnn-fast",
-    ks: KsOpt = None,
-    max_boxes: MaxBoxesOpt = None,
-    min_size: MinSizeOpt = None,
-    resize_width: WidthOpt = None,
+    proposals: opt.ProposalsOpt = "rcnn-fast", ks: opt.KsOpt = None, max_boxes: opt.MaxBoxesOpt = None,
+    min_size: opt.MinSizeOpt = None, resize_width: opt.WidthOpt = None,
     workers: Annotated[int | None, typer.Option("--workers", "-j", help="CPU threads", show_default="all cores")] = None,
 ) -> None:
     """Fine-tune a backbone on the dataset's regions (paper §2.3); resumes from OUTPUT.ckpt after a kill.
@@ -75,9 +55,9 @@ def finetune(
     ds = open_dataset(dataset, split)
     if not ds.records:
         raise fail(f"{dataset}: split {split!r} has no images", 2)
-    pc = make_config(proposals, ks, max_boxes, min_size, resize_width, False)
+    pc = opt.make_config(proposals, ks, max_boxes, min_size, resize_width, False)
     try:
-        sc = floats(scales) if scales else SHARED_SCALES
+        sc = opt.floats(scales) if scales else SHARED_SCALES
         cfg = FinetuneConfig(backbone=backbone, weights=str(weights) if weights else None, mode=mode, iterations=iterations,
                              lr=lr, step_size=step_size, seed=seed, flip=flip, freeze=freeze, context_pad=context_pad,
                              scales=sc, grid=grid or SHARED_GRID, tap=layer, input_norm=input_norm, precision=precision,
@@ -107,23 +87,19 @@ def finetune(
 def softmax_model(
     net: Annotated[Path, typer.Argument(help="Fine-tuned network written by `rcnn finetune`")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Model file to write (.rcnn)")],
-    mode: FeatureModeOpt = "warp",
-    scales: ScalesOpt = SCALES,
+    mode: opt.FeatureModeOpt = "warp", scales: opt.ScalesOpt = opt.SCALES,
     context_pad: Annotated[int, typer.Option("--context-pad", help="warp: context pixels")] = 0,
-    proposals: ProposalsOpt = "rcnn-fast",
-    ks: KsOpt = None,
-    max_boxes: MaxBoxesOpt = None,
-    min_size: MinSizeOpt = None,
-    resize_width: WidthOpt = None,
+    proposals: opt.ProposalsOpt = "rcnn-fast", ks: opt.KsOpt = None, max_boxes: opt.MaxBoxesOpt = None,
+    min_size: opt.MinSizeOpt = None, resize_width: opt.WidthOpt = None,
 ) -> None:
     """A detector scoring regions with the fine-tuned softmax instead of SVMs (use with `rcnn detect/evaluate`)."""
     from rcnn.backbones import WeightsError
     from rcnn.detect import softmax_model as build
     from rcnn.features import SHARED_SCALES, FeatureConfig
 
-    pc = make_config(proposals, ks, max_boxes, min_size, resize_width, False)
+    pc = opt.make_config(proposals, ks, max_boxes, min_size, resize_width, False)
     try:
-        sc = floats(scales) if scales else SHARED_SCALES
+        sc = opt.floats(scales) if scales else SHARED_SCALES
         model = build(net, pc, FeatureConfig(mode=mode, scales=sc, context_pad=context_pad))
     except (ValueError, WeightsError) as e:
         raise fail(str(e), 2) from None
@@ -134,8 +110,7 @@ def softmax_model(
 @app.command("bbox-reg")
 def bbox_reg(
     model_path: Annotated[Path, typer.Argument(help="Model file (.rcnn) to add a box regressor to")],
-    dataset: DatasetArg,
-    split: TrainSplitOpt = "trainval",
+    dataset: opt.DatasetArg, split: opt.TrainSplitOpt = "trainval",
     layer: Annotated[str, typer.Option("--layer", "-l", help="Feature layer of the regressor (released code: pool5)")] = "pool5",
     lam: Annotated[float, typer.Option("--lambda", help="Ridge penalty (released code: 1000)")] = 1000.0,
     min_iou: Annotated[float, typer.Option("--min-iou", help="Training regions: IoU with a ground truth above this")] = 0.6,

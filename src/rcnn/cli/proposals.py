@@ -8,32 +8,21 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from rcnn.cli import options as opt
 from rcnn.cli.app import app, console, fail, open_dataset
-from rcnn.cli.options import (
-    DatasetArg,
-    KsOpt,
-    MaxBoxesOpt,
-    MinSizeOpt,
-    ProposalsOpt,
-    SplitOpt,
-    UpscaleOpt,
-    WidthOpt,
-    WorkersOpt,
-    make_config,
-)
 from rcnn.cli.progress import show_progress
 from rcnn.proposals import dataset_recall, propose_dataset
 
 
 @app.command()
 def propose(
-    dataset: DatasetArg, split: SplitOpt = None, proposals: ProposalsOpt = "rcnn-fast", ks: KsOpt = None,
-    workers: WorkersOpt = None, max_boxes: MaxBoxesOpt = None, min_size: MinSizeOpt = None,
-    resize_width: WidthOpt = None, upscale: UpscaleOpt = False,
+    dataset: opt.DatasetArg, split: opt.SplitOpt = None, proposals: opt.ProposalsOpt = "rcnn-fast", ks: opt.KsOpt = None,
+    workers: opt.WorkersOpt = None, max_boxes: opt.MaxBoxesOpt = None, min_size: opt.MinSizeOpt = None,
+    resize_width: opt.WidthOpt = None, upscale: opt.UpscaleOpt = False,
 ) -> None:
     """Compute selective-search proposals for every image into the cache (parallel, resumable)."""
     ds = open_dataset(dataset, split)
-    cfg = make_config(proposals, ks, max_boxes, min_size, resize_width, upscale)
+    cfg = opt.make_config(proposals, ks, max_boxes, min_size, resize_width, upscale)
     console.print(f"{len(ds)} images, {cfg.describe()}", highlight=False)
     with show_progress() as progress:
         s = propose_dataset(ds, cfg, workers=workers, progress=progress)
@@ -49,16 +38,16 @@ def propose(
 
 @app.command("proposals-recall")
 def proposals_recall(
-    dataset: DatasetArg, split: SplitOpt = None, proposals: ProposalsOpt = "rcnn-fast", ks: KsOpt = None,
-    workers: WorkersOpt = None, max_boxes: MaxBoxesOpt = None, min_size: MinSizeOpt = None,
-    resize_width: WidthOpt = None, upscale: UpscaleOpt = False,
+    dataset: opt.DatasetArg, split: opt.SplitOpt = None, proposals: opt.ProposalsOpt = "rcnn-fast", ks: opt.KsOpt = None,
+    workers: opt.WorkersOpt = None, max_boxes: opt.MaxBoxesOpt = None, min_size: opt.MinSizeOpt = None,
+    resize_width: opt.WidthOpt = None, upscale: opt.UpscaleOpt = False,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="JSON path",
                                                 show_default="proposals-recall-<split>.json")] = None,
     plot: Annotated[Path | None, typer.Option("--plot", help="PNG path", show_default="the JSON path with .png")] = None,
 ) -> None:
     """Recall@0.5/0.7 and MABO of the proposals (non-difficult objects), plus a recall-vs-#proposals plot."""
     ds = open_dataset(dataset, split)
-    cfg = make_config(proposals, ks, max_boxes, min_size, resize_width, upscale)
+    cfg = opt.make_config(proposals, ks, max_boxes, min_size, resize_width, upscale)
     out = output or Path(f"proposals-recall-{split or 'all'}.json")
     png = plot or out.with_suffix(".png")
     with show_progress() as progress:

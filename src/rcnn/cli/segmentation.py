@@ -9,8 +9,8 @@ import typer
 from rich.table import Table
 
 from rcnn.cache import save_json
+from rcnn.cli import options as opt
 from rcnn.cli.app import app, console, fail, load_model
-from rcnn.cli.options import FeatureModeOpt, PrecisionOpt
 from rcnn.cli.progress import show_progress
 from rcnn.data import AnnotationError
 from rcnn.segmentation import protocol
@@ -70,8 +70,7 @@ def segment_proposals(
 
 @app.command("segment-train")
 def segment_train(
-    dataset: DatasetArg,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Model file (.safetensors)")],
+    dataset: DatasetArg, output: Annotated[Path, typer.Option("--output", "-o", help="Model file (.safetensors)")],
     split: Annotated[str, typer.Option("--split", "-s", help="Training split")] = "train",
     val_split: Annotated[str, typer.Option(help="Split the pasting threshold is chosen on")] = "val",
     strategy: Annotated[Literal[STRATEGIES], typer.Option(help="Region features: the full box, the foreground-masked "
@@ -80,11 +79,11 @@ def segment_train(
     backbone: Annotated[str, typer.Option("--backbone", "-b", help="Backbone (rcnn backbones)")] = "squeezenet1_1",
     weights: Annotated[Path | None, typer.Option("--weights", "-w", help="Weights file for backbones without "
                                                  "built-in weights", show_default="built-in")] = None,
-    mode: FeatureModeOpt = "warp",
+    mode: opt.FeatureModeOpt = "warp",
     train_regions: Annotated[int, typer.Option(help="Top regions per training image (plus its ground-truth masks)")] = 150,
     c: Annotated[float, typer.Option("--C", help="LinearSVR regularisation C")] = 0.01,
     full_weight: Annotated[float, typer.Option(help="full+fg: the full half's scale relative to fg (1 = equal norms)")] = 1.0,
-    precision: PrecisionOpt = "fp32",
+    precision: opt.PrecisionOpt = "fp32",
     # pooled: 4x the images to place the threshold; over 170 Penn-Fudan images (4-fold CV) it raised 7 of the 9
     # Table 3 rows (mean IoU 0.849 -> 0.853) and made full+fg the best strategy at every tap
     threshold_on: Annotated[Literal["pooled", "val"], typer.Option(
@@ -123,8 +122,7 @@ def segment_train(
 
 @app.command("segment")
 def segment(
-    model_path: ModelArg,
-    images: Annotated[list[Path], typer.Argument(help="Image files or folders")],
+    model_path: ModelArg, images: Annotated[list[Path], typer.Argument(help="Image files or folders")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for <name>_labels.png and "
                                          "<name>_overlay.png")] = Path("segmentation"),
 ) -> None:
@@ -149,10 +147,8 @@ def segment(
 
 @app.command("segment-evaluate")
 def segment_evaluate(
-    model_path: ModelArg,
-    dataset: DatasetArg,
-    split: Annotated[str, typer.Option("--split", "-s", help=SplitHelp)] = "test",
-    output: JsonOpt = None,
+    model_path: ModelArg, dataset: DatasetArg,
+    split: Annotated[str, typer.Option("--split", "-s", help=SplitHelp)] = "test", output: JsonOpt = None,
     overlays: Annotated[Path | None, typer.Option(help="Folder for predicted-label overlays",
                                                   show_default="not written")] = None,
 ) -> None:
