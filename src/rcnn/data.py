@@ -389,45 +389,59 @@ def read_voc(
                     issues.append(AnnotationIssue(xml, f"image {path} not found", "dropped image"))
                 continue
             path = alt
-        width, height = p["width"], p["height"]
-        if width <= 0 or height <= 0:
-            try:
-                width, height = image_size(path)
-            except ImageReadError as e:
-                issues.append(AnnotationIssue(xml, str(e), "dropped image"))
-                continue
-        objs = p["objects"]
-        annotated += len(objs)
-        known = []
-        for o in objs:
-            if o["name"] in index:
-                known.append(o)
-            else:
-                issues.append(AnnotationIssue(xml, f"unknown class {o['name']!r}", "dropped object"))
-        file_boxes = np.array([o["box"] for o in known], np.float32).reshape(-1, 4)
-        boxes = voc_to_xyxy(file_boxes)
-        # A file box with xmax <= xmin has zero extent in the annotator's eyes even though
-        # VOC's inclusive convention would give it one pixel: treat it as degenerate.
-        flat = (file_boxes[:, 2] <= file_boxes[:, 0]) | (file_boxes[:, 3] <= file_boxes[:, 1])
-        boxes[flat, 2:] = boxes[flat, :2]
-        boxes, keep = _sanitize(boxes, width, height, xml, issues)
-        known = [o for o, k in zip(known, keep, strict=True) if k]
-        boxes = boxes[keep]
-
-        def opt(key: str, known=known):
-            vals = [o[key] for o in known]
-            return None if all(v is None for v in vals) else np.array([v == "1" for v in vals], bool)
-
-        poses = [o["pose"] for o in known]
-        records.append(ImageRecord(
-            image_id=image_id, path=path, width=width, height=height, boxes=boxes,
-            labels=np.array([index[o["name"]] for o in known], np.int64),
-            difficult=np.array([o["difficult"] for o in known], bool),
-            truncated=opt("truncated"), occluded=opt("occluded"),
-            pose=None if all(v is None for v in poses) else [v or "" for v in poses],
-            source_id=p["flickrid"],
-        ))
+        size = _image_size_or_issue(path, p["width"], p["height"], xml, issues)
+        if size is None:
+            continue
+        annotated += len(p["objects"])
+        records.append(_voc_record(image_id, path, *size, p, index, xml, issues))
     return Dataset(root, split, classes, records, issues, "voc", annotated)
+
+
+def _image_size_or_issue(path: Path, width: int, height: int, where: str,
+                         issues: list[AnnotationIssue]) -> tuple[int, int] | None:
+    """``(width, height)`` as annotated, or read from the image when the annotation has none;
+    None (and a "dropped image" issue at ``where``) when the image cannot be read."""
+    if width > 0 and height > 0:
+        return width, height
+    try:
+        return image_size(path)
+    except ImageReadError as e:
+        issues.append(AnnotationIssue(where, str(e), "dropped image"))
+        return None
+
+
+def _voc_record(image_id: str, path: Path, width: int, height: int, p: dict, index: dict[str, int], xml: str,
+                issues: list[AnnotationIssue]) -> ImageRecord:
+    """One VOC image's record from its parsed XML ``p``: objects of unknown classes and
+    degenerate boxes dropped with an issue each, boxes converted to 0-based pixel edges."""
+    known = []
+    for o in p["objects"]:
+        if o["name"] in index:
+            known.append(o)
+        else:
+            issues.append(AnnotationIssue(xml, f"unknown class {o['name']!r}", "dropped object"))
+    file_boxes = np.array([o["box"] for o in known], np.float32).reshape(-1, 4)
+    boxes = voc_to_xyxy(file_boxes)
+    # A file box with xmax <= xmin has zero extent in the annotator's eyes even though
+    # VOC's inclusive convention would give it one pixel: treat it as degenerate.
+    flat = (file_boxes[:, 2] <= file_boxes[:, 0]) | (file_boxes[:, 3] <= file_boxes[:, 1])
+    boxes[flat, 2:] = boxes[flat, :2]
+    boxes, keep = _sanitize(boxes, width, height, xml, issues)
+    known = [o for o, k in zip(known, keep, strict=True) if k]
+
+    def flags(key: str):
+        vals = [o[key] for o in known]
+        return None if all(v is None for v in vals) else np.array([v == "1" for v in vals], bool)
+
+    poses = [o["pose"] for o in known]
+    return ImageRecord(
+        image_id=image_id, path=path, width=width, height=height, boxes=boxes[keep],
+        labels=np.array([index[o["name"]] for o in known], np.int64),
+        difficult=np.array([o["difficult"] for o in known], bool),
+        truncated=flags("truncated"), occluded=flags("occluded"),
+        pose=None if all(v is None for v in poses) else [v or "" for v in poses],
+        source_id=p["flickrid"],
+    )
 
 
 def _find_image(folder: Path, stem: str) -> Path | None:
@@ -582,14 +596,11 @@ def read_coco(json_path: str | Path, image_dir: str | Path | None = None, split:
                 issues.append(AnnotationIssue(name, f"annotation {a.get('id')} has no valid category/bbox", "dropped object"))
             else:
                 known.append(a)
-        w, h = int(im.get("width", 0)), int(im.get("height", 0))
         path = image_dir / im["file_name"]
-        if w <= 0 or h <= 0:
-            try:
-                w, h = image_size(path)
-            except ImageReadError as e:
-                issues.append(AnnotationIssue(name, str(e), "dropped image"))
-                continue
+        size = _image_size_or_issue(path, int(im.get("width", 0)), int(im.get("height", 0)), name, issues)
+        if size is None:
+            continue
+        w, h = size
         xywh = np.array([a["bbox"] for a in known], np.float32).reshape(-1, 4)
         boxes, keep = _sanitize(xywh_to_xyxy(xywh), w, h, f"{name} image {im['id']}", issues)
         known = [a for a, k in zip(known, keep, strict=True) if k]
@@ -867,31 +878,7 @@ def read_yolo(root: str | Path, split: str | None = None, classes: Sequence[str]
         names = [str(i) for i in range(top + 1)]
         issues.append(AnnotationIssue(str(root), "no class names (data.yaml names: or classes.txt)",
                                       "named classes by index"))
-    records = []
-    for p, lp, w, h, rows in parsed:
-        boxes, labels = [], []
-        for n, text, c, b in rows:
-            where = f"{lp}:{n}"
-            if not 0 <= c < len(names):
-                issues.append(AnnotationIssue(where, f"class index {c} outside the {len(names)} classes "
-                                              f"0..{len(names) - 1}", "dropped object"))
-                continue
-            raw = np.array(b, np.float64)
-            clipped = np.clip(raw, 0.0, 1.0)
-            if raw[2] <= raw[0] or raw[3] <= raw[1]:
-                issues.append(AnnotationIssue(where, f"box {text!r} has zero or negative size", "dropped box"))
-                continue
-            if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
-                issues.append(AnnotationIssue(where, f"box {text!r} lies outside the image (0..1)", "dropped box"))
-                continue
-            if np.abs(clipped - raw).max() > 1e-6:  # exporters' rounding (1.0000001) is not worth a line
-                issues.append(AnnotationIssue(where, f"box {text!r} reaches outside 0..1", "clipped box"))
-            boxes.append(clipped * (w, h, w, h))
-            labels.append(c)
-        records.append(ImageRecord(
-            image_id=ids[p], path=p, width=w, height=h, boxes=np.array(boxes, np.float32).reshape(-1, 4),
-            labels=np.array(labels, np.int64), difficult=np.zeros(len(labels), bool),
-        ))
+    records = [_yolo_record(ids[p], p, lp, w, h, rows, len(names), issues) for p, lp, w, h, rows in parsed]
     # label files without an image: in the label folders of this split (all images count as owners)
     expected = {yolo_label_path(p).resolve() for p in every}
     dirs = {yolo_label_path(p).parent for p in chosen}
@@ -901,6 +888,34 @@ def read_yolo(root: str | Path, split: str | None = None, classes: Sequence[str]
             if t.name != "classes.txt" and t.resolve() not in expected:
                 issues.append(AnnotationIssue(str(t), "label file without an image", "ignored label file"))
     return Dataset(root, split, names, records, issues, "yolo", annotated)
+
+
+def _yolo_record(image_id: str, path: Path, lp: Path, w: int, h: int, rows: list, num_classes: int,
+                 issues: list[AnnotationIssue]) -> ImageRecord:
+    """One YOLO image's record from its label ``rows`` ``(line number, text, class, normalised
+    xyxy)``: boxes scaled to ``w`` x ``h`` pixels; a class outside ``num_classes`` or an empty box
+    dropped, one reaching outside 0..1 clipped, one issue each naming ``lp`` and the line."""
+    boxes, labels = [], []
+    for n, text, c, b in rows:
+        where = f"{lp}:{n}"
+        if not 0 <= c < num_classes:
+            issues.append(AnnotationIssue(where, f"class index {c} outside the {num_classes} classes "
+                                          f"0..{num_classes - 1}", "dropped object"))
+            continue
+        raw = np.array(b, np.float64)
+        clipped = np.clip(raw, 0.0, 1.0)
+        if raw[2] <= raw[0] or raw[3] <= raw[1]:
+            issues.append(AnnotationIssue(where, f"box {text!r} has zero or negative size", "dropped box"))
+            continue
+        if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
+            issues.append(AnnotationIssue(where, f"box {text!r} lies outside the image (0..1)", "dropped box"))
+            continue
+        if np.abs(clipped - raw).max() > 1e-6:  # exporters' rounding (1.0000001) is not worth a line
+            issues.append(AnnotationIssue(where, f"box {text!r} reaches outside 0..1", "clipped box"))
+        boxes.append(clipped * (w, h, w, h))
+        labels.append(c)
+    return ImageRecord(image_id=image_id, path=path, width=w, height=h, boxes=np.array(boxes, np.float32).reshape(-1, 4),
+                       labels=np.array(labels, np.int64), difficult=np.zeros(len(labels), bool))
 
 
 # ------------------------------------------------------------------------ validation

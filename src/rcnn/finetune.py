@@ -481,6 +481,10 @@ def finetune(
     ``<output>.ckpt``); an existing one is resumed (after its hash is verified). ``stop_after``:
     stop (after checkpointing) once this many iterations are done — simulates a kill in tests.
     Writes ``<output stem>.curve.json`` and ``.curve.png`` next to ``output``.
+
+    One function on purpose: the SGD loop, its validation and its checkpoints share the net,
+    optimiser, sampler and RNG state that a resumed run must restore exactly; split apart they
+    would be passed around as one bundle of mutable state.
     """
     from rcnn.proposals import ProposalConfig
 

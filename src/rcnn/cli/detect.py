@@ -117,13 +117,11 @@ def train(
     try:
         rec = recipe(preset, backbone=backbone, weights=str(weights) if weights else None, layer=layer, mode=mode,
                      short_side=short_side, grid=grid, context_pad=context_pad, precision=precision,
-                     scales=tuple(float(x) for x in scales.split(",")) if scales else None, proposals=proposals,
+                     scales=opt.floats(scales) if scales else None, proposals=proposals,
                      ks=tuple(int(k) for k in ks.split(",")) if ks else None, min_size=min_size,
                      resize_width=resize_width, bbox_reg=bbox_reg, relocalize=relocalize,
                      finetune=iterations if finetune else None)
-        svm = {k: v for k, v in {"C": C, "pos_weight": pos_weight, "passes": passes}.items() if v is not None}
-        rec = replace(rec, svm=replace(rec.svm, **svm))
-        check_recipe(rec)
+        check_recipe(rec := replace(rec, svm=replace(rec.svm, **_given(C=C, pos_weight=pos_weight, passes=passes))))
         ds, val = holdout_split(ds, val_fraction) if val_fraction is not None else (ds, None)
     except (ValueError, WeightsError) as e:
         raise fail(f"bad option: {e}", 2) from None
@@ -136,8 +134,8 @@ def train(
                             net_path=output.with_suffix(".net.safetensors") if rec.finetune else None)
         except (ValueError, ImageReadError) as e:
             raise fail(str(e), 1) from None
-    if det.model.training["prepare"]["failed"]:
-        err_console.print(f"[yellow]warning:[/] trained without {det.model.training['prepare']['failed']} unreadable image(s)")
+    if failed := det.model.training["prepare"]["failed"]:
+        err_console.print(f"[yellow]warning:[/] trained without {failed} unreadable image(s)")
     if val is not None:
         with show_progress() as progress:
             ev = run_evaluate(det, val, None, progress=progress)
@@ -146,6 +144,11 @@ def train(
                       f"{ev.coco['mAP@[.5:.95]'] or float('nan'):.3f}", highlight=False)
     det.model.save(output)
     _print_training(det.model, output)
+
+
+def _given(**settings) -> dict:
+    """The settings whose option was given (not None)."""
+    return {k: v for k, v in settings.items() if v is not None}
 
 
 def _print_training(model, output: Path) -> None:

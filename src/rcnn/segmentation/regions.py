@@ -313,6 +313,9 @@ def hierarchical_grouping(
     are the superpixels, then one row per merge, in merge order), and ``level`` (R,) int:
     the region's position in the hierarchy counted from the top (last merge = 1, the
     superpixels last), which selective search multiplies by a random number to rank.
+
+    One function on purpose: the merge loop updates the similarity heap, sizes, boxes and
+    histograms of the merged pair together (selective search's algorithm, step for step).
     """
     unknown = set(similarities) - set(SIMILARITIES)
     if unknown or not similarities:
