@@ -249,6 +249,17 @@ def _eval(m: nn.Module) -> nn.Module:
     return m
 
 
+def _pool5_fc6(grid: torch.Tensor, layers: Sequence[str], g: int) -> dict[str, torch.Tensor]:
+    """The pool5 and fc6 taps of a convolutional head on RoI grids ``(N,C,h,w)``, those of
+    ``layers`` asked for: pool5 ``(N, C*g*g)`` (:func:`_grid_pool5`), fc6 the max over each grid ``(N,C)``."""
+    out = {}
+    if "pool5" in layers:
+        out["pool5"] = _grid_pool5(grid, g)
+    if "fc6" in layers:
+        out["fc6"] = grid.amax((2, 3))
+    return out
+
+
 def _grid_pool5(grid: torch.Tensor, g: int) -> torch.Tensor:
     # pool5 role: max-pool the last conv map to a g×g grid, flattened channel-major; a map that is
     # already g×g (shared mode's RoI grid) is its own max pool, and the pooling op is slow on the CPU
@@ -315,11 +326,7 @@ def _squeezenet(weights: str | Path | None) -> Backbone:
     conv10 = m.classifier[1]
 
     def head(grid: torch.Tensor, layers: Sequence[str], g: int) -> dict[str, torch.Tensor]:
-        out = {}
-        if "pool5" in layers:
-            out["pool5"] = _grid_pool5(grid, g)
-        if "fc6" in layers:
-            out["fc6"] = grid.amax((2, 3))
+        out = _pool5_fc6(grid, layers, g)
         if "fc7" in layers:
             out["fc7"] = grid.mean((2, 3))
         if "logits" in layers:
@@ -455,11 +462,7 @@ def _torchvision(name: str, weights: str | Path | None) -> Backbone:
                            "mobilenet*, efficientnet* are)")
 
     def conv_head(grid: torch.Tensor, layers: Sequence[str], g: int) -> dict[str, torch.Tensor]:
-        out = {}
-        if "pool5" in layers:
-            out["pool5"] = _grid_pool5(grid, g)
-        if "fc6" in layers:
-            out["fc6"] = grid.amax((2, 3))
+        out = _pool5_fc6(grid, layers, g)
         emb = grid.mean((2, 3))
         if "fc7" in layers:
             out["fc7"] = emb
