@@ -90,12 +90,21 @@ class Objective:
 
 def svm_objective(
     w: np.ndarray, b: float, X_pos: np.ndarray, X_neg: np.ndarray, C: float = 1e-3, bias_mult: float = 10.0,
-    pos_weight: float = 2.0,
+    pos_weight: float = 2.0, scale: Scale | None = None,
 ) -> Objective:
-    """Primal objective of ``(w (D,), b)`` on positives ``(P,D)`` and negatives ``(M,D)``."""
+    """Primal objective of ``(w (D,), b)`` on positives ``(P,D)`` and negatives ``(M,D)`` (with
+    ``scale``: unscaled rows, scaled as training scales them, a chunk at a time)."""
     w64 = np.asarray(w, np.float64)
-    zp = np.asarray(X_pos, np.float64) @ w64 + b if len(X_pos) else np.zeros(0)
-    zn = np.asarray(X_neg, np.float64) @ w64 + b if len(X_neg) else np.zeros(0)
+
+    def margins(X: np.ndarray) -> np.ndarray:
+        if not len(X):
+            return np.zeros(0)
+        if scale is None:
+            return np.asarray(X, np.float64) @ w64 + b
+        return np.concatenate([scaled_rows([X[i : i + 4096]], scale, np.float64) @ w64 + b
+                               for i in range(0, len(X), 4096)])
+
+    zp, zn = margins(X_pos), margins(X_neg)
     return Objective(
         pos=float(C * pos_weight * np.maximum(0, 1 - zp).sum()),
         neg=float(C * np.maximum(0, 1 + zn).sum()),
@@ -117,14 +126,14 @@ def train_svm(
 
 
 def fit_liblinear(
-    X: np.ndarray, num_pos: int, C: float = 1e-3, bias_mult: float = 10.0, pos_weight: float = 2.0,
+    X, num_pos: int, C: float = 1e-3, bias_mult: float = 10.0, pos_weight: float = 2.0,
     tol: float = 1e-3, max_iter: int = 5000,
 ) -> tuple[np.ndarray, float]:
-    """:func:`train_svm` on ``X`` ``(P+M, D)`` float64 whose first ``num_pos`` rows are the positives
-    (the layout liblinear reads, built once by the caller without a float32 copy beside it)."""
+    """:func:`train_svm` on ``X`` ``(P+M, D)`` float64 (dense or CSR) whose first ``num_pos`` rows are
+    the positives (the layout liblinear reads, built once by the caller without a float32 copy beside it)."""
     from sklearn.svm import LinearSVC
 
-    y = np.concatenate([np.ones(num_pos), -np.ones(len(X) - num_pos)])
+    y = np.concatenate([np.ones(num_pos), -np.ones(X.shape[0] - num_pos)])
     # fit_intercept + intercept_scaling = liblinear's -B: a constant feature whose weight is
     # regularised like the rest (sklearn docs), i.e. exactly the released bias_mult trick.
     clf = LinearSVC(
@@ -234,6 +243,19 @@ def scaled_rows(parts: Sequence[np.ndarray], scale: Scale, dtype=np.float32, chu
             out[i : i + len(block)] = np.asarray(block, np.float32) * scale
             i += len(block)
     return out
+
+
+def scaled_csr(parts: Sequence[np.ndarray], scale: Scale, chunk: int = 1024):
+    """:func:`scaled_rows` as a float64 CSR matrix, built chunk by chunk: liblinear copies its input
+    into (index, value) pairs of the non-zeros anyway, and ReLU features are mostly zeros (~27 % of
+    pool5+fire5 non-zero), so a sparse input needs ~40 % less memory than a dense float64 one and
+    trains the same weights bit for bit."""
+    import scipy.sparse as sp
+
+    blocks = [sp.csr_matrix(scaled_rows([p[i : i + chunk]], scale, np.float64))
+              for p in parts for i in range(0, len(p), chunk)]
+    D = next((p.shape[1] for p in parts if p.ndim == 2), 0)
+    return sp.vstack(blocks, format="csr") if blocks else sp.csr_matrix((0, D))
 
 
 def _scaled_scores(X: np.ndarray, scale: Scale, w: np.ndarray, bias: float, chunk: int = 4096) -> np.ndarray:
@@ -348,11 +370,9 @@ def train_detector(
         if len(cache.X_neg) == 0 or len(cache.X_pos) == 0:
             return
         ts = time.perf_counter()
-        P = len(cache.X_pos)
-        X = scaled_rows([cache.X_pos, cache.X_neg], scale, np.float64)
-        w, bias = fit_liblinear(X, P, config.C, config.bias_mult, config.pos_weight, config.tol, config.max_iter)
-        obj = svm_objective(w, bias, X[:P], X[P:], config.C, config.bias_mult, config.pos_weight)
-        del X
+        w, bias = fit_liblinear(scaled_csr([cache.X_pos, cache.X_neg], scale), len(cache.X_pos), config.C,
+                                config.bias_mult, config.pos_weight, config.tol, config.max_iter)
+        obj = svm_objective(w, bias, cache.X_pos, cache.X_neg, config.C, config.bias_mult, config.pos_weight, scale)
         W[:, c], b[c] = w, bias
         cache.num_added = 0
         zp = _scaled_scores(cache.X_pos, scale, w, bias)
