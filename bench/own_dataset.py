@@ -3,6 +3,7 @@
     python bench/own_dataset.py validate   # each candidate: train on 3/4 of trainval, score on the held-out 1/4
     python bench/own_dataset.py test       # the chosen recipe on full trainval → test, BCCD from a cold cache
     python bench/own_dataset.py speed      # extraction: trunk cache vs per-region zlib cache; detection s/image
+    python bench/own_dataset.py test-finetune bccd   # the same with ``finetune=1500`` (``rcnn train --finetune``)
 
 ``test`` detects with the variant validation chose (box regression, iterative localisation).
 
@@ -37,6 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 OUT = ROOT / "bench" / "results" / "own_dataset.json"
 VAL_FRACTION = 0.25
+FINETUNE_ITERATIONS = 1500  # rcnn train --finetune's default
+MODELS = Path(tempfile.gettempdir()) / "rcnn-own-dataset"  # the models ``test`` trains (outside any cache)
 #: candidates compared on validation: the trained recipe × how it detects. The hypercolumn layer
 #: itself was chosen earlier on a BCCD validation split (ablation.json, valcompare rows)
 CANDIDATES = {"pool5+fire5": {"layer": "pool5+fire5"}}
@@ -171,14 +174,17 @@ def test(names: list[str]) -> None:
             test_one(name)
 
 
-def test_one(name: str) -> None:
+def test_one(name: str, finetune: int = 0) -> None:
+    """One dataset: train on trainval (``finetune`` SGD iterations first, as ``rcnn train --finetune``),
+    score once on test; the row goes to ``test`` (or ``test_finetune``)."""
     root = datasets()[name]
     tv = load_dataset(root, "trainval")
     cold = not any(cache_dir().glob("trunk/*"))
     t0, r0 = time.perf_counter(), _cpu()
-    det = rcnn.train(tv, None, "default", workers=2)
+    det = rcnn.train(tv, None, "default", workers=2, finetune=finetune)
     train_wall, train_cpu = time.perf_counter() - t0, _cpu() - r0
-    model_path = Path(tempfile.mkdtemp()) / f"{name}.rcnn"
+    model_path = MODELS / f"{name}{'-finetune' if finetune else ''}.rcnn"  # for ``speed --model``
+    model_path.parent.mkdir(parents=True, exist_ok=True)
     det.save(model_path)
     variant = load_results().get("chosen", {}).get("variant", "box regression")
     ev = rcnn.evaluate(det, root, "test", **DETECT_VARIANTS[variant])
@@ -194,7 +200,7 @@ def test_one(name: str) -> None:
            "detection": variant, "test": scores(ev),
            "test_seconds_per_image_from_cache": round(ev.seconds_per_image, 3),
            "machine": machine()}
-    save({"test": {name: row}})
+    save({"test_finetune" if finetune else "test": {name: row}})
     print(json.dumps(row, indent=1, default=str), flush=True)
 
 
@@ -216,10 +222,12 @@ def _cpu() -> float:
     return ru.ru_utime + ru.ru_stime + rc.ru_utime + rc.ru_stime
 
 
-def speed(n: int = 8) -> None:
+def speed(n: int = 8, model: str | None = None) -> None:
     """Feature extraction per image, the same images in the same run: the per-region cache (pool5+fire5
     features of every proposal, float16, ``np.savez_compressed``) vs the trunk cache (float16 maps,
-    zstd); and detection with the BCCD test model (proposals + trunk + pooling + SVMs + box regression)."""
+    zstd); and detection from the image file (proposals + trunk + pooling + SVMs + box regression +
+    the recipe's iterative localisation) with ``model`` (the BCCD model ``test`` wrote), else a
+    model trained on 2 images for timing only."""
     import io
 
     from rcnn.features import extract_features, feature_path, get_trunk_maps
@@ -248,15 +256,19 @@ def speed(n: int = 8) -> None:
         new += time.perf_counter() - t0
         new_mb += path.stat().st_size / 1e6
     test = load_dataset(datasets()["bccd"], "test").records[:n]
+    timed = rcnn.load(model) if model else det
+    timed.detect(load_image(test[0].path))  # warm-up: the network's first call allocates
     t0, c0 = time.perf_counter(), _cpu()
     for r in test:
-        det.detect(load_image(r.path))
+        timed.detect(load_image(r.path))
     det_wall, det_cpu = (time.perf_counter() - t0) / len(test), (_cpu() - c0) / len(test)
     row = {"images": len(recs), "image_size": [recs[0].width, recs[0].height], "short_side": fc.short_side,
            "region_cache_s_per_image": round(old / len(recs), 3), "trunk_cache_s_per_image": round(new / len(recs), 3),
            "speedup": round(old / max(new, 1e-9), 2), "region_cache_mb_per_image": round(old_mb / len(recs), 2),
            "trunk_cache_mb_per_image": round(new_mb / max(1, len(recs)), 2),
-           "detect_images": len(test), "detect_wall_s_per_image": round(det_wall, 3),
+           "detect_images": len(test), "detect_model": "BCCD test model" if model else "2-image model",
+           "detect_recipe": {k: timed.recipe.get(k) for k in ("bbox_reg", "relocalize")},
+           "detect_wall_s_per_image": round(det_wall, 3),
            "detect_cpu_s_per_image": round(det_cpu, 3), "threads": 2, "machine": machine()}
     save({"speed": row})
     print(json.dumps(row, indent=1), flush=True)
@@ -264,7 +276,9 @@ def speed(n: int = 8) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("phase", choices=["validate", "choose", "test", "test-one", "rescore", "speed"])
+    ap.add_argument("phase", choices=["validate", "choose", "test", "test-one", "test-finetune", "rescore", "speed"])
+    ap.add_argument("--iterations", type=int, default=FINETUNE_ITERATIONS, help="test-finetune: SGD iterations")
+    ap.add_argument("--model", help="speed: time detection with this model (e.g. the BCCD model test wrote)")
     ap.add_argument("datasets", nargs="*", help="subset of bccd, pennfudan, closeup (default: all)")
     a = ap.parse_args()
     if a.phase == "validate":
@@ -275,10 +289,13 @@ def main() -> None:
         test(a.datasets)
     elif a.phase == "test-one":
         test_one(a.datasets[0])
+    elif a.phase == "test-finetune":
+        for name in a.datasets or ["bccd"]:
+            test_one(name, finetune=a.iterations)
     elif a.phase == "rescore":
         rescore(a.datasets[0], a.datasets[1])
     else:
-        speed()
+        speed(model=a.model)
 
 
 if __name__ == "__main__":

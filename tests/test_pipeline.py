@@ -87,3 +87,48 @@ def test_train_with_finetuning_references_the_finetuned_net(tmp_path):
     from rcnn.backbones import SQUEEZENET_SHA256
 
     assert model.model.weights_hash != SQUEEZENET_SHA256 and model.recipe["finetune"] == 2
+
+
+def _voc(root, images):
+    """A VOC-layout dataset from ``[(image_id, (H,W,3) uint8, [(class, x1, y1, x2, y2) 0-based edges])]``,
+    every image in ``trainval``."""
+    from PIL import Image
+
+    for d in ("JPEGImages", "Annotations", "ImageSets/Main"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    for iid, img, objs in images:
+        Image.fromarray(img).save(root / "JPEGImages" / f"{iid}.jpg", quality=92)
+        (root / "Annotations" / f"{iid}.xml").write_text(
+            f"<annotation><size><width>{img.shape[1]}</width><height>{img.shape[0]}</height><depth>3</depth></size>"
+            + "".join(f"<object><name>{c}</name><difficult>0</difficult><bndbox><xmin>{a + 1}</xmin><ymin>{b + 1}"
+                      f"</ymin><xmax>{x}</xmax><ymax>{y}</ymax></bndbox></object>" for c, a, b, x, y in objs)
+            + "</annotation>")
+    (root / "ImageSets" / "Main" / "trainval.txt").write_text("".join(f"{iid}\n" for iid, _, _ in images))
+    return root
+
+
+def test_default_recipe_on_a_100_px_and_a_4000_px_photo_and_a_class_with_one_example(tmp_path):
+    """Awkward data a user has: images from 100 to 4000 px, a class with a single example, and a
+    one-image dataset — each trains the default recipe and detects without an error."""
+    import cv2
+
+    from rcnn.data import load_dataset
+
+    rng = np.random.default_rng(0)
+    small = (np.full((75, 100, 3), 190) + rng.integers(-8, 8, (75, 100, 3))).clip(0, 255).astype(np.uint8)
+    cv2.circle(small, (30, 35), 14, (40, 40, 140), -1)
+    small[10:65, 70:80] = (250, 250, 60)
+    large = np.full((3000, 4000, 3), 180, np.uint8)
+    cv2.circle(large, (1500, 1400), 600, (40, 40, 140), -1)
+    data = _voc(tmp_path / "voc", [("small", small, [("disc", 16, 21, 44, 49), ("bar", 70, 10, 80, 65)]),
+                                   ("large", large, [("disc", 900, 800, 2100, 2000)])])
+    model = rcnn.train(data, split="trainval", workers=1)
+    assert model.classes == ["bar", "disc"] and model.model.trained.all()  # "bar": one example
+    side = model.recipe["resolved"]["short_side"]
+    assert SHORT_SIDE_RANGE[0] <= side <= SHORT_SIDE_RANGE[1]
+    for img in (small, large):
+        dets = model.detect(img)
+        assert np.all(dets.boxes[:, 2:] <= np.array([img.shape[1], img.shape[0]]) + 1e-3)
+    one = load_dataset(data, "trainval")
+    one.records = one.records[:1]
+    assert rcnn.train(one, None, workers=1).classes == ["bar", "disc"]
