@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 import typer
 
-from rcnn.cli.app import app, console, fail
+from rcnn.cli.app import app, console, exits, fail, print_first
 from rcnn.cli.progress import show_progress
 from rcnn.dedup import DEFAULT_THRESHOLD, SEARCH_METHODS
 
@@ -41,7 +41,6 @@ def dedup(
     """Find query images that are (near-)duplicates of reference images (paper App. C).
 
     Exact source-ID matches and Euclidean nearest neighbours of 32×32 GIST descriptors. Give the same collection twice to find duplicates inside it (self-pairs are skipped)."""
-    from rcnn.data import AnnotationError
     from rcnn.dedup import GistConfig, collect_images
     from rcnn.dedup.report import dedup_collections
 
@@ -51,12 +50,10 @@ def dedup(
         raise fail(f"--threshold must be ≥ 0, not {threshold}", 2)
     if (size != 32 or color) and threshold == DEFAULT_THRESHOLD:
         console.print(f"[yellow]note:[/] the default threshold {threshold} was chosen for 32×32 grey GIST; pass --threshold")
-    try:
+    with exits(FileNotFoundError, ValueError):  # rcnn.data.AnnotationError is a ValueError
         config = GistConfig(image_size=size, color=color)
         q_items = collect_images(query, query_split, recursive)
         r_items = collect_images(reference, reference_split, recursive)
-    except (FileNotFoundError, ValueError, AnnotationError) as e:
-        raise fail(str(e), 2) from None
     if search != "exact":
         try:
             import faiss  # noqa: F401
@@ -66,10 +63,8 @@ def dedup(
     with show_progress() as progress:
         res, paths = dedup_collections(q_items, r_items, output, threshold, config, k=k, method=search, use_ids=ids,
                                        workers=workers, cache=cache, nprobe=nprobe, progress=progress)
-    for e in res.unreadable[:20]:
-        console.print(f"[yellow]skipped:[/] {e}", highlight=False, soft_wrap=True)
-    if len(res.unreadable) > 20:
-        console.print(f"[yellow]… and {len(res.unreadable) - 20} more unreadable files")
+    print_first(res.unreadable, "[yellow]skipped:[/] {}", "[yellow]… and {} more unreadable files", highlight=False,
+                soft_wrap=True)
     s = res.summary()
     if ids:
         console.print(f"source-ID matches: {s['source_id_pairs']} pairs "

@@ -9,14 +9,23 @@ from typing import Annotated, Literal
 
 import numpy as np
 import typer
-from rich.table import Table
 
 from rcnn.cli import options as opt
-from rcnn.cli.app import ConsoleLog, app, console, err_console, fail, load_model, open_dataset
+from rcnn.cli.app import (
+    ConsoleLog,
+    app,
+    console,
+    err_console,
+    exits,
+    fail,
+    load_model,
+    open_dataset,
+    print_error,
+    print_table,
+)
 from rcnn.cli.dataset import print_ap_table
 from rcnn.cli.engine import check_engine, ray_extract, ray_fill_images
 from rcnn.cli.progress import show_progress
-from rcnn.data import ImageReadError
 from rcnn.device import PRECISIONS
 from rcnn.evaluate import METRICS
 from rcnn.features import MODES as FEATURE_MODES
@@ -38,22 +47,15 @@ def _log_warnings() -> None:
 
 def _source(model, root=None, flip: bool = False):
     from rcnn.backbones import WeightsError
-    from rcnn.detect import ModelError
 
-    try:
+    with exits(WeightsError, ValueError, prefix="cannot use this model here: "):  # rcnn.detect.ModelError: a ValueError
         return model.feature_source(root, flip=True if flip else None)
-    except (ModelError, WeightsError, ValueError) as e:
-        raise fail(f"cannot use this model here: {e}", 2) from None
 
 
 def _check_relocalize(model, model_path: Path, relocalize: int, no_bbox_reg: bool) -> None:
     if relocalize and (no_bbox_reg or model.bbox_reg is None):
         raise fail(f"--relocalize needs box regression: {model_path} has no box regressor (add one with rcnn bbox-reg)"
                    if model.bbox_reg is None else "--relocalize needs box regression, not --no-bbox-reg", 2)
-
-
-def _print_error(msg: str) -> None:
-    err_console.print(f"[red]error:[/] {msg}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -114,26 +116,22 @@ def train(
     ds = open_dataset(dataset, split)
     if not ds.records:
         raise fail(f"{dataset}: split {split!r} has no images", 2)
-    try:
+    with exits(ValueError, WeightsError, prefix="bad option: "):
         rec = recipe(preset, backbone=backbone, weights=str(weights) if weights else None, layer=layer, mode=mode,
                      short_side=short_side, grid=grid, context_pad=context_pad, precision=precision,
                      scales=opt.floats(scales) if scales else None, proposals=proposals,
                      ks=tuple(int(k) for k in ks.split(",")) if ks else None, min_size=min_size,
                      resize_width=resize_width, bbox_reg=bbox_reg, relocalize=relocalize,
                      finetune=iterations if finetune else None)
-        check_recipe(rec := replace(rec, svm=replace(rec.svm, **_given(C=C, pos_weight=pos_weight, passes=passes))))
+        svm = {k: v for k, v in (("C", C), ("pos_weight", pos_weight), ("passes", passes)) if v is not None}
+        check_recipe(rec := replace(rec, svm=replace(rec.svm, **svm)))
         ds, val = holdout_split(ds, val_fraction) if val_fraction is not None else (ds, None)
-    except (ValueError, WeightsError) as e:
-        raise fail(f"bad option: {e}", 2) from None
     console.print(f"{len(ds)} images of {dataset} ({split}{', ' + str(len(val)) + ' held out' if val else ''}); "
                   f"recipe {rec.name}: {rec.backbone} {rec.layer} {rec.mode}"
                   f"{', box regression' if rec.bbox_reg else ''}", highlight=False)
-    with show_progress() as progress:
-        try:
-            det = run_train(ds, None, rec, workers=workers, progress=progress,
-                            net_path=output.with_suffix(".net.safetensors") if rec.finetune else None)
-        except (ValueError, ImageReadError) as e:
-            raise fail(str(e), 1) from None
+    with show_progress() as progress, exits(ValueError, code=1):  # rcnn.data.ImageReadError: a ValueError
+        det = run_train(ds, None, rec, workers=workers, progress=progress,
+                        net_path=output.with_suffix(".net.safetensors") if rec.finetune else None)
     if failed := det.model.training["prepare"]["failed"]:
         err_console.print(f"[yellow]warning:[/] trained without {failed} unreadable image(s)")
     if val is not None:
@@ -146,27 +144,18 @@ def train(
     _print_training(det.model, output)
 
 
-def _given(**settings) -> dict:
-    """The settings whose option was given (not None)."""
-    return {k: v for k, v in settings.items() if v is not None}
-
-
 def _print_training(model, output: Path) -> None:
     """`rcnn train`'s summary: the SVMs table, the sizes resolved from the data, the timings."""
-    t = Table(title="SVMs")
-    for col in ("class", "positives", "retrains", "final negatives", "objective"):
-        t.add_column(col, justify="left" if col == "class" else "right")
-    for name in model.classes:
-        obj = model.training["objective"].get(name, [])
-        t.add_row(name, str(model.training["num_pos"].get(name, 0)), str(len(obj)),
-                  str(model.training["final_cache"].get(name, 0)), f"{obj[-1]:.4f}" if obj else "not trained")
-    console.print(t)
-    res = model.training["recipe"].get("resolved", {})
+    tr = model.training
+    print_table("SVMs", ["class", "positives", "retrains", "final negatives", "objective"], [
+        (c, str(tr["num_pos"].get(c, 0)), str(len(obj)), str(tr["final_cache"].get(c, 0)), f"{obj[-1]:.4f}" if obj else
+         "not trained") for c, obj in ((c, tr["objective"].get(c, [])) for c in model.classes)])
+    res = tr["recipe"].get("resolved", {})
     if res:
         console.print(f"sizes from {res['objects']} training objects: trunk images {res['short_side']} px (shorter "
                       f"side), proposals from {res['min_size']:g} px", highlight=False)
-    st, prep = model.training["seconds_by_stage"], model.training["prepare"]
-    console.print(f"wrote {output} ({model.training['seconds_total'] / 60:.1f} min: caches {st['prepare']:.0f} s, "
+    st, prep = tr["seconds_by_stage"], tr["prepare"]
+    console.print(f"wrote {output} ({tr['seconds_total'] / 60:.1f} min: caches {st['prepare']:.0f} s, "
                   f"SVMs {st['svm']:.0f} s, box regression {st['bbox_reg']:.0f} s; feature cache "
                   f"{prep['cache_mb']:.0f} MB)", highlight=False)
 
@@ -207,10 +196,8 @@ def detect(
 
     images = list(images or [])
     is_image = model_path.suffix.lower() in IMAGE_SUFFIXES
-    try:  # a shipped detector's name, unless a file of that name exists
+    with exits(zoo.ZooError):  # a shipped detector's name, unless a file of that name exists
         shipped = None if is_image or model_path.exists() else zoo.manifest().get(str(model_path))
-    except zoo.ZooError as e:
-        raise fail(str(e), 2) from None
     if is_image or (shipped is not None and shipped.kind == "imagenet"):
         if is_image:
             images.insert(0, model_path)
@@ -224,10 +211,8 @@ def detect(
         raise fail("no images given: rcnn detect MODEL IMAGE... (or rcnn detect IMAGE... for the ImageNet demo detector)", 2)
     check_engine(engine, address)
     _log_warnings()
-    try:
+    with exits(zoo.ZooError):
         model = load_model(model_path) if shipped is None else zoo.load_rcnn(shipped.name)
-    except zoo.ZooError as e:
-        raise fail(str(e), 2) from None
     _check_relocalize(model, model_path, relocalize, no_bbox_reg)
     source = _source(model, flip=flip)
     # --engine ray: proposals + features on Ray workers into the cache first (rcnn.distributed)
@@ -249,16 +234,12 @@ def _detect_imagenet(name: str, images: list[Path], output: Path, threshold: flo
     from rcnn.demo import DemoConfig
 
     settings = {k: v for k, v in (("threshold", threshold), ("max_detections", top_k)) if v is not None}
-    try:
+    with exits(ValueError, prefix="bad option for the imagenet detector: "):
         config = DemoConfig(**settings)
-    except ValueError as e:
-        raise fail(f"bad option for the imagenet detector: {e}", 2) from None
     if not images:
         raise fail("no images given", 2)
-    try:
+    with exits(zoo.ZooError):
         det = zoo.load(name, config=config)
-    except zoo.ZooError as e:
-        raise fail(str(e), 2) from None
     _detect_images(images, lambda img, p: det(img), det.class_names, output, no_png)
 
 
@@ -267,7 +248,7 @@ def _detect_images(images: list[Path], detect_one, classes: list[str], output: P
     from rcnn.pipeline import detect_files
 
     with show_progress() as progress:
-        res = detect_files(images, detect_one, classes, output, not no_png, progress, _print_error)
+        res = detect_files(images, detect_one, classes, output, not no_png, progress, print_error)
     console.print(f"{len(res.detections)} detections in {res.images} image(s) → {output}")
     if res.failed:
         raise fail(f"{len(res.failed)} image(s) could not be read", 1)
@@ -298,14 +279,12 @@ def evaluate(
         err_console.print(f"[yellow]warning:[/] dataset classes not in the model (AP undefined): {missing}")
     source = _source(model, ds.root, flip)
     if engine == "ray":  # rcnn.distributed: proposals + features on Ray workers into the caches first
-        if not hasattr(source, "feature_config"):
-            raise fail("--engine ray needs a CNN-feature model (HOG features are computed in this process)", 2)
-        ray_extract(ds, source.proposal_config, source.feature_config, address, workers)
+        ray_extract(ds, None, None, address, workers, source=source)
     with show_progress() as progress:
         ev = run_evaluate(model, ds, None, metric, relocalize=relocalize, bbox_reg=not no_bbox_reg, workers=workers,
                           progress=progress, source=source)
     for msg in ev.prepare.failed:
-        _print_error(msg)
+        print_error(msg)
     for w in ev.warnings:
         err_console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
     print_ap_table(ev.result, title=f"{model_path.name} on {dataset} ({split}, {metric})")
