@@ -42,8 +42,7 @@ def _groups(group: list[str] | None, no_voc_groups: bool) -> dict[str, tuple[str
 
 @app.command("fp-analysis")
 def fp_analysis_cmd(
-    detections: Annotated[Path, typer.Argument(help="Model file (.rcnn) or detections (COCO .json / comp4 files)")],
-    dataset: opt.DatasetArg, split: opt.SplitOpt = None,
+    detections: opt.ModelOrDetsArg, dataset: opt.DatasetArg, split: opt.SplitOpt = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for fp_types.png, dap.png, fp_analysis.json")] = Path("fp_analysis"),
     group: opt.GroupOpt = None, no_voc_groups: opt.NoVocOpt = False, metric: opt.FpMetricOpt = "voc07",
 ) -> None:
@@ -141,8 +140,7 @@ def units_cmd(
 
 @app.command("report")
 def report_cmd(
-    model: Annotated[Path, typer.Argument(help="Model file (.rcnn) or detections (COCO .json / comp4 files)")],
-    dataset: opt.DatasetArg,
+    model: opt.ModelOrDetsArg, dataset: opt.DatasetArg,
     split: Annotated[str, typer.Option("--split", "-s", help="Split name (ImageSets/Main/<split>.txt)")] = "test",
     output: Annotated[Path, typer.Option("--output", "-o", help="Report folder (index.html + PNGs)")] = Path("report"),
     compare: Annotated[list[str] | None, typer.Option(help="NAME=PATH or PATH of another model/detections for the "

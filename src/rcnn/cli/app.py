@@ -63,6 +63,11 @@ def print_error(msg: str) -> None:
     err_console.print(f"[red]error:[/] {msg}", highlight=False, soft_wrap=True)
 
 
+def print_warning(msg: str) -> None:
+    """One ``warning:`` line on stderr."""
+    err_console.print(f"[yellow]warning:[/] {msg}", highlight=False, soft_wrap=True)
+
+
 def print_first(items: Sequence, line: str, more: str | None = None, limit: int = 20, **print_kw) -> None:
     """``line.format(item)`` for the first ``limit`` items, then ``more.format(rest)`` (the count left out)."""
     for x in items[:limit]:

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from rcnn.cli import options as opt
-from rcnn.cli.app import app, console, err_console, exits, fail
+from rcnn.cli.app import app, console, exits, fail, print_warning
 
 
 @app.command()
@@ -49,7 +49,7 @@ def demo(
         console.print(f"  {r.name}: {len(r.result.scores)} detections ({top})", highlight=False)
 
     def on_skip(msg: str) -> None:
-        err_console.print(f"[yellow]warning:[/] skipped {msg}", highlight=False, soft_wrap=True)
+        print_warning(f"skipped {msg}")
 
     console.print(f"Detecting in {len(sources)} image(s) with {config.backbone} ({config.mode} mode, "
                   f"{len(detector.class_names)} names) -> {output}/", highlight=False, soft_wrap=True)

@@ -15,13 +15,13 @@ from rcnn.cli.app import (
     ConsoleLog,
     app,
     console,
-    err_console,
     exits,
     fail,
     load_model,
     open_dataset,
     print_error,
     print_table,
+    print_warning,
 )
 from rcnn.cli.dataset import print_ap_table
 from rcnn.cli.engine import check_engine, ray_extract, ray_fill_images
@@ -133,7 +133,7 @@ def train(
         det = run_train(ds, None, rec, workers=workers, progress=progress,
                         net_path=output.with_suffix(".net.safetensors") if rec.finetune else None)
     if failed := det.model.training["prepare"]["failed"]:
-        err_console.print(f"[yellow]warning:[/] trained without {failed} unreadable image(s)")
+        print_warning(f"trained without {failed} unreadable image(s)")
     if val is not None:
         with show_progress() as progress:
             ev = run_evaluate(det, val, None, progress=progress)
@@ -276,7 +276,7 @@ def evaluate(
     ds = open_dataset(dataset, split)
     missing = [c for c in ds.classes if c not in model.classes]
     if missing:
-        err_console.print(f"[yellow]warning:[/] dataset classes not in the model (AP undefined): {missing}")
+        print_warning(f"dataset classes not in the model (AP undefined): {missing}")
     source = _source(model, ds.root, flip)
     if engine == "ray":  # rcnn.distributed: proposals + features on Ray workers into the caches first
         ray_extract(ds, None, None, address, workers, source=source)
@@ -286,7 +286,7 @@ def evaluate(
     for msg in ev.prepare.failed:
         print_error(msg)
     for w in ev.warnings:
-        err_console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+        print_warning(w)
     print_ap_table(ev.result, title=f"{model_path.name} on {dataset} ({split}, {metric})")
     console.print(ev.coco_metrics.line(), highlight=False)
     how = f" + {relocalize} round(s) of iterative localisation" if relocalize else ""
