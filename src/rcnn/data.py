@@ -991,6 +991,16 @@ def summarize(dataset: Dataset, val_fraction: float | None = None) -> DatasetSum
                           (int(sizes[:, 1].min()), int(sizes[:, 1].max())) if len(sizes) else None)
 
 
+def load_splits(path: str | Path, splits: Sequence[str], limit: int = 0) -> dict[str, Dataset]:
+    """``{split: Dataset}`` of the named splits of one dataset (:func:`load_dataset`), each cut to
+    its first ``limit`` images (0: all; for quick checks)."""
+    out = {s: load_dataset(path, s) for s in splits}
+    if limit:
+        for d in out.values():
+            d.records = d.records[:limit]
+    return out
+
+
 # ----------------------------------------------------------------------------- entry
 
 
