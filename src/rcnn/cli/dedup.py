@@ -15,28 +15,25 @@ from rcnn.dedup import DEFAULT_THRESHOLD, SEARCH_METHODS
 @app.command()
 def dedup(
     query: Annotated[Path, typer.Argument(help="Query collection: dataset root (VOC, PASCAL v1.00, COCO .json) or "
-                                          "image folder")],
+        "image folder")],
     reference: Annotated[Path, typer.Argument(help="Reference collection: dataset root or image folder")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Report folder (pairs.csv, pairs.json, "
-                                         "index.html)")] = Path("dedup-report"),
+        "index.html)")] = Path("dedup-report"),
     threshold: Annotated[float, typer.Option("--threshold", "-t", help="GIST distance at or below which a pair is a "
-                                             "near-duplicate (chosen for 32×32 grey GIST)")] = DEFAULT_THRESHOLD,
+        "near-duplicate (chosen for 32×32 grey GIST)")] = DEFAULT_THRESHOLD,
     k: Annotated[int, typer.Option("--k", help="Report up to k references per query (all within the threshold)")] = 1,
     search: Annotated[Literal[SEARCH_METHODS], typer.Option(help="exact (blocked matrix products), faiss-flat, or "
-                                                            "faiss-ivf (approximate)")] = "exact",
+        "faiss-ivf (approximate)")] = "exact",
     nprobe: Annotated[int, typer.Option(help="faiss-ivf: cells visited per query (fewer = faster, less exact)")] = 16,
     size: Annotated[int, typer.Option(help="Warp size for GIST (paper: 32; LMgist's usual: 128)")] = 32,
     color: Annotated[bool, typer.Option("--color/--gray", help="Colour GIST (3× dims) instead of grey")] = False,
     query_split: Annotated[str | None, typer.Option(help="Split of a query dataset", show_default="all images")] = None,
-    reference_split: Annotated[str | None, typer.Option(help="Split of a reference dataset",
-                                                        show_default="all images")] = None,
+    reference_split: Annotated[str | None, typer.Option(help="Split of a reference dataset", show_default="all images")] = None,
     recursive: Annotated[bool, typer.Option(help="List image folders recursively")] = False,
-    ids: Annotated[bool, typer.Option("--ids/--no-ids", help="Also match source IDs (VOC flickrid, COCO "
-                                      "flickr_url)")] = True,
+    ids: Annotated[bool, typer.Option("--ids/--no-ids", help="Also match source IDs (VOC flickrid, COCO flickr_url)")] = True,
     workers: Annotated[int | None, typer.Option("--workers", "-j", help="Descriptor worker processes",
-                                                show_default="CPU cores")] = None,
-    cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Reuse / store descriptors under "
-                                        "$RCNN_CACHE_DIR")] = True,
+        show_default="CPU cores")] = None,
+    cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Reuse / store descriptors under $RCNN_CACHE_DIR")] = True,
 ) -> None:
     """Find query images that are (near-)duplicates of reference images (paper App. C).
 

@@ -62,47 +62,42 @@ def _check_relocalize(model, model_path: Path, relocalize: int, no_bbox_reg: boo
 def train(
     dataset: opt.DatasetArg, output: Annotated[Path, typer.Option("--output", "-o", help="Model file to write")],
     split: opt.TrainSplitOpt = "trainval",
-    preset: Annotated[Literal["default", "paper"], typer.Option("--preset", help="The recipe: the validated one (shared trunk, pool5+fire5, "
-                                        "box regression, sizes from the data) or the paper's (warp, fc7, no box regression)")] = "default",
+    preset: Annotated[Literal["default", "paper"], typer.Option("--preset", help="The recipe: the validated one (shared "
+        "trunk, pool5+fire5, box regression, sizes from the data) or the paper's (warp, fc7, no box regression)")] = "default",
     finetune: Annotated[bool, typer.Option("--finetune", help="Fine-tune the network on the training regions first "
-                                           "(paper §2.3; resumable), written beside the model (its name with .net.safetensors)")] = False,
+        "(paper §2.3; resumable), written beside the model (its name with .net.safetensors)")] = False,
     iterations: Annotated[int, typer.Option("--iterations", min=1, help="Fine-tuning SGD iterations (2 images × 64 "
-                                            "regions each)")] = 1500,
+        "regions each)")] = 1500,
     val_fraction: Annotated[float | None, typer.Option("--val-fraction", help="Hold out this fraction of the split "
-                                                       "(fixed seed) and report the model's AP on it",
-                                                       show_default="none")] = None,
+        "(fixed seed) and report the model's AP on it", show_default="none")] = None,
     bbox_reg: Annotated[bool | None, typer.Option("--bbox-reg/--no-bbox-reg", help="Train box regressors (paper "
-                                                  "appendix C)", show_default="preset: yes (paper: no)")] = None,
+        "appendix C)", show_default="preset: yes (paper: no)")] = None,
     relocalize: Annotated[int | None, typer.Option("--relocalize", min=0, help="Rounds of iterative localisation the "
-                                                   "model applies at detection", show_default="preset: 1 (paper: 0)")] = None,
+        "model applies at detection", show_default="preset: 1 (paper: 0)")] = None,
     backbone: Annotated[str | None, typer.Option("--backbone", "-b", help="squeezenet1_1, efficientnet_lite0, alexnet, a "
-                                                 "torchvision classifier (needs --weights), or 'hog'",
-                                                 show_default="preset: squeezenet1_1")] = None,
+        "torchvision classifier (needs --weights), or 'hog'", show_default="preset: squeezenet1_1")] = None,
     weights: Annotated[Path | None, typer.Option("--weights", "-w", help="Backbone state dict (e.g. from rcnn finetune)",
-                                                 show_default="built-in")] = None,
-    layer: Annotated[str | None, typer.Option("--layer", "-l", help="pool5 | fc6 | fc7, or taps joined by + "
-                                              "", show_default="preset: pool5+fire5 (paper: fc7)")] = None,
-    mode: Annotated[Literal[FEATURE_MODES] | None, typer.Option("--mode", "-m", help="warp (faithful, §2.1) | shared (one trunk pass + RoI "
-                                             "pooling)", show_default="preset: shared (paper: warp)")] = None,
+        show_default="built-in")] = None,
+    layer: Annotated[str | None, typer.Option("--layer", "-l", help="pool5 | fc6 | fc7, or taps joined by + ",
+        show_default="preset: pool5+fire5 (paper: fc7)")] = None,
+    mode: Annotated[Literal[FEATURE_MODES] | None, typer.Option("--mode", "-m", help="warp (faithful, §2.1) | shared (one "
+        "trunk pass + RoI pooling)", show_default="preset: shared (paper: warp)")] = None,
     short_side: Annotated[int | None, typer.Option("--short-side", help="shared mode: resize images to this shorter side "
-                                                   "(px) for the trunk",
-                                                   show_default="preset: from the training objects' sizes")] = None,
+        "(px) for the trunk", show_default="preset: from the training objects' sizes")] = None,
     scales: Annotated[str | None, typer.Option("--scales", help="shared mode: scale(s) on top of --short-side, "
-                                               "comma-separated", show_default="preset: 1")] = None,
-    grid: Annotated[int | None, typer.Option("--grid", help="shared mode RoI grid / pool5 grid",
-                                             show_default="preset: 6")] = None,
+        "comma-separated", show_default="preset: 1")] = None,
+    grid: Annotated[int | None, typer.Option("--grid", help="shared mode RoI grid / pool5 grid", show_default="preset: 6")] = None,
     context_pad: Annotated[int | None, typer.Option("--context-pad", help="context pixels around each box in the warped "
-                                                    "frame (released code: 16)", show_default="preset: 0")] = None,
-    precision: Annotated[Literal[PRECISIONS] | None, typer.Option("--precision", help="fp32 | bf16 (CPU bfloat16: faster only on CPUs "
-                                                  "with AVX512-BF16/AMX)", show_default="preset: fp32")] = None,
-    proposals: Annotated[Literal[PROPOSAL_MODES] | None, typer.Option("--proposals", help="Proposal mode (rcnn-fast | fast | quality) "
-                                                  "", show_default="preset: rcnn-fast")] = None,
+        "frame (released code: 16)", show_default="preset: 0")] = None,
+    precision: Annotated[Literal[PRECISIONS] | None, typer.Option("--precision", help="fp32 | bf16 (CPU bfloat16: faster "
+        "only on CPUs with AVX512-BF16/AMX)", show_default="preset: fp32")] = None,
+    proposals: Annotated[Literal[PROPOSAL_MODES] | None, typer.Option("--proposals", help="Proposal mode (rcnn-fast | "
+        "fast | quality) ", show_default="preset: rcnn-fast")] = None,
     ks: opt.KsOpt = None, min_size: opt.MinSizeOpt = None, resize_width: opt.WidthOpt = None, workers: opt.WorkersOpt = None,
     C: Annotated[float | None, typer.Option("--C", help="SVM C", show_default="preset: 1e-3, rcnn_train.m")] = None,
-    pos_weight: Annotated[float | None, typer.Option("--pos-weight", help="Positive loss weight",
-                                                     show_default="preset: 2")] = None,
+    pos_weight: Annotated[float | None, typer.Option("--pos-weight", help="Positive loss weight", show_default="preset: 2")] = None,
     passes: Annotated[int | None, typer.Option("--passes", help="Hard-negative mining passes",
-                                               show_default="preset: 1, paper §2.3")] = None,
+        show_default="preset: 1, paper §2.3")] = None,
 ) -> None:
     """Train a detector: proposals → CNN features → per-class SVMs with hard-negative mining (paper
     §2.3) → box regressors; resumes from the caches after a kill."""
@@ -169,16 +164,15 @@ MODEL_ONLY_OPTIONS = {"no_bbox_reg": "--no-bbox-reg", "flip": "--flip", "relocal
 def detect(
     ctx: typer.Context,
     model_path: Annotated[Path, typer.Argument(help="Model file written by `rcnn train` (.rcnn), or the name of a shipped "
-                                               "detector (`rcnn models`: imagenet = the zero-training detector, also used "
-                                               "when the first argument is an image; person)")],
+        "detector (`rcnn models`: imagenet = the zero-training detector, also used when the first argument is an image; "
+        "person)")],
     images: Annotated[list[Path] | None, typer.Argument(help="Image files")] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Output folder")] = Path("rcnn-detect"),
     threshold: Annotated[float | None, typer.Option("--threshold", "-t", help="Keep detections scoring above this: an SVM "
-                                                    "score for a trained model (0 = the decision boundary; rare classes, "
-                                                    "e.g. BCCD's WBC, often score just below it), a probability in (0, 1] "
-                                                    "for imagenet", show_default="-0.5 (trained model), 0.5 (imagenet)")] = None,
+        "score for a trained model (0 = the decision boundary; rare classes, e.g. BCCD's WBC, often score just below it), "
+        "a probability in (0, 1] for imagenet", show_default="-0.5 (trained model), 0.5 (imagenet)")] = None,
     top_k: Annotated[int | None, typer.Option("--top-k", min=1, help="At most this many detections per image",
-                                              show_default="all (trained model), 10 (imagenet)")] = None,
+        show_default="all (trained model), 10 (imagenet)")] = None,
     no_png: Annotated[bool, typer.Option("--no-png", help="Skip the annotated PNGs")] = False,
     no_bbox_reg: opt.NoBboxRegOpt = False, flip: opt.FlipOpt = False, relocalize: opt.RelocalizeOpt = 0,
     engine: opt.EngineOpt = "local", address: opt.AddressOpt = None, workers: opt.WorkersOpt = None,

@@ -20,18 +20,17 @@ from rcnn.proposals import propose_dataset
 def features(
     dataset: opt.DatasetArg, split: opt.SplitOpt = None,
     backbone: Annotated[str, typer.Option("--backbone", "-b", help="squeezenet1_1, efficientnet_lite0, alexnet, "
-                                          "or any torchvision classifier (needs --weights)")] = "squeezenet1_1",
-    weights: Annotated[Path | None, typer.Option("--weights", "-w", help="State dict (.safetensors or "
-                                                 "torch.save) for the backbone", show_default="built-in")] = None,
+        "or any torchvision classifier (needs --weights)")] = "squeezenet1_1",
+    weights: Annotated[Path | None, typer.Option("--weights", "-w", help="State dict (.safetensors or torch.save) for "
+        "the backbone", show_default="built-in")] = None,
     layer: Annotated[str, typer.Option("--layer", "-l", help="pool5 | fc6 | fc7 | logits, or taps joined by + (pool5+fire5)")] = "fc7",
     mode: opt.FeatureModeOpt = "warp",
     context_pad: Annotated[int, typer.Option("--context-pad", help="context pixels in the warped frame "
-                                             "(released code: 16; shared mode pools the same window)")] = 0,
-    method: Annotated[Literal[METHODS], typer.Option("--method", help="warp mode: how a box becomes the CNN "
-                                                     "input (paper Appendix A)")] = "warp",
+        "(released code: 16; shared mode pools the same window)")] = 0,
+    method: Annotated[Literal[METHODS], typer.Option("--method", help="warp mode: how a box becomes the CNN input "
+        "(paper Appendix A)")] = "warp",
     scales: opt.ScalesOpt = opt.SCALES, grid: opt.GridOpt = opt.GRID,
-    with_gt: Annotated[bool, typer.Option("--with-gt/--no-gt", help="Also describe the ground-truth boxes "
-                                          "(stored first)")] = False,
+    with_gt: Annotated[bool, typer.Option("--with-gt/--no-gt", help="Also describe the ground-truth boxes (stored first)")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Regions per forward pass")] = 128,
     proposals: opt.ProposalsOpt = "rcnn-fast", ks: opt.KsOpt = None, max_boxes: opt.MaxBoxesOpt = None,
     workers: opt.WorkersOpt = None, engine: opt.EngineOpt = "local", address: opt.AddressOpt = None,
