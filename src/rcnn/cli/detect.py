@@ -27,7 +27,6 @@ from rcnn.cli.dataset import print_ap_table
 from rcnn.cli.engine import check_engine, ray_extract, ray_fill_images
 from rcnn.cli.progress import show_progress
 from rcnn.device import PRECISIONS
-from rcnn.evaluate import METRICS
 from rcnn.features import MODES as FEATURE_MODES
 from rcnn.proposals import MODES as PROPOSAL_MODES
 from rcnn.sources import CachedRegions
@@ -261,8 +260,6 @@ def evaluate(
     from rcnn.pipeline import evaluate as run_evaluate
     from rcnn.pipeline import write_evaluation
 
-    if metric not in METRICS:
-        raise fail(f"--metric must be one of {METRICS}, not {metric!r}", 2)
     check_engine(engine, address)
     _log_warnings()
     model = load_model(model_path)
