@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from rcnn.cache import save_json
-from rcnn.data import load_dataset, load_image
+from rcnn.data import load_image, load_splits
 from rcnn.segmentation import (
     STRATEGIES,
     MaskProposalConfig,
@@ -85,10 +85,7 @@ def main() -> None:
     args = ap.parse_args()
     if not DATA.is_dir():
         raise SystemExit(f"{DATA}: Penn-Fudan not found")
-    splits = {s: load_dataset(DATA, s) for s in ("train", "val", "test")}
-    if args.limit:
-        for d in splits.values():
-            d.records = d.records[: args.limit]
+    splits = load_splits(DATA, ("train", "val", "test"), args.limit)
     mc, fc = MaskProposalConfig(), RegionFeatureConfig(mode=args.mode, precision=args.precision)
     result: dict = {"dataset": "PennFudanPed", "split_rule": "rcnn.data.fixed_split (test = every 4th by name; "
                     "val = every 4th of the rest)", "images": {s: len(d) for s, d in splits.items()},

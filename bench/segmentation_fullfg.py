@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from rcnn.cache import save_json
-from rcnn.data import load_dataset
+from rcnn.data import load_splits
 from rcnn.segmentation import (
     MaskProposalConfig,
     RegionFeatureConfig,
@@ -60,10 +60,7 @@ def main() -> None:
     args = ap.parse_args()
     if not DATA.is_dir():
         raise SystemExit(f"{DATA}: Penn-Fudan not found")
-    splits = {s: load_dataset(DATA, s) for s in ("train", "val", "test")}
-    if args.limit:
-        for d in splits.values():
-            d.records = d.records[: args.limit]
+    splits = load_splits(DATA, ("train", "val", "test"), args.limit)
     mc, fc = MaskProposalConfig(), RegionFeatureConfig(mode=args.mode, precision=args.precision)
     t0 = time.perf_counter()
     train = prepare_dataset(splits["train"], mc, fc, max_regions=args.train_regions, with_gt=True)

@@ -20,6 +20,7 @@ from rcnn.analysis.fp import (
     dap_figure,
     default_ticks,
     fp_figure,
+    parse_groups,
 )
 from rcnn.data import ImageRecord
 from rcnn.evaluate import Detections, evaluate_detections
@@ -193,3 +194,10 @@ def test_dap_agrees_with_tidecv():
     fs = analyze_false_positives(["p", "q"], records, d, groups={"g": ("p", "q")}, metric="coco101")
     assert fs.per_class[1].outcome[1] == SIM
     assert 100 * fs.mean_dap()["Sim"] == pytest.approx(tide["Cls"], abs=1e-6)
+
+
+def test_parse_groups():
+    assert parse_groups(None) is None and parse_groups([], voc_groups=False) == {}
+    assert parse_groups(["pets = cat, dog,", "x=a"]) == {"pets": ("cat", "dog"), "x": ("a",)}
+    with pytest.raises(ValueError, match="NAME=class1,class2"):
+        parse_groups(["cat,dog"])

@@ -15,9 +15,11 @@ from rcnn.data import (
     fixed_split,
     load_dataset,
     load_image,
+    load_splits,
     parse_voc_xml,
     read_coco,
     read_voc,
+    summarize,
     write_voc_xml,
 )
 
@@ -234,3 +236,24 @@ def test_pennfudan_counts_and_masks():
     r = ds.records[0]
     m = np.asarray(Image.open(r.mask_path))
     assert m.shape == (r.height, r.width) and set(np.unique(m)) - {0} == set(r.mask_ids.tolist())
+
+
+def test_summarize_counts_per_class_and_parts():
+    ds = load_dataset(data_path("VOC2007-test-sample"), "test")
+    s = summarize(ds)
+    assert sum(s.objects) == ds.num_objects == 81 and sum(s.difficult) == 15 and s.parts == ()
+    person = ds.classes.index("person")
+    assert s.objects[person] == sum(int((r.labels == person).sum()) for r in ds.records)
+    s = summarize(ds, 0.3)
+    assert [len(p) for p in s.parts] == [13, 6]
+    assert [sum(c) for c in s.part_objects] == [p.num_objects for p in s.parts]
+    assert np.add(*s.part_objects).tolist() == s.objects
+    assert s.width[0] <= s.width[1] and s.masked == 0
+    with pytest.raises(ValueError, match="validation fraction"):
+        summarize(ds, 1.5)
+
+
+def test_load_splits_cuts_each_split():
+    parts = load_splits(data_path("PennFudanPed"), ("train", "test"), limit=3)
+    assert list(parts) == ["train", "test"] and [len(d) for d in parts.values()] == [3, 3]
+    assert {r.image_id for r in parts["train"].records}.isdisjoint(r.image_id for r in parts["test"].records)

@@ -957,6 +957,50 @@ def holdout_split(dataset: Dataset, fraction: float, seed: int = 0) -> tuple[Dat
     return part("train", [i for i in range(n) if i not in val]), part("val", sorted(val))
 
 
+@dataclass
+class DatasetSummary:
+    """What ``rcnn info`` shows of a dataset: object counts per class (all, difficult, in each part of
+    a validation carve-out), objects with instance masks, the range of image sizes (px)."""
+
+    objects: list[int]  # per class
+    difficult: list[int]  # per class
+    parts: tuple[Dataset, ...]  # (train, val) of holdout_split, or ()
+    part_objects: list[list[int]]  # per part, per class
+    masked: int  # objects of images with instance masks
+    masked_not_difficult: int
+    width: tuple[int, int] | None  # (min, max); None without images
+    height: tuple[int, int] | None
+
+
+def summarize(dataset: Dataset, val_fraction: float | None = None) -> DatasetSummary:
+    """Count ``dataset``'s objects per class and, with ``val_fraction``, in the two parts of
+    :func:`holdout_split` (its ``ValueError`` for a bad fraction)."""
+    parts = holdout_split(dataset, val_fraction) if val_fraction is not None else ()
+    C = len(dataset.classes)
+
+    def per_class(records: Sequence[ImageRecord], difficult: bool = False) -> list[int]:
+        labels = [r.labels[r.difficult.astype(bool)] if difficult else r.labels for r in records]
+        return np.bincount(np.concatenate([np.zeros(0, np.int64), *labels]).astype(np.int64), minlength=C).tolist()
+
+    masked = [r for r in dataset.records if r.mask_path is not None]
+    sizes = np.array([(r.width, r.height) for r in dataset.records]).reshape(-1, 2)
+    return DatasetSummary(per_class(dataset.records), per_class(dataset.records, True), parts,
+                          [per_class(p.records) for p in parts], sum(len(r.boxes) for r in masked),
+                          sum(int((~r.difficult).sum()) for r in masked),
+                          (int(sizes[:, 0].min()), int(sizes[:, 0].max())) if len(sizes) else None,
+                          (int(sizes[:, 1].min()), int(sizes[:, 1].max())) if len(sizes) else None)
+
+
+def load_splits(path: str | Path, splits: Sequence[str], limit: int = 0) -> dict[str, Dataset]:
+    """``{split: Dataset}`` of the named splits of one dataset (:func:`load_dataset`), each cut to
+    its first ``limit`` images (0: all; for quick checks)."""
+    out = {s: load_dataset(path, s) for s in splits}
+    if limit:
+        for d in out.values():
+            d.records = d.records[:limit]
+    return out
+
+
 # ----------------------------------------------------------------------------- entry
 
 

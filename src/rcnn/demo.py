@@ -86,6 +86,21 @@ class Vocabulary:
         return probs @ self.matrix()
 
 
+def _read_json(path: str | Path | None, default: Path, default_name: str) -> tuple[str, object]:
+    """``(where, document)`` of the JSON file ``path`` (``None``: the built-in ``default``, named
+    ``default_name`` in messages); :class:`VocabularyError` (one line) when unreadable or not JSON."""
+    src = Path(path) if path is not None else default
+    where = str(src) if path is not None else default_name
+    try:
+        return where, json.loads(src.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise VocabularyError(f"{where}: file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise VocabularyError(f"{where}: cannot read ({e})") from None
+    except json.JSONDecodeError as e:
+        raise VocabularyError(f"{where}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
 def load_vocabulary(path: str | Path | None = None, categories: Sequence[str] | None = None) -> Vocabulary:
     """Read a vocabulary JSON file (default: the built-in ``resources/vocabulary.json``).
 
@@ -95,16 +110,7 @@ def load_vocabulary(path: str | Path | None = None, categories: Sequence[str] | 
     Names are matched case-insensitively against ``categories`` (default: the 1000
     ImageNet names in logit order). Raises :class:`VocabularyError` (one line) on any problem.
     """
-    src = Path(path) if path is not None else VOCABULARY_PATH
-    where = str(src) if path is not None else "built-in vocabulary"
-    try:
-        doc = json.loads(src.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise VocabularyError(f"{where}: file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise VocabularyError(f"{where}: cannot read ({e})") from None
-    except json.JSONDecodeError as e:
-        raise VocabularyError(f"{where}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    where, doc = _read_json(path, VOCABULARY_PATH, "built-in vocabulary")
 
     if isinstance(doc, dict) and "groups" in doc:
         raw = doc["groups"]
@@ -186,16 +192,7 @@ def load_class_mapping(path: str | Path | None = None) -> ClassMapping:
     """Read a class-mapping JSON (default: the built-in ``resources/voc_mapping.json``, detector
     names → PASCAL VOC 2007 classes): ``{"version": int, "pairs": {name: class}, "target": str}``.
     Raises :class:`VocabularyError` (one line) on any problem."""
-    src = Path(path) if path is not None else VOC_MAPPING_PATH
-    where = str(src) if path is not None else "built-in VOC mapping"
-    try:
-        doc = json.loads(src.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise VocabularyError(f"{where}: file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise VocabularyError(f"{where}: cannot read ({e})") from None
-    except json.JSONDecodeError as e:
-        raise VocabularyError(f"{where}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    where, doc = _read_json(path, VOC_MAPPING_PATH, "built-in VOC mapping")
     if not isinstance(doc, dict) or not isinstance(doc.get("version"), int) or isinstance(doc.get("version"), bool):
         raise VocabularyError(f'{where}: needs an integer "version"')
     pairs = doc.get("pairs")

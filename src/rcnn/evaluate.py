@@ -308,6 +308,16 @@ def evaluate_model(
     return result, warnings
 
 
+def pr_axes(ax, title: str) -> None:
+    """Precision–recall axes (matplotlib ``Axes``): both in [0, 1], labelled, titled, light grid."""
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+
+
 def save_pr_curves(result: EvalResult, out_dir: str | Path) -> list[Path]:
     """One precision–recall curve PNG per class with a defined AP (matplotlib, headless)."""
     import matplotlib
@@ -323,12 +333,7 @@ def save_pr_curves(result: EvalResult, out_dir: str | Path) -> list[Path]:
             continue
         fig, ax = plt.subplots(figsize=(4.5, 4))
         ax.plot(c.recall, c.precision, lw=1.5)
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1.02)
-        ax.set_xlabel("recall")
-        ax.set_ylabel("precision")
-        ax.set_title(f"{c.name}: AP {c.ap:.3f} ({result.metric}, {c.npos} objects)")
-        ax.grid(alpha=0.3)
+        pr_axes(ax, f"{c.name}: AP {c.ap:.3f} ({result.metric}, {c.npos} objects)")
         fig.tight_layout()
         p = out_dir / f"pr_{safe_filename(c.name)}.png"
         fig.savefig(p, dpi=100)

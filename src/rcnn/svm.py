@@ -315,6 +315,155 @@ def _mining_info(classes: Sequence[str], caches: list[_ClassCache], shown: int =
     return "cache " + " ".join(f"{c}:{cc.size}" for c, cc in cs) + more + " · obj " + " ".join(objs) + more
 
 
+def _feature_scale(records: list[ImageRecord], source: FeatureSource, config: SVMConfig,
+                   progress: ProgressFn | None) -> tuple[float | np.ndarray, Scale]:
+    """Step 1: the mean feature norm(s) of a fixed-seed sample and the scale bringing them to
+    ``config.target_norm`` (``rcnn_feature_stats``)."""
+    report(progress, "feature scale", 0, 1)
+    blocks = source_blocks(source)
+    mean_norm = feature_stats(records, source, config.stats_images, config.stats_boxes, config.seed, blocks)
+    scale = block_scale(mean_norm, blocks, config.target_norm)
+    report(progress, "feature scale", 1, 1)
+    return mean_norm, scale
+
+
+def _positives(records: list[ImageRecord], source: FeatureSource, num_classes: int,
+               progress: ProgressFn | None) -> tuple[list[np.ndarray], int]:
+    """Step 2: per class the unscaled features ``(P_c, D)`` of its non-difficult ground-truth boxes,
+    computed like the proposals' (released code: get_positive_pool5_features before mining), and ``D``."""
+    pos: list[list[np.ndarray]] = [[] for _ in range(num_classes)]
+    D = None
+    for i, r in enumerate(records):
+        keep = ~r.difficult.astype(bool)
+        if keep.any():
+            f = np.asarray(source.gt_features(r))
+            D = f.shape[1]
+            for c in range(num_classes):
+                m = keep & (r.labels == c)
+                if m.any():
+                    pos[c].append(f[m])
+        report(progress, "positives", i + 1, len(records))
+    if D is None:
+        _, f = source.regions(records[0])
+        D = f.shape[1]
+    return [np.concatenate(p) if p else np.zeros((0, D), np.float16) for p in pos], D
+
+
+def _image_regions(source: FeatureSource, r: ImageRecord) -> tuple[np.ndarray, np.ndarray]:
+    """An image's candidate negatives: boxes ``(N, 4)`` float32 and unscaled features ``(N, D)`` of its
+    ground-truth boxes (negatives for the other classes) followed by its proposals."""
+    boxes, raw = source.regions(r)
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    raw = np.asarray(raw)
+    if len(r.boxes):
+        gtf = np.asarray(source.gt_features(r))
+        boxes = np.concatenate([r.boxes.astype(np.float32), boxes])
+        raw = np.concatenate([gtf, raw]) if len(raw) else gtf
+    return boxes, raw
+
+
+def _mine_image(source: FeatureSource, r: ImageRecord, i: int, scale: Scale, W: np.ndarray, b: np.ndarray,
+                caches: list[_ClassCache], trained: np.ndarray, first_time: bool, config: SVMConfig) -> bool:
+    """Step 3, one image ``i`` of a mining pass: queue each trained class's new negatives from one read of
+    the image's regions, scored by all classes in one matrix product (§2.2; none before the first
+    training). False when the image has no regions."""
+    boxes, raw = _image_regions(source, r)
+    if not len(boxes):
+        return False
+    ov = negative_overlaps(boxes, r, len(caches))
+    z = np.asarray(raw, np.float32) * scale @ W + b if not first_time else None
+    for c in np.nonzero(trained)[0]:
+        idx = _new_negatives(ov[:, c] < config.neg_iou, z, c, i, caches[c], config)
+        if len(idx):
+            _add_negatives(caches[c], raw, idx, i, config)
+    return True
+
+
+def _new_negatives(cand: np.ndarray, z: np.ndarray | None, c: int, i: int, cache: _ClassCache,
+                   config: SVMConfig) -> np.ndarray:
+    """Step 3 for one class and image ``i``: the rows to add to the class's negative cache among
+    the candidates ``cand`` ``(N,)`` bool (IoU below ``neg_iou``); ``z`` ``(N, C)``: the current scores
+    (``None`` before the first training: every candidate, sampled down to ``max_new_neg_per_image``)."""
+    if z is not None:
+        cand &= z[:, c] > config.hard_thresh
+    idx = np.nonzero(cand)[0]
+    if config.passes > 1 and len(idx):
+        idx = np.array([j for j in idx if (i, int(j)) not in cache.key_set], np.int64)
+    if config.max_new_neg_per_image is not None and len(idx) > config.max_new_neg_per_image:
+        if z is not None:
+            idx = idx[np.argsort(-z[idx, c], kind="stable")[: config.max_new_neg_per_image]]
+        else:
+            rng = np.random.default_rng((config.seed, i, int(c)))
+            idx = np.sort(rng.permutation(idx)[: config.max_new_neg_per_image])
+    return idx
+
+
+def _add_negatives(cache: _ClassCache, raw: np.ndarray, idx: np.ndarray, i: int, config: SVMConfig) -> None:
+    """Queue rows ``idx`` of image ``i``'s features ``raw`` in the class's cache (added at its next retraining)."""
+    cache.pending_X.append(raw[idx])
+    k = np.stack([np.full(len(idx), i, np.int64), idx.astype(np.int64)], axis=1)
+    cache.pending_keys.append(k)
+    if config.passes > 1:
+        cache.key_set.update(map(tuple, k))
+    cache.num_added += len(idx)
+
+
+def _retrain(cache: _ClassCache, scale: Scale, config: SVMConfig, max_neg: int,
+             image_index: int) -> tuple[np.ndarray, float, Objective] | None:
+    """Step 4: retrain one class on its cache, record the objective in ``cache.history`` and evict
+    easy negatives; ``(w (D,), bias, objective)``, or ``None`` without positives or negatives."""
+    cache.flush()
+    if len(cache.X_neg) == 0 or len(cache.X_pos) == 0:
+        return None
+    ts = time.perf_counter()
+    w, bias = fit_liblinear(scaled_csr([cache.X_pos, cache.X_neg], scale), len(cache.X_pos), config.C,
+                            config.bias_mult, config.pos_weight, config.tol, config.max_iter)
+    obj = svm_objective(w, bias, cache.X_pos, cache.X_neg, config.C, config.bias_mult, config.pos_weight, scale)
+    cache.num_added = 0
+    zp = _scaled_scores(cache.X_pos, scale, w, bias)
+    zn = _scaled_scores(cache.X_neg, scale, w, bias)
+    entry = {
+        "image": image_index + 1, "objective": obj.total, "pos_loss": obj.pos, "neg_loss": obj.neg, "reg_loss": obj.reg,
+        "num_pos": len(cache.X_pos), "num_neg": len(cache.X_neg),
+        "pos_sv": int((zp < 1 + 1e-6).sum()), "neg_sv": int((zn > -1 - 1e-6).sum()), "seconds": time.perf_counter() - ts,
+    }
+    _evict(cache, zn, config.evict_thresh, max_neg)
+    entry["num_neg_after_evict"] = len(cache.X_neg)
+    cache.history.append(entry)
+    return w, bias, obj
+
+
+def _evict(cache: _ClassCache, zn: np.ndarray, evict_thresh: float, max_neg: int) -> None:
+    """Drop the cached negatives scoring ``zn < evict_thresh`` (rcnn_train.m), and beyond ``max_neg``
+    all but the hardest (the bounded cache of out-of-core training)."""
+    keep = zn >= evict_thresh
+    if keep.sum() > max_neg:
+        order = np.argsort(-zn, kind="stable")[:max_neg]
+        keep = np.zeros_like(keep)
+        keep[order] = True
+        cache.evicted_for_bound += int((zn >= evict_thresh).sum() - max_neg)
+    for k in map(tuple, cache.keys[~keep]):
+        cache.key_set.discard(k)
+    cache.X_neg, cache.keys = cache.X_neg[keep], cache.keys[keep]
+
+
+def _final_warnings(classes: Sequence[str], caches: list[_ClassCache], trained: np.ndarray, max_neg: int,
+                    config: SVMConfig) -> list[str]:
+    """Warnings after mining (a class whose cache bound dropped negatives); a class that found no
+    negatives is marked untrained in ``trained``."""
+    warn = []
+    for c in np.nonzero(trained)[0]:
+        if caches[c].evicted_for_bound:
+            msg = (f"class {classes[c]!r}: negative cache bound ({max_neg} regions, {config.max_cache_mb} MB) dropped "
+                   f"{caches[c].evicted_for_bound} hard-ish negatives")
+            log.warning(msg)
+            warn.append(msg)
+        if not caches[c].history:
+            warn.append(f"class {classes[c]!r}: no negatives found, SVM not trained")
+            trained[c] = False
+    return warn
+
+
 def train_detector(
     records: Sequence[ImageRecord], classes: Sequence[str], source: FeatureSource, config: SVMConfig = SVMConfig(),
     progress: ProgressFn | None = None,
@@ -327,32 +476,8 @@ def train_detector(
     if not records:
         raise ValueError("no training images")
     warn: list[str] = []
-
-    # 1. feature scale (rcnn_feature_stats on a fixed-seed sample)
-    report(progress, "feature scale", 0, 1)
-    blocks = source_blocks(source)
-    mean_norm = feature_stats(records, source, config.stats_images, config.stats_boxes, config.seed, blocks)
-    scale = block_scale(mean_norm, blocks, config.target_norm)
-    report(progress, "feature scale", 1, 1)
-
-    # 2. positives: non-difficult ground truth, features like the proposals' (released code:
-    #    get_positive_pool5_features before mining)
-    pos: list[list[np.ndarray]] = [[] for _ in range(C)]
-    D = None
-    for i, r in enumerate(records):
-        keep = ~r.difficult.astype(bool)
-        if keep.any():
-            f = np.asarray(source.gt_features(r))
-            D = f.shape[1]
-            for c in range(C):
-                m = keep & (r.labels == c)
-                if m.any():
-                    pos[c].append(f[m])
-        report(progress, "positives", i + 1, len(records))
-    if D is None:
-        _, f = source.regions(records[0])
-        D = f.shape[1]
-    X_pos = [np.concatenate(p) if p else np.zeros((0, D), np.float16) for p in pos]  # unscaled
+    mean_norm, scale = _feature_scale(records, source, config, progress)
+    X_pos, D = _positives(records, source, C, progress)
     trained = np.array([len(x) > 0 for x in X_pos])
     for c in np.nonzero(~trained)[0]:
         msg = f"class {classes[c]!r} has no (non-difficult) positives in the training images: skipped, it will never be detected"
@@ -365,97 +490,32 @@ def train_detector(
     b = np.zeros(C, np.float32)
 
     def retrain(c: int, image_index: int) -> None:
-        cache = caches[c]
-        cache.flush()
-        if len(cache.X_neg) == 0 or len(cache.X_pos) == 0:
-            return
-        ts = time.perf_counter()
-        w, bias = fit_liblinear(scaled_csr([cache.X_pos, cache.X_neg], scale), len(cache.X_pos), config.C,
-                                config.bias_mult, config.pos_weight, config.tol, config.max_iter)
-        obj = svm_objective(w, bias, cache.X_pos, cache.X_neg, config.C, config.bias_mult, config.pos_weight, scale)
-        W[:, c], b[c] = w, bias
-        cache.num_added = 0
-        zp = _scaled_scores(cache.X_pos, scale, w, bias)
-        zn = _scaled_scores(cache.X_neg, scale, w, bias)
-        entry = {
-            "image": image_index + 1, "objective": obj.total, "pos_loss": obj.pos, "neg_loss": obj.neg, "reg_loss": obj.reg,
-            "num_pos": len(cache.X_pos), "num_neg": len(cache.X_neg),
-            "pos_sv": int((zp < 1 + 1e-6).sum()), "neg_sv": int((zn > -1 - 1e-6).sum()), "seconds": time.perf_counter() - ts,
-        }
-        # evict easy negatives (rcnn_train.m: z_neg < evict_thresh)
-        keep = zn >= config.evict_thresh
-        if keep.sum() > max_neg:  # bounded cache: keep the hardest (out-of-core guarantee)
-            order = np.argsort(-zn, kind="stable")[:max_neg]
-            keep = np.zeros_like(keep)
-            keep[order] = True
-            cache.evicted_for_bound += int((zn >= config.evict_thresh).sum() - max_neg)
-        for k in map(tuple, cache.keys[~keep]):
-            cache.key_set.discard(k)
-        cache.X_neg, cache.keys = cache.X_neg[keep], cache.keys[keep]
-        entry["num_neg_after_evict"] = len(cache.X_neg)
-        cache.history.append(entry)
-        log.info("%s retrain %d: obj %.4f = %.4f (pos) + %.4f (neg) + %.4f (reg); cache %d -> %d negatives",
-                 classes[c], len(cache.history), obj.total, obj.pos, obj.neg, obj.reg, entry["num_neg"], len(cache.X_neg))
+        fit = _retrain(caches[c], scale, config, max_neg, image_index)
+        if fit is not None:
+            W[:, c], b[c], obj = fit
+            log.info("%s retrain %d: obj %.4f = %.4f (pos) + %.4f (neg) + %.4f (reg); cache %d -> %d negatives",
+                     classes[c], len(caches[c].history), obj.total, obj.pos, obj.neg, obj.reg,
+                     caches[c].history[-1]["num_neg"], len(caches[c].X_neg))
 
-    # 3. hard-negative mining, all classes from one read of each image's features
+    # 3. hard-negative mining passes, all classes from one read of each image's features
     first_time = True
     n = len(records)
     for epoch in range(config.passes):
         for i, r in enumerate(records):
-            boxes, raw = source.regions(r)
-            boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
-            raw = np.asarray(raw)
-            if len(r.boxes):  # ground-truth boxes are candidate negatives for the other classes
-                gtf = np.asarray(source.gt_features(r))
-                boxes = np.concatenate([r.boxes.astype(np.float32), boxes])
-                raw = np.concatenate([gtf, raw]) if len(raw) else gtf
-            feats = np.asarray(raw, np.float32) * scale
+            found = _mine_image(source, r, i, scale, W, b, caches, trained, first_time, config)
             last = epoch == config.passes - 1 and i == n - 1
-            if len(boxes):
-                ov = negative_overlaps(boxes, r, C)
-                z = feats @ W + b if not first_time else None  # one matrix product for all classes (§2.2)
-                for c in np.nonzero(trained)[0]:
-                    cand = ov[:, c] < config.neg_iou
-                    if z is not None:
-                        cand &= z[:, c] > config.hard_thresh
-                    idx = np.nonzero(cand)[0]
-                    if config.passes > 1 and len(idx):
-                        idx = np.array([j for j in idx if (i, int(j)) not in caches[c].key_set], np.int64)
-                    if config.max_new_neg_per_image is not None and len(idx) > config.max_new_neg_per_image:
-                        if z is not None:
-                            idx = idx[np.argsort(-z[idx, c], kind="stable")[: config.max_new_neg_per_image]]
-                        else:
-                            rng = np.random.default_rng((config.seed, i, int(c)))
-                            idx = np.sort(rng.permutation(idx)[: config.max_new_neg_per_image])
-                    if len(idx):
-                        cache = caches[c]
-                        cache.pending_X.append(raw[idx])
-                        k = np.stack([np.full(len(idx), i, np.int64), idx.astype(np.int64)], axis=1)
-                        cache.pending_keys.append(k)
-                        if config.passes > 1:
-                            cache.key_set.update(map(tuple, k))
-                        cache.num_added += len(idx)
-            del raw, feats  # this image's regions (hundreds of MB for hypercolumns) before any retraining
+            # 4. retrain a class after the first image, once retrain_limit new negatives came, at the end,
+            #    and early when its cache outgrows the bound (retraining evicts)
             for c in np.nonzero(trained)[0]:
-                cache = caches[c]
-                if first_time or cache.num_added > config.retrain_limit or last:
+                cc = caches[c]
+                if (first_time or cc.num_added > config.retrain_limit or last
+                        or cc.size > max_neg + config.retrain_limit):
                     retrain(int(c), i)
-                elif cache.size > max_neg + config.retrain_limit:
-                    retrain(int(c), i)  # the bound forces an early retrain/evict
-            if len(boxes):
+            if found:
                 first_time = False
             if progress is not None:
                 report(progress, "hard-negative mining", epoch * n + i + 1, config.passes * n, _mining_info(classes, caches))
-    for c in np.nonzero(trained)[0]:
-        if caches[c].evicted_for_bound:
-            msg = (f"class {classes[c]!r}: negative cache bound ({max_neg} regions, {config.max_cache_mb} MB) dropped "
-                   f"{caches[c].evicted_for_bound} hard-ish negatives")
-            log.warning(msg)
-            warn.append(msg)
-        if not caches[c].history:
-            msg = f"class {classes[c]!r}: no negatives found, SVM not trained"
-            warn.append(msg)
-            trained[c] = False
+    warn += _final_warnings(classes, caches, trained, max_neg, config)
     return TrainResult(W, b, scale, mean_norm, trained, [len(x) for x in X_pos], [cc.history for cc in caches], n,
                        time.perf_counter() - t0, warn)
 

@@ -91,6 +91,20 @@ def similar_classes(classes: Sequence[str], groups: Mapping[str, Sequence[str]] 
     return out
 
 
+def parse_groups(specs: Sequence[str] | None, voc_groups: bool = True) -> dict[str, tuple[str, ...]] | None:
+    """Similar-class groups from ``NAME=a,b,c`` strings; without any, ``None`` (VOC's groups) or, with
+    ``voc_groups=False``, no groups. ``ValueError`` (one line) for a string without ``=``."""
+    if not specs:
+        return None if voc_groups else {}
+    out = {}
+    for g in specs:
+        if "=" not in g:
+            raise ValueError(f"--group {g!r}: write NAME=class1,class2")
+        name, members = g.split("=", 1)
+        out[name.strip()] = tuple(m.strip() for m in members.split(",") if m.strip())
+    return out
+
+
 def default_groups(classes: Sequence[str]) -> dict[str, tuple[str, ...]]:
     """The built-in VOC groups restricted to ``classes`` (empty for non-VOC class lists)."""
     have = set(classes)

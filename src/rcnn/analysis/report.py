@@ -25,7 +25,7 @@ from rcnn.analysis.sensitivity import SensitivityResult, sensitivity, sensitivit
 from rcnn.analysis.units import run_units
 from rcnn.data import Dataset, ImageReadError, ImageRecord, load_image
 from rcnn.detect import DetectStats
-from rcnn.evaluate import Detections, EvalResult, evaluate_detections
+from rcnn.evaluate import Detections, EvalResult, evaluate_detections, pr_axes
 from rcnn.progress import ProgressFn
 
 log = logging.getLogger(__name__)
@@ -47,12 +47,7 @@ def pr_figure(result: EvalResult, path, title: str = "Precision–recall per cla
     for c in result.classes:
         if c.num_dets and not math.isnan(c.ap):
             ax.plot(c.recall, c.precision, lw=1.6, label=f"{c.name} (AP {c.ap:.3f})")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.02)
-    ax.set_xlabel("recall")
-    ax.set_ylabel("precision")
-    ax.set_title(f"{title} — mAP {result.mean_ap:.3f} ({result.metric})")
-    ax.grid(alpha=0.3)
+    pr_axes(ax, f"{title} — mAP {result.mean_ap:.3f} ({result.metric})")
     ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=80)

@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Literal
 
 import typer
 
 from rcnn.cli import options as opt
-from rcnn.cli.app import app, console, fail, log_to_console, open_dataset
+from rcnn.cli.app import app, console, exits, log_to_console, open_dataset, print_table
 from rcnn.cli.progress import show_progress
 from rcnn.features import MODES as FEATURE_MODES
 
@@ -18,53 +19,47 @@ def detections_for(path: Path, ds):
     """:func:`rcnn.analysis.detections.detections_of` with a progress bar, or exit with its one line."""
     from rcnn.analysis.detections import detections_of
 
-    try:
-        with show_progress() as progress:
-            return detections_of(path, ds, progress=progress)
-    except (FileNotFoundError, ValueError) as e:
-        raise fail(str(e), 2) from None
+    with exits(FileNotFoundError, ValueError), show_progress() as progress:
+        return detections_of(path, ds, progress=progress)
+
+
+@contextmanager
+def _units_errors(*errors: type[Exception]):
+    r"""A bad ``--units`` spec (:class:`rcnn.analysis.units.UnitsError`) as ``error: --units: …``; other
+    ``ValueError``\ s (and ``errors``) as their one line."""
+    from rcnn.analysis.units import UnitsError
+
+    with exits(ValueError, *errors), exits(UnitsError, prefix="--units: "):
+        yield
 
 
 def _groups(group: list[str] | None, no_voc_groups: bool) -> dict[str, tuple[str, ...]] | None:
-    if not group:
-        return {} if no_voc_groups else None
-    out = {}
-    for g in group:
-        if "=" not in g:
-            raise fail(f"--group {g!r}: write NAME=class1,class2", 2)
-        name, members = g.split("=", 1)
-        out[name.strip()] = tuple(m.strip() for m in members.split(",") if m.strip())
-    return out
+    from rcnn.analysis.fp import parse_groups
+
+    with exits(ValueError):
+        return parse_groups(group, not no_voc_groups)
 
 
 @app.command("fp-analysis")
 def fp_analysis_cmd(
-    detections: Annotated[Path, typer.Argument(help="Model file (.rcnn) or detections (COCO .json / comp4 files)")],
-    dataset: opt.DatasetArg, split: opt.SplitOpt = None,
+    detections: opt.ModelOrDetsArg, dataset: opt.DatasetArg, split: opt.SplitOpt = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for fp_types.png, dap.png, fp_analysis.json")] = Path("fp_analysis"),
     group: opt.GroupOpt = None, no_voc_groups: opt.NoVocOpt = False, metric: opt.FpMetricOpt = "voc07",
 ) -> None:
     """False-positive analysis (paper §3.3, Figure 4): Loc/Sim/Oth/BG per class and dAP per error type."""
-    from rich.table import Table
-
     from rcnn.analysis.fp import FP_TYPES, analyze_false_positives, write_fp_analysis
 
     ds = open_dataset(dataset, split)
     dets, _ = detections_for(detections, ds)
-    try:
-        fa = analyze_false_positives(ds.classes, ds.records, dets, groups=_groups(group, no_voc_groups), metric=metric)
-    except ValueError as e:
-        raise fail(str(e), 2) from None
+    groups = _groups(group, no_voc_groups)
+    with exits(ValueError):
+        fa = analyze_false_positives(ds.classes, ds.records, dets, groups=groups, metric=metric)
     paths = write_fp_analysis(fa, output)
-    t = Table(title=f"False positives ({metric} AP)")
-    for col in ("class", "AP", *FP_TYPES, *[f"dAP {x}" for x in FP_TYPES]):
-        t.add_column(col, justify="right")
-    for c in fa.per_class:
-        n = c.counts()
-        t.add_row(c.name, f"{c.ap:.3f}", *[str(n[x]) for x in FP_TYPES], *[f"{100 * c.dap[x]:+.1f}" for x in FP_TYPES])
     md = fa.mean_dap()
-    t.add_row("[bold]mean", f"[bold]{fa.mean_ap:.3f}", *[""] * 4, *[f"{100 * md[x]:+.1f}" for x in FP_TYPES])
-    console.print(t)
+    print_table(f"False positives ({metric} AP)", ["class", "AP", *FP_TYPES, *[f"dAP {x}" for x in FP_TYPES]], [
+        *[(c.name, f"{c.ap:.3f}", *[str(c.counts()[x]) for x in FP_TYPES], *[f"{100 * c.dap[x]:+.1f}" for x in FP_TYPES])
+          for c in fa.per_class],
+        ("[bold]mean", f"[bold]{fa.mean_ap:.3f}", *[""] * 4, *[f"{100 * md[x]:+.1f}" for x in FP_TYPES])], left=0)
     console.print(f"wrote {', '.join(str(p) for p in paths)}")
 
 
@@ -111,11 +106,9 @@ def show_warps_cmd(
     from rcnn.analysis.warps import show_warps
 
     ds = open_dataset(dataset, split)
-    try:
+    with exits(ValueError):
         fc, pc, _ = feature_settings(model, weights)
         caption = show_warps(ds, class_name, n, seed, fc, pc if with_proposals else None, output)
-    except ValueError as e:
-        raise fail(str(e), 2) from None
     console.print(f"wrote {output} ({caption})")
 
 
@@ -135,27 +128,19 @@ def units_cmd(
     output: opt.PngOpt = Path("units.png"),
 ) -> None:
     """Top activations of pool5 units with their receptive fields (paper §3.1, Figures 3 and 6)."""
-    from rcnn.analysis.units import UnitsError, run_units
+    from rcnn.analysis.units import run_units
 
     ds = open_dataset(dataset, split)
-    try:
-        with show_progress() as progress:
-            path, us, hits = run_units(model_or_backbone, ds, units, output, top, max_images, weights, mode, cache,
-                                       progress)
-    except UnitsError as e:
-        raise fail(f"--units: {e}", 2) from None
-    except ValueError as e:
-        raise fail(str(e), 2) from None
-    for u in us:
-        h = hits[u]
+    with _units_errors(), show_progress() as progress:
+        path, us, hits = run_units(model_or_backbone, ds, units, output, top, max_images, weights, mode, cache, progress)
+    for u, h in ((u, hits[u]) for u in us):
         console.print(f"unit {u.label()}: top {len(h)} activations {', '.join(f'{x.score:.1f}' for x in h[:8])}{' …' if len(h) > 8 else ''}")
     console.print(f"wrote {path}")
 
 
 @app.command("report")
 def report_cmd(
-    model: Annotated[Path, typer.Argument(help="Model file (.rcnn) or detections (COCO .json / comp4 files)")],
-    dataset: opt.DatasetArg,
+    model: opt.ModelOrDetsArg, dataset: opt.DatasetArg,
     split: Annotated[str, typer.Option("--split", "-s", help="Split name (ImageSets/Main/<split>.txt)")] = "test",
     output: Annotated[Path, typer.Option("--output", "-o", help="Report folder (index.html + PNGs)")] = Path("report"),
     compare: Annotated[list[str] | None, typer.Option(help="NAME=PATH or PATH of another model/detections for the "
@@ -171,19 +156,12 @@ def report_cmd(
 
     An unreadable image is left out (one warning line); the rest of the report is written."""
     from rcnn.analysis.report import report_for
-    from rcnn.analysis.units import UnitsError
 
     ds = open_dataset(dataset, split)
     groups = _groups(group, no_voc_groups)
     # library warnings (e.g. truncated JPEGs, undrawable images) one line each; the detector's read
     # errors are reported by the report as "left out" warnings
-    with log_to_console("rcnn.analysis.report", "rcnn.data"), log_to_console("rcnn.detect", errors=None):
-        try:
-            with show_progress() as progress:
-                path = report_for(model, ds, output, compare or [], units, unit_images, backbone, groups, metric,
-                                  samples, progress)
-        except UnitsError as e:
-            raise fail(f"--units: {e}", 2) from None
-        except (FileNotFoundError, ValueError) as e:
-            raise fail(str(e), 2) from None
+    with log_to_console("rcnn.analysis.report", "rcnn.data"), log_to_console("rcnn.detect", errors=None), \
+            _units_errors(FileNotFoundError), show_progress() as progress:
+        path = report_for(model, ds, output, compare or [], units, unit_images, backbone, groups, metric, samples, progress)
     console.print(f"wrote {path}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -17,6 +17,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.table import Table
 from typer.core import TyperGroup
 
 from rcnn._version import __version__
@@ -43,6 +44,46 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     """Print one red error line to stderr and return an ``Exit`` to raise."""
     err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
+
+
+@contextmanager
+def exits(*errors: type[Exception], code: int = 2, prefix: str = ""):
+    """A library error of the types ``errors`` raised in the block becomes one ``error: <prefix><message>``
+    line and exit ``code`` (:func:`fail`)."""
+    try:
+        yield
+    except typer.Exit:  # a RuntimeError: already reported
+        raise
+    except errors as e:
+        raise fail(f"{prefix}{e}", code) from None
+
+
+def print_error(msg: str) -> None:
+    """A per-image failure the command goes on after: one ``error:`` line on stderr."""
+    err_console.print(f"[red]error:[/] {msg}", highlight=False, soft_wrap=True)
+
+
+def print_warning(msg: str) -> None:
+    """One ``warning:`` line on stderr."""
+    err_console.print(f"[yellow]warning:[/] {msg}", highlight=False, soft_wrap=True)
+
+
+def print_first(items: Sequence, line: str, more: str | None = None, limit: int = 20, **print_kw) -> None:
+    """``line.format(item)`` for the first ``limit`` items, then ``more.format(rest)`` (the count left out)."""
+    for x in items[:limit]:
+        console.print(line.format(x), **print_kw)
+    if more and len(items) > limit:
+        console.print(more.format(len(items) - limit))
+
+
+def print_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[str]], left: int = 1, **table_kw) -> None:
+    """A table of strings; the first ``left`` columns left-aligned, the others right-aligned."""
+    t = Table(title=title, **table_kw)
+    for i, col in enumerate(columns):
+        t.add_column(col, justify="left" if i < left else "right")
+    for row in rows:
+        t.add_row(*row)
+    console.print(t)
 
 
 class ConsoleLog(logging.Handler):
@@ -152,21 +193,16 @@ def _root(
 def load_model(path: Path, load: Callable[[Path], Any] | None = None) -> Any:
     """The model file ``path`` read by ``load`` (default :meth:`rcnn.detect.RCNNModel.load`), or exit
     (code 2) with the loader's one-line error (every model loader raises a ``ValueError``)."""
-    if load is None:
-        from rcnn.detect import RCNNModel
+    from rcnn.detect import RCNNModel
 
-        load = RCNNModel.load
-    try:
-        return load(path)
-    except ValueError as e:
-        raise fail(str(e), 2) from None
+    with exits(ValueError):
+        return (load or RCNNModel.load)(path)
 
 
-def open_dataset(path: Path, split: str | None):
-    """The dataset at ``path`` (:func:`rcnn.data.load_dataset`), or exit (code 2) with one clear error line."""
-    from rcnn.data import AnnotationError, load_dataset
+def open_dataset(path: Path, split: str | None, load: Callable[[Path, str | None], Any] | None = None):
+    """The dataset at ``path`` read by ``load`` (default :func:`rcnn.data.load_dataset`), or exit (code 2)
+    with one clear error line."""
+    from rcnn.data import load_dataset
 
-    try:
-        return load_dataset(path, split)
-    except (FileNotFoundError, ValueError, AnnotationError) as e:
-        raise fail(str(e), 2) from None
+    with exits(FileNotFoundError, ValueError):  # rcnn.data.AnnotationError is a ValueError
+        return (load or load_dataset)(path, split)

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 import typer
 
-from rcnn.cli.app import app, console, fail
+from rcnn.cli.app import app, console, exits, fail, print_first
 from rcnn.cli.progress import show_progress
 from rcnn.dedup import DEFAULT_THRESHOLD, SEARCH_METHODS
 
@@ -15,33 +15,29 @@ from rcnn.dedup import DEFAULT_THRESHOLD, SEARCH_METHODS
 @app.command()
 def dedup(
     query: Annotated[Path, typer.Argument(help="Query collection: dataset root (VOC, PASCAL v1.00, COCO .json) or "
-                                          "image folder")],
+        "image folder")],
     reference: Annotated[Path, typer.Argument(help="Reference collection: dataset root or image folder")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Report folder (pairs.csv, pairs.json, "
-                                         "index.html)")] = Path("dedup-report"),
+        "index.html)")] = Path("dedup-report"),
     threshold: Annotated[float, typer.Option("--threshold", "-t", help="GIST distance at or below which a pair is a "
-                                             "near-duplicate (chosen for 32×32 grey GIST)")] = DEFAULT_THRESHOLD,
+        "near-duplicate (chosen for 32×32 grey GIST)")] = DEFAULT_THRESHOLD,
     k: Annotated[int, typer.Option("--k", help="Report up to k references per query (all within the threshold)")] = 1,
     search: Annotated[Literal[SEARCH_METHODS], typer.Option(help="exact (blocked matrix products), faiss-flat, or "
-                                                            "faiss-ivf (approximate)")] = "exact",
+        "faiss-ivf (approximate)")] = "exact",
     nprobe: Annotated[int, typer.Option(help="faiss-ivf: cells visited per query (fewer = faster, less exact)")] = 16,
     size: Annotated[int, typer.Option(help="Warp size for GIST (paper: 32; LMgist's usual: 128)")] = 32,
     color: Annotated[bool, typer.Option("--color/--gray", help="Colour GIST (3× dims) instead of grey")] = False,
     query_split: Annotated[str | None, typer.Option(help="Split of a query dataset", show_default="all images")] = None,
-    reference_split: Annotated[str | None, typer.Option(help="Split of a reference dataset",
-                                                        show_default="all images")] = None,
+    reference_split: Annotated[str | None, typer.Option(help="Split of a reference dataset", show_default="all images")] = None,
     recursive: Annotated[bool, typer.Option(help="List image folders recursively")] = False,
-    ids: Annotated[bool, typer.Option("--ids/--no-ids", help="Also match source IDs (VOC flickrid, COCO "
-                                      "flickr_url)")] = True,
+    ids: Annotated[bool, typer.Option("--ids/--no-ids", help="Also match source IDs (VOC flickrid, COCO flickr_url)")] = True,
     workers: Annotated[int | None, typer.Option("--workers", "-j", help="Descriptor worker processes",
-                                                show_default="CPU cores")] = None,
-    cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Reuse / store descriptors under "
-                                        "$RCNN_CACHE_DIR")] = True,
+        show_default="CPU cores")] = None,
+    cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Reuse / store descriptors under $RCNN_CACHE_DIR")] = True,
 ) -> None:
     """Find query images that are (near-)duplicates of reference images (paper App. C).
 
     Exact source-ID matches and Euclidean nearest neighbours of 32×32 GIST descriptors. Give the same collection twice to find duplicates inside it (self-pairs are skipped)."""
-    from rcnn.data import AnnotationError
     from rcnn.dedup import GistConfig, collect_images
     from rcnn.dedup.report import dedup_collections
 
@@ -51,12 +47,10 @@ def dedup(
         raise fail(f"--threshold must be ≥ 0, not {threshold}", 2)
     if (size != 32 or color) and threshold == DEFAULT_THRESHOLD:
         console.print(f"[yellow]note:[/] the default threshold {threshold} was chosen for 32×32 grey GIST; pass --threshold")
-    try:
+    with exits(FileNotFoundError, ValueError):  # rcnn.data.AnnotationError is a ValueError
         config = GistConfig(image_size=size, color=color)
         q_items = collect_images(query, query_split, recursive)
         r_items = collect_images(reference, reference_split, recursive)
-    except (FileNotFoundError, ValueError, AnnotationError) as e:
-        raise fail(str(e), 2) from None
     if search != "exact":
         try:
             import faiss  # noqa: F401
@@ -66,10 +60,8 @@ def dedup(
     with show_progress() as progress:
         res, paths = dedup_collections(q_items, r_items, output, threshold, config, k=k, method=search, use_ids=ids,
                                        workers=workers, cache=cache, nprobe=nprobe, progress=progress)
-    for e in res.unreadable[:20]:
-        console.print(f"[yellow]skipped:[/] {e}", highlight=False, soft_wrap=True)
-    if len(res.unreadable) > 20:
-        console.print(f"[yellow]… and {len(res.unreadable) - 20} more unreadable files")
+    print_first(res.unreadable, "[yellow]skipped:[/] {}", "[yellow]… and {} more unreadable files", highlight=False,
+                soft_wrap=True)
     s = res.summary()
     if ids:
         console.print(f"source-ID matches: {s['source_id_pairs']} pairs "

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from rcnn.cli import options as opt
-from rcnn.cli.app import app, console, err_console, fail
+from rcnn.cli.app import app, console, exits, fail, print_warning
 
 
 @app.command()
@@ -35,12 +35,10 @@ def demo(
     from rcnn import zoo
     from rcnn.demo import DemoConfig, ImageReport, demo_inputs, run_demo
 
-    try:
+    with exits(ValueError, zoo.ZooError):
         config = DemoConfig(backbone=backbone, mode=mode, threshold=threshold, max_detections=top_k)
         sources, vocab = demo_inputs(images, vocabulary, output)
         detector = zoo.load("imagenet", config=config, vocabulary=vocab)
-    except (ValueError, zoo.ZooError) as e:
-        raise fail(str(e), 2) from None
     table = Table(title="rcnn demo (imagenet detector, zero training)")
     for col, justify in (("image", "left"), ("detections", "right"), ("top labels", "left"), ("seconds", "right")):
         table.add_column(col, justify=justify)
@@ -51,18 +49,15 @@ def demo(
         console.print(f"  {r.name}: {len(r.result.scores)} detections ({top})", highlight=False)
 
     def on_skip(msg: str) -> None:
-        err_console.print(f"[yellow]warning:[/] skipped {msg}", highlight=False, soft_wrap=True)
+        print_warning(f"skipped {msg}")
 
     console.print(f"Detecting in {len(sources)} image(s) with {config.backbone} ({config.mode} mode, "
                   f"{len(detector.class_names)} names) -> {output}/", highlight=False, soft_wrap=True)
     t0 = time.perf_counter()
     report = run_demo(sources, output, detector, on_image=on_image, on_skip=on_skip)
     console.print(table)
-    n_ok, n_bad = len(report.images), len(report.skipped)
-    summary = f"{n_ok} image(s) processed in {time.perf_counter() - t0:.1f} s"
-    if n_bad:
-        summary += f", {n_bad} file(s) skipped (not readable images)"
-    console.print(summary, highlight=False)
-    if n_ok == 0:
+    skipped = f", {len(report.skipped)} file(s) skipped (not readable images)" if report.skipped else ""
+    console.print(f"{len(report.images)} image(s) processed in {time.perf_counter() - t0:.1f} s{skipped}", highlight=False)
+    if not report.images:
         raise fail(f"{images}: no readable images", 2)
     console.print(f"Open {report.html_path.resolve()}", highlight=False, soft_wrap=True)

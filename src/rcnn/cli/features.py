@@ -9,7 +9,7 @@ import typer
 
 from rcnn.backbones import WeightsError, available_backbones
 from rcnn.cli import options as opt
-from rcnn.cli.app import app, console, fail, open_dataset
+from rcnn.cli.app import app, console, exits, fail, open_dataset, print_first
 from rcnn.cli.engine import check_engine, ray_extract, report_device
 from rcnn.cli.progress import show_progress
 from rcnn.features import METHODS, FeatureConfig, check_layer, features_for_dataset, layer_dim
@@ -20,18 +20,17 @@ from rcnn.proposals import propose_dataset
 def features(
     dataset: opt.DatasetArg, split: opt.SplitOpt = None,
     backbone: Annotated[str, typer.Option("--backbone", "-b", help="squeezenet1_1, efficientnet_lite0, alexnet, "
-                                          "or any torchvision classifier (needs --weights)")] = "squeezenet1_1",
-    weights: Annotated[Path | None, typer.Option("--weights", "-w", help="State dict (.safetensors or "
-                                                 "torch.save) for the backbone", show_default="built-in")] = None,
+        "or any torchvision classifier (needs --weights)")] = "squeezenet1_1",
+    weights: Annotated[Path | None, typer.Option("--weights", "-w", help="State dict (.safetensors or torch.save) for "
+        "the backbone", show_default="built-in")] = None,
     layer: Annotated[str, typer.Option("--layer", "-l", help="pool5 | fc6 | fc7 | logits, or taps joined by + (pool5+fire5)")] = "fc7",
     mode: opt.FeatureModeOpt = "warp",
     context_pad: Annotated[int, typer.Option("--context-pad", help="context pixels in the warped frame "
-                                             "(released code: 16; shared mode pools the same window)")] = 0,
-    method: Annotated[Literal[METHODS], typer.Option("--method", help="warp mode: how a box becomes the CNN "
-                                                     "input (paper Appendix A)")] = "warp",
+        "(released code: 16; shared mode pools the same window)")] = 0,
+    method: Annotated[Literal[METHODS], typer.Option("--method", help="warp mode: how a box becomes the CNN input "
+        "(paper Appendix A)")] = "warp",
     scales: opt.ScalesOpt = opt.SCALES, grid: opt.GridOpt = opt.GRID,
-    with_gt: Annotated[bool, typer.Option("--with-gt/--no-gt", help="Also describe the ground-truth boxes "
-                                          "(stored first)")] = False,
+    with_gt: Annotated[bool, typer.Option("--with-gt/--no-gt", help="Also describe the ground-truth boxes (stored first)")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Regions per forward pass")] = 128,
     proposals: opt.ProposalsOpt = "rcnn-fast", ks: opt.KsOpt = None, max_boxes: opt.MaxBoxesOpt = None,
     workers: opt.WorkersOpt = None, engine: opt.EngineOpt = "local", address: opt.AddressOpt = None,
@@ -41,20 +40,13 @@ def features(
     check_engine(engine, address)
     ds = open_dataset(dataset, split)
     pc = opt.make_config(proposals, ks, max_boxes, None, None, False)
-    try:
+    with exits(WeightsError), exits(ValueError, prefix="bad option: "):
         fc = FeatureConfig(backbone=backbone, weights=str(weights) if weights else None, layer=layer, mode=mode,
                            context_pad=context_pad, method=method, scales=opt.floats(scales), grid=grid, with_gt=with_gt,
-                           batch_size=batch_size, device=report_device(device),
-                           precision=precision)
+                           batch_size=batch_size, device=report_device(device), precision=precision)
         bb = fc.backbone_obj()
-    except ValueError as e:
-        raise fail(f"bad option: {e}", 2) from None
-    except WeightsError as e:
-        raise fail(str(e), 2) from None
-    try:
+    with exits(ValueError, prefix="--layer: "):
         check_layer(bb, layer)
-    except ValueError as e:
-        raise fail(f"--layer: {e}", 2) from None
     console.print(f"{len(ds)} images; proposals {pc.describe()}; features {fc.describe()} "
                   f"({layer_dim(bb, layer, grid)}-d float16)", highlight=False)
     if engine == "ray":  # rcnn.distributed: proposals + features in Ray tasks, into the same cache
@@ -70,8 +62,7 @@ def features(
     console.print(f"cache: {s.cache_dir} ({s.cache_mb:.1f} MB on disk)", highlight=False)
     failed = list(dict.fromkeys(s.failed + proposal_failed))
     if failed:
-        for msg in failed[:20]:
-            console.print(f"  [red]{msg}", highlight=False, soft_wrap=True)
+        print_first(failed, "  [red]{}", highlight=False, soft_wrap=True)
         raise fail(f"{len(failed)} image(s) failed; the rest are cached", 1)
 
 

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 import typer
 
 from rcnn.cli import options as opt
-from rcnn.cli.app import app, console, err_console, fail, open_dataset
+from rcnn.cli.app import app, console, exits, fail, open_dataset, print_error
 from rcnn.cli.progress import show_progress
 
 
@@ -19,22 +19,22 @@ def finetune(
     split: opt.TrainSplitOpt = "trainval",
     backbone: Annotated[str, typer.Option("--backbone", "-b", help="squeezenet1_1, efficientnet_lite0, alexnet, …")] = "squeezenet1_1",
     weights: Annotated[Path | None, typer.Option("--weights", "-w", help="Pre-trained weights (torchvision models)",
-                                                 show_default="built-in")] = None,
+        show_default="built-in")] = None,
     mode: opt.FeatureModeOpt = "warp",
     iterations: Annotated[int, typer.Option("--iterations", help="SGD iterations (128 regions each)")] = 1000,
     lr: Annotated[float | None, typer.Option("--lr", help="Learning rate",
-                                             show_default="1/10 of the backbone's pre-training rate")] = None,
+        show_default="1/10 of the backbone's pre-training rate")] = None,
     step_size: Annotated[int | None, typer.Option("--step-size", help="lr ×0.1 every this many iterations",
-                                                  show_default="2/3 of the run")] = None,
+        show_default="2/3 of the run")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of sampling, flips, dropout and the new layer")] = 0,
     flip: Annotated[bool, typer.Option("--flip/--no-flip", help="Horizontal flip augmentation")] = True,
     freeze: Annotated[int, typer.Option("--freeze", help="Keep the first N trunk modules frozen (0: all trained, §2.3)")] = 0,
     context_pad: Annotated[int, typer.Option("--context-pad", help="warp: context pixels (must match the features)")] = 0,
     scales: opt.ScalesOpt = opt.SCALES, grid: opt.GridOpt = opt.GRID,
     layer: Annotated[Literal["fc7", "fc6", "pool5"], typer.Option("--layer", "-l", help="What the new classifier "
-                                                                  "reads: fc7 (paper §2.3), fc6 or pool5 (the RoI grid)")] = "fc7",
+        "reads: fc7 (paper §2.3), fc6 or pool5 (the RoI grid)")] = "fc7",
     input_norm: Annotated[float | None, typer.Option("--input-norm", help="Scale the layer's features to this mean "
-                                                     "L2 norm (e.g. 20)", show_default="as is")] = None,
+        "L2 norm (e.g. 20)", show_default="as is")] = None,
     precision: opt.PrecisionOpt = "fp32",
     val_images: Annotated[int, typer.Option("--val-images", help="Training images held out for the validation curve")] = 16,
     val_every: Annotated[int, typer.Option("--val-every", help="Validate every N iterations")] = 50,
@@ -47,7 +47,6 @@ def finetune(
 
     The output loads as a backbone (--backbone B --weights OUTPUT for rcnn train / rcnn features) and offers the ft_logprob tap (the fine-tuned softmax, see rcnn softmax-model)."""
     from rcnn.backbones import WeightsError
-    from rcnn.data import ImageReadError
     from rcnn.features import SHARED_GRID, SHARED_SCALES
     from rcnn.finetune import CheckpointError, FinetuneConfig
     from rcnn.finetune import finetune as run
@@ -56,28 +55,22 @@ def finetune(
     if not ds.records:
         raise fail(f"{dataset}: split {split!r} has no images", 2)
     pc = opt.make_config(proposals, ks, max_boxes, min_size, resize_width, False)
-    try:
-        sc = opt.floats(scales) if scales else SHARED_SCALES
+    with exits(ValueError, prefix="bad option: "):
         cfg = FinetuneConfig(backbone=backbone, weights=str(weights) if weights else None, mode=mode, iterations=iterations,
                              lr=lr, step_size=step_size, seed=seed, flip=flip, freeze=freeze, context_pad=context_pad,
-                             scales=sc, grid=grid or SHARED_GRID, tap=layer, input_norm=input_norm, precision=precision,
-                             val_images=val_images, val_every=val_every, checkpoint_every=checkpoint_every)
-    except ValueError as e:
-        raise fail(f"bad option: {e}", 2) from None
+                             scales=opt.floats(scales) if scales else SHARED_SCALES, grid=grid or SHARED_GRID, tap=layer,
+                             input_norm=input_norm, precision=precision, val_images=val_images, val_every=val_every,
+                             checkpoint_every=checkpoint_every)
     console.print(f"fine-tuning {backbone} ({mode} mode) on {len(ds)} images of {dataset} ({split}); "
                   f"{iterations} iterations, lr {cfg.base_lr:g} (step ×{cfg.gamma} every {cfg.step}), "
                   f"classes {['background', *ds.classes]}", highlight=False)
     output.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with show_progress() as progress:
-            res = run(ds.records, ds.classes, output, cfg, pc, ds.root, progress=progress, threads=workers)
-    except (CheckpointError, WeightsError, ImageReadError, FloatingPointError, ValueError) as e:
-        raise fail(str(e), 1) from None
+    with exits(CheckpointError, WeightsError, FloatingPointError, ValueError, code=1), show_progress() as progress:
+        res = run(ds.records, ds.classes, output, cfg, pc, ds.root, progress=progress, threads=workers)
     last = res.history["val"][-1] if res.history.get("val") else None
-    msg = f"wrote {output} ({res.iterations} iterations, {res.seconds / 60:.1f} min here, {res.seconds_per_iteration:.2f} s/iteration)"
-    if res.resumed_from:
-        msg += f", resumed from iteration {res.resumed_from}"
-    console.print(msg, highlight=False)
+    resumed = f", resumed from iteration {res.resumed_from}" if res.resumed_from else ""
+    console.print(f"wrote {output} ({res.iterations} iterations, {res.seconds / 60:.1f} min here, "
+                  f"{res.seconds_per_iteration:.2f} s/iteration){resumed}", highlight=False)
     if last:
         console.print(f"validation: loss {last['loss']:.3f}, accuracy {last['accuracy']:.3f}, "
                       f"positives {last['fg_accuracy']:.3f}; curve {output.with_suffix('')}.curve.png", highlight=False)
@@ -98,11 +91,9 @@ def softmax_model(
     from rcnn.features import SHARED_SCALES, FeatureConfig
 
     pc = opt.make_config(proposals, ks, max_boxes, min_size, resize_width, False)
-    try:
+    with exits(ValueError, WeightsError):
         sc = opt.floats(scales) if scales else SHARED_SCALES
         model = build(net, pc, FeatureConfig(mode=mode, scales=sc, context_pad=context_pad))
-    except (ValueError, WeightsError) as e:
-        raise fail(str(e), 2) from None
     model.save(output)
     console.print(f"wrote {output}: {len(model.classes)} classes scored by the fine-tuned softmax of {net}", highlight=False)
 
@@ -120,15 +111,12 @@ def bbox_reg(
     """Train per-class bounding-box regressors on the model's network features and store them in the model file.
 
     rcnn detect / rcnn evaluate then refine every scored box before NMS (--no-bbox-reg switches it off)."""
-
     from rcnn.detect import CNNFeatures, ModelError, RCNNModel
     from rcnn.pipeline import add_box_regressor
 
-    try:
+    with exits(ModelError, ValueError):
         model = RCNNModel.load(model_path)
         src = model.feature_source()
-    except (ModelError, ValueError) as e:
-        raise fail(str(e), 2) from None
     if not isinstance(src, CNNFeatures):
         raise fail("box regression needs a CNN model (not HOG)", 2)
     if layer not in src.backbone.taps:
@@ -137,7 +125,7 @@ def bbox_reg(
     with show_progress() as progress:
         reg, prep = add_box_regressor(model, ds, layer, lam, min_iou, progress)
     for msg in prep.failed:
-        err_console.print(f"[red]error:[/] {msg}", highlight=False, soft_wrap=True)
+        print_error(msg)
     out = output or model_path
     model.save(out)
     used = ", ".join(f"{c} {v['used']}/{v['seen']}" for c, v in reg.training["samples"].items())

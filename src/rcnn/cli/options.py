@@ -29,6 +29,7 @@ MetricOpt = Annotated[Literal[METRICS], typer.Option("--metric", help="AP metric
 WorkersOpt = Annotated[int | None, typer.Option("--workers", "-j", help="Worker processes", show_default="CPU cores")]
 ModelArg = Annotated[Path, typer.Argument(help="Model file written by `rcnn train` (.rcnn)")]
 PngOpt = Annotated[Path, typer.Option("--output", "-o", help="PNG to write")]
+ModelOrDetsArg = Annotated[Path, typer.Argument(help="Model file (.rcnn) or detections (COCO .json / comp4 files)")]
 
 # ------------------------------------------------------------------ proposals
 ProposalsOpt = Annotated[Literal[PROPOSAL_MODES], typer.Option("--proposals", help="Selective-search mode: rcnn-fast = "

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TypeVar
 
 from rich.progress import (
     BarColumn,
@@ -16,23 +15,16 @@ from rich.progress import (
 )
 
 from rcnn.cli.app import console
-from rcnn.progress import ProgressFn, Step, tracked
-
-T = TypeVar("T")
-
-
-def progress_bar(transient: bool = False) -> Progress:
-    """Description, bar, done/total, the task's ``info`` field, elapsed time, ETA (on the CLI's console)."""
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=transient,
-    )
+from rcnn.progress import ProgressFn, Step
 
 
 @contextmanager
 def show_progress(transient: bool = False) -> Iterator[ProgressFn]:
-    """A :data:`rcnn.progress.ProgressFn` drawing one bar per task while the block runs."""
-    with progress_bar(transient) as bar:
+    """A :data:`rcnn.progress.ProgressFn` drawing one bar per task while the block runs: description,
+    bar, done/total, the task's ``info`` field, elapsed time, ETA (on the CLI's console)."""
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                  console=console, transient=transient) as bar:
         tasks: dict[str, int] = {}
 
         def show(step: Step) -> None:
@@ -41,9 +33,3 @@ def show_progress(transient: bool = False) -> Iterator[ProgressFn]:
             bar.update(tasks[step.task], completed=step.done, total=step.total, info=step.info)
 
         yield show
-
-
-def track(items: Iterable[T], task: str) -> Iterator[T]:
-    """Iterate ``items`` under a transient bar (a loop in a command, not in the library)."""
-    with show_progress(transient=True) as progress:
-        yield from tracked(items, progress, task)

@@ -6,10 +6,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from rcnn.cli import options as opt
-from rcnn.cli.app import app, console, fail, open_dataset
+from rcnn.cli.app import app, console, fail, open_dataset, print_first, print_table
 from rcnn.cli.progress import show_progress
 from rcnn.proposals import dataset_recall, propose_dataset
 
@@ -31,8 +30,7 @@ def propose(
                   f"in {s.seconds:.1f} s{rate} ({s.workers} workers); {s.mean_boxes:.0f} boxes/img", highlight=False)
     console.print(f"cache: {s.cache_dir} ({s.cache_mb:.1f} MB)", highlight=False)
     if s.failed:
-        for _, msg in s.failed[:20]:
-            console.print(f"  [red]{msg}", highlight=False, soft_wrap=True)
+        print_first([msg for _, msg in s.failed], "  [red]{}", highlight=False, soft_wrap=True)
         raise fail(f"{len(s.failed)} of {s.images} images failed; the rest are cached", 1)
 
 
@@ -53,14 +51,11 @@ def proposals_recall(
     with show_progress() as progress:
         s, res = dataset_recall(ds, cfg, out, png, {"dataset": str(dataset), "split": split},
                                 f"{Path(dataset).name} {split or ''}", workers, progress)
-    t = Table(title=f"{dataset} ({split or 'all'}): {cfg.describe()}")
-    for col in ("class", "objects", "recall@0.5", "recall@0.7", "ABO"):
-        t.add_column(col, justify="left" if col == "class" else "right")
-    for name, v in res.per_class.items():
-        t.add_row(name, str(v["objects"]), f"{v['recall@0.5']:.3f}", f"{v['recall@0.7']:.3f}", f"{v['abo']:.3f}")
-    t.add_row("[bold]all", f"[bold]{res.objects}", f"[bold]{res.recall['0.5']:.3f}", f"[bold]{res.recall['0.7']:.3f}",
-              f"[bold]MABO {res.mabo:.3f}")
-    console.print(t)
+    print_table(f"{dataset} ({split or 'all'}): {cfg.describe()}", ["class", "objects", "recall@0.5", "recall@0.7", "ABO"], [
+        *[(name, str(v["objects"]), f"{v['recall@0.5']:.3f}", f"{v['recall@0.7']:.3f}", f"{v['abo']:.3f}")
+          for name, v in res.per_class.items()],
+        ("[bold]all", f"[bold]{res.objects}", f"[bold]{res.recall['0.5']:.3f}", f"[bold]{res.recall['0.7']:.3f}",
+         f"[bold]MABO {res.mabo:.3f}")])
     console.print(f"{res.images} images, {res.mean_boxes:.0f} boxes/img; object-averaged ABO {res.abo_objects:.3f}")
     console.print(f"wrote {out} and {png}")
     if s.failed:

@@ -6,13 +6,11 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import typer
-from rich.table import Table
 
 from rcnn.cache import save_json
 from rcnn.cli import options as opt
-from rcnn.cli.app import app, console, fail, load_model
+from rcnn.cli.app import app, console, exits, fail, load_model, open_dataset, print_first, print_table
 from rcnn.cli.progress import show_progress
-from rcnn.data import AnnotationError
 from rcnn.segmentation import protocol
 from rcnn.segmentation.features import STRATEGIES, RegionFeatureConfig
 from rcnn.segmentation.masks import load_segmentation_dataset
@@ -26,17 +24,11 @@ JsonOpt = Annotated[Path | None, typer.Option("--output", "-o", help="Write the 
 
 
 def _open(path: Path, split: str | None):
-    try:
-        return load_segmentation_dataset(path, split)
-    except (FileNotFoundError, ValueError, AnnotationError) as e:
-        raise fail(str(e), 2) from None
+    return open_dataset(path, split, load_segmentation_dataset)
 
 
 def _report_problems(problems: list[str]) -> None:
-    for p in problems[:20]:
-        console.print(f"[yellow]skipped/void:[/] {p}", highlight=False)
-    if len(problems) > 20:
-        console.print(f"[yellow]... and {len(problems) - 20} more[/]")
+    print_first(problems, "[yellow]skipped/void:[/] {}", "[yellow]... and {} more[/]", highlight=False)
 
 
 @app.command("segment-proposals")
@@ -53,11 +45,9 @@ def segment_proposals(
 ) -> None:
     """Compute (and cache) mask proposals; report mask recall: best region IoU per ground-truth instance."""
     ds = _open(dataset, split)
-    try:
+    with exits(ValueError, FileNotFoundError):
         cfg = MaskProposalConfig(top_k=top_k, method=method)
         cfg.key()
-    except (ValueError, FileNotFoundError) as e:
-        raise fail(str(e), 2) from None
     problems: list[str] = []
     with show_progress(transient=True) as progress:
         s = protocol.mask_proposal_recall(ds, cfg, problems, progress)
@@ -95,21 +85,16 @@ def segment_train(
     The threshold is chosen on the val split plus the training images' out-of-fold scores (--threshold-on val: on the val split alone)."""
     if not (full_weight > 0 and full_weight < float("inf")):
         raise fail(f"--full-weight must be a positive number, not {full_weight}", 2)
-    try:
+    with exits(ValueError):
         # every tap of Table 3 is cached in the same pass, so other (strategy, tap) runs reuse it
         taps = tuple(dict.fromkeys((*RegionFeatureConfig().taps, layer)))
         fc = RegionFeatureConfig(backbone=backbone, weights=str(weights) if weights else None, taps=taps, mode=mode,
                                  precision=precision)
-    except ValueError as e:
-        raise fail(str(e), 2) from None
     train_ds, val_ds = _open(dataset, split), _open(dataset, val_split)
     problems: list[str] = []
-    try:
-        with show_progress(transient=True) as progress:
-            model, n_val = protocol.fit_segmenter(train_ds, val_ds, strategy, layer, c, fc, MaskProposalConfig(),
-                                                  train_regions, full_weight, threshold_on, problems, progress)
-    except (ValueError, RuntimeError) as e:
-        raise fail(str(e), 2) from None
+    with exits(ValueError, RuntimeError), show_progress(transient=True) as progress:
+        model, n_val = protocol.fit_segmenter(train_ds, val_ds, strategy, layer, c, fc, MaskProposalConfig(),
+                                              train_regions, full_weight, threshold_on, problems, progress)
     _report_problems(problems)
     if model is None:
         raise fail(f"{dataset}: no usable training images in split {split!r}", 2)
@@ -128,10 +113,8 @@ def segment(
 ) -> None:
     """Label the pixels of images: VOC-palette label PNGs and coloured overlays."""
     model = load_model(model_path, SegmentationModel.load)
-    try:
+    with exits(FileNotFoundError):
         files = protocol.image_files(images)
-    except FileNotFoundError as e:
-        raise fail(str(e), 2) from None
 
     def on_image(f: Path, frac: dict[str, float]) -> None:
         console.print(f"{f.name}: " + (", ".join(f"{k} {v:.1%}" for k, v in frac.items()) or "background only"))
@@ -156,18 +139,11 @@ def segment_evaluate(
     model = load_model(model_path, SegmentationModel.load)
     ds = _open(dataset, split)
     problems: list[str] = []
-    try:
-        with show_progress(transient=True) as progress:
-            res, n = protocol.evaluate_split(model, ds, problems, overlays, output, progress)
-    except ValueError as e:
-        raise fail(str(e), 2) from None
+    with exits(ValueError), show_progress(transient=True) as progress:
+        res, n = protocol.evaluate_split(model, ds, problems, overlays, output, progress)
     _report_problems(problems)
     if res is None:
         raise fail(f"{dataset}: no usable images in split {split!r}", 2)
-    t = Table(title=f"VOC segmentation IoU — {model.strategy} {model.tap}, {n} images")
-    t.add_column("class")
-    t.add_column("IoU", justify="right")
-    for k, v in res["iou"].items():
-        t.add_row(k, "—" if v is None else f"{v:.3f}")
-    t.add_row("[bold]mean", f"[bold]{res['mean_iou']:.3f}")
-    console.print(t)
+    print_table(f"VOC segmentation IoU — {model.strategy} {model.tap}, {n} images", ["class", "IoU"],
+                [*[(k, "—" if v is None else f"{v:.3f}") for k, v in res["iou"].items()],
+                 ("[bold]mean", f"[bold]{res['mean_iou']:.3f}")])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from rcnn.cli.app import app, console, fail
+from rcnn.cli.app import app, console, exits
 
 
 def _numbers(numbers: dict) -> str:
@@ -17,10 +17,8 @@ def models() -> None:
     """List the shipped detectors: `rcnn detect NAME IMAGE...` runs one, or load it in Python by name."""
     from rcnn import zoo
 
-    try:
+    with exits(zoo.ZooError):
         entries = zoo.manifest()
-    except zoo.ZooError as e:
-        raise fail(str(e), 2) from None
     t = Table(title="shipped detectors (rcnn detect NAME IMAGE...)", show_lines=True)
     for col in ("name", "detects", "trained on", "numbers", "licence"):
         t.add_column(col, overflow="fold")
