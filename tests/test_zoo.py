@@ -86,3 +86,18 @@ def test_detect_with_the_shipped_person_model(tmp_path):
     assert json.loads((tmp_path / "out" / "detections_coco.json").read_text()) is not None
     r = runner.invoke(app, ["detect", "no-such-model", str(img), "-o", str(tmp_path / "out2")])
     assert r.exit_code == 2 and "no-such-model" in r.output
+
+
+def test_rcnn_load_takes_a_shipped_name():
+    import rcnn
+    from rcnn.pipeline import Detector
+
+    person = rcnn.load("person")
+    assert isinstance(person, Detector) and person.classes == ["person"]
+    img = np.random.default_rng(0).integers(0, 255, (64, 80, 3), dtype=np.uint8)
+    dets = person.detect(img)
+    assert dets.boxes.shape[1:] == (4,) and len(dets.scores) == len(dets.labels)
+    assert rcnn.load("bccd").classes == ["Platelets", "RBC", "WBC"]
+    assert zoo.info("bccd").licence == "BCCD: MIT" and zoo.info("bccd").numbers["test"]["value"] > 0
+    with pytest.raises(Exception, match="no-such-model"):
+        rcnn.load("no-such-model")

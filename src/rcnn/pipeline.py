@@ -269,8 +269,17 @@ class Detector:
         return self.model.save(path)
 
 
-def load(path: str | Path) -> Detector:
-    """A detector from a model file written by :func:`train` / ``rcnn train`` (:class:`ModelError` if unusable)."""
+def load(path: str | Path):
+    """A detector from a model file written by :func:`train` / ``rcnn train`` (:class:`ModelError` if
+    unusable), or a shipped detector by name (``rcnn models``): ``"bccd"``, ``"person"`` (a
+    :class:`Detector`) or ``"imagenet"`` (the zero-training :class:`rcnn.demo.ImagenetDetector`;
+    its ``detect(image)`` gives boxes, scores, labels and class names alike)."""
+    if isinstance(path, str) and not Path(path).exists() and "/" not in path and not path.endswith(".rcnn"):
+        from rcnn import zoo
+
+        if path in zoo.names():
+            shipped = zoo.load(path)
+            return Detector(shipped) if isinstance(shipped, RCNNModel) else shipped
     return Detector(RCNNModel.load(path))
 
 
