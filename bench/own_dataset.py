@@ -184,6 +184,7 @@ def test_one(name: str, finetune: int = 0) -> None:
     t0, r0 = time.perf_counter(), _cpu()
     det = rcnn.train(tv, None, "default", workers=2, finetune=finetune)
     train_wall, train_cpu = time.perf_counter() - t0, _cpu() - r0
+    train_rss = _peak_rss_gb()  # training alone (the test scoring below runs in the same process)
     model_path = MODELS / f"{name}{'-finetune' if finetune else ''}.rcnn"  # for ``speed --model``
     model_path.parent.mkdir(parents=True, exist_ok=True)
     det.save(model_path)
@@ -195,8 +196,7 @@ def test_one(name: str, finetune: int = 0) -> None:
            "seconds_by_stage": det.model.training["seconds_by_stage"],
            "feature_cache_mb": round(prep["cache_mb"], 1),
            "feature_cache_mb_per_image": round(prep["cache_mb"] / max(1, prep["features_computed"] + prep["features_cached"]), 3),
-           "peak_rss_gb": round(max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                                    resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1e6, 2),
+           "peak_rss_gb": _peak_rss_gb(), "peak_rss_gb_training": train_rss,
            "model_mb": round(model_path.stat().st_size / 1e6, 2),
            "detection": variant, "test": scores(ev),
            "test_seconds_per_image_from_cache": round(ev.seconds_per_image, 3),
@@ -248,6 +248,12 @@ def ship(name: str) -> None:
     }  # fmt: skip
     save_json(zoo / "manifest.json", manifest)
     print(f"shipped {zoo / (name + '.rcnn')}")
+
+
+def _peak_rss_gb() -> float:
+    """Peak resident memory so far of this process or any of its children (GB)."""
+    return round(max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                     resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1e6, 2)
 
 
 def _cpu() -> float:

@@ -219,7 +219,9 @@ def tool_targets() -> str:
         f"{load_avg(b['machine']['load_avg_1_5_15'])}", b and b["train_wall_s"] <= 900)
     row("feature cache ≤ 5 MB per 640×480 image", b and f"{b['feature_cache_mb_per_image']:.2f} MB",
         b and b["feature_cache_mb_per_image"] <= 5)
-    row("peak RSS ≤ 6 GB", b and f"{b['peak_rss_gb']:.1f} GB (BCCD training + test)", b and b["peak_rss_gb"] <= 6)
+    rss, what = ((b["peak_rss_gb_training"], "BCCD training") if b and "peak_rss_gb_training" in b
+                 else (b and b["peak_rss_gb"], "BCCD training + test scoring in one process"))
+    row("peak RSS ≤ 6 GB (training)", b and f"{rss:.1f} GB ({what})", b and rss <= 6)
     row("extraction ≥ 3× the per-region cache's images/s (same run)", sp and f"{sp['speedup']:.1f}×",
         sp and sp["speedup"] >= 3)
     row("detection ≤ 1.5 s per 640×480 image wall, 2 cores, box regression included",

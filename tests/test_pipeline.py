@@ -132,3 +132,37 @@ def test_default_recipe_on_a_100_px_and_a_4000_px_photo_and_a_class_with_one_exa
     one = load_dataset(data, "trainval")
     one.records = one.records[:1]
     assert rcnn.train(one, None, workers=1).classes == ["bar", "disc"]
+
+
+def test_relocalisation_reuses_the_trunk_maps_with_the_same_result(tmp_path, monkeypatch):
+    """Iterative localisation re-scores boxes of the image the detector just saw: pooled from the
+    trunk maps already computed, the detections equal those of a second trunk pass, and the trunk
+    runs once."""
+    from rcnn import features
+    from rcnn.data import load_image
+
+    data = _tiny_voc(tmp_path / "voc", n=6)
+    model = rcnn.train(data, split="trainval", workers=1, proposals="fast", resize_width=0, min_size=0)
+    assert model.recipe["relocalize"] == 1
+    image = load_image(data / "JPEGImages" / "0005.jpg")
+    calls = []
+    real = features.trunk_maps
+    monkeypatch.setattr(features, "trunk_maps", lambda *a, **k: calls.append(1) or real(*a, **k))
+    reused = model.detect(image)
+    assert len(calls) == 1
+    from rcnn.detect import detect_image
+
+    source = model.source()
+    real_regions = source.image_regions
+
+    def regions_then_forget(img):  # the same proposals and features, but no trunk maps kept
+        out = real_regions(img)
+        source._image_maps = None
+        return out
+
+    monkeypatch.setattr(source, "image_regions", regions_then_forget)
+    boxes, scores, labels = detect_image(model.model, image, source, relocalize_rounds=1)
+    assert len(calls) == 3  # the trunk ran again for the re-scored boxes
+    np.testing.assert_array_equal(boxes, reused.boxes)
+    np.testing.assert_array_equal(scores, reused.scores)
+    np.testing.assert_array_equal(labels, reused.labels)

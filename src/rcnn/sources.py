@@ -17,6 +17,7 @@ region features from, its implementations, and the feature scale they share.
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields, replace
@@ -290,10 +291,23 @@ class CNNFeatures(FeatureSource):
 
     def extract(self, image: np.ndarray, boxes: np.ndarray, layers: Sequence[str] | None = None):
         """``(N, D)`` float32 features of boxes of a new image (no cache); with ``layers``,
-        ``{layer: (N, D)}`` of those taps from one forward pass."""
+        ``{layer: (N, D)}`` of those taps from one forward pass. The image :meth:`image_regions` saw
+        last is pooled from the trunk maps it computed (iterative localisation re-scores boxes of
+        that image: the trunk does not run twice)."""
         fc = self.feature_config
+        seen = getattr(self, "_image_maps", None)
+        if (seen is not None and seen[0] is image and seen[2] == _fingerprint(image)
+                and self._maps_hold(seen[1], [fc.layer] if layers is None else layers)):
+            if layers is None:
+                return pool_features(seen[1], boxes, fc, self.backbone)
+            return {t: pool_features(seen[1], boxes, replace(fc, layer=t), self.backbone) for t in layers}
         return extract_features(image, boxes, self.backbone, fc.layer if layers is None else list(layers),
                                 **fc.extract_options())
+
+    def _maps_hold(self, maps, layers: Sequence[str]) -> bool:
+        """Whether trunk ``maps`` have every side tap the ``layers`` pool from."""
+        names = set().union(*(m.keys() for m in maps.maps))
+        return all(t in names for layer in layers for t in split_layer(layer) if t in self.backbone.side_taps)
 
     def image_regions(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         fc = self.feature_config
@@ -304,6 +318,7 @@ class CNNFeatures(FeatureSource):
                 found = pool.submit(selective_search, image, self.proposal_config)
                 maps = image_trunk_maps(image, fc, self.backbone)
                 boxes = found.result()
+            self._image_maps = (image, maps, _fingerprint(image))  # for :meth:`extract` of more boxes of it
             feats = pool_features(maps, boxes, fc, self.backbone) if len(boxes) else np.zeros((0, self.dim), np.float32)
             return boxes.reshape(-1, 4), feats
         boxes = selective_search(image, self.proposal_config)
@@ -317,6 +332,12 @@ class CNNFeatures(FeatureSource):
     def cache_files(self, record: ImageRecord) -> list[Path]:
         root = self.dataset_root if self.dataset_root is not None else Path(record.path).parent
         return [feature_path(record, self.proposal_config, c, root) for c in tap_configs(self.feature_config)]
+
+
+def _fingerprint(image: np.ndarray) -> tuple:
+    """Shape and a checksum of every 8th pixel: an image array changed in place is not mistaken for
+    the one whose trunk maps are kept."""
+    return image.shape, zlib.crc32(np.ascontiguousarray(image[::8, ::8]).tobytes())
 
 
 class MirrorAugmented(FeatureSource):
