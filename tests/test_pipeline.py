@@ -166,3 +166,11 @@ def test_relocalisation_reuses_the_trunk_maps_with_the_same_result(tmp_path, mon
     np.testing.assert_array_equal(boxes, reused.boxes)
     np.testing.assert_array_equal(scores, reused.scores)
     np.testing.assert_array_equal(labels, reused.labels)
+
+
+def test_a_voc_layout_dataset_of_one_voc_class_has_that_class_only(tmp_path):
+    from rcnn.data import load_dataset
+
+    img = np.full((60, 80, 3), 128, np.uint8)
+    data = _voc(tmp_path / "people", [("p1", img, [("person", 10, 10, 40, 50)]), ("p2", img, [("person", 5, 5, 30, 40)])])
+    assert load_dataset(data, "trainval").classes == ["person"]

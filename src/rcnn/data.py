@@ -372,7 +372,9 @@ def read_voc(
             issues.append(AnnotationIssue(str(xml), str(e).split(": ", 1)[-1], "dropped image"))
     if classes is None:
         names = {o["name"] for _, p in parsed for o in p["objects"]}
-        classes = list(VOC_CLASSES) if names <= set(VOC_CLASSES) else sorted(names)
+        # VOC itself (most of its 20 names) keeps the VOC order on every split; a dataset that uses a
+        # few VOC names (a person-only collection) gets just those, not 20 classes with no examples
+        classes = list(VOC_CLASSES) if names <= set(VOC_CLASSES) and len(names) >= len(VOC_CLASSES) // 2 else sorted(names)
     classes = list(classes)
     index = {c: i for i, c in enumerate(classes)}
     records, annotated = [], 0
