@@ -25,8 +25,8 @@ def test_check_fails_on_an_edited_table_and_rewrite_restores_it(tmp_path):
     (tmp_path / "docs").mkdir()
     shutil.copy(ROOT / "README.md", tmp_path / "README.md")
     text = (tmp_path / "README.md").read_text()
-    assert "<!-- table:headline-detection -->" in text
-    edited = text.replace("**0.724**", "**0.999**", 1)
+    assert "<!-- table:tool-targets -->" in text
+    edited = text.replace("| 0.817 (val) |", "| 0.999 (val) |", 1)
     assert edited != text
     (tmp_path / "README.md").write_text(edited)
     r = run_tables("--check", root=tmp_path)
