@@ -110,6 +110,23 @@ def load_npz(path: str | Path) -> dict[str, np.ndarray] | None:
         return None
 
 
+def read_safetensors(path: str | Path, names: tuple[str, ...], what: str) -> tuple[Any, list[np.ndarray]]:
+    """``(metadata, tensors)`` of a safetensors file written by :func:`atomic_write`: its ``"rcnn"``
+    metadata entry parsed as JSON (None if absent) and the tensors ``names`` as numpy arrays.
+    ``ValueError`` naming the file if it is missing or is not ``what`` (a readable file of those tensors)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            meta = json.loads((f.metadata() or {}).get("rcnn", "null"))
+            return meta, [f.get_tensor(n) for n in names]
+    except FileNotFoundError:
+        raise ValueError(f"{path}: {what} file not found") from None
+    except Exception as e:  # safetensors raises its own error types
+        raise ValueError(f"{path}: not {what} ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+
 def save_json(path: str | Path, obj: Any) -> Path:
     """Atomically write ``obj`` as indented JSON."""
     return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n"))

@@ -33,6 +33,7 @@ import numpy as np
 
 from rcnn.bbox_regression import ridge_fit
 from rcnn.boxes import box_area, box_iou
+from rcnn.cache import atomic_write, read_safetensors
 from rcnn.sources import TARGET_NORM, block_norms, block_scale, scale_from_json, scale_to_json, source_blocks
 
 #: training regions: IoU with their best ground truth at least this (regions touching an object)
@@ -86,7 +87,6 @@ class TightnessScorer:
         """Write atomically (safetensors, float32 weights + JSON metadata)."""
         from safetensors.numpy import save_file
 
-        from rcnn.cache import atomic_write
 
         tensors = {"w": np.ascontiguousarray(self.w, np.float32), "b": np.array([self.b], np.float32)}
         meta = {"rcnn": json.dumps(self.metadata(), default=_json_default)}
@@ -95,15 +95,7 @@ class TightnessScorer:
     @classmethod
     def load(cls, path: str | Path) -> TightnessScorer:
         """Read a scorer file; ``ValueError`` (one line naming the file) if it is not one."""
-        from safetensors import safe_open
-
-        path = Path(path)
-        try:
-            with safe_open(str(path), framework="numpy") as f:
-                meta = json.loads((f.metadata() or {}).get("rcnn", "null"))
-                w, b = f.get_tensor("w"), f.get_tensor("b")
-        except Exception as e:
-            raise ValueError(f"{path}: not a tightness scorer file ({type(e).__name__})") from None
+        meta, (w, b) = read_safetensors(path, ("w", "b"), "a tightness scorer")
         if not isinstance(meta, dict) or meta.get("format") != FORMAT or w.ndim != 1 or b.shape != (1,):
             raise ValueError(f"{path}: not a tightness scorer file")
         return cls(w=w.astype(np.float32), b=float(b[0]), feature_scale=scale_from_json(meta["feature_scale"]),

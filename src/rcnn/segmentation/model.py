@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rcnn.cache import atomic_write, file_sha256
+from rcnn.cache import atomic_write, file_sha256, read_safetensors
 from rcnn.data import Dataset, ImageReadError, ImageRecord, load_image
 from rcnn.progress import ProgressFn, tracked
 from rcnn.segmentation.features import (
@@ -246,17 +246,8 @@ class SegmentationModel:
 
     @classmethod
     def load(cls, path: str | Path) -> SegmentationModel:
-        from safetensors import safe_open
-
-        path = Path(path)
-        try:
-            with safe_open(str(path), framework="numpy") as f:
-                meta = json.loads((f.metadata() or {}).get("rcnn", "{}"))
-                W, b = f.get_tensor("W"), f.get_tensor("b")
-        except FileNotFoundError:
-            raise ValueError(f"{path}: model file not found") from None
-        except Exception as e:  # safetensors raises its own error types
-            raise ValueError(f"{path}: not a segmentation model ({str(e).splitlines()[0]})") from None
+        meta, (W, b) = read_safetensors(path, ("W", "b"), "a segmentation model")
+        meta = meta if isinstance(meta, dict) else {}
         if meta.get("format") != "rcnn-segmentation-v1":
             raise ValueError(f"{path}: not an rcnn segmentation model (format {meta.get('format')!r})")
         mc = meta["mask_config"]
