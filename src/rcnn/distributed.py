@@ -152,7 +152,11 @@ def _proposals_isolated(record: ImageRecord, proposal_config, root: str) -> None
         get_proposals(record, proposal_config, root)
         return
     if _PROPOSAL_POOL is None:
+        import atexit
+
         _PROPOSAL_POOL = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("forkserver"))
+        # shut down before the interpreter tears its modules down (else its exit callback fails noisily)
+        atexit.register(_PROPOSAL_POOL.shutdown)
     try:
         _PROPOSAL_POOL.submit(_compute_proposals, record, proposal_config, root, str(cache_dir())).result()
     except ImageReadError:
