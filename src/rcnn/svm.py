@@ -255,8 +255,9 @@ def scaled_csr(parts: Sequence[np.ndarray], scale: Scale, chunk: int = 1024):
 
     D = next((p.shape[1] for p in parts if p.ndim == 2), 0)
     n = sum(len(p) for p in parts)
-    nnz = sum(int(np.count_nonzero(np.asarray(p[i : i + chunk], np.float32) * scale))
-              for p in parts for i in range(0, len(p), chunk))
+    # the scale is positive and finite per dimension (feature_stats checks the norms), so a scaled
+    # value is zero exactly where the stored one is: count without scaling twice
+    nnz = sum(int(np.count_nonzero(p)) for p in parts)
     data, indices = np.empty(nnz, np.float64), np.empty(nnz, np.int32)
     indptr = np.zeros(n + 1, np.int64)
     row = k = 0
